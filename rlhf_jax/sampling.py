@@ -1,0 +1,272 @@
+"""KV-cache generation: one prefill call, then a `lax.while_loop` of decode steps.
+
+    prefill:  cache <- K/V of the whole (left-padded) prompt, one model call
+    step t:   x_t ~ pi(. | prompt, x_<t),  cache <- K/V of x_t   (t = 0..N-1)
+
+The whole of `generate` is one jitted function; it compiles once per
+(prompt shape, model config, max_new_tokens, top_k, greedy, stop ids, pad id).
+Temperature and top_p are traced scalars, so changing them does not recompile.
+
+Prompts are a left-padded batch `prompt_tokens_BP` with `prompt_mask_BP`
+(1 = real token). Row b with n_b real tokens gets positions 0..n_b-1 on its
+real tokens, and its completion continues from n_b, exactly as if it had been
+run alone without padding. Cache slots: prompt in 0..P-1, completion token t in
+slot P+t; pad slots are never attended to. Every prompt must hold at least
+one real token (e.g. BOS).
+
+Reported log-probabilities (float32) follow one convention:
+
+    logprob_t = log softmax(logits_t / temperature)[x_t]      over the full vocab
+
+top-k / top-p only restrict which token is *sampled*; they do not renormalise
+the reported logprob, so it equals what `losses.logprobs.token_logprobs`
+(with the same temperature) recomputes from a full forward pass over the
+completed sequence -- the quantity PPO/GRPO ratios need. Greedy decoding
+ignores temperature/top-k/top-p and reports log softmax(logits)[x_t]
+(temperature 1).
+
+Stopping: a row stops after it emits a stop id (`eos_id`, int or several
+ids); the stop token itself is part of the completion (mask 1), later slots
+hold `pad_id` with mask 0 and logprob 0. The loop ends when every row has
+stopped or after `max_new_tokens`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.models.transformer import ModelConfig, Transformer, init_cache
+
+Array = jax.Array
+
+
+class SampleOutput(NamedTuple):
+  """Result of `generate` (a pytree; B batch, N = max_new_tokens, S = P + N).
+
+  tokens_BN:        int32 completions, `pad_id` after the stop token.
+  logprobs_BN:      float32 log softmax(logits / temperature)[token]; 0 where mask is 0.
+  mask_BN:          int32 completion mask: 1 up to and including the stop token.
+  lengths_B:        int32 number of completion tokens (= mask_BN.sum(1)).
+  sequences_BS:     int32 [prompt | completion], prompt left-padded with `pad_id`.
+  sequence_mask_BS: int32 [prompt_mask | mask_BN]; usable directly as segment ids.
+  """
+
+  tokens_BN: Array
+  logprobs_BN: Array
+  mask_BN: Array
+  lengths_B: Array
+  sequences_BS: Array
+  sequence_mask_BS: Array
+
+
+# ----------------------------------------------------------------------------
+# Token choice
+# ----------------------------------------------------------------------------
+
+def filter_logits(scaled_BV: Array, top_k: int = 0, top_p: Array | float | None = None) -> Array:
+  """Logits with everything outside the top-k / top-p nucleus set to -inf.
+
+  top-k (Fan et al. 2018): keep the k largest logits (ties at the k-th value
+  are all kept). top-p / nucleus (Holtzman et al. 2020): keep the smallest set
+  of most-likely tokens whose probability mass reaches p, i.e. token i (in
+  descending order) is kept iff the mass strictly before it is < p; the top
+  token is always kept. Applied after top-k, on the temperature-scaled logits.
+  """
+  V = scaled_BV.shape[-1]
+  out = scaled_BV
+  if 0 < top_k < V:
+    kth_B1 = jax.lax.top_k(scaled_BV, top_k)[0][:, -1:]
+    out = jnp.where(scaled_BV < kth_B1, -jnp.inf, out)
+  if top_p is not None:
+    sorted_BV = -jnp.sort(-out, axis=-1)                       # descending
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    keep_BV = mass_before_BV < top_p
+    n_keep_B1 = jnp.maximum(jnp.sum(keep_BV, axis=-1, keepdims=True), 1)
+    threshold_B1 = jnp.take_along_axis(sorted_BV, n_keep_B1 - 1, axis=-1)
+    out = jnp.where(out < threshold_B1, -jnp.inf, out)
+  return out
+
+
+def _choose(logits_BV, rng, temperature, top_p, *, greedy, top_k, use_top_p):
+  """(token_B int32, logprob_B float32) from float32 next-token logits."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  if greedy:
+    token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+  else:
+    scaled_BV = logits_BV / temperature
+    logp_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
+    filtered_BV = filter_logits(scaled_BV, top_k, top_p if use_top_p else None)
+    token_B = jax.random.categorical(rng, filtered_BV, axis=-1).astype(jnp.int32)
+  logprob_B = jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
+  return token_B, logprob_B
+
+
+# ----------------------------------------------------------------------------
+# generate
+# ----------------------------------------------------------------------------
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _validate(config, prompt_tokens_BP, prompt_mask_BP, max_new_tokens, temperature,
+              top_k, top_p, greedy, eos_id, pad_id):
+  if not isinstance(config, ModelConfig):
+    raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 1")
+  if not greedy:
+    if _is_concrete(temperature) and (not np.isfinite(temperature) or temperature <= 0):
+      raise ValueError(f"temperature={temperature!r} must be a finite number > 0; "
+                       "use greedy=True for argmax decoding")
+    if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+      raise ValueError(f"top_k={top_k!r}: expected an int >= 0 (0 disables top-k)")
+    if not (0.0 < top_p <= 1.0):
+      raise ValueError(f"top_p={top_p!r} must lie in (0, 1] (1 disables nucleus sampling)")
+  V = config.vocab_size
+  if eos_id is None:
+    eos_ids = ()
+  else:
+    eos_ids = tuple(int(e) for e in np.atleast_1d(np.asarray(eos_id)))
+  for e in eos_ids:
+    if not 0 <= e < V:
+      raise ValueError(f"eos_id={eos_id!r}: stop ids must lie in [0, vocab_size={V})")
+  if not isinstance(pad_id, (int, np.integer)) or not 0 <= pad_id < V:
+    raise ValueError(f"pad_id={pad_id!r}: expected an int in [0, vocab_size={V})")
+
+  if prompt_tokens_BP.ndim != 2:
+    raise ValueError(f"prompt_tokens must be [batch, prompt_len], got shape "
+                     f"{prompt_tokens_BP.shape}")
+  if prompt_mask_BP.shape != prompt_tokens_BP.shape:
+    raise ValueError(f"prompt_mask shape {prompt_mask_BP.shape} != prompt_tokens shape "
+                     f"{prompt_tokens_BP.shape}")
+  B, P = prompt_tokens_BP.shape
+  if P < 1 or B < 1:
+    raise ValueError(f"empty prompt batch: shape {prompt_tokens_BP.shape}")
+  if P + max_new_tokens > config.max_seq_len:
+    raise ValueError(f"prompt_len {P} + max_new_tokens {max_new_tokens} exceeds "
+                     f"model.max_seq_len={config.max_seq_len}")
+  if _is_concrete(prompt_mask_BP):
+    m = np.asarray(prompt_mask_BP).astype(bool)
+    if not m[:, -1].all():
+      bad = np.flatnonzero(~m[:, -1]).tolist()
+      raise ValueError(f"prompt rows {bad[:8]} have no real last token: prompts must be "
+                       "left-padded with at least one real token per row")
+    if (m[:, :-1] & ~m[:, 1:]).any():
+      bad = np.flatnonzero((m[:, :-1] & ~m[:, 1:]).any(1)).tolist()
+      raise ValueError(f"prompt rows {bad[:8]} are not left-padded (mask must be 0...0 1...1)")
+  return eos_ids
+
+
+def generate(config: ModelConfig, params, prompt_tokens_BP, prompt_mask_BP, rng, *,
+             max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, greedy: bool = False,
+             eos_id: int | Sequence[int] | None, pad_id: int) -> SampleOutput:
+  """Sample up to `max_new_tokens` tokens after each left-padded prompt.
+
+  Args:
+    config: model architecture (static).
+    params: LM parameters (plain pytree, as from `init_params`).
+    prompt_tokens_BP: int [B, P] left-padded prompts.
+    prompt_mask_BP: [B, P] 1 on real prompt tokens (0...0 1...1 per row).
+    rng: PRNG key; step t uses fold_in(rng, t), so same key -> same samples.
+    max_new_tokens: N, completion length budget (static).
+    temperature: > 0; logits are divided by it before sampling and logprobs.
+    top_k: keep the k most likely tokens (0 = off; static).
+    top_p: nucleus mass in (0, 1] (1 = off).
+    greedy: argmax decoding; temperature/top-k/top-p are ignored.
+    eos_id: stop id or ids (None: never stop early).
+    pad_id: id written after the stop token and on prompt padding.
+
+  Returns:
+    SampleOutput (see its docstring and the module docstring for the logprob
+    convention).
+  """
+  prompt_tokens_BP = jnp.asarray(prompt_tokens_BP)
+  prompt_mask_BP = (prompt_mask_BP if isinstance(prompt_mask_BP, jax.core.Tracer)
+                    else np.asarray(prompt_mask_BP))
+  eos_ids = _validate(config, prompt_tokens_BP, prompt_mask_BP, max_new_tokens, temperature,
+                      top_k, top_p, greedy, eos_id, pad_id)
+  return _generate(
+      config, params, prompt_tokens_BP.astype(jnp.int32),
+      jnp.asarray(prompt_mask_BP).astype(jnp.int32), rng,
+      jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p),
+      max_new_tokens=int(max_new_tokens), top_k=0 if greedy else int(top_k),
+      use_top_p=(not greedy) and top_p < 1.0, greedy=bool(greedy), eos_ids=eos_ids,
+      pad_id=int(pad_id))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "top_k", "use_top_p",
+                                             "greedy", "eos_ids", "pad_id"))
+def _generate(config, params, prompt_BP, prompt_mask_BP, rng, temperature, top_p, *,
+              max_new_tokens, top_k, use_top_p, greedy, eos_ids, pad_id):
+  model = Transformer(config)
+  variables = {"params": params}
+  B, P = prompt_BP.shape
+  N = max_new_tokens
+  S = P + N - 1                      # the last sampled token is never fed back
+  choose = functools.partial(_choose, temperature=temperature, top_p=top_p, greedy=greedy,
+                             top_k=top_k, use_top_p=use_top_p)
+
+  # Pad slots get a valid id (out-of-range ids would embed as NaN) and are masked.
+  prompt_BP = jnp.where(prompt_mask_BP > 0, prompt_BP, pad_id)
+  n_B = jnp.sum(prompt_mask_BP, axis=1).astype(jnp.int32)
+  positions_BP = jnp.maximum(jnp.cumsum(prompt_mask_BP, axis=1) - 1, 0).astype(jnp.int32)
+  kv_mask_BS = jnp.concatenate([prompt_mask_BP, jnp.ones((B, S - P), jnp.int32)], axis=1)
+
+  # Prefill: the whole prompt in one call; unembed only the last position.
+  cache = init_cache(config, B, S)
+  h_BPD, cache = model.apply(variables, prompt_BP, positions_BT=positions_BP, cache=cache,
+                             cache_index=0, kv_mask_BS=kv_mask_BS, output="hidden")
+  logits_BV = model.apply(variables, h_BPD[:, -1:], method=Transformer.unembed)[:, 0]
+
+  def is_stop(token_B):
+    stop_B = jnp.zeros(token_B.shape, bool)
+    for e in eos_ids:
+      stop_B = stop_B | (token_B == e)
+    return stop_B
+
+  def record(step, token_B, logprob_B, tokens_BN, logprobs_BN, done_B, lengths_B):
+    live_B = ~done_B
+    tokens_BN = jax.lax.dynamic_update_slice(
+        tokens_BN, jnp.where(live_B, token_B, pad_id)[:, None], (0, step))
+    logprobs_BN = jax.lax.dynamic_update_slice(
+        logprobs_BN, jnp.where(live_B, logprob_B, 0.0)[:, None], (0, step))
+    lengths_B = lengths_B + live_B.astype(jnp.int32)
+    done_B = done_B | is_stop(token_B)
+    return tokens_BN, logprobs_BN, done_B, lengths_B
+
+  token_B, logprob_B = choose(logits_BV, jax.random.fold_in(rng, 0))
+  state = record(0, token_B, logprob_B, jnp.full((B, N), pad_id, jnp.int32),
+                 jnp.zeros((B, N), jnp.float32), jnp.zeros((B,), bool),
+                 jnp.zeros((B,), jnp.int32))
+  state = (jnp.int32(1), cache, token_B) + state
+
+  def cond(state):
+    step, done_B = state[0], state[5]
+    return (step < N) & ~jnp.all(done_B)
+
+  def body(state):
+    step, cache, prev_B, tokens_BN, logprobs_BN, done_B, lengths_B = state
+    # Feed token step-1 into slot P+step-1 at position n_b+step-1; sample token `step`.
+    logits_B1V, cache = model.apply(
+        variables, prev_B[:, None], positions_BT=(n_B + step - 1)[:, None], cache=cache,
+        cache_index=P + step - 1, kv_mask_BS=kv_mask_BS)
+    token_B, logprob_B = choose(logits_B1V[:, 0], jax.random.fold_in(rng, step))
+    rec = record(step, token_B, logprob_B, tokens_BN, logprobs_BN, done_B, lengths_B)
+    return (step + 1, cache, token_B) + rec
+
+  if N > 1:
+    state = jax.lax.while_loop(cond, body, state)
+  _, _, _, tokens_BN, logprobs_BN, _, lengths_B = state
+  mask_BN = (jnp.arange(N)[None, :] < lengths_B[:, None]).astype(jnp.int32)
+  return SampleOutput(
+      tokens_BN=tokens_BN, logprobs_BN=logprobs_BN, mask_BN=mask_BN, lengths_B=lengths_B,
+      sequences_BS=jnp.concatenate([prompt_BP, tokens_BN], axis=1),
+      sequence_mask_BS=jnp.concatenate([prompt_mask_BP, mask_BN], axis=1))
