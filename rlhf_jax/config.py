@@ -1,0 +1,172 @@
+"""Config defaults, validation and helpers shared by every trainer.
+
+Every knob lives in one `ml_collections.ConfigDict`; `base_config` holds the
+defaults (the tiny CPU run) with a comment per knob, `configs/<algo>.py`
+presets change what they need. Unknown or mistyped keys fail with one message
+that names the key and suggests the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+from typing import Iterable
+
+from ml_collections import ConfigDict
+
+from rlhf_jax.models.transformer import ModelConfig
+
+
+class ConfigError(ValueError):
+  """A config key or value that cannot work; the message names it."""
+
+
+def base_config(trainer: str) -> ConfigDict:
+  c = ConfigDict()
+  c.trainer = trainer          # which rlhf_jax.trainers.<name>.run to call
+  c.seed = 0                   # parameter init, data order and sampling all derive from it
+  c.init_from = ""             # HF dir / .gguf / `rlhf-jax import` dir; "" = random init
+
+  # Model architecture (ignored when init_from is set, except dtype and remat).
+  m = dataclasses.asdict(ModelConfig())
+  m.update(vocab_size=0,       # 0 = the tokenizer's vocabulary size
+           d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=192,
+           max_seq_len=64, rope_scaling=())  # () = no RoPE scaling
+  c.model = ConfigDict(m)
+
+  c.tokenizer = ConfigDict(dict(
+      path="",                 # .model / tokenizer dir / .gguf; "" = init_from's, else train one
+      vocab_size=48,           # when training a SentencePiece model on the training data
+      model_type="bpe",        # SentencePiece model type: bpe | unigram | char
+      chat_template="plain",   # plain | chatml | llama3 (how prompts are rendered)
+  ))
+
+  c.data = ConfigDict(dict(
+      train_path="",           # JSONL {"prompt","completion"} or {"messages"}; "" = synthetic
+      eval_path="",            # JSONL in the same format; "" = synthetic (or none)
+      synthetic_task="reverse",  # reverse | sort | add (see rlhf_jax/data/synthetic.py)
+      synthetic_train_examples=4000,
+      synthetic_eval_examples=256,
+      max_seq_len=32,          # tokens per row (prompt + completion + BOS/EOS)
+      overlength="error",      # error | truncate | drop: what to do with longer examples
+      packing=False,           # pack several examples per row (segment-masked attention)
+  ))
+
+  c.batch_size = 32            # global batch (rows) per optimizer step
+  c.grad_accum_steps = 1       # micro-batches per step; batch_size must divide evenly
+  c.num_steps = 400            # optimizer steps
+
+  c.optimizer = ConfigDict(dict(
+      lr=3e-3,                 # peak learning rate (AdamW)
+      warmup_steps=40,         # linear warmup from 0
+      final_lr_ratio=0.1,      # cosine decay to lr * final_lr_ratio at num_steps
+      b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.01,       # decoupled; not applied to norms and biases
+      grad_clip_norm=1.0,      # global-norm clipping; 0 = off
+  ))
+
+  c.mesh = ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor); -1 = fill
+
+  c.log_every = 20             # steps between metrics.jsonl / TensorBoard rows
+  c.eval_every = 100           # steps between eval loss (and samples); 0 = never
+  c.eval_batches = 8           # max eval batches per evaluation
+
+  c.checkpoint = ConfigDict(dict(
+      every=100,               # steps between checkpoints (always one at the end)
+      keep=3,                  # newest checkpoints kept
+      async_save=True,         # write in a background thread
+  ))
+  c.sample = ConfigDict(dict(
+      every=100,               # steps between samples.jsonl dumps; 0 = never
+      num_prompts=4,           # eval prompts sampled each time
+      max_new_tokens=16,
+      temperature=0.0,         # 0 = greedy
+  ))
+  return c
+
+
+# ----------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------
+
+def _all_keys(config: ConfigDict, prefix: str = "") -> list[str]:
+  keys = []
+  for k, v in config.items():
+    path = f"{prefix}{k}"
+    keys.append(path)
+    if isinstance(v, ConfigDict):
+      keys.extend(_all_keys(v, path + "."))
+  return keys
+
+
+def check_key(config: ConfigDict, key: str, flag: str = "config") -> None:
+  """Raise ConfigError naming `key` (dotted) and the closest valid key if absent."""
+  valid = _all_keys(config)
+  if key in valid:
+    return
+  close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+  if not close:  # try the last component alone: "optimizer.lrr" -> "optimizer.lr"
+    parent, _, leaf = key.rpartition(".")
+    siblings = [k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == parent]
+    m = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.5)
+    close = [f"{parent}.{m[0]}" if parent else m[0]] if m else []
+  hint = f"; did you mean --{flag}.{close[0]}?" if close else ""
+  raise ConfigError(f"unknown config key '{flag}.{key}'{hint}")
+
+
+_OVERRIDE = re.compile(r"^--?(config)\.([A-Za-z0-9_.]+)(=.*)?$")
+
+
+def check_overrides(argv: Iterable[str], config: ConfigDict) -> None:
+  """Validate every `--config.a.b=...` flag in argv against `config`'s keys."""
+  for arg in argv:
+    m = _OVERRIDE.match(arg)
+    if m:
+      check_key(config, m.group(2), m.group(1))
+
+
+def validate(config: ConfigDict) -> None:
+  """Cross-field checks shared by trainers; raises ConfigError naming the key."""
+  def need(ok, key, msg):
+    if not ok:
+      raise ConfigError(f"config.{key}: {msg}")
+
+  need(config.num_steps > 0, "num_steps", f"must be > 0, got {config.num_steps}")
+  need(config.batch_size > 0, "batch_size", f"must be > 0, got {config.batch_size}")
+  need(config.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
+  need(config.batch_size % config.grad_accum_steps == 0, "grad_accum_steps",
+       f"batch_size={config.batch_size} is not divisible by grad_accum_steps="
+       f"{config.grad_accum_steps}")
+  need(config.optimizer.lr > 0, "optimizer.lr", f"must be > 0, got {config.optimizer.lr}")
+  need(0 <= config.optimizer.warmup_steps <= config.num_steps, "optimizer.warmup_steps",
+       f"must be in [0, num_steps={config.num_steps}], got {config.optimizer.warmup_steps}")
+  need(config.log_every > 0, "log_every", "must be > 0")
+  need(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+  if "data" in config:
+    need(config.data.max_seq_len >= 4, "data.max_seq_len", "must be >= 4")
+    need(config.data.overlength in ("error", "truncate", "drop"), "data.overlength",
+         f"expected error|truncate|drop, got {config.data.overlength!r}")
+  need(config.tokenizer.chat_template in ("plain", "chatml", "llama3"),
+       "tokenizer.chat_template",
+       f"expected plain|chatml|llama3, got {config.tokenizer.chat_template!r}")
+
+
+def model_config(config: ConfigDict, vocab_size: int | None = None, **overrides) -> ModelConfig:
+  """ModelConfig from config.model (vocab_size 0 -> the tokenizer's)."""
+  m = config.model.to_dict()
+  if not m.get("rope_scaling"):
+    m["rope_scaling"] = None
+  if m.get("vocab_size", 0) <= 0:
+    if vocab_size is None:
+      raise ConfigError("config.model.vocab_size is 0 and no tokenizer size is known")
+    m["vocab_size"] = vocab_size
+  m.update(overrides)
+  try:
+    return ModelConfig.from_dict(m)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.model: {e}") from None
+
+
+def to_json(config: ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)

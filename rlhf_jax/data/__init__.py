@@ -1,0 +1,1 @@
+"""Data: synthetic tasks, file readers with row-level validation, batching with grain."""

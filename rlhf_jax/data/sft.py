@@ -1,0 +1,163 @@
+"""SFT data: JSONL rows -> tokenized, masked, padded (or packed) batches via grain.
+
+File format, one JSON object per line, either
+    {"prompt": "...", "completion": "..."}
+or  {"messages": [{"role": "user", "content": "..."}, ..., {"role": "assistant", ...}]}
+where the last message is the assistant turn to learn.
+
+Every example becomes
+    tokens    = [BOS] + chat_template(prompt) + completion + [EOS]
+    loss_mask =   0   +        0 ...          + 1 ...      +   1
+so the loss falls on completion tokens (and EOS) only. Batches are fixed-shape
+[batch, max_seq_len] (no recompilation): right-padded rows, or with
+`packing=True` several examples per row, told apart by `segment_ids`
+(attention never crosses a segment; positions restart per segment).
+
+Batch order is a pure function of (seed, step) — grain's random-access
+`MapDataset` shuffles every epoch anew — so a resumed run sees exactly the
+batches an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import grain
+import numpy as np
+
+OVERLENGTH = ("error", "truncate", "drop")
+
+
+class DataError(ValueError):
+  """Bad data: the message names the file:line and what was expected."""
+
+
+def read_jsonl_rows(path: str, required: Sequence[str] = ()) -> list[tuple[int, dict]]:
+  """(line_number, row) for every non-empty line; clear errors for bad rows."""
+  if not os.path.exists(path):
+    raise DataError(f"data file not found: {path}")
+  rows = []
+  with open(path) as f:
+    for lineno, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+      if not isinstance(row, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+      for key in required:
+        if key not in row:
+          raise DataError(f"{path}:{lineno}: missing key {key!r} (keys present: {sorted(row)})")
+      rows.append((lineno, row))
+  if not rows:
+    raise DataError(f"{path}: no examples (empty file)")
+  return rows
+
+
+def row_to_messages(path: str, lineno: int, row: dict) -> tuple[list[dict], str]:
+  """(prompt messages, completion text) of one SFT row."""
+  where = f"{path}:{lineno}"
+  if "messages" in row:
+    msgs = row["messages"]
+    if (not isinstance(msgs, list) or len(msgs) < 2 or
+        not all(isinstance(m, dict) and isinstance(m.get("role"), str) and
+                isinstance(m.get("content"), str) for m in msgs)):
+      raise DataError(f"{where}: 'messages' must be a list of >= 2 objects with string "
+                      f"'role' and 'content'")
+    if msgs[-1]["role"] != "assistant":
+      raise DataError(f"{where}: the last message must have role 'assistant', "
+                      f"got {msgs[-1]['role']!r}")
+    return msgs[:-1], msgs[-1]["content"]
+  for key in ("prompt", "completion"):
+    if key not in row:
+      raise DataError(f"{where}: missing key {key!r}; expected {{'prompt': str, "
+                      f"'completion': str}} or {{'messages': [...]}} (keys present: {sorted(row)})")
+    if not isinstance(row[key], str):
+      raise DataError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
+  return [{"role": "user", "content": row["prompt"]}], row["completion"]
+
+
+def tokenize_sft_file(path: str, tokenizer, max_seq_len: int, overlength: str = "error"):
+  """List of (tokens int32[n], loss_mask int32[n]) for every row of `path`."""
+  if overlength not in OVERLENGTH:
+    raise ValueError(f"data.overlength={overlength!r}: expected one of {OVERLENGTH}")
+  examples = []
+  for lineno, row in read_jsonl_rows(path):
+    prompt_msgs, completion = row_to_messages(path, lineno, row)
+    prompt_ids = [tokenizer.bos_id] + tokenizer.encode(
+        tokenizer.apply_chat_template(prompt_msgs, add_generation_prompt=True))
+    completion_ids = tokenizer.encode(completion) + [tokenizer.eos_id]
+    tokens = np.asarray(prompt_ids + completion_ids, np.int32)
+    mask = np.asarray([0] * len(prompt_ids) + [1] * len(completion_ids), np.int32)
+    if len(tokens) > max_seq_len:
+      if overlength == "error":
+        raise DataError(f"{path}:{lineno}: example is {len(tokens)} tokens, longer than "
+                        f"data.max_seq_len={max_seq_len} (raise it, or set "
+                        f"data.overlength='truncate' or 'drop')")
+      if overlength == "drop":
+        continue
+      tokens, mask = tokens[:max_seq_len], mask[:max_seq_len]
+      if mask.sum() == 0:
+        continue
+    examples.append((tokens, mask))
+  if not examples:
+    raise DataError(f"{path}: no usable examples (all longer than max_seq_len={max_seq_len}?)")
+  return examples
+
+
+def pad_examples(examples, max_seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """One example per row, right-padded: tokens/segment_ids/loss_mask [N, T]."""
+  n = len(examples)
+  tokens = np.full((n, max_seq_len), pad_id, np.int32)
+  seg = np.zeros((n, max_seq_len), np.int32)
+  mask = np.zeros((n, max_seq_len), np.int32)
+  for i, (t, m) in enumerate(examples):
+    tokens[i, :len(t)], seg[i, :len(t)], mask[i, :len(t)] = t, 1, m
+  return {"tokens": tokens, "segment_ids": seg, "loss_mask": mask}
+
+
+def pack_examples(examples, max_seq_len: int, pad_id: int, seed: int) -> dict[str, np.ndarray]:
+  """Greedy first-fit packing (in a seeded random order) into rows of max_seq_len.
+
+  Segment ids count 1, 2, ... within a row; 0 is padding.
+  """
+  order = np.random.default_rng(seed).permutation(len(examples))
+  rows: list[list[int]] = []
+  free: list[int] = []
+  for i in order:
+    n = len(examples[i][0])
+    for r, space in enumerate(free):
+      if n <= space:
+        rows[r].append(i)
+        free[r] -= n
+        break
+    else:
+      rows.append([i])
+      free.append(max_seq_len - n)
+  out = pad_examples([examples[r[0]] for r in rows], max_seq_len, pad_id)
+  for r, members in enumerate(rows):
+    pos = 0
+    for s, i in enumerate(members, start=1):
+      t, m = examples[i]
+      out["tokens"][r, pos:pos + len(t)] = t
+      out["segment_ids"][r, pos:pos + len(t)] = s
+      out["loss_mask"][r, pos:pos + len(t)] = m
+      pos += len(t)
+  return out
+
+
+def batched(arrays: dict[str, np.ndarray], batch_size: int, seed: int, shuffle: bool = True):
+  """Infinite grain MapDataset of batches: dataset[step] -> dict of [batch, T] arrays.
+
+  Random access by step makes the data order reproducible across restarts.
+  """
+  n = len(next(iter(arrays.values())))
+  if n < batch_size:
+    raise DataError(f"only {n} rows of data but batch_size={batch_size}")
+  ds = grain.MapDataset.source([{k: v[i] for k, v in arrays.items()} for i in range(n)])
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  return ds.repeat(None).batch(batch_size, drop_remainder=True)

@@ -1,0 +1,120 @@
+"""Command line: `rlhf-jax <command> ...` (also `python -m rlhf_jax.launch ...`).
+
+  rlhf-jax train --config=configs/sft.py:tiny --workdir=DIR [--config.KEY=VALUE ...]
+      Validate the config, write DIR/config.json, train (resuming from
+      DIR/checkpoints if present). SIGTERM checkpoints and exits 0.
+  rlhf-jax import SRC OUT_DIR
+      Convert a Hugging Face directory or a .gguf file to our checkpoint format.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import runpy
+import sys
+
+USAGE = __doc__
+
+
+def _die(msg: str, code: int = 2):
+  print(f"error: {msg}", file=sys.stderr)
+  sys.exit(code)
+
+
+def _config_arg(argv):
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def load_config(spec: str):
+  """`path/to/file.py[:preset]` -> ConfigDict (clear errors for bad paths/presets)."""
+  path, _, preset = spec.partition(":")
+  if not os.path.exists(path):
+    _die(f"--config: file not found: {path}")
+  module = runpy.run_path(path)
+  if "get_config" not in module:
+    _die(f"--config: {path} defines no get_config()")
+  try:
+    return module["get_config"](preset) if preset else module["get_config"]()
+  except ValueError as e:
+    _die(f"--config={spec}: {e}")
+
+
+def train_command(argv):
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  from rlhf_jax import config as config_lib
+
+  spec = _config_arg(argv)
+  if spec is None:
+    _die("train needs --config=configs/<algo>.py[:preset]")
+  try:
+    config_lib.check_overrides(argv, load_config(spec))
+  except config_lib.ConfigError as e:
+    _die(str(e))
+
+  config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].")
+  flags.DEFINE_string("workdir", None, "Output directory (created; resumed if it has checkpoints).")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def main(_):
+    import logging as std_logging
+
+    import jax
+    cfg = flags.FLAGS.config
+    std_logging.getLogger("absl").setLevel(std_logging.WARNING)
+    try:
+      trainer = importlib.import_module(f"rlhf_jax.trainers.{cfg.trainer}")
+    except ModuleNotFoundError:
+      _die(f"config.trainer={cfg.trainer!r}: no module rlhf_jax/trainers/{cfg.trainer}.py")
+    print(f"rlhf-jax train: trainer={cfg.trainer} workdir={flags.FLAGS.workdir} "
+          f"devices={jax.device_count()}x{jax.devices()[0].platform}", flush=True)
+    try:
+      result = trainer.run(cfg, flags.FLAGS.workdir)
+    except _user_errors() as e:
+      _die(str(e), 1)
+    print("done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in result.items()), flush=True)
+
+  app.run(main, argv=["rlhf-jax train"] + argv)
+
+
+def _user_errors():
+  from rlhf_jax.checkpoint import CheckpointError
+  from rlhf_jax.config import ConfigError
+  from rlhf_jax.data.sft import DataError
+  return (ConfigError, DataError, CheckpointError, FileNotFoundError)
+
+
+def import_command(argv):
+  if len(argv) != 2 or any(a.startswith("-") for a in argv):
+    _die("usage: rlhf-jax import SRC OUT_DIR")
+  from rlhf_jax.models import import_checkpoint
+  try:
+    import_checkpoint(argv[0], argv[1])
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    _die(str(e), 1)
+  print(f"imported {argv[0]} -> {argv[1]}")
+
+
+COMMANDS = {"train": train_command, "import": import_command}
+
+
+def cli(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(USAGE)
+    return
+  command = COMMANDS.get(argv[0])
+  if command is None:
+    _die(f"unknown command {argv[0]!r}; expected one of {sorted(COMMANDS)}\n{USAGE}")
+  command(argv[1:])
+
+
+if __name__ == "__main__":
+  cli()

@@ -1,0 +1,113 @@
+"""Run outputs: metrics.jsonl, TensorBoard events (tensorboardX, no TensorFlow),
+samples.jsonl, and a terminal progress bar with ETA (tqdm).
+
+metrics.jsonl holds one JSON object per logged step (`step` first). When a run
+resumes from step S, lines with step > S (logged after the checkpoint the run
+resumed from) are dropped, so the file reads like one uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import tqdm
+from tensorboardX import SummaryWriter
+
+
+def _to_python(v):
+  v = np.asarray(v)
+  if v.size != 1:
+    return v.tolist()
+  v = v.item()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)
+  return v
+
+
+def _truncate_jsonl(path: str, max_step: int) -> None:
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line).get("step", 0) <= max_step:
+        kept.append(line)
+    except json.JSONDecodeError:
+      continue  # a line cut by a kill mid-write
+  if len(kept) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+  """Writes scalars to metrics.jsonl and TensorBoard; samples to samples.jsonl."""
+
+  def __init__(self, workdir: str, start_step: int = 0):
+    self.workdir = workdir
+    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+    self.samples_path = os.path.join(workdir, "samples.jsonl")
+    for p in (self.metrics_path, self.samples_path):
+      _truncate_jsonl(p, start_step)
+    self._tb = SummaryWriter(os.path.join(workdir, "events"), purge_step=start_step or None)
+
+  def write(self, step: int, metrics: dict) -> dict:
+    row = {"step": int(step)}
+    row.update({k: _to_python(v) for k, v in metrics.items()})
+    with open(self.metrics_path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for k, v in row.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, step)
+    return row
+
+  def write_samples(self, step: int, samples: list[dict]) -> None:
+    with open(self.samples_path, "a") as f:
+      for s in samples:
+        f.write(json.dumps({"step": int(step), **s}) + "\n")
+
+  def close(self):
+    self._tb.flush()
+    self._tb.close()
+
+
+class Progress:
+  """tqdm bar over training steps (ETA from the steps done in this process)."""
+
+  def __init__(self, start: int, total: int, desc: str = "train"):
+    self._bar = tqdm.tqdm(total=total, initial=start, desc=desc, unit="step",
+                          dynamic_ncols=True, smoothing=0.1)
+
+  def update(self, n: int = 1, **postfix):
+    if postfix:
+      self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
+                             for k, v in postfix.items()}, refresh=False)
+    self._bar.update(n)
+
+  def write(self, msg: str):
+    self._bar.write(msg)
+
+  def close(self):
+    self._bar.close()
+
+
+class Throughput:
+  """Tokens per second between two log points."""
+
+  def __init__(self):
+    self._t, self._tokens = time.perf_counter(), 0.0
+
+  def add(self, tokens: float):
+    self._tokens += float(tokens)
+
+  def rate(self) -> float:
+    now = time.perf_counter()
+    r = self._tokens / max(now - self._t, 1e-9)
+    self._t, self._tokens = now, 0.0
+    return r

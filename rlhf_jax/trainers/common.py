@@ -1,0 +1,95 @@
+"""Pieces every trainer shares: optimizer, sharded state creation, resume, workdir."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax import config as config_lib
+from rlhf_jax import parallel
+
+
+def learning_rate_schedule(opt: Any, num_steps: int) -> optax.Schedule:
+  """Linear warmup 0 -> lr over warmup_steps, then cosine decay to lr * final_lr_ratio."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=opt.lr, warmup_steps=max(int(opt.warmup_steps), 0),
+      decay_steps=max(int(num_steps), int(opt.warmup_steps) + 1),
+      end_value=opt.lr * opt.final_lr_ratio)
+
+
+def _decay_mask(params):
+  """Weight decay on kernels/embeddings only, not on norm scales or biases."""
+  def leaf_mask(path, _):
+    names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+    return bool(names) and names[-1] not in ("scale", "bias")
+  return jax.tree_util.tree_map_with_path(leaf_mask, params)
+
+
+def make_optimizer(opt: Any, num_steps: int):
+  """AdamW (Loshchilov & Hutter 2019) with global-norm clipping; returns (tx, schedule)."""
+  schedule = learning_rate_schedule(opt, num_steps)
+  parts = []
+  if opt.grad_clip_norm and opt.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
+  parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                           weight_decay=opt.weight_decay, mask=_decay_mask))
+  return optax.chain(*parts), schedule
+
+
+def create_state(init_params_fn: Callable[[jax.Array], Any], tx, mesh, rng,
+                 params=None):
+  """Sharded train state {"step", "params", "opt_state"} and its shardings.
+
+  init_params_fn(rng) returns *boxed* params (logical axis names); their names
+  decide the layout of params and optimizer state on `mesh`. If `params` is
+  given (pretrained weights), they replace the random init.
+  """
+  def init_boxed(rng):
+    p = init_params_fn(rng)
+    return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)}
+
+  shardings = parallel.boxed_shardings(lambda: init_boxed(rng), mesh)
+  if params is None:
+    state = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=shardings)(rng)
+  else:
+    params = jax.device_put(params, shardings["params"])
+    state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p,
+                               "opt_state": tx.init(p)},
+                    out_shardings=shardings)(params)
+  return state, shardings
+
+
+def restore_or_keep(checkpointer: ckpt_lib.Checkpointer, state, shardings):
+  """(start_step, state): the latest checkpoint if there is one, else (0, state)."""
+  restored = checkpointer.restore(ckpt_lib.abstract_like(state, shardings))
+  if restored is None:
+    return 0, state
+  step, state = restored
+  return int(step), state
+
+
+def prepare_workdir(workdir: str, config) -> None:
+  """Create workdir and write the resolved config.json (atomic)."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config_lib.to_json(config))
+  os.replace(tmp, path)
+
+
+def host_metrics(metrics: dict) -> dict:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def save_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)

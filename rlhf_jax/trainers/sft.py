@@ -1,0 +1,263 @@
+"""Supervised fine-tuning trainer: `run(config, workdir)`.
+
+Reads top to bottom: data -> tokenizer -> model -> sharded state (or resume)
+-> jitted train step -> loop with logging, eval, samples, checkpoints.
+
+Loss: token-mean next-token NLL over completion tokens only (prompt and
+padding masked), see `rlhf_jax.losses.sft`. With grad_accum_steps = A the
+batch is split into A micro-batches whose summed NLL and token counts are
+accumulated before dividing, so the update equals the un-accumulated one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax import config as config_lib
+from rlhf_jax import metrics as metrics_lib
+from rlhf_jax import parallel
+from rlhf_jax import sampling
+from rlhf_jax import tokenizer as tok_lib
+from rlhf_jax.data import sft as sft_data
+from rlhf_jax.data import synthetic
+from rlhf_jax.losses.logprobs import shift_for_next_token
+from rlhf_jax.losses.sft import sft_loss_sums
+from rlhf_jax.models import Transformer, load_pretrained
+from rlhf_jax.trainers import common
+
+
+# ----------------------------------------------------------------------------
+# Steps (pure functions, jitted by `run`)
+# ----------------------------------------------------------------------------
+
+def make_loss_sums(model):
+  def loss_sums(params, batch):
+    logits_BTV, _ = model.apply({"params": params}, batch["tokens"], batch["segment_ids"])
+    return sft_loss_sums(*shift_for_next_token(logits_BTV, batch["tokens"], batch["loss_mask"]))
+  return loss_sums
+
+
+def make_train_step(model, tx, grad_accum_steps: int = 1):
+  """train_step(state, batch) -> (state, metrics); batch arrays are [B, T]."""
+  loss_sums = make_loss_sums(model)
+  grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+  def train_step(state, batch):
+    params = state["params"]
+    if grad_accum_steps == 1:
+      (nll, n), grads = grad_fn(params, batch)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+
+      def body(carry, mb):
+        (nll_i, n_i), g_i = grad_fn(params, mb)
+        g, nll, n = carry
+        return (jax.tree.map(jnp.add, g, g_i), nll + nll_i, n + n_i), None
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (grads, nll, n), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
+    denom = jnp.maximum(n, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                 "opt_state": opt_state}
+    metrics = {"loss": nll / denom, "grad_norm": optax.global_norm(grads),
+               "param_norm": optax.global_norm(params), "num_tokens": n}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model):
+  loss_sums = make_loss_sums(model)
+  return lambda params, batch: loss_sums(params, batch)
+
+
+# ----------------------------------------------------------------------------
+# Data and tokenizer
+# ----------------------------------------------------------------------------
+
+def resolve_data(config, workdir):
+  """Paths of the train / eval JSONL; generates the synthetic task when unset."""
+  d = config.data
+  train, evals = d.train_path, d.eval_path
+  if not train:
+    train = os.path.join(workdir, "data", f"{d.synthetic_task}_train.jsonl")
+    if not os.path.exists(train):
+      synthetic.write_task(train, d.synthetic_task, d.synthetic_train_examples, config.seed)
+    if not evals:
+      evals = os.path.join(workdir, "data", f"{d.synthetic_task}_eval.jsonl")
+      if not os.path.exists(evals):
+        synthetic.write_task(evals, d.synthetic_task, d.synthetic_eval_examples,
+                             config.seed + 10_000)
+  return train, evals
+
+
+def build_tokenizer(config, workdir, train_path):
+  """config.tokenizer.path, else init_from's tokenizer, else train SentencePiece."""
+  t = config.tokenizer
+  if t.path:
+    tok = tok_lib.load_tokenizer(t.path)
+  elif config.init_from:
+    tok = tok_lib.load_tokenizer(config.init_from)
+  else:
+    prefix = os.path.join(workdir, "tokenizer")
+    if os.path.exists(prefix + ".model"):  # resume: reuse the exact same vocabulary
+      tok = tok_lib.load_tokenizer(prefix + ".model")
+    else:
+      tok = tok_lib.train_sentencepiece([train_path], prefix, vocab_size=t.vocab_size,
+                                        model_type=t.model_type)
+  tok.chat_template = t.chat_template
+  return tok
+
+
+def prompt_batch(tokenizer, rows, path):
+  """Left-padded prompt tokens/mask [N, P] and the reference completions."""
+  prompts, refs = [], []
+  for lineno, row in rows:
+    msgs, completion = sft_data.row_to_messages(path, lineno, row)
+    prompts.append([tokenizer.bos_id] + tokenizer.encode(
+        tokenizer.apply_chat_template(msgs, add_generation_prompt=True)))
+    refs.append(completion)
+  P = max(len(p) for p in prompts)
+  tokens = np.full((len(prompts), P), tokenizer.pad_id, np.int32)
+  mask = np.zeros((len(prompts), P), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, P - len(p):], mask[i, P - len(p):] = p, 1
+  return tokens, mask, refs
+
+
+# ----------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------
+
+def run(config, workdir: str) -> dict:
+  config_lib.validate(config)
+  common.prepare_workdir(workdir, config)
+  mesh = parallel.make_mesh(config.mesh.shape)
+  T, B = config.data.max_seq_len, config.batch_size
+
+  # Data.
+  train_path, eval_path = resolve_data(config, workdir)
+  tokenizer = build_tokenizer(config, workdir, train_path)
+  train_ex = sft_data.tokenize_sft_file(train_path, tokenizer, T, config.data.overlength)
+  if config.data.packing:
+    train_arrays = sft_data.pack_examples(train_ex, T, tokenizer.pad_id, config.seed)
+  else:
+    train_arrays = sft_data.pad_examples(train_ex, T, tokenizer.pad_id)
+  train_ds = sft_data.batched(train_arrays, B, config.seed)
+  eval_ds = None
+  if eval_path:
+    eval_arrays = sft_data.pad_examples(
+        sft_data.tokenize_sft_file(eval_path, tokenizer, T, config.data.overlength),
+        T, tokenizer.pad_id)
+    eval_ds = sft_data.batched(eval_arrays, min(B, len(eval_arrays["tokens"])), 0, shuffle=False)
+    n_eval_batches = min(config.eval_batches, len(eval_arrays["tokens"]) // eval_ds[0]["tokens"].shape[0])
+
+  # Model.
+  params = None
+  if config.init_from:
+    mcfg, params = load_pretrained(config.init_from)
+    mcfg = dataclasses.replace(mcfg, dtype=config.model.dtype, remat=config.model.remat)
+  else:
+    mcfg = config_lib.model_config(config, vocab_size=tokenizer.vocab_size)
+  if mcfg.vocab_size < tokenizer.vocab_size:
+    raise config_lib.ConfigError(f"config.model.vocab_size={mcfg.vocab_size} is smaller than "
+                                 f"the tokenizer's vocabulary ({tokenizer.vocab_size})")
+  model = Transformer(mcfg)
+  common.save_json(os.path.join(workdir, "model_config.json"), mcfg.to_dict())
+
+  # State: fresh or resumed.
+  tx, schedule = common.make_optimizer(config.optimizer, config.num_steps)
+  rng_init, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed))
+  dummy = jnp.zeros((1, 2), jnp.int32)
+  state, shardings = common.create_state(lambda r: model.init(r, dummy)["params"], tx, mesh,
+                                         rng_init, params)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       config.checkpoint.every, config.checkpoint.keep,
+                                       config.checkpoint.async_save)
+  start, state = common.restore_or_keep(checkpointer, state, shardings)
+  if start:
+    logging.info("resumed from checkpoint step %d", start)
+    print(f"resumed from step {start}", flush=True)
+
+  batch_sharding = parallel.batch_sharding(mesh)
+  train_step = jax.jit(make_train_step(model, tx, config.grad_accum_steps),
+                       in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings["params"], batch_sharding))
+
+  def evaluate(params):
+    nll = n = 0.0
+    for i in range(n_eval_batches):
+      s, c = eval_step(params, parallel.shard_batch(eval_ds[i], mesh))
+      nll, n = nll + float(s), n + float(c)
+    return nll / max(n, 1.0)
+
+  def write_samples(step, params):
+    rows = sft_data.read_jsonl_rows(eval_path)[:config.sample.num_prompts]
+    tokens, mask, refs = prompt_batch(tokenizer, rows, eval_path)
+    greedy = config.sample.temperature <= 0
+    out = sampling.generate(mcfg, params, tokens, mask, jax.random.fold_in(rng_sample, step),
+                            max_new_tokens=config.sample.max_new_tokens, greedy=greedy,
+                            temperature=1.0 if greedy else config.sample.temperature,
+                            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    toks, m = np.asarray(out.tokens_BN), np.asarray(out.mask_BN)
+    samples = []
+    for i, (lineno, row) in enumerate(rows):
+      ids = [int(t) for t, k in zip(toks[i], m[i]) if k and t != tokenizer.eos_id]
+      text = tokenizer.decode(ids)
+      samples.append({"prompt": tokenizer.decode([int(t) for t, k in zip(tokens[i], mask[i])
+                                                  if k and t != tokenizer.bos_id]),
+                      "completion": text, "reference": refs[i],
+                      "exact_match": text.strip() == refs[i].strip()})
+    writer.write_samples(step, samples)
+    return float(np.mean([s["exact_match"] for s in samples]))
+
+  # Loop.
+  writer = metrics_lib.MetricsWriter(workdir, start)
+  progress = metrics_lib.Progress(start, config.num_steps, desc="sft")
+  throughput = metrics_lib.Throughput()
+  last = {}
+  if start == 0 and eval_ds is not None and config.eval_every:
+    last = writer.write(0, {"eval_loss": evaluate(state["params"])})
+  with ckpt_lib.PreemptionGuard() as preemption:
+    for step in range(start + 1, config.num_steps + 1):
+      batch = train_ds[step - 1]
+      state, m = train_step(state, parallel.shard_batch(batch, mesh))
+      throughput.add(batch["segment_ids"].astype(bool).sum())
+      if step % config.log_every == 0 or step == config.num_steps:
+        row = common.host_metrics(m)
+        row.update(learning_rate=float(schedule(step - 1)),
+                   tokens_per_second=throughput.rate())
+        if eval_ds is not None and config.eval_every and (
+            step % config.eval_every == 0 or step == config.num_steps):
+          row["eval_loss"] = evaluate(state["params"])
+          if config.sample.every and (step % config.sample.every == 0
+                                      or step == config.num_steps):
+            row["sample_exact_match"] = write_samples(step, state["params"])
+        last = writer.write(step, row)
+        progress.update(0, loss=row["loss"], **({"eval": row["eval_loss"]}
+                                                 if "eval_loss" in row else {}))
+      progress.update(1)
+      checkpointer.maybe_save(step, state, force=step == config.num_steps)
+      ckpt_lib.maybe_inject_fault(step)
+      if preemption.requested:
+        checkpointer.maybe_save(step, state, force=True)
+        checkpointer.close()
+        progress.close()
+        writer.close()
+        print(f"preempted: saved checkpoint at step {step}; rerun the same command to resume",
+              flush=True)
+        return {"step": step, "preempted": True, **last}
+  checkpointer.close()
+  progress.close()
+  writer.close()
+  return {"step": config.num_steps, "preempted": False, **last}
