@@ -1,7 +1,8 @@
 """Run by tests/test_sharding.py in its own process with 8 simulated CPU devices.
 
-One SFT train step (AdamW, grad clipping) on meshes (1,1,1), (8,1,1),
-(2,4,1), (2,2,2); prints JSON: per mesh, the max |difference| of loss and of
+Usage: sharded_step_check.py ACCUM MESH... (e.g. 1 8,1,1 2,4,1 2,2,2).
+One SFT train step (AdamW lr 1e-3, grad clipping) on (1,1,1) and each MESH;
+prints JSON: per mesh, the max |difference| of loss and of
 every parameter after the step versus the single-device step, and the mesh
 axes of a few parameters' shardings (to prove they really are sharded).
 """
@@ -24,7 +25,7 @@ def main():
   cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                     head_dim=8, d_ff=64, tie_embeddings=False)
   model = Transformer(cfg)
-  opt = ConfigDict(dict(lr=1e-2, warmup_steps=0, final_lr_ratio=1.0, b1=0.9, b2=0.95,
+  opt = ConfigDict(dict(lr=1e-3, warmup_steps=0, final_lr_ratio=1.0, b1=0.9, b2=0.95,
                         eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0))
   tx, _ = common.make_optimizer(opt, 10)
   rng = np.random.default_rng(0)
@@ -38,7 +39,8 @@ def main():
   dummy = jnp.zeros((1, 2), jnp.int32)
   results = {}
   ref = None
-  for shape in [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+  meshes = [(1, 1, 1)] + [tuple(int(x) for x in m.split(",")) for m in sys.argv[2:]]
+  for shape in meshes:
     devices = jax.devices()[:int(np.prod(shape))]
     mesh = parallel.make_mesh(shape, devices)
     state, shardings = common.create_state(lambda r: model.init(r, dummy)["params"], tx, mesh,
@@ -62,6 +64,9 @@ def main():
                                lambda a, b: float(np.max(np.abs(a - np.asarray(b)))), params,
                                jax.device_get(state["params"])))),
                            "q_kernel_spec": [str(s) for s in q_spec],
+                           "q_kernel_replicated":
+                               new_state["params"]["layers"]["q"]["kernel"].sharding.is_fully_replicated,
+                           "grad_norm": float(metrics["grad_norm"]),
                            "embed_spec": [str(s) for s in emb_spec],
                            "adam_mu_first_leaf_spec": [str(s) for s in mu_spec]}
   print(json.dumps(results))

@@ -13,10 +13,11 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _run(accum):
+def _run(accum, meshes):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, os.path.join(HERE, "sharded_step_check.py"), str(accum)],
+  out = subprocess.run([sys.executable, os.path.join(HERE, "sharded_step_check.py"), str(accum),
+                        *meshes],
                        env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -24,7 +25,7 @@ def _run(accum):
 
 @pytest.fixture(scope="module")
 def results():
-  return _run(accum=1)
+  return _run(1, ["8,1,1", "2,4,1", "2,2,2"])
 
 
 @pytest.mark.parametrize("mesh", ["(8, 1, 1)", "(2, 4, 1)", "(2, 2, 2)"])
@@ -32,6 +33,7 @@ def test_sharded_step_equals_single_device(results, mesh):
   r = results[mesh]
   assert results["(1, 1, 1)"]["param_change"] > 1e-4  # the step really updated the params
   assert r["loss_diff"] <= 1e-5, r
+  assert abs(r["grad_norm"] - results["(1, 1, 1)"]["grad_norm"]) <= 1e-5, r
   assert r["max_param_diff"] <= 1e-5, r
 
 
@@ -41,11 +43,12 @@ def test_parameters_are_really_sharded(results):
   assert results["(2, 4, 1)"]["embed_spec"] == ["tensor", "fsdp"]
   # optimizer state follows its parameter's layout (ZeRO-style)
   assert "fsdp" in results["(2, 4, 1)"]["adam_mu_first_leaf_spec"]
-  # pure data parallelism replicates parameters
-  assert set(results["(8, 1, 1)"]["q_kernel_spec"]) <= {"None"}
+  # pure data parallelism replicates parameters; fsdp/tensor > 1 does not
+  assert results["(8, 1, 1)"]["q_kernel_replicated"]
+  assert not results["(2, 2, 2)"]["q_kernel_replicated"]
 
 
 def test_sharded_step_with_gradient_accumulation():
-  r = _run(accum=2)
-  for mesh in ["(8, 1, 1)", "(2, 2, 2)"]:
+  r = _run(2, ["2,2,2"])
+  for mesh in ["(2, 2, 2)"]:
     assert r[mesh]["max_param_diff"] <= 1e-5, r[mesh]
