@@ -2,3 +2,4 @@
 from rlhf_jax.models.transformer import (ModelConfig, Transformer, init_cache, init_params,
                                          positions_from_segments, segment_causal_mask)
 from rlhf_jax.models.api import lm_logits
+from rlhf_jax.models.pretrained import load_pretrained, save_pretrained, import_checkpoint
