@@ -604,7 +604,7 @@ def _load_gguf(path: Path):
   if "token_embd.weight" not in tensors:
     raise ValueError(f"{where}: missing tensor 'token_embd.weight'")
   V = int(meta("vocab_size", int(tensors["token_embd.weight"].shape[-1])))
-  theta = float(meta("rope.freq_base", 10000.0))
+  theta = _short_float(meta("rope.freq_base", 10000.0))
   scaling_type = meta("rope.scaling.type", "none")
   if scaling_type not in ("none", "", None):
     raise ValueError(f"{where}: {arch}.rope.scaling.type={scaling_type!r} is not supported")
@@ -617,13 +617,19 @@ def _load_gguf(path: Path):
   config = ModelConfig(
       vocab_size=V, d_model=D, n_layers=int(meta("block_count")), n_heads=H, n_kv_heads=int(K),
       head_dim=Dh, d_ff=int(meta("feed_forward_length")), rope_theta=theta,
-      rope_scaling=rope_scaling, norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+      rope_scaling=rope_scaling,
+      norm_eps=_short_float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
       tie_embeddings="output.weight" not in tensors,
       attn_bias="blk.0.attn_q.bias" in tensors, mlp_bias="blk.0.ffn_up.bias" in tensors,
       qk_norm="blk.0.attn_q_norm.weight" in tensors,
       max_seq_len=int(meta("context_length", 2048)))
   src = _GGUFSource(reader, where, arch, H, int(K), skip=("rope_freqs.weight",))
   return config, _params_from_hf(config, src, where, f"{arch} (GGUF)")
+
+
+def _short_float(x) -> float:
+  """GGUF stores float32: 9.999999747e-06 -> 1e-05, the shortest decimal of that float32."""
+  return float(str(np.float32(x)))
 
 
 def _llama3_scaling_from_rope_freqs(freqs, head_dim, theta, where):
