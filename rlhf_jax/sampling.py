@@ -161,6 +161,13 @@ def _validate(config, prompt_tokens_BP, prompt_mask_BP, max_new_tokens, temperat
     if (m[:, :-1] & ~m[:, 1:]).any():
       bad = np.flatnonzero((m[:, :-1] & ~m[:, 1:]).any(1)).tolist()
       raise ValueError(f"prompt rows {bad[:8]} are not left-padded (mask must be 0...0 1...1)")
+    if _is_concrete(prompt_tokens_BP):
+      t = np.asarray(prompt_tokens_BP)
+      bad_BP = m & ((t < 0) | (t >= V))
+      if bad_BP.any():
+        b, i = np.argwhere(bad_BP)[0]
+        raise ValueError(f"prompt token {int(t[b, i])} at [{b}, {i}] is outside "
+                         f"[0, vocab_size={V})")
   return eos_ids
 
 

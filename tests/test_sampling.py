@@ -229,3 +229,7 @@ def test_bad_prompts(params, prompts):
     _sample(params, (tokens, empty))
   with pytest.raises(ValueError, match="shape"):
     _sample(params, (tokens, mask[:, 1:]))
+  bad = tokens.copy()
+  bad[0, -1] = CFG.vocab_size
+  with pytest.raises(ValueError, match="outside"):
+    _sample(params, (bad, mask))
