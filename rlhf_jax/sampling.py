@@ -5,7 +5,11 @@
 
 The whole of `generate` is one jitted function; it compiles once per
 (prompt shape, model config, max_new_tokens, top_k, greedy, stop ids, pad id).
-Temperature and top_p are traced scalars, so changing them does not recompile.
+Temperature and top_p are traced scalars, so changing their values does not
+recompile (whether top-p is on at all, top_p < 1, is static; top_p must be a
+Python float, temperature may itself be traced when `generate` is called
+inside another jit). The cache is allocated once, in the compute dtype, with
+P + N - 1 slots (the last sampled token is never fed back).
 
 Prompts are a left-padded batch `prompt_tokens_BP` with `prompt_mask_BP`
 (1 = real token). Row b with n_b real tokens gets positions 0..n_b-1 on its
