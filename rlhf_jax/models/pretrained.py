@@ -42,6 +42,7 @@ is exact for sequences no longer than the window (a warning says so).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -492,9 +493,20 @@ def _is_gguf(path: Path) -> bool:
 
 
 def _gguf_reader(path: Path):
+  """A GGUFReader (memory-mapped), reused while the file is unchanged.
+
+  Parsing the metadata of a real model (e.g. 49k vocabulary strings) takes
+  seconds; the model loader, the tokenizer loader and import_checkpoint share it.
+  """
+  st = Path(path).stat()
+  return _cached_gguf_reader(str(Path(path).absolute()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_gguf_reader(path: str, inode: int, size: int, mtime_ns: int):
   import gguf
   try:
-    return gguf.GGUFReader(str(path))
+    return gguf.GGUFReader(path)
   except Exception as e:  # gguf raises ValueError / struct errors on corrupt files
     raise ValueError(f"{path}: cannot read GGUF file: {e}") from None
 
