@@ -31,6 +31,6 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.eval_every = 200
     c.checkpoint.every = 500
     c.sample.every = 500
-    c.tokenizer.chat_template = "llama3"
+    c.tokenizer.chat_style = "llama3"
     return c
   raise ValueError(f"unknown sft preset {preset!r}; expected 'tiny' or '1b'")

@@ -47,7 +47,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(keep), save_interval_steps=max(1, self.save_every),
         enable_async_checkpointing=bool(async_save), create=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -88,6 +89,8 @@ class Checkpointer:
     except Exception as e:
       raise CheckpointError(f"checkpoint {where} is unreadable: {type(e).__name__}: {e}") from None
     meta = getattr(meta, "tree", meta)
+    if meta is None:
+      raise CheckpointError(f"checkpoint {where} has no readable metadata")
     saved = {_path_str(p): tuple(getattr(v, "shape", ()) or ())
              for p, v in jax.tree_util.tree_flatten_with_path(meta)[0]}
     expected = {_path_str(p): tuple(v.shape)
@@ -100,7 +103,8 @@ class Checkpointer:
           f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
           f"unexpected tensors {extra[:5]}{'...' if len(extra) > 5 else ''}. "
           f"Use a new --workdir, or the config that wrote it.")
-    for k, shape in expected.items():
+    for k in sorted(expected, key=lambda k: (not k.startswith("params"), k)):
+      shape = expected[k]
       if saved[k] != shape:
         raise CheckpointError(
             f"checkpoint {where}: tensor '{k}' has shape {saved[k]} but this config expects "
@@ -163,3 +167,17 @@ def params_equal(a, b) -> bool:
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   return len(la) == len(lb) and all(
       np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def read_checkpoint(directory: str, step: int | None = None):
+  """(step, state as host numpy tree) of a checkpoint directory, for analysis/tests."""
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"no checkpoint directory at {directory}")
+  manager = ocp.CheckpointManager(os.path.abspath(directory),
+                                  item_handlers=ocp.StandardCheckpointHandler())
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise CheckpointError(f"no finished checkpoint in {directory}")
+  state = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  return step, jax.tree.map(np.asarray, state)

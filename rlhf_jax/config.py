@@ -39,7 +39,7 @@ def base_config(trainer: str) -> ConfigDict:
       path="",                 # .model / tokenizer dir / .gguf; "" = init_from's, else train one
       vocab_size=48,           # when training a SentencePiece model on the training data
       model_type="bpe",        # SentencePiece model type: bpe | unigram | char
-      chat_template="plain",   # plain | chatml | llama3 (how prompts are rendered)
+      chat_style="",           # plain | chatml | llama3 | "" = the tokenizer's own (else plain)
   ))
 
   c.data = ConfigDict(dict(
@@ -147,9 +147,9 @@ def validate(config: ConfigDict) -> None:
     need(config.data.max_seq_len >= 4, "data.max_seq_len", "must be >= 4")
     need(config.data.overlength in ("error", "truncate", "drop"), "data.overlength",
          f"expected error|truncate|drop, got {config.data.overlength!r}")
-  need(config.tokenizer.chat_template in ("plain", "chatml", "llama3"),
-       "tokenizer.chat_template",
-       f"expected plain|chatml|llama3, got {config.tokenizer.chat_template!r}")
+  need(config.tokenizer.chat_style in ("", "plain", "chatml", "llama3"),
+       "tokenizer.chat_style",
+       f"expected plain|chatml|llama3 or '' (auto), got {config.tokenizer.chat_style!r}")
 
 
 def model_config(config: ConfigDict, vocab_size: int | None = None, **overrides) -> ModelConfig:

@@ -63,11 +63,10 @@ def train_command(argv):
   flags.mark_flags_as_required(["config", "workdir"])
 
   def main(_):
-    import logging as std_logging
-
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
     import jax
     cfg = flags.FLAGS.config
-    std_logging.getLogger("absl").setLevel(std_logging.WARNING)
     try:
       trainer = importlib.import_module(f"rlhf_jax.trainers.{cfg.trainer}")
     except ModuleNotFoundError:

@@ -7,6 +7,8 @@ tokenizer.json, or the BPE vocabulary of a GGUF file rebuilt with the
 
     tok.encode(text, add_bos=False) -> list[int]     special tokens in text
                                                       (e.g. <|im_start|>) map to their ids
+                                                      (`tokenizers` backends; SentencePiece
+                                                      never parses control tokens in text)
     tok.decode(ids) -> str
     tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size
     tok.apply_chat_template(messages, add_generation_prompt=True) -> str
@@ -39,10 +41,8 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 CHAT_STYLES = ("chatml", "llama3", "plain")
 TOKENIZER_CONFIG = "tokenizer_config.json"

@@ -126,8 +126,10 @@ def hf_checkpoint(model_type, seed=0, V=64, D=32, L=2, H=4, K=2, Dh=8, F=48, tie
   for i in range(L):
     p = f"model.layers.{i}."
     W.update({p + "input_layernorm.weight": norm(D), p + "post_attention_layernorm.weight": norm(D),
-              p + "self_attn.q_proj.weight": w(H * Dh, D), p + "self_attn.k_proj.weight": w(K * Dh, D),
-              p + "self_attn.v_proj.weight": w(K * Dh, D), p + "self_attn.o_proj.weight": w(D, H * Dh),
+              p + "self_attn.q_proj.weight": w(H * Dh, D),
+              p + "self_attn.k_proj.weight": w(K * Dh, D),
+              p + "self_attn.v_proj.weight": w(K * Dh, D),
+              p + "self_attn.o_proj.weight": w(D, H * Dh),
               p + "mlp.gate_proj.weight": w(F, D), p + "mlp.up_proj.weight": w(F, D),
               p + "mlp.down_proj.weight": w(D, F)})
     if model_type == "qwen2":
@@ -148,7 +150,8 @@ def reference_logits(cfg, W, tokens, inv_freq=None):
   if inv_freq is None:
     inv_freq = 1.0 / cfg["rope_theta"] ** (np.arange(0, Dh, 2) / Dh)
   ang = np.arange(T)[:, None] * inv_freq[None]
-  cos, sin = np.cos(np.concatenate([ang, ang], -1))[:, None], np.sin(np.concatenate([ang, ang], -1))[:, None]
+  ang = np.concatenate([ang, ang], -1)[:, None]  # [T, 1, Dh]
+  cos, sin = np.cos(ang), np.sin(ang)
   rope = lambda x: x * cos + np.concatenate([-x[..., Dh // 2:], x[..., :Dh // 2]], -1) * sin
   x = W["model.embed_tokens.weight"][tokens]
   causal = np.tril(np.ones((T, T), bool))
@@ -170,7 +173,8 @@ def reference_logits(cfg, W, tokens, inv_freq=None):
     x = x + np.einsum("hts,shd->thd", a, v).reshape(T, H * Dh) @ W[p + "o_proj.weight"].T
     h = rms(x, g("post_attention_layernorm.weight"))
     gate = h @ g("mlp.gate_proj.weight").T
-    x = x + (gate / (1 + np.exp(-gate)) * (h @ g("mlp.up_proj.weight").T)) @ g("mlp.down_proj.weight").T
+    mlp = gate / (1 + np.exp(-gate)) * (h @ g("mlp.up_proj.weight").T)
+    x = x + mlp @ g("mlp.down_proj.weight").T
   x = rms(x, W["model.norm.weight"])
   return x @ W.get("lm_head.weight", W["model.embed_tokens.weight"]).T
 
@@ -230,7 +234,8 @@ def test_error_unsupported_model_type(tmp_path):
 def test_error_missing_tensor(tmp_path):
   cfg, W = hf_checkpoint("qwen2")
   del W["model.layers.1.self_attn.k_proj.bias"]
-  with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.1\.self_attn\.k_proj\.bias'"):
+  with pytest.raises(ValueError,
+                     match=r"missing tensor 'model\.layers\.1\.self_attn\.k_proj\.bias'"):
     load_pretrained(write_hf(tmp_path, cfg, W))
 
 
@@ -264,7 +269,8 @@ def test_error_not_a_gguf_file(tmp_path):
 
 GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight",
               "post_attention_layernorm.weight": "ffn_norm.weight",
-              "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+              "self_attn.q_proj.weight": "attn_q.weight",
+              "self_attn.k_proj.weight": "attn_k.weight",
               "self_attn.v_proj.weight": "attn_v.weight",
               "self_attn.o_proj.weight": "attn_output.weight",
               "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
@@ -273,14 +279,15 @@ GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight",
               "self_attn.k_norm.weight": "attn_k_norm.weight",
               "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
               "mlp.down_proj.weight": "ffn_down.weight"}
-TINY_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + list("abcdefghijklmnopqrstuvwxyz") + \
-    ["Ġ", "he", "ll", "hell", "hello", "Ġw", "or", "ld", "Ġwor", "Ġworld"]
+TINY_TOKENS = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + list("abcdefghijklmnopqrstuvwxyz")
+               + ["Ġ", "he", "ll", "hell", "hello", "Ġw", "or", "ld", "Ġwor", "Ġworld"])
 TINY_MERGES = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "l d", "Ġw or", "Ġwor ld"]
 
 
 def llama_cpp_permute(w, n_head):
   """convert_hf_to_gguf.py LlamaModel.permute: HF rotate-half rows -> interleaved."""
-  return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+  half = w.shape[0] // n_head // 2
+  return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def write_gguf(path, arch, cfg, W, rope_freqs=None, f16=(), tokenizer=False):

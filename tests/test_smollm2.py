@@ -104,8 +104,8 @@ def test_greedy_answer_mentions_paris(model, tok):
 
   from rlhf_jax import sampling
   res = sampling.generate(config, params, np.array([prompt_ids]), np.ones((1, len(prompt_ids))),
-                          jax.random.PRNGKey(0), max_new_tokens=NEW_TOKENS, greedy=True, eos_id=tok.eos_id,
-                          pad_id=tok.pad_id)
+                          jax.random.PRNGKey(0), max_new_tokens=NEW_TOKENS, greedy=True,
+                          eos_id=tok.eos_id, pad_id=tok.pad_id)
   cached = [int(t) for t, m in zip(res.tokens_BN[0], res.mask_BN[0]) if m]
   assert cached == out, (tok.decode(cached), answer)  # KV cache == full forward
 

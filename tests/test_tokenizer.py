@@ -235,7 +235,8 @@ def test_detection_and_default_system():
           "{%- endif %}")
   assert detect_chat_style(qwen) == "chatml"
   assert chatml_default_system(qwen) == "You are Qwen, created by Alibaba Cloud."
-  assert chatml_default_system("{{ '<|im_start|>system\\n' + m['content'] + '<|im_end|>' }}") is None
+  code = "{{ '<|im_start|>system\\n' + m['content'] + '<|im_end|>' }}"
+  assert chatml_default_system(code) is None
   assert detect_chat_style("{{ '<|start_header_id|>' + role }}") == "llama3"
   assert detect_chat_style("{{ messages }}") is None and detect_chat_style(None) is None
   with pytest.raises(ValueError, match="chat style 'alpaca'"):

@@ -48,8 +48,9 @@ import math
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -126,13 +127,13 @@ def save_pretrained(config: ModelConfig, params, path, *, overwrite: bool = Fals
   if path.is_dir() and any(path.iterdir()) and not overwrite:
     raise FileExistsError(f"{path}: directory exists and is not empty; pass overwrite=True "
                           f"to replace its model files")
+  params = nn.meta.unbox(params)  # accept init_params(..., boxed=True) too
   _check_params(config, params, "save_pretrained(params)")
   hf_config = _config_to_hf(config)
   tensors = _params_to_hf(config, params, hf_config)
   from safetensors.numpy import save_file
   path.mkdir(parents=True, exist_ok=True)
-  for stale in ("model.safetensors.index.json",):  # would shadow nothing, but mislead
-    (path / stale).unlink(missing_ok=True)
+  (path / "model.safetensors.index.json").unlink(missing_ok=True)  # a stale shard index
   (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
   save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
   return path
@@ -354,7 +355,8 @@ def _load_hf(path: Path):
     index = {k: path / v for k, v in weight_map.items()}
   else:
     found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
-    hint = f" (found {found[:3]}: PyTorch pickles are not read; convert to safetensors)" if found else ""
+    hint = (f" (found {found[:3]}: PyTorch pickles are not read; convert to safetensors)"
+            if found else "")
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
   where = str(single if single.is_file() else index_file)
   params = _params_from_hf(config, _SafetensorsSource(index), where, hf["model_type"])
@@ -431,9 +433,9 @@ def _config_to_hf(c: ModelConfig) -> dict:
   gemma_like = (c.norm_offset != 0.0, c.embed_scale, c.activation == "gelu_tanh")
   if any(gemma_like):
     if not (all(gemma_like) and c.norm_offset == 1.0):
-      raise ValueError(f"save_pretrained: norm_offset={c.norm_offset}, embed_scale={c.embed_scale}, "
-                       f"activation={c.activation!r} has no Hugging Face model_type; Gemma "
-                       f"needs norm_offset=1.0, embed_scale=True, activation='gelu_tanh' together")
+      raise ValueError(f"save_pretrained: norm_offset={c.norm_offset}, "
+                       f"embed_scale={c.embed_scale}, activation={c.activation!r} has no "
+                       f"Hugging Face model_type; Gemma needs norm_offset=1.0, embed_scale=True, activation='gelu_tanh' together")
     mt = "gemma"
   elif c.qk_norm:
     mt = "qwen3"
@@ -474,7 +476,8 @@ def _config_to_hf(c: ModelConfig) -> dict:
 _GGUF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 _GGUF_BLOCK = {"attn_norm.weight": "input_layernorm.weight",
-               "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+               "attn_q.weight": "self_attn.q_proj.weight",
+               "attn_k.weight": "self_attn.k_proj.weight",
                "attn_v.weight": "self_attn.v_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
                "attn_k.bias": "self_attn.k_proj.bias", "attn_v.bias": "self_attn.v_proj.bias",
                "attn_output.weight": "self_attn.o_proj.weight",

@@ -101,21 +101,26 @@ def resolve_data(config, workdir):
 
 
 def build_tokenizer(config, workdir, train_path):
-  """config.tokenizer.path, else init_from's tokenizer, else train SentencePiece."""
+  """config.tokenizer.path, else init_from's tokenizer, else train SentencePiece.
+
+  A trained tokenizer learns from the training rows rendered as the model will
+  see them (chat template + completion); it is kept in the workdir so a
+  resumed run uses the exact same vocabulary.
+  """
   t = config.tokenizer
-  if t.path:
-    tok = tok_lib.load_tokenizer(t.path)
-  elif config.init_from:
-    tok = tok_lib.load_tokenizer(config.init_from)
-  else:
-    prefix = os.path.join(workdir, "tokenizer")
-    if os.path.exists(prefix + ".model"):  # resume: reuse the exact same vocabulary
-      tok = tok_lib.load_tokenizer(prefix + ".model")
-    else:
-      tok = tok_lib.train_sentencepiece([train_path], prefix, vocab_size=t.vocab_size,
-                                        model_type=t.model_type)
-  tok.chat_template = t.chat_template
-  return tok
+  style = t.chat_style or None
+  if t.path or config.init_from:
+    return tok_lib.load_tokenizer(t.path or config.init_from, chat_style=style)
+  prefix = os.path.join(workdir, "tokenizer")
+  if os.path.exists(prefix + ".model"):
+    return tok_lib.load_tokenizer(prefix + ".model", chat_style=style or "plain")
+  corpus = prefix + "_corpus.txt"
+  with open(corpus, "w") as f:
+    for lineno, row in sft_data.read_jsonl_rows(train_path):
+      msgs, completion = sft_data.row_to_messages(train_path, lineno, row)
+      f.write(tok_lib.render_chat(msgs, style or "plain") + completion + "\n")
+  return tok_lib.train_sentencepiece([corpus], prefix, vocab_size=t.vocab_size,
+                                     model_type=t.model_type, chat_style=style or "plain")
 
 
 def prompt_batch(tokenizer, rows, path):
