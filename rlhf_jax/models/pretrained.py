@@ -435,7 +435,8 @@ def _config_to_hf(c: ModelConfig) -> dict:
     if not (all(gemma_like) and c.norm_offset == 1.0):
       raise ValueError(f"save_pretrained: norm_offset={c.norm_offset}, "
                        f"embed_scale={c.embed_scale}, activation={c.activation!r} has no "
-                       f"Hugging Face model_type; Gemma needs norm_offset=1.0, embed_scale=True, activation='gelu_tanh' together")
+                       f"Hugging Face model_type; Gemma needs norm_offset=1.0, "
+                       f"embed_scale=True, activation='gelu_tanh' together")
     mt = "gemma"
   elif c.qk_norm:
     mt = "qwen3"
