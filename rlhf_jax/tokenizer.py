@@ -57,11 +57,14 @@ class Tokenizer:
   Construct with `load_tokenizer` or `train_sentencepiece`. Attributes:
   bos_id (None when the model has none), eos_id, pad_id (never == eos_id),
   unk_id (or None), vocab_size, chat_style, default_system (chatml only),
-  chat_template (the model's original Jinja text, kept for reference).
+  chat_template (the model's original Jinja text, kept for reference), add_bos
+  (whether the model expects bos in front of a sequence: the add_bos_token
+  metadata; True for our SentencePiece models, False for SmolLM2 whose "bos"
+  is <|im_start|>): tokenize with `encode(text, add_bos=tok.add_bos)`.
   """
 
   def __init__(self, backend, *, bos_id, eos_id, pad_id=None, unk_id=None, chat_style=None,
-               default_system=None, chat_template=None, source=""):
+               default_system=None, chat_template=None, add_bos=None, source=""):
     import sentencepiece as spm
     self._sp = backend if isinstance(backend, spm.SentencePieceProcessor) else None
     self._hf = None if self._sp is not None else backend
@@ -69,6 +72,9 @@ class Tokenizer:
     if eos_id is None:
       raise ValueError(f"{self.source}: tokenizer declares no eos token; expected one")
     self.bos_id, self.eos_id, self.unk_id = bos_id, eos_id, unk_id
+    self.add_bos = bool(bos_id is not None if add_bos is None else add_bos)
+    if self.add_bos and bos_id is None:
+      raise ValueError(f"{self.source}: add_bos_token is set but the tokenizer has no bos token")
     self.pad_id = _choose_pad(pad_id, eos_id, bos_id, unk_id, self.token_to_id, self.vocab_size)
     self.chat_template = chat_template
     if chat_style is None:
@@ -142,7 +148,7 @@ class Tokenizer:
     cfg = {"bos_token": name(self.bos_id), "eos_token": name(self.eos_id),
            "pad_token": name(self.pad_id), "unk_token": name(self.unk_id),
            "chat_template": self.chat_template, "chat_style": self.chat_style,
-           "default_system": self.default_system}
+           "default_system": self.default_system, "add_bos_token": self.add_bos}
     (out_dir / TOKENIZER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     return out_dir
 
@@ -308,7 +314,7 @@ def _load_sp(path: Path, chat_style, cfg: dict) -> Tokenizer:
       ids[k] = sp.piece_to_id(name)
   return Tokenizer(sp, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],
                    unk_id=ids["unk"], chat_style=chat_style or cfg.get("chat_style"),
-                   default_system=cfg.get("default_system"),
+                   default_system=cfg.get("default_system"), add_bos=cfg.get("add_bos_token"),
                    chat_template=_template_text(cfg.get("chat_template")), source=path)
 
 
@@ -365,9 +371,11 @@ def _load_dir(path: Path, chat_style, tokenizer_json: Path | None = None) -> Tok
     if i is None:
       i = _first_id(model_cfg.get(f"{k}_token_id", gen_cfg.get(f"{k}_token_id")))
     ids[k] = i
+  add_bos = cfg.get("add_bos_token", False)  # Llama-3 templates write <|begin_of_text|>
   return Tokenizer(tok, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],
                    unk_id=ids["unk"], chat_style=chat_style or cfg.get("chat_style"),
                    default_system=cfg.get("default_system"),
+                   add_bos=add_bos and ids["bos"] is not None,
                    chat_template=_template_text(cfg.get("chat_template")), source=path)
 
 
@@ -435,4 +443,5 @@ def _load_gguf(path: Path, chat_style) -> Tokenizer:
                    eos_id=opt("tokenizer.ggml.eos_token_id"),
                    pad_id=opt("tokenizer.ggml.padding_token_id"),
                    unk_id=opt("tokenizer.ggml.unknown_token_id"), chat_style=chat_style,
-                   chat_template=field("tokenizer.chat_template", None), source=path)
+                   chat_template=field("tokenizer.chat_template", None),
+                   add_bos=bool(field("tokenizer.ggml.add_bos_token", False)), source=path)

@@ -70,7 +70,7 @@ def test_tokenizer(tok):
   i = ids.index(33)  # "1": digits are split one by one
   assert ids[-1] == 2 and 1 in ids and ids[i:i + 5] == [33, 34, 35, 36, 37]
   assert tok.decode(ids) == text
-  assert tok.chat_style == "chatml"
+  assert tok.chat_style == "chatml" and not tok.add_bos  # GGUF add_bos_token = false
 
 
 def greedy_full_forward(config, params, prompt_ids, n_new, eos_id, pad_id):
@@ -119,4 +119,4 @@ def test_import_checkpoint_round_trip(gguf_path, model, tmp_path):
     np.testing.assert_array_equal(x, y)
   tok2 = load_tokenizer(out)
   assert tok2.encode("<|im_start|>" + QUESTION) == [1, 1780, 314, 260, 3575, 282, 4649, 47]
-  assert (tok2.eos_id, tok2.pad_id, tok2.chat_style) == (2, 0, "chatml")
+  assert (tok2.eos_id, tok2.pad_id, tok2.chat_style, tok2.add_bos) == (2, 0, "chatml", False)

@@ -61,7 +61,7 @@ def test_special_ids_distinct(sp_tok):
   assert ids == (0, 1, 2, 3)
   assert [sp_tok.id_to_token(i) for i in ids] == ["<pad>", "<unk>", "<s>", "</s>"]
   assert sp_tok.vocab_size == 120
-  assert sp_tok.chat_style == "plain"
+  assert sp_tok.chat_style == "plain" and sp_tok.add_bos
 
 
 def test_sentencepiece_round_trip_keeps_whitespace_and_newlines(sp_tok, corpus):
@@ -110,7 +110,7 @@ def test_austen_bpe_round_trip_and_speed(austen, tmp_path):
 def test_save_and_load_dir(sp_tok, tmp_path):
   sp_tok.save(tmp_path)
   tok = load_tokenizer(tmp_path)
-  assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (2, 3, 0, 120)
+  assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size, tok.add_bos) == (2, 3, 0, 120, True)
   text = "Mrs sister had a letter."
   assert tok.encode(text) == sp_tok.encode(text)
   assert tok.chat_style == "plain"
@@ -170,6 +170,7 @@ def test_hf_dir_special_tokens_pad_and_chatml(tmp_path):
   tok = load_tokenizer(write_hf_tokenizer(tmp_path, SMOL_TEMPLATE))
   assert tok.eos_id == 2 and tok.bos_id is None
   assert tok.pad_id == 0  # declared pad == eos: "<|endoftext|>" stands in
+  assert not tok.add_bos
   assert tok.chat_style == "chatml"
   assert tok.default_system == ("You are a helpful AI assistant named SmolLM, trained by "
                                 "Hugging Face")
