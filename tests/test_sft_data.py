@@ -11,6 +11,7 @@ from rlhf_jax.data import synthetic
 class CharTokenizer:
   """A minimal independent tokenizer for data tests: one id per character."""
   pad_id, bos_id, eos_id = 0, 1, 2
+  add_bos = True
   vocab_size = 259
 
   def encode(self, text):

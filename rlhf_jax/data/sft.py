@@ -80,6 +80,19 @@ def row_to_messages(path: str, lineno: int, row: dict) -> tuple[list[dict], str]
   return [{"role": "user", "content": row["prompt"]}], row["completion"]
 
 
+def encode_prompt(tokenizer, messages) -> list[int]:
+  """Token ids of the chat-rendered prompt, ending where the assistant reply starts.
+
+  BOS is prepended when the tokenizer's model expects one (`add_bos`) and the
+  template did not already put it there (llama3's <|begin_of_text|>).
+  """
+  ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+  if getattr(tokenizer, "add_bos", True) and tokenizer.bos_id is not None and (
+      not ids or ids[0] != tokenizer.bos_id):
+    ids = [tokenizer.bos_id] + ids
+  return ids
+
+
 def tokenize_sft_file(path: str, tokenizer, max_seq_len: int, overlength: str = "error"):
   """List of (tokens int32[n], loss_mask int32[n]) for every row of `path`."""
   if overlength not in OVERLENGTH:
@@ -87,8 +100,7 @@ def tokenize_sft_file(path: str, tokenizer, max_seq_len: int, overlength: str = 
   examples = []
   for lineno, row in read_jsonl_rows(path):
     prompt_msgs, completion = row_to_messages(path, lineno, row)
-    prompt_ids = [tokenizer.bos_id] + tokenizer.encode(
-        tokenizer.apply_chat_template(prompt_msgs, add_generation_prompt=True))
+    prompt_ids = encode_prompt(tokenizer, prompt_msgs)
     completion_ids = tokenizer.encode(completion) + [tokenizer.eos_id]
     tokens = np.asarray(prompt_ids + completion_ids, np.int32)
     mask = np.asarray([0] * len(prompt_ids) + [1] * len(completion_ids), np.int32)

@@ -128,8 +128,7 @@ def prompt_batch(tokenizer, rows, path):
   prompts, refs = [], []
   for lineno, row in rows:
     msgs, completion = sft_data.row_to_messages(path, lineno, row)
-    prompts.append([tokenizer.bos_id] + tokenizer.encode(
-        tokenizer.apply_chat_template(msgs, add_generation_prompt=True)))
+    prompts.append(sft_data.encode_prompt(tokenizer, msgs))
     refs.append(completion)
   P = max(len(p) for p in prompts)
   tokens = np.full((len(prompts), P), tokenizer.pad_id, np.int32)
