@@ -1,7 +1,7 @@
 """Supervised fine-tuning (SFT).
 
 Presets (`--config=configs/sft.py:PRESET`):
-  tiny   a 2-layer, d=64 model learning a bundled synthetic task on CPU in ~2 minutes.
+  tiny   a 4-layer, d=96 model (0.5M parameters) learning a bundled synthetic task on CPU in ~2 minutes.
   1b     a Llama-3.2-1B-shaped model (bf16 compute, FSDP mesh) for one GPU/TPU host;
          set --config.init_from=/path/to/hf_dir_or.gguf to start from real weights
          and --config.data.train_path to your JSONL.

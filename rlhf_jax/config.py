@@ -31,7 +31,7 @@ def base_config(trainer: str) -> ConfigDict:
   # Model architecture (ignored when init_from is set, except dtype and remat).
   m = dataclasses.asdict(ModelConfig())
   m.update(vocab_size=0,       # 0 = the tokenizer's vocabulary size
-           d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=192,
+           d_model=96, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=16, d_ff=256,
            max_seq_len=64, rope_scaling=())  # () = no RoPE scaling
   c.model = ConfigDict(m)
 
