@@ -68,8 +68,8 @@ def make_train_step(model, tx, grad_accum_steps: int = 1):
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state}
-    metrics = {"loss": nll / denom, "grad_norm": optax.global_norm(grads),
-               "param_norm": optax.global_norm(params), "num_tokens": n}
+    metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(params), "num_tokens": n}
     return new_state, metrics
 
   return train_step
