@@ -5,6 +5,10 @@
       DIR/checkpoints if present). SIGTERM checkpoints and exits 0.
   rlhf-jax import SRC OUT_DIR
       Convert a Hugging Face directory or a .gguf file to our checkpoint format.
+
+Errors in configs, data, checkpoints or pretrained files print one line
+("error: ...") naming the key / file:line / tensor; RLHF_JAX_DEBUG=1 shows the
+full traceback instead.
 """
 from __future__ import annotations
 
@@ -76,6 +80,8 @@ def train_command(argv):
     try:
       result = trainer.run(cfg, flags.FLAGS.workdir)
     except _user_errors() as e:
+      if os.environ.get("RLHF_JAX_DEBUG"):
+        raise
       _die(str(e), 1)
     print("done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in result.items()), flush=True)
@@ -87,7 +93,10 @@ def _user_errors():
   from rlhf_jax.checkpoint import CheckpointError
   from rlhf_jax.config import ConfigError
   from rlhf_jax.data.sft import DataError
-  return (ConfigError, DataError, CheckpointError, FileNotFoundError)
+  # ValueError: bad pretrained files / tokenizers / argument values, which raise it with
+  # a message naming the file or key. RLHF_JAX_DEBUG=1 shows the traceback instead.
+  return (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError,
+          ValueError)
 
 
 def import_command(argv):

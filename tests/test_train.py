@@ -133,3 +133,32 @@ def test_malformed_row_names_file_and_line(tmp_path):
   out = train(str(tmp_path / "w"), f"--config.data.train_path={data}", check=False)
   assert out.returncode == 1
   assert f"{data}:2: missing key 'completion'" in out.stderr
+
+
+def test_import_cli_then_finetune_from_it(reference_run, tmp_path):
+  """`rlhf-jax import` an HF dir, then SFT with init_from pointing at the import."""
+  import jax
+
+  from rlhf_jax.models import ModelConfig, init_params, load_pretrained, save_pretrained
+  cfg = ModelConfig(vocab_size=48, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                    head_dim=16, d_ff=64, tie_embeddings=False)
+  params = init_params(cfg, jax.random.PRNGKey(3))
+  save_pretrained(cfg, params, tmp_path / "hf")
+  out = subprocess.run([sys.executable, "-m", "rlhf_jax.launch", "import", str(tmp_path / "hf"),
+                        str(tmp_path / "ours")], capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  cfg2, params2 = load_pretrained(tmp_path / "ours")
+  assert cfg2 == cfg
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params),
+                                                  jax.tree.leaves(params2)))
+  # importing onto an existing directory is refused, leaving it intact
+  out = subprocess.run([sys.executable, "-m", "rlhf_jax.launch", "import", str(tmp_path / "hf"),
+                        str(tmp_path / "ours")], capture_output=True, text=True)
+  assert out.returncode == 1 and str(tmp_path / "ours") in out.stderr
+  wd = str(tmp_path / "ft")
+  train(wd, f"--config.init_from={tmp_path / 'ours'}",
+        f"--config.tokenizer.path={os.path.join(reference_run, 'tokenizer.model')}")
+  built = json.load(open(os.path.join(wd, "model_config.json")))
+  assert (built["d_model"], built["tie_embeddings"]) == (32, False)  # the imported model
+  rows = metrics(wd)
+  assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
