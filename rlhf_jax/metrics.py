@@ -106,6 +106,9 @@ class Throughput:
   def add(self, tokens: float):
     self._tokens += float(tokens)
 
+  def restart(self):
+    self._t, self._tokens = time.perf_counter(), 0.0
+
   def rate(self) -> float:
     now = time.perf_counter()
     r = self._tokens / max(now - self._t, 1e-9)

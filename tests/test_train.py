@@ -108,6 +108,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
   after = {d: os.stat(os.path.join(wd, "checkpoints", d)).st_mtime_ns
            for d in os.listdir(os.path.join(wd, "checkpoints"))}
   assert before == after
+  assert json.load(open(os.path.join(wd, "config.json")))["model"]["d_model"] == 96
   out = train(wd)  # the right config resumes and finishes
   assert "resumed from step 6" in out.stdout
   assert read_checkpoint(os.path.join(wd, "checkpoints"))[0] == 12
@@ -157,7 +158,8 @@ def test_import_cli_then_finetune_from_it(reference_run, tmp_path):
   assert out.returncode == 1 and str(tmp_path / "ours") in out.stderr
   wd = str(tmp_path / "ft")
   train(wd, f"--config.init_from={tmp_path / 'ours'}",
-        f"--config.tokenizer.path={os.path.join(reference_run, 'tokenizer.model')}")
+        f"--config.tokenizer.path={os.path.join(reference_run, 'tokenizer.model')}",
+        "--config.data.packing=True")  # also runs the packed-rows path end to end
   built = json.load(open(os.path.join(wd, "model_config.json")))
   assert (built["d_model"], built["tie_embeddings"]) == (32, False)  # the imported model
   rows = metrics(wd)

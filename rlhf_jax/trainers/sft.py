@@ -144,7 +144,7 @@ def prompt_batch(tokenizer, rows, path):
 
 def run(config, workdir: str) -> dict:
   config_lib.validate(config)
-  common.prepare_workdir(workdir, config)
+  os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh(config.mesh.shape)
   T, B = config.data.max_seq_len, config.batch_size
 
@@ -176,7 +176,6 @@ def run(config, workdir: str) -> dict:
     raise config_lib.ConfigError(f"config.model.vocab_size={mcfg.vocab_size} is smaller than "
                                  f"the tokenizer's vocabulary ({tokenizer.vocab_size})")
   model = Transformer(mcfg)
-  common.save_json(os.path.join(workdir, "model_config.json"), mcfg.to_dict())
 
   # State: fresh or resumed.
   tx, schedule = common.make_optimizer(config.optimizer, config.num_steps)
@@ -188,6 +187,8 @@ def run(config, workdir: str) -> dict:
                                        config.checkpoint.every, config.checkpoint.keep,
                                        config.checkpoint.async_save)
   start, state = common.restore_or_keep(checkpointer, state, shardings)
+  common.prepare_workdir(workdir, config)  # config.json only once the checkpoint fits
+  common.save_json(os.path.join(workdir, "model_config.json"), mcfg.to_dict())
   if start:
     logging.info("resumed from checkpoint step %d", start)
     print(f"resumed from step {start}", flush=True)
@@ -247,6 +248,7 @@ def run(config, workdir: str) -> dict:
           if config.sample.every and (step % config.sample.every == 0
                                       or step == config.num_steps):
             row["sample_exact_match"] = write_samples(step, state["params"])
+          throughput.restart()  # eval / sampling time is not training throughput
         last = writer.write(step, row)
         progress.update(0, loss=row["loss"], **({"eval": row["eval_loss"]}
                                                  if "eval_loss" in row else {}))
