@@ -46,8 +46,15 @@ def _truncate_jsonl(path: str, max_step: int) -> None:
     os.replace(tmp, path)
 
 
+def append_jsonl(path: str, step: int, rows: list[dict]) -> None:
+  """Append rows (e.g. samples) tagged with `step` to a JSONL file."""
+  with open(path, "a") as f:
+    for r in rows:
+      f.write(json.dumps({"step": int(step), **r}) + "\n")
+
+
 class MetricsWriter:
-  """Writes scalars to metrics.jsonl and TensorBoard; samples to samples.jsonl."""
+  """Writes scalars to metrics.jsonl and TensorBoard (and trims samples.jsonl on resume)."""
 
   def __init__(self, workdir: str, start_step: int = 0):
     self.workdir = workdir
@@ -66,11 +73,6 @@ class MetricsWriter:
       if k != "step" and isinstance(v, (int, float)):
         self._tb.add_scalar(k, v, step)
     return row
-
-  def write_samples(self, step: int, samples: list[dict]) -> None:
-    with open(self.samples_path, "a") as f:
-      for s in samples:
-        f.write(json.dumps({"step": int(step), **s}) + "\n")
 
   def close(self):
     self._tb.flush()

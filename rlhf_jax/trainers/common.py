@@ -1,6 +1,7 @@
 """Pieces every trainer shares: optimizer, sharded state creation, resume, workdir."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Callable
@@ -12,6 +13,7 @@ import optax
 
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import config as config_lib
+from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import parallel
 
 
@@ -84,6 +86,26 @@ def prepare_workdir(workdir: str, config) -> None:
   os.replace(tmp, path)
 
 
+def is_workdir(path: str) -> bool:
+  """Whether `path` is one of our run directories (model_config.json + checkpoints/)."""
+  return (os.path.isfile(os.path.join(path, "model_config.json"))
+          and os.path.isdir(os.path.join(path, "checkpoints")))
+
+
+def load_init(init_from: str, dtype: str, remat: bool):
+  """(ModelConfig, params) to start from: a run workdir (latest checkpoint's params, e.g.
+  an SFT run feeding a reward model or DPO), or anything `load_pretrained` reads."""
+  from rlhf_jax.models import ModelConfig, load_pretrained
+  if is_workdir(init_from):
+    with open(os.path.join(init_from, "model_config.json")) as f:
+      mcfg = ModelConfig.from_dict(json.load(f))
+    step, state = ckpt_lib.read_checkpoint(os.path.join(init_from, "checkpoints"))
+    params = state["params"]
+  else:
+    mcfg, params = load_pretrained(init_from)
+  return dataclasses.replace(mcfg, dtype=dtype, remat=remat), params
+
+
 def host_metrics(metrics: dict) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -93,3 +115,52 @@ def save_json(path: str, obj) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2)
   os.replace(tmp, path)
+
+
+def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch, mesh,
+               checkpointer, schedule, evaluate=None, desc="train", progress_keys=("loss",),
+               count_tokens=lambda batch: 0):
+  """The loop every trainer shares; returns the last logged row plus step/preempted.
+
+  For step = start+1 .. config.num_steps: batch = get_batch(step - 1) (host
+  numpy, deterministic in the step), state, m = train_step(state, batch on the
+  mesh). Every `log_every` steps a metrics row (train metrics + learning_rate +
+  tokens_per_second) goes to metrics.jsonl / TensorBoard; every `eval_every`
+  steps (and at step 0 and the last step) `evaluate(params, step) -> dict` adds
+  eval metrics. Checkpoints every `checkpoint.every` steps and at the end;
+  SIGTERM checkpoints and returns early with preempted=True.
+  """
+  writer = metrics_lib.MetricsWriter(workdir, start)
+  progress = metrics_lib.Progress(start, config.num_steps, desc=desc)
+  throughput = metrics_lib.Throughput()
+  last = {}
+  if start == 0 and evaluate is not None and config.eval_every:
+    last = writer.write(0, evaluate(state["params"], 0))
+  preempted, step = False, start
+  with ckpt_lib.PreemptionGuard() as preemption:
+    for step in range(start + 1, config.num_steps + 1):
+      batch = get_batch(step - 1)
+      state, m = train_step(state, parallel.shard_batch(batch, mesh))
+      throughput.add(count_tokens(batch))
+      if step % config.log_every == 0 or step == config.num_steps:
+        row = host_metrics(m)
+        row.update(learning_rate=float(schedule(step - 1)), tokens_per_second=throughput.rate())
+        if evaluate is not None and config.eval_every and (
+            step % config.eval_every == 0 or step == config.num_steps):
+          row.update(evaluate(state["params"], step))
+          throughput.restart()  # eval / sampling time is not training throughput
+        last = writer.write(step, row)
+        progress.update(0, **{k: row[k] for k in progress_keys if k in row})
+      progress.update(1)
+      checkpointer.maybe_save(step, state, force=step == config.num_steps)
+      ckpt_lib.maybe_inject_fault(step)
+      if preemption.requested:
+        checkpointer.maybe_save(step, state, force=True)
+        preempted = True
+        print(f"preempted: saved checkpoint at step {step}; rerun the same command to resume",
+              flush=True)
+        break
+  checkpointer.close()
+  progress.close()
+  writer.close()
+  return {"step": step, "preempted": preempted, **last}

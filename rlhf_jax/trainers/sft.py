@@ -10,7 +10,6 @@ accumulated before dividing, so the update equals the un-accumulated one.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 
@@ -29,7 +28,7 @@ from rlhf_jax.data import sft as sft_data
 from rlhf_jax.data import synthetic
 from rlhf_jax.losses.logprobs import shift_for_next_token
 from rlhf_jax.losses.sft import sft_loss_sums
-from rlhf_jax.models import Transformer, load_pretrained
+from rlhf_jax.models import Transformer
 from rlhf_jax.trainers import common
 
 
@@ -168,8 +167,7 @@ def run(config, workdir: str) -> dict:
   # Model.
   params = None
   if config.init_from:
-    mcfg, params = load_pretrained(config.init_from)
-    mcfg = dataclasses.replace(mcfg, dtype=config.model.dtype, remat=config.model.remat)
+    mcfg, params = common.load_init(config.init_from, config.model.dtype, config.model.remat)
   else:
     mcfg = config_lib.model_config(config, vocab_size=tokenizer.vocab_size)
   if mcfg.vocab_size < tokenizer.vocab_size:
@@ -199,7 +197,7 @@ def run(config, workdir: str) -> dict:
                        out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings["params"], batch_sharding))
 
-  def evaluate(params):
+  def eval_loss(params):
     nll = n = 0.0
     for i in range(n_eval_batches):
       s, c = eval_step(params, parallel.shard_batch(eval_ds[i], mesh))
@@ -216,54 +214,26 @@ def run(config, workdir: str) -> dict:
                             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     toks, m = np.asarray(out.tokens_BN), np.asarray(out.mask_BN)
     samples = []
-    for i, (lineno, row) in enumerate(rows):
-      ids = [int(t) for t, k in zip(toks[i], m[i]) if k and t != tokenizer.eos_id]
-      text = tokenizer.decode(ids)
+    for i in range(len(rows)):
+      text = tokenizer.decode([int(t) for t, k in zip(toks[i], m[i])
+                               if k and t != tokenizer.eos_id])
       samples.append({"prompt": tokenizer.decode([int(t) for t, k in zip(tokens[i], mask[i])
                                                   if k and t != tokenizer.bos_id]),
                       "completion": text, "reference": refs[i],
                       "exact_match": text.strip() == refs[i].strip()})
-    writer.write_samples(step, samples)
+    metrics_lib.append_jsonl(os.path.join(workdir, "samples.jsonl"), step, samples)
     return float(np.mean([s["exact_match"] for s in samples]))
 
-  # Loop.
-  writer = metrics_lib.MetricsWriter(workdir, start)
-  progress = metrics_lib.Progress(start, config.num_steps, desc="sft")
-  throughput = metrics_lib.Throughput()
-  last = {}
-  if start == 0 and eval_ds is not None and config.eval_every:
-    last = writer.write(0, {"eval_loss": evaluate(state["params"])})
-  with ckpt_lib.PreemptionGuard() as preemption:
-    for step in range(start + 1, config.num_steps + 1):
-      batch = train_ds[step - 1]
-      state, m = train_step(state, parallel.shard_batch(batch, mesh))
-      throughput.add(batch["segment_ids"].astype(bool).sum())
-      if step % config.log_every == 0 or step == config.num_steps:
-        row = common.host_metrics(m)
-        row.update(learning_rate=float(schedule(step - 1)),
-                   tokens_per_second=throughput.rate())
-        if eval_ds is not None and config.eval_every and (
-            step % config.eval_every == 0 or step == config.num_steps):
-          row["eval_loss"] = evaluate(state["params"])
-          if config.sample.every and (step % config.sample.every == 0
-                                      or step == config.num_steps):
-            row["sample_exact_match"] = write_samples(step, state["params"])
-          throughput.restart()  # eval / sampling time is not training throughput
-        last = writer.write(step, row)
-        progress.update(0, loss=row["loss"], **({"eval": row["eval_loss"]}
-                                                 if "eval_loss" in row else {}))
-      progress.update(1)
-      checkpointer.maybe_save(step, state, force=step == config.num_steps)
-      ckpt_lib.maybe_inject_fault(step)
-      if preemption.requested:
-        checkpointer.maybe_save(step, state, force=True)
-        checkpointer.close()
-        progress.close()
-        writer.close()
-        print(f"preempted: saved checkpoint at step {step}; rerun the same command to resume",
-              flush=True)
-        return {"step": step, "preempted": True, **last}
-  checkpointer.close()
-  progress.close()
-  writer.close()
-  return {"step": config.num_steps, "preempted": False, **last}
+  def evaluate(params, step):
+    out = {"eval_loss": eval_loss(params)}
+    if step and config.sample.every and (step % config.sample.every == 0
+                                         or step == config.num_steps):
+      out["sample_exact_match"] = write_samples(step, params)
+    return out
+
+  return common.train_loop(
+      config, workdir, state=state, start=start, train_step=train_step,
+      get_batch=lambda i: train_ds[i], mesh=mesh, checkpointer=checkpointer,
+      schedule=schedule, evaluate=evaluate if eval_ds is not None else None, desc="sft",
+      progress_keys=("loss", "eval_loss"),
+      count_tokens=lambda b: b["segment_ids"].astype(bool).sum())
