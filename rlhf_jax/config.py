@@ -42,16 +42,10 @@ def base_config(trainer: str) -> ConfigDict:
       chat_style="",           # plain | chatml | llama3 | "" = the tokenizer's own (else plain)
   ))
 
-  c.data = ConfigDict(dict(
-      train_path="",           # JSONL {"prompt","completion"} or {"messages"}; "" = synthetic
-      eval_path="",            # JSONL in the same format; "" = synthetic (or none)
-      synthetic_task="reverse",  # reverse | sort | add (see rlhf_jax/data/synthetic.py)
-      synthetic_train_examples=4000,
-      synthetic_eval_examples=256,
-      max_seq_len=32,          # tokens per row (prompt + completion + BOS/EOS)
-      overlength="error",      # error | truncate | drop: what to do with longer examples
-      packing=False,           # pack several examples per row (segment-masked attention)
-  ))
+  if trainer == "sft":
+    c.data = sft_data_config()
+  else:
+    c.data = preference_data_config()
 
   c.batch_size = 32            # global batch (rows) per optimizer step
   c.grad_accum_steps = 1       # micro-batches per step; batch_size must divide evenly
@@ -77,13 +71,45 @@ def base_config(trainer: str) -> ConfigDict:
       keep=3,                  # newest checkpoints kept
       async_save=True,         # write in a background thread
   ))
-  c.sample = ConfigDict(dict(
-      every=100,               # steps between samples.jsonl dumps; 0 = never
-      num_prompts=4,           # eval prompts sampled each time
-      max_new_tokens=16,
-      temperature=0.0,         # 0 = greedy
-  ))
+  if trainer != "reward_model":
+    c.sample = ConfigDict(dict(
+        every=100,               # steps between samples.jsonl dumps; 0 = never
+        num_prompts=4,           # eval prompts sampled each time
+        max_new_tokens=16,
+        temperature=0.0,         # 0 = greedy
+    ))
   return c
+
+
+def sft_data_config() -> ConfigDict:
+  return ConfigDict(dict(
+      train_path="",           # JSONL {"prompt","completion"} or {"messages"}; "" = synthetic
+      eval_path="",            # JSONL in the same format; "" = synthetic (or none)
+      synthetic_task="reverse",  # reverse | sort | add (see rlhf_jax/data/synthetic.py)
+      synthetic_train_examples=4000,
+      synthetic_eval_examples=256,
+      max_seq_len=32,          # tokens per row (prompt + completion + BOS/EOS)
+      overlength="error",      # error | truncate | drop: what to do with longer examples
+      packing=False,           # pack several examples per row (segment-masked attention)
+  ))
+
+
+def preference_data_config() -> ConfigDict:
+  """Pairwise preference data (reward models, the DPO family)."""
+  return ConfigDict(dict(
+      source="synthetic",      # synthetic | jsonl | hh_rlhf
+      train_path="",           # jsonl: {"prompt","chosen","rejected"[,"margin"]} file;
+                               # hh_rlhf: a .jsonl(.gz) file or a dir with <subset>/<split>.jsonl.gz
+      eval_path="",            # held-out pairs, same kind as train_path ("" = none / synthetic)
+      hh_subset="harmless-base",  # hh_rlhf: which subset directory under train_path
+      data_dir="",             # TFDS data_dir for built datasets; "" = WORKDIR/tfds
+      synthetic_task="reverse",  # synthetic: chosen = correct answer, rejected = corrupted
+      synthetic_train_examples=4000,
+      synthetic_eval_examples=256,
+      max_prompt_len=24,       # prompts are LEFT-truncated to this many tokens
+      max_completion_len=12,   # completions are RIGHT-truncated (EOS dropped when cut)
+      skip_malformed=False,    # False: a bad row stops with file:line; True: skip and count
+  ))
 
 
 # ----------------------------------------------------------------------------
@@ -143,7 +169,7 @@ def validate(config: ConfigDict) -> None:
        f"must be in [0, num_steps={config.num_steps}], got {config.optimizer.warmup_steps}")
   need(config.log_every > 0, "log_every", "must be > 0")
   need(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
-  if "data" in config:
+  if "max_seq_len" in config.data:
     need(config.data.max_seq_len >= 4, "data.max_seq_len", "must be >= 4")
     need(config.data.overlength in ("error", "truncate", "drop"), "data.overlength",
          f"expected error|truncate|drop, got {config.data.overlength!r}")

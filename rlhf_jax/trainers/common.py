@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import jax
@@ -104,6 +104,30 @@ def load_init(init_from: str, dtype: str, remat: bool):
   else:
     mcfg, params = load_pretrained(init_from)
   return dataclasses.replace(mcfg, dtype=dtype, remat=remat), params
+
+
+def build_tokenizer(config, workdir: str, examples: Callable[[], Iterable]):
+  """config.tokenizer.path, else init_from's tokenizer, else train SentencePiece.
+
+  `examples()` yields (prompt messages, completion text) pairs; a trained
+  tokenizer learns from them rendered as the model will see them (chat
+  template + completion). It is kept as WORKDIR/tokenizer.model so that a
+  resumed run uses the exact same vocabulary.
+  """
+  from rlhf_jax import tokenizer as tok_lib
+  t = config.tokenizer
+  style = t.chat_style or None
+  if t.path or config.init_from:
+    return tok_lib.load_tokenizer(t.path or config.init_from, chat_style=style)
+  prefix = os.path.join(workdir, "tokenizer")
+  if os.path.exists(prefix + ".model"):
+    return tok_lib.load_tokenizer(prefix + ".model", chat_style=style or "plain")
+  corpus = prefix + "_corpus.txt"
+  with open(corpus, "w") as f:
+    for msgs, completion in examples():
+      f.write(tok_lib.render_chat(msgs, style or "plain") + completion + "\n")
+  return tok_lib.train_sentencepiece([corpus], prefix, vocab_size=t.vocab_size,
+                                     model_type=t.model_type, chat_style=style or "plain")
 
 
 def host_metrics(metrics: dict) -> dict:

@@ -23,7 +23,6 @@ from rlhf_jax import config as config_lib
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import parallel
 from rlhf_jax import sampling
-from rlhf_jax import tokenizer as tok_lib
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.data import synthetic
 from rlhf_jax.losses.logprobs import shift_for_next_token
@@ -99,27 +98,11 @@ def resolve_data(config, workdir):
   return train, evals
 
 
-def build_tokenizer(config, workdir, train_path):
-  """config.tokenizer.path, else init_from's tokenizer, else train SentencePiece.
-
-  A trained tokenizer learns from the training rows rendered as the model will
-  see them (chat template + completion); it is kept in the workdir so a
-  resumed run uses the exact same vocabulary.
-  """
-  t = config.tokenizer
-  style = t.chat_style or None
-  if t.path or config.init_from:
-    return tok_lib.load_tokenizer(t.path or config.init_from, chat_style=style)
-  prefix = os.path.join(workdir, "tokenizer")
-  if os.path.exists(prefix + ".model"):
-    return tok_lib.load_tokenizer(prefix + ".model", chat_style=style or "plain")
-  corpus = prefix + "_corpus.txt"
-  with open(corpus, "w") as f:
-    for lineno, row in sft_data.read_jsonl_rows(train_path):
-      msgs, completion = sft_data.row_to_messages(train_path, lineno, row)
-      f.write(tok_lib.render_chat(msgs, style or "plain") + completion + "\n")
-  return tok_lib.train_sentencepiece([corpus], prefix, vocab_size=t.vocab_size,
-                                     model_type=t.model_type, chat_style=style or "plain")
+def corpus_lines(path):
+  """Training rows rendered as the model sees them (for training a tokenizer)."""
+  for lineno, row in sft_data.read_jsonl_rows(path):
+    msgs, completion = sft_data.row_to_messages(path, lineno, row)
+    yield msgs, completion
 
 
 def prompt_batch(tokenizer, rows, path):
@@ -149,7 +132,7 @@ def run(config, workdir: str) -> dict:
 
   # Data.
   train_path, eval_path = resolve_data(config, workdir)
-  tokenizer = build_tokenizer(config, workdir, train_path)
+  tokenizer = common.build_tokenizer(config, workdir, lambda: corpus_lines(train_path))
   train_ex = sft_data.tokenize_sft_file(train_path, tokenizer, T, config.data.overlength)
   if config.data.packing:
     train_arrays = sft_data.pack_examples(train_ex, T, tokenizer.pad_id, config.seed)
