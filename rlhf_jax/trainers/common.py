@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rlhf_jax import checkpoint as ckpt_lib
@@ -65,6 +66,11 @@ def create_state(init_params_fn: Callable[[jax.Array], Any], tx, mesh, rng,
                                "opt_state": tx.init(p)},
                     out_shardings=shardings)(params)
   return state, shardings
+
+
+def unboxed_init(model, rng, *example_inputs):
+  """Plain float32 parameters of `model` (random init, logical-axis boxes removed)."""
+  return nn.meta.unbox(jax.jit(lambda r: model.init(r, *example_inputs)["params"])(rng))
 
 
 def restore_or_keep(checkpointer: ckpt_lib.Checkpointer, state, shardings):
@@ -130,6 +136,33 @@ def build_tokenizer(config, workdir: str, examples: Callable[[], Iterable]):
                                      model_type=t.model_type, chat_style=style or "plain")
 
 
+def write_samples(workdir, step, model_config, params, tokenizer, prompts, references, rng,
+                  sample_cfg) -> float:
+  """Sample completions for chat `prompts` (lists of messages), append them with their
+  `references` to WORKDIR/samples.jsonl; returns the exact-match rate."""
+  from rlhf_jax import sampling
+  from rlhf_jax.data.sft import encode_prompt
+  ids = [encode_prompt(tokenizer, p) for p in prompts]
+  P = max(len(x) for x in ids)
+  tokens = np.full((len(ids), P), tokenizer.pad_id, np.int32)
+  mask = np.zeros((len(ids), P), np.int32)
+  for i, x in enumerate(ids):
+    tokens[i, P - len(x):], mask[i, P - len(x):] = x, 1
+  greedy = sample_cfg.temperature <= 0
+  out = sampling.generate(model_config, params, tokens, mask, rng,
+                          max_new_tokens=sample_cfg.max_new_tokens, greedy=greedy,
+                          temperature=1.0 if greedy else sample_cfg.temperature,
+                          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  toks, m = np.asarray(out.tokens_BN), np.asarray(out.mask_BN)
+  rows = []
+  for i, (msgs, ref) in enumerate(zip(prompts, references)):
+    text = tokenizer.decode([int(t) for t, k in zip(toks[i], m[i]) if k and t != tokenizer.eos_id])
+    rows.append({"prompt": msgs[-1]["content"], "completion": text, "reference": ref,
+                 "exact_match": text.strip() == ref.strip()})
+  metrics_lib.append_jsonl(os.path.join(workdir, "samples.jsonl"), step, rows)
+  return float(np.mean([r["exact_match"] for r in rows]))
+
+
 def host_metrics(metrics: dict) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -143,7 +176,7 @@ def save_json(path: str, obj) -> None:
 
 def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch, mesh,
                checkpointer, schedule, evaluate=None, desc="train", progress_keys=("loss",),
-               count_tokens=lambda batch: 0):
+               count_tokens=lambda batch: 0, extra_metrics=None):
   """The loop every trainer shares; returns the last logged row plus step/preempted.
 
   For step = start+1 .. config.num_steps: batch = get_batch(step - 1) (host
@@ -152,7 +185,8 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
   tokens_per_second) goes to metrics.jsonl / TensorBoard; every `eval_every`
   steps (and at step 0 and the last step) `evaluate(params, step) -> dict` adds
   eval metrics. Checkpoints every `checkpoint.every` steps and at the end;
-  SIGTERM checkpoints and returns early with preempted=True.
+  SIGTERM checkpoints and returns early with preempted=True. `extra_metrics`
+  (e.g. data statistics) are added to every row.
   """
   writer = metrics_lib.MetricsWriter(workdir, start)
   progress = metrics_lib.Progress(start, config.num_steps, desc=desc)
@@ -167,7 +201,7 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
       state, m = train_step(state, parallel.shard_batch(batch, mesh))
       throughput.add(count_tokens(batch))
       if step % config.log_every == 0 or step == config.num_steps:
-        row = host_metrics(m)
+        row = {**host_metrics(m), **(extra_metrics or {})}
         row.update(learning_rate=float(schedule(step - 1)), tokens_per_second=throughput.rate())
         if evaluate is not None and config.eval_every and (
             step % config.eval_every == 0 or step == config.num_steps):

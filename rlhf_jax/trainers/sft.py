@@ -15,14 +15,11 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import config as config_lib
-from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import parallel
-from rlhf_jax import sampling
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.data import synthetic
 from rlhf_jax.losses.logprobs import shift_for_next_token
@@ -105,21 +102,6 @@ def corpus_lines(path):
     yield msgs, completion
 
 
-def prompt_batch(tokenizer, rows, path):
-  """Left-padded prompt tokens/mask [N, P] and the reference completions."""
-  prompts, refs = [], []
-  for lineno, row in rows:
-    msgs, completion = sft_data.row_to_messages(path, lineno, row)
-    prompts.append(sft_data.encode_prompt(tokenizer, msgs))
-    refs.append(completion)
-  P = max(len(p) for p in prompts)
-  tokens = np.full((len(prompts), P), tokenizer.pad_id, np.int32)
-  mask = np.zeros((len(prompts), P), np.int32)
-  for i, p in enumerate(prompts):
-    tokens[i, P - len(p):], mask[i, P - len(p):] = p, 1
-  return tokens, mask, refs
-
-
 # ----------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------
@@ -170,6 +152,7 @@ def run(config, workdir: str) -> dict:
   start, state = common.restore_or_keep(checkpointer, state, shardings)
   common.prepare_workdir(workdir, config)  # config.json only once the checkpoint fits
   common.save_json(os.path.join(workdir, "model_config.json"), mcfg.to_dict())
+  tokenizer.save(workdir)  # the workdir is self-contained: a later run can init_from it
   if start:
     logging.info("resumed from checkpoint step %d", start)
     print(f"resumed from step {start}", flush=True)
@@ -187,31 +170,17 @@ def run(config, workdir: str) -> dict:
       nll, n = nll + float(s), n + float(c)
     return nll / max(n, 1.0)
 
-  def write_samples(step, params):
-    rows = sft_data.read_jsonl_rows(eval_path)[:config.sample.num_prompts]
-    tokens, mask, refs = prompt_batch(tokenizer, rows, eval_path)
-    greedy = config.sample.temperature <= 0
-    out = sampling.generate(mcfg, params, tokens, mask, jax.random.fold_in(rng_sample, step),
-                            max_new_tokens=config.sample.max_new_tokens, greedy=greedy,
-                            temperature=1.0 if greedy else config.sample.temperature,
-                            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-    toks, m = np.asarray(out.tokens_BN), np.asarray(out.mask_BN)
-    samples = []
-    for i in range(len(rows)):
-      text = tokenizer.decode([int(t) for t, k in zip(toks[i], m[i])
-                               if k and t != tokenizer.eos_id])
-      samples.append({"prompt": tokenizer.decode([int(t) for t, k in zip(tokens[i], mask[i])
-                                                  if k and t != tokenizer.bos_id]),
-                      "completion": text, "reference": refs[i],
-                      "exact_match": text.strip() == refs[i].strip()})
-    metrics_lib.append_jsonl(os.path.join(workdir, "samples.jsonl"), step, samples)
-    return float(np.mean([s["exact_match"] for s in samples]))
+  sample_rows = sft_data.read_jsonl_rows(eval_path)[:config.sample.num_prompts] if eval_path else []
+  sample_prompts, sample_refs = zip(*[sft_data.row_to_messages(eval_path, n, r)
+                                      for n, r in sample_rows]) if sample_rows else ((), ())
 
   def evaluate(params, step):
     out = {"eval_loss": eval_loss(params)}
     if step and config.sample.every and (step % config.sample.every == 0
                                          or step == config.num_steps):
-      out["sample_exact_match"] = write_samples(step, params)
+      out["sample_exact_match"] = common.write_samples(
+          workdir, step, mcfg, params, tokenizer, sample_prompts, sample_refs,
+          jax.random.fold_in(rng_sample, step), config.sample)
     return out
 
   return common.train_loop(
