@@ -56,7 +56,7 @@ def test_sequence_logprobs_ragged(left_pad, seed, scale, temperature):
 
 def test_first_token_mask_ignored_and_bf16_logits():
   rng = np.random.default_rng(4)
-  B, T, V = 3, 6, 9
+  B, T, V = 6, 10, 17
   logits = rng.normal(size=(B, T, V)).astype(np.float32)
   tokens = rng.integers(0, V, size=(B, T))
   mask = np.ones((B, T), np.int32)
@@ -68,7 +68,7 @@ def test_first_token_mask_ignored_and_bf16_logits():
 
 def test_per_token_logprobs_shapes_and_masked_zeros():
   rng = np.random.default_rng(5)
-  B, T, V = 4, 7, 11
+  B, T, V = 6, 10, 17
   logits = rng.normal(size=(B, T, V)).astype(np.float32)
   logits[:, :, 0] = -np.inf  # token 0 impossible; masked positions pointing at it must not NaN
   tokens = rng.integers(1, V, size=(B, T))
@@ -84,11 +84,11 @@ def test_per_token_logprobs_shapes_and_masked_zeros():
 
 def test_sequence_logprobs_gradient_finite_and_masked():
   rng = np.random.default_rng(6)
-  B, T, V = 3, 8, 13
+  B, T, V = 6, 10, 17
   logits = jnp.asarray(rng.normal(size=(B, T, V)).astype(np.float32) * 30)
   tokens = jnp.asarray(rng.integers(0, V, size=(B, T)))
   mask = jnp.asarray(ragged_mask(rng, B, T, left_pad=True))
-  g = jax.grad(lambda l: jnp.sum(sequence_logprobs(l, tokens, mask)[1]))(logits)
+  g = jax.jit(jax.grad(lambda l: jnp.sum(sequence_logprobs(l, tokens, mask)[1])))(logits)
   g = np.asarray(g)
   assert np.isfinite(g).all()
   # logits at t only matter if token t+1 is scored
