@@ -26,10 +26,14 @@ Quirks of the real data (harmless-base test, 2,312 rows), all split exactly:
   an "\\n\\nAssistant:" marker, and such a reply keeps the later turns verbatim
   (stats key `split_at_common_prefix`).
 - 4 empty chosen replies ("...\\n\\nAssistant: " with nothing after the space).
-- 9 rows whose prompt has two consecutive turns of the same role (kept as is).
-- 3+1 replies that start with two spaces (one stays in the content).
-Rows that cannot be rendered back exactly (a marker without its space, text
-before the first marker) are still parsed, and counted as `inexact`.
+- 4 rows whose prompt has two consecutive turns of the same role (kept as is),
+  4 with a prompt turn that starts with two spaces (one stays in the content),
+  48 with "Human:" inside a turn or reply without the blank line before it
+  (content, not a turn).
+Rows that cannot be rendered back exactly (a marker without the space after
+its colon, a dialogue that starts with "Human:" without the blank line) are
+still parsed, and counted as `inexact`; text before the first marker, or a
+pair without a shared prompt, is a malformed row (HHFormatError).
 """
 from __future__ import annotations
 

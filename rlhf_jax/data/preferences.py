@@ -129,7 +129,8 @@ def parse_preference_row(where: str, row: dict) -> dict:
   margin = row.get("margin")
   if margin is None:
     margin = 0.0
-  elif isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+  elif (isinstance(margin, bool) or not isinstance(margin, (int, float)) or
+        not math.isfinite(margin)):
     raise DataError(f"{where}: 'margin' must be a finite number, got {margin!r}")
   return {"prompt": messages, "chosen": row["chosen"], "rejected": row["rejected"],
           "margin": float(margin)}

@@ -213,8 +213,8 @@ class HhRlhf(_PreferenceBuilder):
   def _parse(self, where, row, stats):
     for key in ("chosen", "rejected"):
       if not isinstance(row.get(key), str):
-        raise DataError(f"{where}: {key!r} must be a string "
-                        f"(expected {{'chosen': str, 'rejected': str}}; keys present: {sorted(row)})")
+        raise DataError(f"{where}: {key!r} must be a string (expected {{'chosen': str, "
+                        f"'rejected': str}}; keys present: {sorted(row)})")
     try:
       prompt, chosen, rejected, flags = hh_rlhf.split_pair(row["chosen"], row["rejected"])
     except hh_rlhf.HHFormatError as e:
@@ -248,7 +248,7 @@ def _manual_dir(dl_manager) -> str | None:
 
 
 def find_hh_manual_files(manual_dir: str | None, subset: str) -> dict[str, str]:
-  """{split: path} of HH files in a manual dir: <subset>/<split>.jsonl[.gz] or <split>.jsonl[.gz]."""
+  """{split: path} of HH files in manual_dir: <subset>/<split>.jsonl[.gz], or <split>.jsonl[.gz]."""
   if not manual_dir:
     return {}
   found = {}
