@@ -205,6 +205,56 @@ def test_hh_manual_dir_and_malformed_rows(tmp_path):
     prefs.build_hh_rlhf(str(tmp_path / "d3"), manual_dir=str(manual))
 
 
+def _hh_gz(path, rows):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with gzip.open(path, "wt") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+HH_ROW = {"chosen": "\n\nHuman: hi\n\nAssistant: hello",
+          "rejected": "\n\nHuman: hi\n\nAssistant: no"}
+
+
+def test_hh_plain_tfds_api_with_manual_dir(tmp_path):
+  """The registered builder through TFDS's own entry points (tfds.builder / tfds.data_source)."""
+  import tensorflow_datasets as tfds
+  from rlhf_jax.data import tfds_builders  # noqa: F401 (registers hh_rlhf, jsonl_preferences)
+  manual = tmp_path / "manual"
+  _hh_gz(manual / "helpful-online" / "test.jsonl.gz", [HH_ROW] * 3)
+  b = tfds.builder("hh_rlhf/helpful_online", data_dir=str(tmp_path / "d"))
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+  assert list(b.info.splits) == ["test"] and b.info.splits["test"].num_examples == 3
+  ds = tfds.data_source("hh_rlhf/helpful_online", split="test", data_dir=str(tmp_path / "d"))
+  assert prefs.decode_example(ds[2])["chosen"] == "hello"
+  assert "tensorflow" not in sys.modules
+
+
+def test_hh_download_path_uses_official_urls(tmp_path):
+  """No network here: a stand-in download manager maps the official URLs to local files."""
+  from rlhf_jax.data import tfds_builders
+  local = {s: _hh_gz(tmp_path / f"{s}.jsonl.gz", [HH_ROW] * n)
+           for s, n in (("train", 2), ("test", 1))}
+
+  class OfflineDownloads:
+    @property
+    def manual_dir(self):
+      raise AssertionError("Manual directory not enabled.")
+
+    def download(self, urls):
+      base = "https://raw.githubusercontent.com/anthropics/hh-rlhf/master/helpful-base"
+      assert urls == {s: f"{base}/{s}.jsonl.gz" for s in ("train", "test")}
+      return {s: local[s] for s in urls}
+
+  b = tfds_builders.HhRlhf(data_dir=str(tmp_path / "d"), config="helpful_base")
+  gens = b._split_generators(OfflineDownloads())
+  examples = {s: list(g) for s, g in gens.items()}
+  assert [len(examples[s]) for s in ("train", "test")] == [2, 1]
+  key, ex = examples["train"][1]
+  assert key == 1 and ex["source"].endswith("helpful-base/train.jsonl.gz:2")
+  assert json.loads(ex["prompt"]) == [{"role": "user", "content": "hi"}]
+
+
 # ----------------------------------------------------------------------------
 # jsonl_preferences
 # ----------------------------------------------------------------------------
