@@ -8,7 +8,7 @@ Presets (`--config=configs/sft.py:PRESET`):
 """
 from ml_collections import ConfigDict
 
-from rlhf_jax.config import base_config
+from rlhf_jax.config import base_config, use_llama_1b
 
 
 def get_config(preset: str = "tiny") -> ConfigDict:
@@ -16,21 +16,13 @@ def get_config(preset: str = "tiny") -> ConfigDict:
   if preset == "tiny":
     return c  # base_config's defaults are the tiny CPU run
   if preset == "1b":
-    c.model.update(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
-                   head_dim=64, d_ff=8192, rope_theta=500000.0,
-                   rope_scaling=(32.0, 1.0, 4.0, 8192), tie_embeddings=True, norm_eps=1e-5,
-                   max_seq_len=2048, dtype="bfloat16", remat=True)
+    use_llama_1b(c)
     c.data.max_seq_len = 2048
     c.data.packing = True
     c.batch_size = 64
     c.grad_accum_steps = 4
     c.num_steps = 2000
     c.optimizer.update(lr=2e-5, warmup_steps=100, weight_decay=0.0)
-    c.mesh.shape = (1, -1, 1)
-    c.log_every = 10
-    c.eval_every = 200
-    c.checkpoint.every = 500
     c.sample.every = 500
-    c.tokenizer.chat_style = "llama3"
     return c
   raise ValueError(f"unknown sft preset {preset!r}; expected 'tiny' or '1b'")

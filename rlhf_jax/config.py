@@ -81,6 +81,20 @@ def base_config(trainer: str) -> ConfigDict:
   return c
 
 
+def use_llama_1b(c: ConfigDict) -> ConfigDict:
+  """Shared "1b" preset: a Llama-3.2-1B-shaped model, bf16 compute, remat, FSDP mesh."""
+  c.model.update(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                 head_dim=64, d_ff=8192, rope_theta=500000.0,
+                 rope_scaling=(32.0, 1.0, 4.0, 8192), tie_embeddings=True, norm_eps=1e-5,
+                 max_seq_len=2048, dtype="bfloat16", remat=True)
+  c.mesh.shape = (1, -1, 1)
+  c.tokenizer.chat_style = "llama3"
+  c.log_every = 10
+  c.eval_every = 200
+  c.checkpoint.every = 500
+  return c
+
+
 def sft_data_config() -> ConfigDict:
   return ConfigDict(dict(
       train_path="",           # JSONL {"prompt","completion"} or {"messages"}; "" = synthetic
@@ -104,6 +118,8 @@ def preference_data_config() -> ConfigDict:
       hh_subset="harmless-base",  # hh_rlhf: which subset directory under train_path
       data_dir="",             # TFDS data_dir for built datasets; "" = WORKDIR/tfds
       synthetic_task="reverse",  # synthetic: chosen = correct answer, rejected = corrupted
+      synthetic_corruption="random",  # random: another string of the same length; swap:
+                                      # two characters swapped (harder to tell apart)
       synthetic_train_examples=4000,
       synthetic_eval_examples=256,
       max_prompt_len=24,       # prompts are LEFT-truncated to this many tokens

@@ -80,9 +80,12 @@ def boxed_shardings(init_fn: Callable[[], Any], mesh: Mesh, rules=LOGICAL_RULES)
   return logical_to_sharding(specs, mesh, rules)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Shard the leading (batch) dimension over data x fsdp; the rest replicated."""
-  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Shard the leading (batch) dimension over data x fsdp; the rest replicated.
+
+  One sharding fits every batch array of rank >= 1 (tokens [B, T], margins [B]).
+  """
+  return NamedSharding(mesh, P(("data", "fsdp")))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -98,5 +101,5 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     if v.shape[0] % batch_size:
       raise ValueError(f"batch[{k!r}] has leading size {v.shape[0]}, not divisible by "
                        f"data*fsdp = {batch_size} devices")
-    out[k] = jax.device_put(v, batch_sharding(mesh, v.ndim))
+    out[k] = jax.device_put(v, batch_sharding(mesh))
   return out

@@ -1,0 +1,212 @@
+"""DPO-family trainer (offline preference optimisation): `run(config, workdir)`.
+
+`config.dpo.loss_type` picks the variant (`rlhf_jax.losses.dpo.LOSS_TYPES`):
+sigmoid (DPO; cDPO with label_smoothing), robust, ipo, hinge (SLiC), simpo,
+orpo, kto. Each variant's formula and paper are in `rlhf_jax/losses/dpo.py`.
+
+Per step: policy log-probs log pi(y|x) (sums over completion tokens) of the
+chosen and rejected replies in one [2B, T] forward pass; reference log-probs
+log pi_ref(y|x) either precomputed once over the data set and cached in
+WORKDIR/reference_logps_<split>.npz (`dpo.precompute_reference=True`, the
+reference parameters are then dropped) or computed on the fly with the frozen
+reference parameters. The reference policy is the initial policy (init_from,
+or the random init of the same seed). KTO's reference point z0 uses
+mismatched pairs (prompt of row i with the chosen reply of row i+1) built
+once for the whole data set. simpo / orpo / reference_free need no reference.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax import config as config_lib
+from rlhf_jax import parallel
+from rlhf_jax.data import sft as sft_data
+from rlhf_jax.losses.dpo import kto_reference_point, preference_loss
+from rlhf_jax.losses.logprobs import sequence_logprobs
+from rlhf_jax.models import Transformer
+from rlhf_jax.trainers import common, pairs
+
+REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_kl_logps")
+
+
+def uses_reference(d) -> bool:
+  return not d.reference_free and d.loss_type not in ("simpo", "orpo")
+
+
+def sides(d) -> tuple[str, ...]:
+  return ("chosen", "rejected", "kl") if d.loss_type == "kto" else ("chosen", "rejected")
+
+
+def make_sequence_logps(model, names):
+  """f(params, batch) -> (logps, lengths), each a tuple over `names` of [B] arrays."""
+  def f(params, batch):
+    cat = lambda key: jnp.concatenate([batch[f"{n}_{key}"] for n in names])
+    logits, _ = model.apply({"params": params}, cat("tokens"), cat("segment_ids"))
+    total, _, count = sequence_logprobs(logits, cat("tokens"), cat("loss_mask"))
+    return jnp.split(total, len(names)), jnp.split(count, len(names))
+  return f
+
+
+def make_loss_fn(model, d):
+  names = sides(d)
+  logps_fn = make_sequence_logps(model, names)
+
+  def loss_fn(params, ref_params, batch):
+    (pc, pr, *pk), (nc, nr, *_) = logps_fn(params, batch)
+    rc = rr = None
+    rk = [jnp.zeros_like(pc)]
+    if uses_reference(d):
+      if "ref_chosen_logps" in batch:
+        rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        rk = [batch.get("ref_kl_logps", jnp.zeros_like(pc))]
+      else:
+        (rc, rr, *rk), _ = logps_fn(jax.lax.stop_gradient(ref_params), batch)
+    z0 = kto_reference_point(pk[0], rk[0]) if d.loss_type == "kto" else None
+    return preference_loss(
+        d.loss_type, policy_chosen_logps_B=pc, policy_rejected_logps_B=pr,
+        ref_chosen_logps_B=rc, ref_rejected_logps_B=rr, chosen_lengths_B=nc,
+        rejected_lengths_B=nr, beta=d.beta, label_smoothing=d.label_smoothing,
+        simpo_gamma=d.simpo_gamma, orpo_lambda=d.orpo_lambda, kto_z0=z0,
+        kto_desirable_weight=d.kto_desirable_weight,
+        kto_undesirable_weight=d.kto_undesirable_weight, reference_free=d.reference_free)
+
+  return loss_fn
+
+
+def make_train_step(model, tx, d):
+  loss_fn = make_loss_fn(model, d)
+
+  def train_step(state, ref_params, batch):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], ref_params, batch)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {"step": state["step"] + 1,
+                 "params": optax.apply_updates(state["params"], updates),
+                 "opt_state": opt_state}
+    return new_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
+
+  return train_step
+
+
+def reference_logps(model, names, ref_params, arrays, batch_size, mesh, cache_path, fingerprint):
+  """{ref_<side>_logps: [N]} for every row, cached in `cache_path` under `fingerprint`."""
+  if os.path.exists(cache_path):
+    cached = np.load(cache_path)
+    if str(cached["fingerprint"]) == fingerprint:
+      return {k: cached[k] for k in cached.files if k != "fingerprint"}
+  f = jax.jit(make_sequence_logps(model, names))
+  n = len(arrays["margin"])
+  out = {n_: np.zeros((n,), np.float32) for n_ in names}
+  keys = [k for k in arrays if k.split("_")[0] in names]
+  for i in range(0, n, batch_size):
+    idx = np.arange(i, i + batch_size) % n  # last batch wraps around (fixed shapes)
+    b = parallel.shard_batch({k: arrays[k][idx] for k in keys}, mesh)
+    logps, _ = f(ref_params, b)
+    for name, lp in zip(names, logps):
+      out[name][idx[:min(batch_size, n - i)]] = np.asarray(lp)[:min(batch_size, n - i)]
+  result = {f"ref_{k}_logps": v for k, v in out.items()}
+  tmp = cache_path + ".tmp.npz"
+  np.savez(tmp, fingerprint=fingerprint, **result)
+  os.replace(tmp, cache_path)
+  return result
+
+
+def run(config, workdir: str) -> dict:
+  config_lib.validate(config)
+  d = config.dpo
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh(config.mesh.shape)
+  B = config.batch_size
+
+  # Data and tokenizer (KTO also gets mismatched "kl" rows).
+  train_src, eval_src, data_stats = pairs.load_pairs(config, workdir)
+  tokenizer = common.build_tokenizer(config, workdir, lambda: pairs.corpus(train_src))
+  train_arrays, tok_stats = pairs.tokenize(config, tokenizer, train_src)
+  eval_arrays = pairs.tokenize(config, tokenizer, eval_src)[0] if eval_src is not None else None
+  if d.loss_type == "kto":
+    train_arrays.update(pairs.mismatched_rows(train_arrays, tokenizer.pad_id))
+    if eval_arrays is not None:
+      eval_arrays.update(pairs.mismatched_rows(eval_arrays, tokenizer.pad_id))
+
+  # Policy (and reference = the initial policy).
+  rng_init, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed))
+  init_params = None
+  if config.init_from:
+    mcfg, init_params = common.load_init(config.init_from, config.model.dtype,
+                                         config.model.remat)
+  else:
+    mcfg = config_lib.model_config(config, vocab_size=tokenizer.vocab_size)
+  model = Transformer(mcfg)
+  dummy = jnp.zeros((1, 2), jnp.int32)
+  tx, schedule = common.make_optimizer(config.optimizer, config.num_steps)
+  state, shardings = common.create_state(lambda r: model.init(r, dummy)["params"], tx, mesh,
+                                         rng_init, init_params)
+  ref_params = None
+  if uses_reference(d):
+    ref_params = jax.tree.map(jnp.copy, state["params"])  # before any update / restore
+    if d.precompute_reference:
+      fp = hashlib.sha256(f"{config.init_from}|{config.seed}|{mcfg}".encode()
+                          + b"".join(np.ascontiguousarray(v).tobytes()
+                                     for v in train_arrays.values())).hexdigest()
+      names = sides(d)
+      train_arrays.update(reference_logps(model, names, ref_params, train_arrays, B, mesh,
+                                          os.path.join(workdir, "reference_logps_train.npz"), fp))
+      if eval_arrays is not None:
+        eval_arrays.update(reference_logps(model, names, ref_params, eval_arrays, B, mesh,
+                                           os.path.join(workdir, "reference_logps_eval.npz"),
+                                           fp))
+      ref_params = None  # no longer needed: free the memory
+  train_ds = sft_data.batched(train_arrays, B, config.seed)
+
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       config.checkpoint.every, config.checkpoint.keep,
+                                       config.checkpoint.async_save)
+  start, state = common.restore_or_keep(checkpointer, state, shardings)
+  if start:
+    print(f"resumed from step {start}", flush=True)
+  common.prepare_workdir(workdir, config)
+  common.save_json(os.path.join(workdir, "model_config.json"), mcfg.to_dict())
+  tokenizer.save(workdir)
+
+  batch_sharding = parallel.batch_sharding(mesh)
+  ref_sharding = shardings["params"] if ref_params is not None else None
+  step_fn = jax.jit(make_train_step(model, tx, d),
+                    in_shardings=(shardings, ref_sharding, batch_sharding),
+                    out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  eval_fn = jax.jit(make_loss_fn(model, d),
+                    in_shardings=(shardings["params"], ref_sharding, batch_sharding))
+
+  def evaluate(params, step):
+    n = len(eval_arrays["margin"])
+    eb = min(B, n)
+    sums = {}
+    for i in range(0, n - n % eb, eb):
+      _, m = eval_fn(params, ref_params,
+                     parallel.shard_batch({k: v[i:i + eb] for k, v in eval_arrays.items()}, mesh))
+      for k, v in m.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+    out = {f"eval_{k}": v / max(n // eb, 1) for k, v in sums.items()}
+    if step and config.sample.every and (step % config.sample.every == 0
+                                         or step == config.num_steps):
+      rows = [eval_src[i] for i in range(min(config.sample.num_prompts, n))]
+      out["sample_match_chosen"] = common.write_samples(
+          workdir, step, mcfg, params, tokenizer,
+          [pairs.messages(r["prompt"]) for r in rows], [r["chosen"] for r in rows],
+          jax.random.fold_in(rng_sample, step), config.sample)
+    return out
+
+  return common.train_loop(
+      config, workdir, state=state, start=start,
+      train_step=lambda s, b: step_fn(s, ref_params, b), get_batch=lambda i: train_ds[i],
+      mesh=mesh, checkpointer=checkpointer, schedule=schedule,
+      evaluate=evaluate if eval_arrays is not None else None, desc=f"dpo[{d.loss_type}]",
+      progress_keys=("loss", "reward_accuracy", "eval_reward_accuracy"),
+      count_tokens=lambda b: sum(b[f"{n}_segment_ids"].sum() for n in sides(d)),
+      extra_metrics={f"data_{k}": v for k, v in {**data_stats, **tok_stats}.items()})

@@ -1,0 +1,157 @@
+"""Reward-model trainer: `run(config, workdir)`.
+
+A decoder backbone + scalar head (`rlhf_jax.models.heads.ScalarModel`) scores
+a (prompt, reply) sequence at its last non-pad token. Trained on preference
+pairs with the Bradley-Terry loss (Bradley & Terry 1952; Ouyang et al. 2022)
+
+    L = -log sigmoid(r(x, y_c) - r(x, y_r) - margin) + center_coef * (r_c + r_r)^2
+
+(`rlhf_jax.losses.reward.bradley_terry_loss`; the centring term is from
+Eisenstein et al. 2023). Chosen and rejected go through one forward pass as a
+[2B, T] batch. Metrics: loss, accuracy, margin; eval_accuracy on held-out
+pairs. The workdir's params {"backbone", "head"} + model_config.json +
+tokenizer are what `load_reward_model` reads, for use as a reward function.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax import config as config_lib
+from rlhf_jax import parallel
+from rlhf_jax.data import sft as sft_data
+from rlhf_jax.losses.reward import bradley_terry_loss
+from rlhf_jax.models import ModelConfig
+from rlhf_jax.models.heads import ScalarModel, backbone_params_from_lm, last_token_score
+from rlhf_jax.trainers import common, pairs
+
+
+def pair_scores(model, params, batch):
+  """(r_chosen_B, r_rejected_B): scores at the last real token of each side."""
+  tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
+  seg = jnp.concatenate([batch["chosen_segment_ids"], batch["rejected_segment_ids"]])
+  r_2B = last_token_score(model.apply({"params": params}, tokens, seg), seg)
+  return jnp.split(r_2B, 2)
+
+
+def make_train_step(model, tx, center_coef: float, use_margin: bool):
+  def loss_fn(params, batch):
+    r_c, r_r = pair_scores(model, params, batch)
+    margin = batch["margin"] if use_margin else None
+    return bradley_terry_loss(r_c, r_r, margin, center_coef)
+
+  def train_step(state, batch):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {"step": state["step"] + 1,
+                 "params": optax.apply_updates(state["params"], updates),
+                 "opt_state": opt_state}
+    return new_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
+
+  return train_step
+
+
+def make_eval_step(model):
+  def eval_step(params, batch):
+    r_c, r_r = pair_scores(model, params, batch)
+    correct = jnp.where(r_c > r_r, 1.0, jnp.where(r_c == r_r, 0.5, 0.0))
+    return jnp.sum(correct), jnp.sum(r_c - r_r)
+  return eval_step
+
+
+def pair_accuracy(eval_step, params, arrays, batch_size, mesh):
+  """Accuracy (ties count 1/2) and mean margin over every pair in `arrays`."""
+  n = len(arrays["margin"])
+  correct = margin = 0.0
+  for i in range(0, n - n % batch_size, batch_size):
+    b = {k: v[i:i + batch_size] for k, v in arrays.items()}
+    c, m = eval_step(params, parallel.shard_batch(b, mesh))
+    correct, margin = correct + float(c), margin + float(m)
+  used = n - n % batch_size
+  return correct / max(used, 1), margin / max(used, 1)
+
+
+def load_reward_model(workdir: str):
+  """(ModelConfig, params, tokenizer) of a trained reward model's workdir."""
+  from rlhf_jax import tokenizer as tok_lib
+  with open(os.path.join(workdir, "model_config.json")) as f:
+    mcfg = ModelConfig.from_dict(json.load(f))
+  _, state = ckpt_lib.read_checkpoint(os.path.join(workdir, "checkpoints"))
+  if set(state["params"]) != {"backbone", "head"}:
+    raise ckpt_lib.CheckpointError(f"{workdir}: not a reward model (params have "
+                                   f"{sorted(state['params'])}, expected backbone and head)")
+  return mcfg, state["params"], tok_lib.load_tokenizer(workdir)
+
+
+def run(config, workdir: str) -> dict:
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh(config.mesh.shape)
+
+  # Data and tokenizer.
+  train_src, eval_src, data_stats = pairs.load_pairs(config, workdir)
+  tokenizer = common.build_tokenizer(config, workdir, lambda: pairs.corpus(train_src))
+  train_arrays, tok_stats = pairs.tokenize(config, tokenizer, train_src)
+  train_ds = sft_data.batched(train_arrays, config.batch_size, config.seed)
+  eval_arrays = pairs.tokenize(config, tokenizer, eval_src)[0] if eval_src is not None else None
+  eval_batch = min(config.batch_size, len(eval_arrays["margin"])) if eval_arrays else 0
+
+  # Model: backbone from init_from (an LM, an SFT run, or a reward model), fresh head.
+  rng_init = jax.random.PRNGKey(config.seed)
+  init_params = None
+  if config.init_from:
+    mcfg, lm_params = common.load_init(config.init_from, config.model.dtype,
+                                       config.model.remat)
+  else:
+    mcfg, lm_params = config_lib.model_config(config, vocab_size=tokenizer.vocab_size), None
+  model = ScalarModel(mcfg)
+  dummy = jnp.zeros((1, 2), jnp.int32)
+  if lm_params is not None:
+    fresh = jax.tree.map(np.asarray, common.unboxed_init(model, rng_init, dummy))
+    backbone = lm_params["backbone"] if "backbone" in lm_params else (
+        backbone_params_from_lm(lm_params))
+    head = lm_params.get("head", fresh["head"])
+    init_params = {"backbone": backbone, "head": head}
+
+  tx, schedule = common.make_optimizer(config.optimizer, config.num_steps)
+  state, shardings = common.create_state(lambda r: model.init(r, dummy)["params"], tx, mesh,
+                                         rng_init, init_params)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       config.checkpoint.every, config.checkpoint.keep,
+                                       config.checkpoint.async_save)
+  start, state = common.restore_or_keep(checkpointer, state, shardings)
+  if start:
+    print(f"resumed from step {start}", flush=True)
+  common.prepare_workdir(workdir, config)
+  common.save_json(os.path.join(workdir, "model_config.json"), mcfg.to_dict())
+  tokenizer.save(workdir)
+
+  batch_sharding = parallel.batch_sharding(mesh)
+  train_step = jax.jit(make_train_step(model, tx, config.rm.center_coef, config.rm.use_margin),
+                       in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings["params"], batch_sharding))
+
+  def evaluate(params, step):
+    acc, margin = pair_accuracy(eval_step, params, eval_arrays, eval_batch, mesh)
+    return {"eval_accuracy": acc, "eval_margin": margin}
+
+  static_metrics = {f"data_{k}": v for k, v in {**data_stats, **tok_stats}.items()}
+
+  def get_batch(i):
+    return train_ds[i]
+
+  result = common.train_loop(
+      config, workdir, state=state, start=start, train_step=train_step, get_batch=get_batch,
+      mesh=mesh, checkpointer=checkpointer, schedule=schedule,
+      evaluate=evaluate if eval_arrays is not None else None, desc="reward_model",
+      progress_keys=("loss", "accuracy", "eval_accuracy"),
+      count_tokens=lambda b: b["chosen_segment_ids"].sum() + b["rejected_segment_ids"].sum(),
+      extra_metrics=static_metrics)
+  return result
