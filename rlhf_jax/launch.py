@@ -5,6 +5,9 @@
       DIR/checkpoints if present). SIGTERM checkpoints and exits 0.
   rlhf-jax import SRC OUT_DIR
       Convert a Hugging Face directory or a .gguf file to our checkpoint format.
+  rlhf-jax eval-rm --checkpoint=RM_WORKDIR --data=PAIRS.jsonl [--format=jsonl|hh_rlhf]
+                   [--batch_size=32]
+      Pairwise accuracy of a trained reward model on a preference file.
 
 Errors in configs, data, checkpoints or pretrained files print one line
 ("error: ...") naming the key / file:line / tensor; RLHF_JAX_DEBUG=1 shows the
@@ -110,7 +113,25 @@ def import_command(argv):
   print(f"imported {argv[0]} -> {argv[1]}")
 
 
-COMMANDS = {"train": train_command, "import": import_command}
+def eval_rm_command(argv):
+  import argparse
+  p = argparse.ArgumentParser(prog="rlhf-jax eval-rm")
+  p.add_argument("--checkpoint", required=True, help="reward-model run directory")
+  p.add_argument("--data", required=True, help="preference pairs file")
+  p.add_argument("--format", default="jsonl", choices=["jsonl", "hh_rlhf"])
+  p.add_argument("--batch_size", type=int, default=32)
+  args = p.parse_args(argv)
+  from rlhf_jax.trainers.reward_model import evaluate_reward_model
+  try:
+    r = evaluate_reward_model(args.checkpoint, args.data, args.format, args.batch_size)
+  except _user_errors() as e:
+    if os.environ.get("RLHF_JAX_DEBUG"):
+      raise
+    _die(str(e), 1)
+  print(f"accuracy={r['accuracy']:.4f} pairs={r['pairs']} mean_margin={r['mean_margin']:.4f}")
+
+
+COMMANDS = {"train": train_command, "import": import_command, "eval-rm": eval_rm_command}
 
 
 def cli(argv=None):

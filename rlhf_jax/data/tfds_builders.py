@@ -29,6 +29,8 @@ import json
 import os
 import numpy as np
 import tensorflow_datasets as tfds
+
+tfds.disable_progress_bar()  # building is quick; the trainers show their own progress
 from etils import epath
 
 from rlhf_jax.data import hh_rlhf

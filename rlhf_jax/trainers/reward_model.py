@@ -89,6 +89,50 @@ def load_reward_model(workdir: str):
   return mcfg, state["params"], tok_lib.load_tokenizer(workdir)
 
 
+def evaluate_reward_model(workdir: str, data_path: str, source: str = "jsonl",
+                          batch_size: int = 32, data_dir: str | None = None) -> dict:
+  """Pairwise accuracy (ties 1/2) and mean margin of the reward model in `workdir`.
+
+  source: "jsonl" ({"prompt","chosen","rejected"} rows) or "hh_rlhf" (an HH-RLHF
+  .jsonl(.gz) file). Prompt/completion lengths are those the model was trained
+  with. The data set is built into `data_dir` (default: a temporary directory).
+  """
+  import tempfile
+
+  from ml_collections import ConfigDict
+
+  from rlhf_jax.data import preferences as prefs
+  if data_dir is None:
+    with tempfile.TemporaryDirectory(prefix="rlhf_jax_eval_rm_") as tmp:
+      return evaluate_reward_model(workdir, data_path, source, batch_size, tmp)
+  with open(os.path.join(workdir, "config.json")) as f:
+    train_cfg = json.load(f)
+  mcfg, params, tokenizer = load_reward_model(workdir)
+  if source == "jsonl":
+    builder = prefs.build_jsonl_preferences({"eval": data_path}, data_dir,
+                                            name=pairs._name(data_path))
+  elif source == "hh_rlhf":
+    builder = prefs.build_hh_rlhf(data_dir, files={"eval": data_path},
+                                  config_name=pairs._name(data_path))
+  else:
+    raise ValueError(f"--format={source!r}: expected jsonl or hh_rlhf")
+  cfg = ConfigDict({"data": {k: train_cfg["data"][k]
+                             for k in ("max_prompt_len", "max_completion_len")}})
+  arrays, _ = pairs.tokenize(cfg, tokenizer, prefs.load_preferences(builder, "eval"))
+  n = len(arrays["margin"])
+  batch_size = min(batch_size, n)
+  pad = (-n) % batch_size  # fixed shapes: the last batch is padded, padded rows dropped
+  padded = {k: np.concatenate([v, v[:pad]]) for k, v in arrays.items()}
+  model = ScalarModel(mcfg)
+  score = jax.jit(lambda p, b: pair_scores(model, p, b))
+  r_c, r_r = zip(*[score(params, {k: v[i:i + batch_size] for k, v in padded.items()})
+                   for i in range(0, n + pad, batch_size)])
+  r_c, r_r = np.concatenate(r_c)[:n], np.concatenate(r_r)[:n]
+  correct = np.where(r_c > r_r, 1.0, np.where(r_c == r_r, 0.5, 0.0))
+  return {"accuracy": float(correct.mean()), "mean_margin": float((r_c - r_r).mean()),
+          "pairs": n}
+
+
 def run(config, workdir: str) -> dict:
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
