@@ -140,3 +140,36 @@ def test_mismatched_rows_pair_prompt_i_with_reply_i_plus_1():
   assert kl["kl_tokens"][2].tolist() == [1, 7, 8, 2, 0, 0, 0, 0]
   assert kl["kl_loss_mask"][1].tolist() == [0, 0, 0, 1, 1, 1, 1, 0]
   assert kl["kl_segment_ids"][1].tolist() == [1] * 7 + [0]
+
+
+def test_reward_model_initialises_from_an_sft_run(tmp_path, data_dir):
+  """init_from=<SFT workdir>: the RM backbone starts from the SFT params, tokenizer too."""
+  import jax
+
+  from rlhf_jax.checkpoint import read_checkpoint
+  from rlhf_jax.trainers import sft
+  sft_wd = str(tmp_path / "sft")
+  sc = load_config("configs/sft.py:tiny")
+  sc.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128)
+  sc.data.update(synthetic_train_examples=256, synthetic_eval_examples=32)
+  sc.update(num_steps=4, log_every=2, eval_every=0)
+  sc.optimizer.warmup_steps = 0
+  sc.checkpoint.async_save = False
+  sft.run(sc, sft_wd)
+  rm_wd = str(tmp_path / "rm")
+  cfg = small(load_config("configs/rm.py:tiny"), data_dir, num_steps=1, eval_every=0,
+              log_every=1, init_from=sft_wd)
+  cfg.optimizer.update(lr=1e-7, warmup_steps=0)
+  reward_model.run(cfg, rm_wd)
+  _, s = read_checkpoint(os.path.join(sft_wd, "checkpoints"))
+  _, r = read_checkpoint(os.path.join(rm_wd, "checkpoints"))
+  lm = s["params"]
+  for path in (("embed", "embedding"), ("layers", "q", "kernel"), ("final_norm", "scale")):
+    a, b = lm, r["params"]["backbone"]
+    for p in path:
+      a, b = a[p], b[p]
+    np.testing.assert_allclose(b, a, atol=1e-5)  # one step at lr 1e-7 away
+  assert open(os.path.join(rm_wd, "tokenizer.model"), "rb").read() == open(
+      os.path.join(sft_wd, "tokenizer.model"), "rb").read()
+  assert jax.tree.structure(r["params"]["backbone"]) == jax.tree.structure(
+      {k: v for k, v in lm.items() if k != "lm_head"})
