@@ -41,3 +41,57 @@ def write_task(path: str, task: str, num_examples: int, seed: int, **kwargs) -> 
       f.write(json.dumps(make_example(task, rng, **kwargs)) + "\n")
   os.replace(tmp, path)
   return path
+
+
+# ----------------------------------------------------------------------------
+# Verifiable prompt tasks (online RL): a prompt and a reference final answer
+# ----------------------------------------------------------------------------
+
+VERIFIABLE_TASKS = ("add", "arithmetic", "word")
+_NAMES = ("Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana")
+_ITEMS = ("apples", "books", "coins", "pens", "shells", "stamps")
+
+
+def make_verifiable_example(task: str, rng: np.random.Generator, digits: int = 2) -> dict:
+  """One {"prompt", "answer", "solution"} example with a checkable numeric answer.
+
+  digits (>= 1) sets the difficulty: operands are drawn uniformly from
+  [0, 10**digits) (word problems: [1, 10**digits)).
+
+    add         "add: 47+15" -> "62"; the same format as `make_example("add")`
+                (it draws the operands), so an SFT model of that task transfers.
+    arithmetic  "compute: 47*15" -> "705"; op uniform over + - * (results may be negative).
+    word        "Ann has 47 pens. Ann buys 15 more. How many pens does Ann have now?"
+                -> "62"; also gives away (-) and boxes of k (*); the solution is
+                GSM8K-style: "47 + 15 = 62\\n#### 62".
+
+  solution: the reference completion (add / arithmetic: the answer itself).
+  """
+  if digits < 1:
+    raise ValueError(f"digits={digits}: must be >= 1")
+  if task == "add":
+    ex = make_example("add", rng, max_len=2 * digits)
+    return {"prompt": ex["prompt"], "answer": ex["completion"], "solution": ex["completion"]}
+  if task == "arithmetic":
+    a, b = (int(x) for x in rng.integers(0, 10 ** digits, size=2))
+    op = "+-*"[int(rng.integers(3))]
+    value = a + b if op == "+" else a - b if op == "-" else a * b
+    return {"prompt": f"compute: {a}{op}{b}", "answer": str(value), "solution": str(value)}
+  if task == "word":
+    a, b = (int(x) for x in rng.integers(1, 10 ** digits, size=2))
+    name = _NAMES[int(rng.integers(len(_NAMES)))]
+    item = _ITEMS[int(rng.integers(len(_ITEMS)))]
+    kind = int(rng.integers(3))
+    if kind == 0:
+      text = f"{name} has {a} {item}. {name} buys {b} more. How many {item} does {name} have now?"
+      expr, value = f"{a} + {b}", a + b
+    elif kind == 1:
+      a, b = max(a, b), min(a, b)
+      text = (f"{name} has {a} {item}. {name} gives away {b} of them. "
+              f"How many {item} does {name} have left?")
+      expr, value = f"{a} - {b}", a - b
+    else:
+      text = f"{name} buys {a} boxes with {b} {item} in each box. How many {item} is that?"
+      expr, value = f"{a} * {b}", a * b
+    return {"prompt": text, "answer": str(value), "solution": f"{expr} = {value}\n#### {value}"}
+  raise ValueError(f"unknown verifiable task {task!r}; expected one of {VERIFIABLE_TASKS}")
