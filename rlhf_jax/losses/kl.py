@@ -1,0 +1,142 @@
+"""KL estimators, KL-penalised rewards and the adaptive KL controller.
+
+Per-token estimators of KL(pi || pi_ref) from samples y ~ pi (Schulman 2020,
+"Approximating KL Divergence", http://joschu.net/blog/kl-approx.html). With
+the log-ratio d_t = logp_t - ref_logp_t of a sampled token:
+
+    k1 = d                              unbiased, high variance, can be < 0
+    k2 = d^2 / 2                        biased (low for small KL), >= 0
+    k3 = exp(-d) - (-d) - 1             unbiased, >= 0, low variance
+       = pi_ref/pi - log(pi_ref/pi) - 1 (the estimator of GRPO, Shao et al. 2024, eq. 4)
+
+Arrays are [B, T] over completion tokens with mask_BT (1 = real token).
+All arithmetic is float32.
+
+As *losses* (rather than rewards) the estimators have different gradients from
+their values: e.g. E_pi[grad k1] = 0 and grad k2 = d grad log pi, whose
+expectation is the gradient of KL(pi || pi_ref) only on-policy (Tang & Munos
+2025, "On a few pitfalls in KL divergence gradient estimation for RL"). The
+functions here compute the estimators' values; `grpo.grpo_loss` adds one as a
+loss term the way GRPO does.
+"""
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+KL_KINDS = ("k1", "k2", "k3")
+
+
+def _f32(x):
+  return jnp.asarray(x, jnp.float32)
+
+
+def _check_kind(kind):
+  if kind not in KL_KINDS:
+    raise ValueError(f"unknown KL estimator kind {kind!r}; expected one of {', '.join(KL_KINDS)}")
+
+
+def kl_estimate(logp_BT, ref_logp_BT, kind="k3", mask_BT=None):
+  """Per-token KL(pi || pi_ref) estimate `kind` in ("k1", "k2", "k3"), float32 [B, T].
+
+      d  = logp - ref_logp
+      k1 = d,   k2 = d^2 / 2,   k3 = exp(-d) + d - 1
+
+  (Schulman 2020, "Approximating KL Divergence"; k3 as in GRPO, Shao et al.
+  2024, eq. 4). Tokens must be sampled from pi (the policy whose log-probs are
+  logp_BT) for the estimates to be unbiased (k1, k3). With mask_BT, masked
+  positions are exactly 0 whatever their inputs hold (no inf/NaN, zero
+  gradient).
+  """
+  _check_kind(kind)
+  d = _f32(logp_BT) - _f32(ref_logp_BT)
+  if mask_BT is not None:
+    d = jnp.where(_f32(mask_BT) > 0, d, 0.0)
+  if kind == "k1":
+    k = d
+  elif kind == "k2":
+    k = 0.5 * jnp.square(d)
+  else:
+    # exp(-d) - 1 + d via expm1: exact near d = 0, where k3 ~ d^2 / 2.
+    k = jnp.expm1(-d) + d
+  if mask_BT is not None:
+    k = jnp.where(_f32(mask_BT) > 0, k, 0.0)
+  return k
+
+
+def last_token_index(mask_BT):
+  """(index_B, has_token_B): position of the last real token of each row, int32 [B].
+
+  Rows without any real token get index 0 and has_token False.
+  """
+  m = _f32(mask_BT) > 0
+  T = m.shape[-1]
+  index_B = (T - 1 - jnp.argmax(m[:, ::-1], axis=-1)).astype(jnp.int32)
+  has_B = jnp.any(m, axis=-1)
+  return jnp.where(has_B, index_B, 0), has_B
+
+
+def kl_penalty_rewards(logp_BT, ref_logp_BT, mask_BT, beta, kind="k1", scores_B=None):
+  """Per-token rewards with a KL penalty: float32 [B, T], 0 at masked positions.
+
+      R_t = -beta * k_t(logp_t, ref_logp_t)   + [t = last real token] * score
+
+  The KL-shaped reward of Ziegler et al. (2019, "Fine-Tuning Language Models
+  from Human Preferences", sec. 2.2: R(x, y) = r(x, y) - beta log(pi/pi_ref))
+  and Ouyang et al. (2022, InstructGPT, eq. 2), spread over tokens as in their
+  PPO code: each token pays -beta k_t and the sequence score r(x, y) is paid at
+  the last real completion token. `kind` = "k1" (default) is the log-ratio of
+  those papers; REINFORCE++ (Hu 2025) uses the same k1 per-token penalty.
+  logp_BT are the log-probs of the sampling policy (pi_old at rollout time).
+  scores_B=None adds no score (only the penalty). All-masked rows are all 0.
+  The result is a reward, not a loss: no gradient is meant to flow through it
+  (wrap the inputs in stop_gradient, or compute it outside the loss).
+  """
+  m = _f32(mask_BT)
+  rewards_BT = -_f32(beta) * kl_estimate(logp_BT, ref_logp_BT, kind, mask_BT=m)
+  if scores_B is not None:
+    index_B, has_B = last_token_index(m)
+    onehot_BT = jax.nn.one_hot(index_B, m.shape[-1], dtype=jnp.float32) * has_B[:, None]
+    rewards_BT = rewards_BT + onehot_BT * _f32(scores_B)[:, None]
+  return rewards_BT
+
+
+# ----------------------------------------------------------------------------- KL controllers
+
+def kl_controller_init(init_beta):
+  """State of a KL coefficient controller: {"beta": float32 scalar}.
+
+  A plain dict of arrays, so it is a pytree that jit, sharding and orbax
+  checkpoints handle as is. A *fixed* controller is this state never updated
+  (or updated with target=None).
+  """
+  if isinstance(init_beta, numbers.Real) and not init_beta >= 0:
+    raise ValueError(f"KL controller: init_beta must be >= 0, got {init_beta}")
+  return {"beta": _f32(init_beta)}
+
+
+def kl_controller_update(state, observed_kl, n_steps, target, horizon):
+  """Adaptive KL controller step (Ziegler et al. 2019, sec. 2.2): new state.
+
+      e    = clip(observed_kl / target - 1, -0.2, 0.2)      (proportional error)
+      beta <- beta * (1 + e * n_steps / horizon)
+
+  observed_kl is the current KL(pi || pi_ref) estimate (per sequence, as in
+  the paper: summed over tokens, averaged over the batch), n_steps the number
+  of samples (episodes) since the last update, horizon the paper's K_beta
+  time-scale (the paper's gain K_beta is n_steps / horizon; TRL's classic
+  PPOConfig defaults are target 6 nats, horizon 10000). target=None is the
+  fixed controller: the state is returned unchanged. Pure: jit-able; arrays
+  may be traced.
+  """
+  if target is None:
+    return state
+  if isinstance(target, numbers.Real) and not target > 0:
+    raise ValueError(f"KL controller: target must be > 0 (or None for a fixed beta), got {target}")
+  if isinstance(horizon, numbers.Real) and not horizon > 0:
+    raise ValueError(f"KL controller: horizon must be > 0, got {horizon}")
+  error = jnp.clip(_f32(observed_kl) / _f32(target) - 1.0, -0.2, 0.2)
+  beta = state["beta"] * (1.0 + error * _f32(n_steps) / _f32(horizon))
+  return {**state, "beta": beta.astype(jnp.float32)}
