@@ -1,0 +1,159 @@
+"""The GRPO family of critic-free policy losses: GRPO, DAPO, Dr. GRPO, GSPO; DAPO's overlong penalty.
+
+One function, `grpo_loss`, with the knobs that tell the variants apart:
+
+  variant                          aggregation               clip (eps_low, eps_high)   importance   KL (beta, kind)
+  GRPO (Shao et al. 2024)          seq_mean_token_mean       (0.2, 0.2)                 token        (0.04, k3)
+  DAPO (Yu et al. 2025)            token_mean                (0.2, 0.28) clip-higher    token        (0, -)
+  Dr. GRPO (Liu et al. 2025)       seq_mean_token_sum_norm   (0.2, 0.2)                 token        (0, -)
+  GSPO (Zheng et al. 2025)         seq_mean_token_mean       (3e-4, 4e-4)               sequence     (0, -)
+
+Advantages come from `advantages.group_advantages` (GRPO / DAPO / GSPO: with
+std scaling; Dr. GRPO: scale_by_std=False) or any other estimator
+(`rloo_advantages`, `reinforce_plus_plus_advantages`), as [B] (one per
+sequence, broadcast over its tokens) or [B, T]. DAPO's dynamic sampling
+(dropping groups whose rewards are all equal) is a trainer decision; such
+groups already get zero advantage. Per-token arrays are [B, T] over
+completion tokens with mask_BT (ragged, rows may be all-masked).
+All arithmetic is float32.
+"""
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.losses import kl as kl_lib
+from rlhf_jax.losses.ppo import (AGGREGATIONS, _check_clip, _check_shapes, _f32, _is_number,
+                                 _log_ratio, _policy_metrics, aggregate, check_aggregation,
+                                 clipped_surrogate, token_mean)
+
+IMPORTANCE_LEVELS = ("token", "sequence")
+
+__all__ = ["AGGREGATIONS", "IMPORTANCE_LEVELS", "aggregate", "grpo_loss", "importance_log_ratio",
+           "overlong_penalty"]
+
+
+def importance_log_ratio(logp_BT, old_logp_BT, mask_BT, importance="token"):
+  """Per-token log importance ratio log w_t, float32 [B, T], 0 at masked positions.
+
+  token     log w_{i,t} = logp_{i,t} - old_logp_{i,t}                    (PPO / GRPO)
+  sequence  log w_{i,t} = sg[log s_i] + logp_{i,t} - sg[logp_{i,t}]       (GSPO-token, Zheng et al. 2025, sec. 4.3)
+            log s_i     = (1/|y_i|) sum_t (logp_{i,t} - old_logp_{i,t})   (GSPO sec. 4.1: s_i = (pi/pi_old)(y_i|x)^(1/|y_i|))
+
+  sg = stop_gradient. In the sequence form every token of row i carries the
+  value s_i and d w_{i,t} / d logp_{i,t} = s_i, so with per-sequence
+  advantages and the seq_mean_token_mean aggregation the loss and its
+  gradient equal GSPO's sequence-level objective
+  (1/G) sum_i min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i), whose
+  gradient is s_i A_i (1/|y_i|) sum_t grad logp_{i,t} (GSPO sec. 4.2); token
+  advantages A_{i,t} give GSPO-token. Rows without real tokens give 0.
+  """
+  if importance not in IMPORTANCE_LEVELS:
+    raise ValueError(f"unknown importance level {importance!r}; expected one of "
+                     f"{', '.join(IMPORTANCE_LEVELS)}")
+  log_ratio_BT = _log_ratio(logp_BT, old_logp_BT, mask_BT)
+  if importance == "token":
+    return log_ratio_BT
+  m = _f32(mask_BT) > 0
+  n_B = jnp.sum(m.astype(jnp.float32), axis=-1)
+  log_s_B = jnp.sum(log_ratio_BT, axis=-1) / jnp.maximum(n_B, 1.0)
+  lp = jnp.where(m, _f32(logp_BT), 0.0)
+  sg = jax.lax.stop_gradient
+  return jnp.where(m, sg(log_s_B)[:, None] + lp - sg(lp), 0.0)
+
+
+def grpo_loss(logp_BT, old_logp_BT, advantages, mask_BT, *, ref_logp_BT=None,
+              aggregation="seq_mean_token_mean", max_len=None, clip_eps_low=0.2,
+              clip_eps_high=None, dual_clip=None, importance="token", kl_beta=0.0, kl_kind="k3"):
+  """GRPO-family clipped policy loss with an optional KL loss term: (loss, metrics).
+
+      w_t  = exp(log w_t)                                   (`importance_log_ratio`)
+      l_t  = max(-A_t w_t, -A_t clip(w_t, 1 - eps_low, 1 + eps_high))   [+ dual clip]
+             + beta * k(logp_t, ref_logp_t)
+      loss = aggregate_t(l_t)                               (`ppo.aggregate`, mode `aggregation`)
+
+  GRPO (Shao et al. 2024, eq. 3) maximises the clipped surrogate minus
+  beta * D_KL with the k3 estimator D_KL = pi_ref/pi - log(pi_ref/pi) - 1
+  (eq. 4) *inside* the per-sequence token mean, so the KL term here uses the
+  same aggregation as the surrogate. Clip-higher (eps_high > eps_low) is
+  DAPO's (Yu et al. 2025, sec. 3.1); eps_high=None means eps_high = eps_low.
+  importance="sequence" is GSPO (Zheng et al. 2025; their eps are ~3e-4 /
+  4e-4, not 0.2).
+
+  Arguments: logp_BT, log-probs of the sampled completion tokens under the
+  policy being trained; old_logp_BT, under the sampling policy pi_old (None:
+  on-policy, old = stop_gradient(logp), so the ratio is 1 and the gradient is
+  A grad log pi -- the single-update GRPO of DeepSeekMath); advantages, [B]
+  or [B, T] constants; ref_logp_BT, under the reference model (needed when
+  kl_beta != 0; also reported as `kl` when given); kl_kind in k1/k2/k3
+  (`kl.kl_estimate`); dual_clip as in `ppo.clipped_surrogate`; max_len for
+  seq_mean_token_sum_norm (the generation budget; default T).
+
+  Metrics (float32, under stop_gradient): loss; policy_loss (the aggregated
+  surrogate alone); kl (mean over real tokens of the KL estimate; 0 without
+  ref_logp_BT) and kl_loss (the aggregated KL term, before the beta factor);
+  clip_frac, clip_frac_low (w < 1 - eps_low with A < 0), clip_frac_high
+  (w > 1 + eps_high with A > 0), dual_clip_frac: fractions of real tokens
+  whose gradient the clip zeroes (for GSPO all tokens of a clipped sequence
+  count, as in the GSPO paper's clipping-fraction plots); approx_kl (k3 of
+  KL(pi_old || pi) from the token ratios); ratio_mean / ratio_min /
+  ratio_max over real tokens (w_t; for GSPO each token carries its row's s_i).
+  """
+  _check_clip(clip_eps_low, clip_eps_high, dual_clip)
+  check_aggregation(aggregation, max_len)
+  if kl_kind not in kl_lib.KL_KINDS:
+    raise ValueError(f"unknown KL estimator kind {kl_kind!r}; expected one of {', '.join(kl_lib.KL_KINDS)}")
+  if ref_logp_BT is None and not (_is_number(kl_beta) and kl_beta == 0):
+    raise ValueError(f"grpo_loss: kl_beta={kl_beta} needs ref_logp_BT (reference-model log-probs); "
+                     "pass kl_beta=0.0 to train without a KL term")
+  if _is_number(kl_beta) and kl_beta < 0:
+    raise ValueError(f"grpo_loss: kl_beta must be >= 0, got {kl_beta}")
+  if old_logp_BT is None:
+    old_logp_BT = jax.lax.stop_gradient(logp_BT)
+  adv = _f32(advantages)
+  if adv.ndim == 1:
+    adv = adv[:, None] * jnp.ones(jnp.shape(mask_BT), jnp.float32)
+  _check_shapes(logp_BT=logp_BT, old_logp_BT=old_logp_BT, advantages=adv, mask_BT=mask_BT,
+                ref_logp_BT=ref_logp_BT)
+  adv = jax.lax.stop_gradient(adv)
+
+  log_w = importance_log_ratio(logp_BT, old_logp_BT, mask_BT, importance)
+  w = jnp.exp(log_w)
+  surrogate_BT, low, high, dual = clipped_surrogate(w, adv, clip_eps_low, clip_eps_high, dual_clip)
+  policy_loss = aggregate(surrogate_BT, mask_BT, aggregation, max_len)
+  if ref_logp_BT is not None:
+    kl_BT = kl_lib.kl_estimate(logp_BT, ref_logp_BT, kl_kind, mask_BT=mask_BT)
+    kl_loss = aggregate(kl_BT, mask_BT, aggregation, max_len)
+    kl_mean = token_mean(jax.lax.stop_gradient(kl_BT), mask_BT)
+  else:
+    kl_loss = kl_mean = jnp.zeros((), jnp.float32)
+  loss = policy_loss + _f32(kl_beta) * kl_loss
+
+  token_log_ratio = _log_ratio(logp_BT, old_logp_BT, mask_BT)
+  metrics = _policy_metrics(policy_loss, w, token_log_ratio, low, high, dual, mask_BT, "policy_loss")
+  metrics.update(loss=jax.lax.stop_gradient(loss), kl=kl_mean,
+                 kl_loss=jax.lax.stop_gradient(kl_loss))
+  return loss, metrics
+
+
+def overlong_penalty(lengths_B, max_len, cache_len):
+  """DAPO soft overlong punishment (Yu et al. 2025, sec. 3.4), float32 [B].
+
+      R(y) = 0                               |y| <= L_max - L_cache
+           = ((L_max - L_cache) - |y|) / L_cache    L_max - L_cache < |y| <= L_max
+           = -1                              |y| > L_max
+
+  with L_max = max_len, L_cache = cache_len, |y| = lengths_B (completion
+  tokens). Added to the task reward before computing advantages (DAPO: L_max =
+  20480 with L_cache = 4096 of a 16384 + 4096 budget). Needs
+  0 < cache_len <= max_len.
+  """
+  if _is_number(cache_len) and _is_number(max_len) and not 0 < cache_len <= max_len:
+    raise ValueError(f"overlong_penalty: need 0 < cache_len <= max_len, got cache_len={cache_len}, "
+                     f"max_len={max_len}")
+  L = _f32(lengths_B)
+  start = _f32(max_len) - _f32(cache_len)
+  soft = (start - L) / _f32(cache_len)
+  return jnp.where(L <= start, 0.0, jnp.where(L <= _f32(max_len), soft, -1.0))
