@@ -1,0 +1,127 @@
+"""Reward functions for online RL, and a registry to build them from config.
+
+Interface (`rlhf_jax.rewards.base`): a reward function is a callable with a
+`name`,
+
+    fn(prompts, completions, metadata) -> np.ndarray float32 [B]
+
+Built in (`REWARD_FNS`; options are the constructor arguments):
+
+  math          MathReward(correct=1, incorrect=0, format_reward=0, format_marker="####",
+                rel_tol=0)                      final number vs metadata["answer"]
+  length_penalty LengthPenalty(target, coef=0.01)   -coef per token beyond target
+  missing_eos   MissingEosPenalty(penalty=-1)      completion not finished with EOS
+  overlong      OverlongPenalty(max_len, cache_len, scale=1)   DAPO soft overlong punishment
+  reward_model  RewardModelReward(workdir, max_prompt_len=None, max_completion_len=None,
+                batch_size=32, add_eos="always", mean=0, std=1, whiten=False)
+
+`make_reward_fn(spec)` builds a `CombinedReward` (weighted sum, per-component
+values for `reward/<label>` metrics) from a config-like spec:
+
+    "math"
+    {"name": "math", "weight": 1.0, "correct": 1.0}
+    [{"name": "math"}, {"name": "missing_eos", "weight": 1.0, "penalty": -1.0}]
+
+Each entry: "name" (required), "weight" (default 1), "label" (the metric
+name, default the name; needed when one reward appears twice), the rest are
+the reward's options. `register_reward_fn(name, factory)` adds one.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Callable, Mapping
+
+from rlhf_jax.rewards.base import RewardError, RewardFn  # noqa: F401
+from rlhf_jax.rewards.combine import CombinedReward, combine, reward_metrics  # noqa: F401
+
+# name -> "module:attribute" (imported on first use: the reward model needs jax) or a factory.
+REWARD_FNS: dict[str, str | Callable[..., RewardFn]] = {
+    "math": "rlhf_jax.rewards.math:MathReward",
+    "length_penalty": "rlhf_jax.rewards.rules:LengthPenalty",
+    "missing_eos": "rlhf_jax.rewards.rules:MissingEosPenalty",
+    "overlong": "rlhf_jax.rewards.rules:OverlongPenalty",
+    "reward_model": "rlhf_jax.rewards.reward_model:RewardModelReward",
+}
+_RESERVED = ("name", "weight", "label")
+
+
+def register_reward_fn(name: str, factory: Callable[..., RewardFn]) -> None:
+  """Make `factory(**options)` available to `make_reward_fn` as `name`."""
+  if name in REWARD_FNS:
+    raise ValueError(f"reward function {name!r} is already registered")
+  REWARD_FNS[name] = factory
+
+
+def _factory(name: str) -> Callable[..., RewardFn]:
+  if name not in REWARD_FNS:
+    raise ValueError(f"unknown reward function {name!r}; valid: {sorted(REWARD_FNS)}")
+  f = REWARD_FNS[name]
+  if isinstance(f, str):
+    module, attr = f.split(":")
+    f = getattr(importlib.import_module(module), attr)
+  return f
+
+
+def _plain(x: Any) -> Any:
+  """ConfigDict / FrozenConfigDict -> dict (anything with to_dict)."""
+  return x.to_dict() if hasattr(x, "to_dict") else x
+
+
+def _entries(spec) -> list[dict]:
+  spec = _plain(spec)
+  if isinstance(spec, str):
+    return [{"name": spec}]
+  if isinstance(spec, Mapping):
+    return [dict(spec)]
+  if isinstance(spec, (list, tuple)):
+    out = []
+    for i, e in enumerate(spec):
+      e = _plain(e)
+      if isinstance(e, str):
+        e = {"name": e}
+      if not isinstance(e, Mapping):
+        raise ValueError(f"reward spec[{i}]={e!r}: expected a name or a dict with 'name'")
+      out.append(dict(e))
+    return out
+  raise ValueError(f"reward spec {spec!r}: expected a name, a dict with 'name', or a list "
+                   f"of them")
+
+
+def build_reward_fn(entry: Mapping) -> RewardFn:
+  """One reward function from {"name": ..., **options} (weight/label ignored)."""
+  entry = dict(_plain(entry))
+  if "name" not in entry:
+    raise ValueError(f"reward spec {entry!r}: missing 'name'; valid names: "
+                     f"{sorted(REWARD_FNS)}")
+  name = entry["name"]
+  factory = _factory(name)
+  options = {k: _plain(v) for k, v in entry.items() if k not in _RESERVED}
+  try:
+    sig = inspect.signature(factory)
+  except (TypeError, ValueError):
+    sig = None
+  if sig is not None and not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+    valid = [p for p in sig.parameters if p != "self"]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+      raise ValueError(f"reward {name!r}: unknown option(s) {unknown}; valid: "
+                       f"{valid + list(_RESERVED[1:])}")
+    missing = [p.name for p in sig.parameters.values()
+               if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               and p.name not in options]
+    if missing:
+      raise ValueError(f"reward {name!r}: missing required option(s) {missing}")
+  return factory(**options)
+
+
+def make_reward_fn(spec) -> CombinedReward:
+  """A `CombinedReward` from a spec (see the module docstring)."""
+  components = []
+  for e in _entries(spec):
+    fn = build_reward_fn(e)
+    weight = e.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+      raise ValueError(f"reward {e['name']!r}: weight must be a number, got {weight!r}")
+    components.append((e.get("label", e["name"]), fn, float(weight)))
+  return CombinedReward(components)
