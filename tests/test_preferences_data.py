@@ -13,10 +13,7 @@ from rlhf_jax.data import hh_rlhf
 from rlhf_jax.data import preferences as prefs
 from rlhf_jax.data.sft import DataError
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("RLHF_JAX_DATA", REPO.parent / "shared" / "data"))
-ON_CI = os.environ.get("CI", "").lower() == "true"
-HH_FILE = DATA / "hh_rlhf_harmless_base_test.jsonl.gz"
+from conftest import shared_data_file
 
 
 class CharTokenizer:
@@ -62,20 +59,24 @@ def write_jsonl(path, rows):
 # HH-RLHF, real data
 # ----------------------------------------------------------------------------
 
+HH_NAME = "hh_rlhf_harmless_base_test.jsonl.gz"
+
+
 @pytest.fixture(scope="module")
-def hh_rows():
-  if not HH_FILE.is_file():
-    if ON_CI:
-      pytest.fail(f"{HH_FILE} missing on CI (set RLHF_JAX_DATA to the shared data dir)")
-    pytest.skip(f"{HH_FILE} not found; set RLHF_JAX_DATA to the shared data directory")
-  with gzip.open(HH_FILE, "rt", encoding="utf-8") as f:
+def hh_file():
+  return shared_data_file(HH_NAME)
+
+
+@pytest.fixture(scope="module")
+def hh_rows(hh_file):
+  with gzip.open(hh_file, "rt", encoding="utf-8") as f:
     return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
-def hh_built(hh_rows, tmp_path_factory):
+def hh_built(hh_rows, tmp_path_factory, hh_file):
   data_dir = tmp_path_factory.mktemp("tfds")
-  builder = prefs.build_hh_rlhf(str(data_dir), files={"test": str(HH_FILE)})
+  builder = prefs.build_hh_rlhf(str(data_dir), files={"test": str(hh_file)})
   return builder, data_dir
 
 
@@ -90,25 +91,25 @@ def test_hh_build_without_tensorflow(hh_built):
   assert len(prefs.load_preferences(str(version_dir), "test")) == 2312
 
 
-def test_hh_every_row_reconstructs_exactly(hh_built, hh_rows):
+def test_hh_every_row_reconstructs_exactly(hh_built, hh_rows, hh_file):
   builder, _ = hh_built
   src = prefs.load_preferences(builder, "test")
   assert len(src) == len(hh_rows) == 2312
   for i, (ex, row) in enumerate(zip(src[:], hh_rows)):
-    assert ex["source"] == f"{HH_FILE}:{i + 1}"
+    assert ex["source"] == f"{hh_file}:{i + 1}"
     assert hh_rlhf.reconstruct_dialogue(ex["prompt"], ex["chosen"]) == row["chosen"], i
     assert hh_rlhf.reconstruct_dialogue(ex["prompt"], ex["rejected"]) == row["rejected"], i
     assert ex["margin"] == 0.0
 
 
-def test_hh_stats_count_the_quirks(hh_built):
+def test_hh_stats_count_the_quirks(hh_built, hh_file):
   stats = prefs.preference_stats(hh_built[0])["test"]
   assert stats["examples"] == 2312 and stats["malformed_skipped"] == 0
   assert stats["inexact"] == 0 and stats["identical"] == 0
   assert stats["split_at_common_prefix"] == 5 and stats["reply_has_turns"] == 5
   assert stats["empty_chosen"] == 4 and stats["empty_rejected"] == 0
   assert stats["consecutive_same_role"] == 4
-  assert stats["sources"][0]["path"] == str(HH_FILE)
+  assert stats["sources"][0]["path"] == str(hh_file)
 
 
 def test_hh_parsed_examples_by_hand(hh_built):
@@ -133,9 +134,9 @@ def test_hh_parsed_examples_by_hand(hh_built):
   assert len(empty) == 4
 
 
-def test_hh_reuse_checks_the_source(hh_built, tmp_path):
+def test_hh_reuse_checks_the_source(hh_built, tmp_path, hh_file):
   builder, data_dir = hh_built
-  again = prefs.build_hh_rlhf(str(data_dir), files={"test": str(HH_FILE)})  # reused, same sha
+  again = prefs.build_hh_rlhf(str(data_dir), files={"test": str(hh_file)})  # reused, same sha
   assert again.data_dir == builder.data_dir
   other = tmp_path / "other.jsonl"
   write_jsonl(other, [{"chosen": "\n\nHuman: a\n\nAssistant: b",

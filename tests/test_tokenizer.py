@@ -9,9 +9,7 @@ import pytest
 from rlhf_jax.tokenizer import (Tokenizer, chatml_default_system, detect_chat_style,
                                 load_tokenizer, render_chat, train_sentencepiece)
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("RLHF_JAX_DATA", REPO.parent / "shared" / "data"))
-ON_CI = os.environ.get("CI", "").lower() == "true"
+from conftest import shared_data_file
 
 WORDS = ("the a of to and in that was her it his she he you not be with had as for but at "
          "on my is have by which all so this they were been would could there mr mrs miss "
@@ -40,11 +38,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def austen(tmp_path_factory):
   """~200 KB of real text from ../shared/data/austen.txt (RLHF_JAX_DATA overrides the dir)."""
-  src = DATA / "austen.txt"
-  if not src.is_file():
-    if ON_CI:
-      pytest.fail(f"{src} missing on CI (set RLHF_JAX_DATA to the shared data dir)")
-    pytest.skip(f"{src} not found; set RLHF_JAX_DATA to the shared data directory")
+  src = shared_data_file("austen.txt")
   path = tmp_path_factory.mktemp("austen") / "austen200k.txt"
   with open(src, encoding="utf-8") as f:
     path.write_text(f.read(200_000))
