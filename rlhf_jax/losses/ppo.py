@@ -20,6 +20,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.losses.kl import k3_from_log_ratio
+
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
 
@@ -147,8 +149,7 @@ def approx_kl_k3(log_ratio_BT, mask_BT):
 
       k3 = (r - 1) - log r,   r = pi / pi_old   (Schulman 2020)
   """
-  k3 = jnp.expm1(log_ratio_BT) - log_ratio_BT
-  return token_mean(k3, mask_BT)
+  return token_mean(k3_from_log_ratio(log_ratio_BT), mask_BT)
 
 
 def ppo_policy_loss(logp_BT, old_logp_BT, advantages_BT, mask_BT, clip_eps=0.2,
