@@ -14,8 +14,8 @@ Extraction (`extract_final_number`), first that applies:
   3. after the last "answer is" / "answer:" / "answer =" (case-insensitive,
      e.g. "The final answer is $1,234.50."),
   4. else the last number anywhere in the text.
-In 1-3 the first number after the marker is taken; when the marker is not
-followed by a number the next rule applies. A number is an optional sign
+In 1-3 the first number after the marker is taken (in 3, on the marker's
+line); when there is none the next rule applies. A number is an optional sign
 (a '-' not glued to a preceding word or digit, so "5-3" holds 5 and 3), an
 optional '$', digits with optional thousands commas ("1,234"), an optional
 decimal part, optionally "/ denominator" (a fraction; LaTeX \\frac{a}{b} too).
@@ -147,7 +147,7 @@ def extract_final_number(text: str) -> str | None:
     candidates.append(boxed)
   marks = list(_ANSWER_IS.finditer(text))
   if marks:
-    candidates.append(text[marks[-1].end():])
+    candidates.append(text[marks[-1].end():].split("\n", 1)[0])
   for c in candidates:
     n = _first_number(c)
     if n is not None:

@@ -24,7 +24,7 @@ ones the policy did not finish -- penalise those with the `missing_eos` rule.
 Scoring runs in jitted micro-batches of a fixed `batch_size` x T (the last
 batch padded with copies of a real row whose scores are dropped), so the
 function compiles once and never again whatever B is (`compilations` counts
-traces).
+traces; the jitted function is shared by instances with the same model config).
 
 Normalisation (optional): fixed `mean` / `std` (e.g. the RM's scores on
 reference completions, as Ziegler et al. 2019 and Ouyang et al. 2022
@@ -37,6 +37,7 @@ unnecessary there.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Sequence
@@ -71,6 +72,23 @@ def tokenize_for_scoring(prompt, completion: str, tokenizer, max_prompt_len: int
   return tokens, seg
 
 
+@functools.lru_cache(maxsize=None)
+def _scoring_fn(model_config):
+  """(jit(params, tokens_BT, segment_ids_BT) -> scores_B, [trace count]) for one model config;
+  cached so instances with the same config share compilations."""
+  import jax
+
+  from rlhf_jax.models.heads import ScalarModel, last_token_score
+  model = ScalarModel(model_config)
+  traces = [0]
+
+  def score(params, tokens_BT, seg_BT):
+    traces[0] += 1  # runs only while tracing
+    return last_token_score(model.apply({"params": params}, tokens_BT, seg_BT), seg_BT)
+
+  return jax.jit(score), traces
+
+
 class RewardModelReward:
   """Reward = a trained reward model's score (see the module docstring).
 
@@ -88,7 +106,6 @@ class RewardModelReward:
                whiten: bool = False, dtype: str | None = None):
     import jax
 
-    from rlhf_jax.models.heads import ScalarModel, last_token_score
     from rlhf_jax.trainers.reward_model import load_reward_model
     if add_eos not in ADD_EOS:
       raise ValueError(f"reward_model: add_eos={add_eos!r}: expected one of {ADD_EOS}")
@@ -108,14 +125,13 @@ class RewardModelReward:
     if dtype is not None:
       self.model_config = dataclasses.replace(self.model_config, dtype=dtype)
     self.params = jax.device_put(params)
-    self.compilations = 0
-    model = ScalarModel(self.model_config)
+    self._score, self._traces = _scoring_fn(self.model_config)
 
-    def score(params, tokens_BT, seg_BT):
-      self.compilations += 1  # runs only while tracing
-      return last_token_score(model.apply({"params": params}, tokens_BT, seg_BT), seg_BT)
-
-    self._score = jax.jit(score)
+  @property
+  def compilations(self) -> int:
+    """Traces of the jitted scoring function (shared by every instance with this model
+    config): one per distinct [batch_size, T] shape."""
+    return self._traces[0]
 
   @staticmethod
   def _trained_lengths(workdir: str) -> tuple[int, int]:

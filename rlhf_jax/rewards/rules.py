@@ -11,7 +11,8 @@ metadata["finished"] (the completion ended with EOS).
                       (max_len - cache_len - L) / cache_len  if max_len - cache_len < L <= max_len
                       -1                                  if L > max_len
                   times `scale` (default 1). max_len: the generation limit; cache_len:
-                  the length of the soft-punishment interval before it.
+                  the length of the soft-punishment interval before it. Computed by
+                  `rlhf_jax.losses.grpo.overlong_penalty` (one implementation).
 """
 from __future__ import annotations
 
@@ -69,9 +70,8 @@ class OverlongPenalty:
 
   def __call__(self, prompts: Sequence, completions: Sequence[str],
                metadata: Metadata) -> np.ndarray:
+    from rlhf_jax.losses.grpo import overlong_penalty  # the one implementation of the formula
     batch_size(self.name, prompts, completions, metadata, (LENGTHS,))
-    L = column(self.name, metadata, LENGTHS, np.float64)
-    start = self.max_len - self.cache_len
-    r = np.where(L <= start, 0.0, (start - L) / self.cache_len)
-    r = np.where(L > self.max_len, -1.0, r)
-    return (self.scale * r).astype(np.float32)
+    L = column(self.name, metadata, LENGTHS, np.float32)
+    r = np.asarray(overlong_penalty(L, self.max_len, self.cache_len), np.float32)
+    return (np.float32(self.scale) * r).astype(np.float32)
