@@ -193,9 +193,14 @@ def test_combined_checks_outputs():
       return self.out
 
   with pytest.raises(RewardError, match=r"'bad' returned shape \(2,\), expected \(3,\)"):
-    combine((Bad(np.zeros(2)), 1.0))(["q"] * 3, ["c"] * 3, {})
+    combine((Bad(np.zeros(2)), 1.0)).total(["q"] * 3, ["c"] * 3, {})
   with pytest.raises(RewardError, match=r"'bad' returned non-finite values at rows \[1\]"):
     combine((Bad(np.array([0.0, np.nan, 1.0])), 1.0))(["q"] * 3, ["c"] * 3, {})
+  # A combined reward nested in another contributes its total.
+  inner = combine((rules.MissingEosPenalty(), 2.0))
+  outer = combine(("inner", inner, 0.5), (rules.MissingEosPenalty(), 1.0))
+  total, parts = outer(["q"] * 3, COMPLETIONS, META)
+  assert total.tolist() == [0, -2, 0] and parts["inner"].tolist() == [0, -2, 0]
   with pytest.raises(ValueError, match="no components"):
     CombinedReward([])
 
@@ -208,12 +213,16 @@ def test_make_reward_fn_specs():
   assert fn.labels == ["math", "missing_eos", "overlong"]
   np.testing.assert_allclose(parts["overlong"], [0, -1, -0.25])
   np.testing.assert_allclose(total, [1, -0.5, -0.125])
-  np.testing.assert_allclose(fn(["q"] * 3, COMPLETIONS, META), total)
+  t2, p2 = fn(["q"] * 3, COMPLETIONS, META)
+  np.testing.assert_array_equal(t2, total)
+  assert sorted(p2) == sorted(parts)
+  np.testing.assert_array_equal(fn.total(["q"] * 3, COMPLETIONS, META), total)
   assert make_reward_fn("math").labels == ["math"]
-  assert make_reward_fn({"name": "math", "correct": 3.0})(["q"], ["7"], {"answer": ["7"]}) == 3
+  assert make_reward_fn({"name": "math", "correct": 3.0}).total(
+      ["q"], ["7"], {"answer": ["7"]}) == 3
   two = make_reward_fn(["math", {"name": "math", "label": "math_strict", "format_reward": 1.0}])
   assert two.labels == ["math", "math_strict"]
-  assert two(["q"], ["#### 7"], {"answer": ["7"]}).tolist() == [3.0]
+  assert two.total(["q"], ["#### 7"], {"answer": ["7"]}).tolist() == [3.0]
 
 
 def test_make_reward_fn_from_config_dict():
@@ -221,7 +230,7 @@ def test_make_reward_fn_from_config_dict():
   cfg = ConfigDict({"rewards": [{"name": "length_penalty", "target": 2, "coef": 1.0},
                                 {"name": "missing_eos", "weight": 2.0}]})
   fn = make_reward_fn(cfg.rewards)
-  assert fn(["q"] * 3, COMPLETIONS, META).tolist() == [-2.0, -12.0, -7.0]
+  assert fn.total(["q"] * 3, COMPLETIONS, META).tolist() == [-2.0, -12.0, -7.0]
   assert make_reward_fn(ConfigDict({"name": "math"})).labels == ["math"]
 
 
@@ -255,7 +264,7 @@ def test_register_reward_fn():
 
   register_reward_fn("test_const", Const)
   try:
-    assert make_reward_fn({"name": "test_const", "value": 2.5, "weight": 2})(
+    assert make_reward_fn({"name": "test_const", "value": 2.5, "weight": 2}).total(
         ["q"], ["c"], {}).tolist() == [5.0]
     with pytest.raises(ValueError, match="already registered"):
       register_reward_fn("test_const", Const)

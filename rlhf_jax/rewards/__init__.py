@@ -15,8 +15,9 @@ Built in (`REWARD_FNS`; options are the constructor arguments):
   reward_model  RewardModelReward(workdir, max_prompt_len=None, max_completion_len=None,
                 batch_size=32, add_eos="always", mean=0, std=1, whiten=False)
 
-`make_reward_fn(spec)` builds a `CombinedReward` (weighted sum, per-component
-values for `reward/<label>` metrics) from a config-like spec:
+`make_reward_fn(spec)` builds a `CombinedReward` from a config-like spec;
+calling it returns `(total_B, {label: component_B})` (weighted sum; the
+unweighted components are for `reward/<label>` metrics):
 
     "math"
     {"name": "math", "weight": 1.0, "correct": 1.0}

@@ -2,9 +2,11 @@
 
     total_B = sum_k weight_k * r_k,B
 
-`CombinedReward` is itself a reward function (`__call__` returns the total),
-so it can be nested; `score` also returns every component's UNWEIGHTED values
-by name, which trainers log as `reward/<name>` (`reward_metrics`).
+`CombinedReward(prompts, completions, metadata)` returns `(total_B, parts)`:
+the weighted total and every component's UNWEIGHTED values by label, which
+trainers log as `reward/<label>` (`reward_metrics`); `total(...)` returns the
+total alone (the plain reward-function interface). A combined reward can be a
+component of another (its total is used).
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ class CombinedReward:
     total = np.zeros((B,), np.float64)
     parts = {}
     for label, fn, w in self.components:
-      r = np.asarray(fn(prompts, completions, metadata))
+      r = fn(prompts, completions, metadata)
+      r = np.asarray(r[0] if isinstance(r, tuple) else r)  # a nested CombinedReward
       if r.shape != (B,):
         raise RewardError(f"reward {label!r} returned shape {r.shape}, expected ({B},)")
       if not np.all(np.isfinite(r)):
@@ -55,8 +58,14 @@ class CombinedReward:
       total += w * r.astype(np.float64)
     return total.astype(np.float32), parts
 
-  def __call__(self, prompts: Sequence, completions: Sequence[str],
-               metadata: Metadata) -> np.ndarray:
+  def __call__(self, prompts: Sequence, completions: Sequence[str], metadata: Metadata
+               ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(total float32 [B], {label: unweighted component float32 [B]}); see `score`."""
+    return self.score(prompts, completions, metadata)
+
+  def total(self, prompts: Sequence, completions: Sequence[str],
+            metadata: Metadata) -> np.ndarray:
+    """The weighted total alone, float32 [B]."""
     return self.score(prompts, completions, metadata)[0]
 
   def __repr__(self):
