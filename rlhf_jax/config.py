@@ -44,6 +44,15 @@ def base_config(trainer: str) -> ConfigDict:
 
   if trainer == "sft":
     c.data = sft_data_config()
+  elif trainer in ("grpo", "ppo"):
+    c.data = prompt_data_config()
+    c.rollout = rollout_config()
+    c.reward = ConfigDict(dict(
+        spec="math",           # reward functions: a name, or JSON like
+                               # '[{"name": "math"}, {"name": "missing_eos", "weight": 0.5}]'
+                               # (see rlhf_jax/rewards/__init__.py)
+    ))
+    c.eval_prompts = 128       # held-out prompts decoded greedily at each eval
   else:
     c.data = preference_data_config()
 
@@ -100,11 +109,41 @@ def sft_data_config() -> ConfigDict:
       train_path="",           # JSONL {"prompt","completion"} or {"messages"}; "" = synthetic
       eval_path="",            # JSONL in the same format; "" = synthetic (or none)
       synthetic_task="reverse",  # reverse | sort | add (see rlhf_jax/data/synthetic.py)
+      synthetic_max_len=8,     # reverse/sort: string length 3..max_len; add: max_len/2 digits
       synthetic_train_examples=4000,
       synthetic_eval_examples=256,
       max_seq_len=32,          # tokens per row (prompt + completion + BOS/EOS)
       overlength="error",      # error | truncate | drop: what to do with longer examples
       packing=False,           # pack several examples per row (segment-masked attention)
+  ))
+
+
+def prompt_data_config() -> ConfigDict:
+  """Prompts (with optional reference answers) for online RL."""
+  return ConfigDict(dict(
+      source="synthetic",      # synthetic | jsonl | gsm8k
+      train_path="",           # jsonl: {"prompt", "answer"?}; gsm8k: official {"question","answer"}
+      eval_path="",            # held-out prompts of the same kind ("" = none / synthetic)
+      data_dir="",             # TFDS data_dir ("" = WORKDIR/tfds)
+      synthetic_task="add",    # add | arithmetic | word (rlhf_jax/data/synthetic.py)
+      synthetic_digits=2,      # operand digits (difficulty)
+      synthetic_train_examples=4000,
+      synthetic_eval_examples=256,
+      max_prompt_len=16,       # prompts LEFT-truncated, left-padded to this length
+      skip_malformed=False,
+  ))
+
+
+def rollout_config() -> ConfigDict:
+  return ConfigDict(dict(
+      prompts_per_step=16,     # prompts per RL step
+      group_size=8,            # completions sampled per prompt (G)
+      max_new_tokens=8,        # generation budget per completion
+      temperature=1.0,         # sampling temperature (also used for the policy's log-probs)
+      top_k=0,                 # 0 = off
+      top_p=1.0,               # 1 = off
+      generate_micro_batch=128,  # rows per sampler call (divides prompts_per_step*group_size)
+      logprob_micro_batch=128,   # rows per old/ref log-prob forward pass
   ))
 
 

@@ -176,7 +176,7 @@ def save_json(path: str, obj) -> None:
 
 def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch, mesh,
                checkpointer, schedule, evaluate=None, desc="train", progress_keys=("loss",),
-               count_tokens=lambda batch: 0, extra_metrics=None):
+               count_tokens=None, extra_metrics=None, shard_batches=True):
   """The loop every trainer shares; returns the last logged row plus step/preempted.
 
   For step = start+1 .. config.num_steps: batch = get_batch(step - 1) (host
@@ -186,7 +186,10 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
   steps (and at step 0 and the last step) `evaluate(params, step) -> dict` adds
   eval metrics. Checkpoints every `checkpoint.every` steps and at the end;
   SIGTERM checkpoints and returns early with preempted=True. `extra_metrics`
-  (e.g. data statistics) are added to every row.
+  (e.g. data statistics) are added to every row. `count_tokens(batch)` gives
+  the tokens a batch trains on (tokens_per_second); trainers that measure their
+  own throughput pass None. shard_batches=False hands host batches to
+  train_step as they are (online RL: the step samples its own batch).
   """
   writer = metrics_lib.MetricsWriter(workdir, start)
   progress = metrics_lib.Progress(start, config.num_steps, desc=desc)
@@ -198,11 +201,14 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
   with ckpt_lib.PreemptionGuard() as preemption:
     for step in range(start + 1, config.num_steps + 1):
       batch = get_batch(step - 1)
-      state, m = train_step(state, parallel.shard_batch(batch, mesh))
-      throughput.add(count_tokens(batch))
+      state, m = train_step(state, parallel.shard_batch(batch, mesh) if shard_batches else batch)
+      if count_tokens is not None:
+        throughput.add(count_tokens(batch))
       if step % config.log_every == 0 or step == config.num_steps:
         row = {**host_metrics(m), **(extra_metrics or {})}
-        row.update(learning_rate=float(schedule(step - 1)), tokens_per_second=throughput.rate())
+        row["learning_rate"] = float(schedule(step - 1))
+        if count_tokens is not None:
+          row["tokens_per_second"] = throughput.rate()
         if evaluate is not None and config.eval_every and (
             step % config.eval_every == 0 or step == config.num_steps):
           row.update(evaluate(state["params"], step))

@@ -84,14 +84,15 @@ def resolve_data(config, workdir):
   d = config.data
   train, evals = d.train_path, d.eval_path
   if not train:
-    train = os.path.join(workdir, "data", f"{d.synthetic_task}_train.jsonl")
+    train = os.path.join(workdir, "data", f"{d.synthetic_task}{d.synthetic_max_len}_train.jsonl")
     if not os.path.exists(train):
-      synthetic.write_task(train, d.synthetic_task, d.synthetic_train_examples, config.seed)
+      synthetic.write_task(train, d.synthetic_task, d.synthetic_train_examples, config.seed,
+                           max_len=d.synthetic_max_len)
     if not evals:
-      evals = os.path.join(workdir, "data", f"{d.synthetic_task}_eval.jsonl")
+      evals = os.path.join(workdir, "data", f"{d.synthetic_task}{d.synthetic_max_len}_eval.jsonl")
       if not os.path.exists(evals):
         synthetic.write_task(evals, d.synthetic_task, d.synthetic_eval_examples,
-                             config.seed + 10_000)
+                             config.seed + 10_000, max_len=d.synthetic_max_len)
   return train, evals
 
 

@@ -1,0 +1,184 @@
+"""Rollouts for online RL: sample G completions per prompt, score them, log-probs.
+
+    prompts [N, P] --repeat G--> [B = N*G, P] --sampler (KV cache)--> completions [B, C]
+    sequences [B, P + C] = [left-padded prompt | right-padded completion]
+    rewards [B]          = reward_fn(prompt texts, completion texts, metadata)
+    old_logps, ref_logps [B, C] = per-token log-probs of the completion tokens
+                                  under the sampling policy / the reference
+
+The G samples of a prompt are contiguous rows (row b belongs to group b // G).
+Log-probs use the sampling temperature: log softmax(logits / T)[token] (the
+"N implementation details" convention), so the old-policy log-probs equal the
+sampler's own (to float tolerance) and PPO/GRPO ratios start at 1.
+
+Micro-batch sizes are separate for generation (`rollout.generate_micro_batch`)
+and log-prob passes (`rollout.logprob_micro_batch`); every micro-batch has a
+fixed shape, so each function compiles once.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import numpy as np
+
+from rlhf_jax import sampling
+from rlhf_jax.losses.logprobs import token_logprobs
+from rlhf_jax.models import Transformer
+
+
+class Rollout(NamedTuple):
+  """One batch of experience (host numpy arrays; B = prompts * group_size)."""
+  sequences_BS: np.ndarray         # int32 [prompt | completion]
+  segment_ids_BS: np.ndarray       # int32 1 on real tokens (prompt and completion)
+  completion_mask_BC: np.ndarray   # int32 1 on completion tokens (incl. EOS)
+  sample_logps_BC: np.ndarray      # float32 sampler log-probs of the completion tokens
+  old_logps_BC: np.ndarray         # float32 policy log-probs before the update
+  ref_logps_BC: np.ndarray | None  # float32 reference log-probs (None when not needed)
+  rewards_B: np.ndarray            # float32 total reward
+  reward_parts: dict               # name -> float32 [B] reward components
+  lengths_B: np.ndarray            # int32 completion lengths
+  finished_B: np.ndarray           # bool: ended with EOS
+  prompt_len: int                  # P
+  texts: list                      # completion texts
+  timings: dict                    # seconds: generate, reward, logprobs
+
+
+def completion_logps_fn(model_config, prompt_len: int, temperature: float):
+  """jitted f(params, sequences_BS, segment_ids_BS) -> log-probs [B, C] of the completion
+  tokens (positions P..S-1) under softmax(logits / temperature)."""
+  model = Transformer(model_config)
+
+  @jax.jit
+  def f(params, sequences_BS, segment_ids_BS):
+    logits, _ = model.apply({"params": params}, sequences_BS, segment_ids_BS)
+    logits_BCV = logits[:, prompt_len - 1:-1]
+    return token_logprobs(logits_BCV, sequences_BS[:, prompt_len:], temperature)
+  return f
+
+
+def micro_batched(fn: Callable, micro: int, *arrays):
+  """Apply fn(*chunks) over leading-axis chunks of size `micro`; concatenate on host."""
+  B = arrays[0].shape[0]
+  if B % micro:
+    raise ValueError(f"batch of {B} rows is not divisible by the micro-batch size {micro}")
+  outs = [fn(*(a[i:i + micro] for a in arrays)) for i in range(0, B, micro)]
+  return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *outs)
+
+
+def generate_rollout(*, model_config, params, ref_params, prompt_tokens_NP, prompt_mask_NP,
+                     group_size: int, rng, rollout_cfg, tokenizer, reward_fn,
+                     metadata: dict[str, list], logps_fn=None, need_ref: bool) -> Rollout:
+  """Sample, score and compute log-probs for one batch of prompts (see module doc)."""
+  r = rollout_cfg
+  G = group_size
+  tokens = np.repeat(np.asarray(prompt_tokens_NP), G, axis=0)
+  pmask = np.repeat(np.asarray(prompt_mask_NP), G, axis=0)
+  meta = {k: [v for v in vals for _ in range(G)] for k, vals in metadata.items()}
+  B, P = tokens.shape
+  greedy = r.temperature <= 0
+  timings = {}
+
+  t0 = time.perf_counter()
+  chunks = []
+  for i in range(0, B, r.generate_micro_batch):
+    out = sampling.generate(
+        model_config, params, tokens[i:i + r.generate_micro_batch],
+        pmask[i:i + r.generate_micro_batch], jax.random.fold_in(rng, i),
+        max_new_tokens=r.max_new_tokens, greedy=greedy,
+        temperature=1.0 if greedy else r.temperature, top_k=r.top_k, top_p=r.top_p,
+        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    chunks.append(out)
+  comp = np.concatenate([np.asarray(o.tokens_BN) for o in chunks])
+  cmask = np.concatenate([np.asarray(o.mask_BN) for o in chunks]).astype(np.int32)
+  slogp = np.concatenate([np.asarray(o.logprobs_BN) for o in chunks]).astype(np.float32)
+  timings["generate"] = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  lengths = cmask.sum(1).astype(np.int32)
+  finished = np.array([bool(m.any()) and int(t[m.sum() - 1]) == tokenizer.eos_id
+                       for t, m in zip(comp, cmask)])
+  texts = [tokenizer.decode([int(t) for t, k in zip(row, m) if k and t != tokenizer.eos_id])
+           for row, m in zip(comp, cmask)]
+  prompts = [tokenizer.decode([int(t) for t, k in zip(row, m) if k]) for row, m in
+             zip(tokens, pmask)]
+  meta.update(completion_lengths=list(lengths), finished=list(finished))
+  total, parts = reward_fn(prompts, texts, meta)
+  timings["reward"] = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  sequences = np.concatenate([tokens, comp], axis=1).astype(np.int32)
+  seg = np.concatenate([pmask, cmask], axis=1).astype(np.int32)
+  logps_fn = logps_fn or completion_logps_fn(model_config, P, 1.0 if greedy else r.temperature)
+  micro = r.logprob_micro_batch
+  old = micro_batched(lambda s, g: logps_fn(params, s, g), micro, sequences, seg)
+  ref = (micro_batched(lambda s, g: logps_fn(ref_params, s, g), micro, sequences, seg)
+         if need_ref else None)
+  mask_f = cmask.astype(np.float32)
+  old = (old * mask_f).astype(np.float32)
+  ref = None if ref is None else (ref * mask_f).astype(np.float32)
+  timings["logprobs"] = time.perf_counter() - t0
+  return Rollout(sequences, seg, cmask, slogp * mask_f, old, ref,
+                 np.asarray(total, np.float32), {k: np.asarray(v, np.float32)
+                                                 for k, v in parts.items()},
+                 lengths, finished, P, texts, timings)
+
+
+def group_view(x_B: np.ndarray, group_size: int) -> np.ndarray:
+  """[B] -> [B / G, G] (rows of one prompt together)."""
+  return np.asarray(x_B).reshape(-1, group_size)
+
+
+def zero_variance_groups(rewards_B: np.ndarray, group_size: int) -> np.ndarray:
+  """bool [B / G]: groups whose G rewards are all equal (no learning signal)."""
+  g = group_view(rewards_B, group_size)
+  return np.all(g == g[:, :1], axis=1)
+
+
+def replace_groups(ro: Rollout, extra: Rollout, dead_P: np.ndarray, group_size: int) -> Rollout:
+  """Rollout `ro` with its dead groups (dead_P[p] True) replaced, in order, by the groups
+  of `extra` that have reward variance (DAPO dynamic sampling); shapes stay fixed."""
+  alive_extra = np.flatnonzero(~zero_variance_groups(extra.rewards_B, group_size))
+  targets = np.flatnonzero(dead_P)[:len(alive_extra)]
+  if not len(targets):
+    return ro
+  G = group_size
+  dst = np.concatenate([np.arange(t * G, (t + 1) * G) for t in targets])
+  src = np.concatenate([np.arange(s * G, (s + 1) * G) for s in alive_extra[:len(targets)]])
+
+  def put(a, b):
+    if a is None:
+      return None
+    a = np.array(a, copy=True)
+    a[dst] = np.asarray(b)[src]
+    return a
+  texts = list(ro.texts)
+  for d, s_ in zip(dst, src):
+    texts[d] = extra.texts[s_]
+  return ro._replace(
+      sequences_BS=put(ro.sequences_BS, extra.sequences_BS),
+      segment_ids_BS=put(ro.segment_ids_BS, extra.segment_ids_BS),
+      completion_mask_BC=put(ro.completion_mask_BC, extra.completion_mask_BC),
+      sample_logps_BC=put(ro.sample_logps_BC, extra.sample_logps_BC),
+      old_logps_BC=put(ro.old_logps_BC, extra.old_logps_BC),
+      ref_logps_BC=put(ro.ref_logps_BC, extra.ref_logps_BC),
+      rewards_B=put(ro.rewards_B, extra.rewards_B),
+      reward_parts={k: put(v, extra.reward_parts[k]) for k, v in ro.reward_parts.items()},
+      lengths_B=put(ro.lengths_B, extra.lengths_B), finished_B=put(ro.finished_B, extra.finished_B),
+      texts=texts, timings={k: ro.timings[k] + extra.timings[k] for k in ro.timings})
+
+
+def rollout_stats(ro: Rollout, group_size: int) -> dict[str, Any]:
+  """Per-step rollout metrics: rewards (total and per component), lengths, EOS rate..."""
+  out = {"reward_mean": float(ro.rewards_B.mean()), "reward_std": float(ro.rewards_B.std()),
+         "response_length": float(ro.lengths_B.mean()),
+         "finished_frac": float(ro.finished_B.mean()),
+         "zero_variance_group_frac": float(zero_variance_groups(ro.rewards_B, group_size).mean())}
+  for k, v in ro.reward_parts.items():
+    out[f"reward/{k}"] = float(np.mean(v))
+  if ro.ref_logps_BC is not None:
+    m = ro.completion_mask_BC.astype(np.float32)
+    out["kl_ref_k1"] = float(((ro.old_logps_BC - ro.ref_logps_BC) * m).sum() /
+                             max(m.sum(), 1.0))
+  return out

@@ -1,0 +1,262 @@
+"""GRPO-family trainer (online RL without a critic): `run(config, workdir)`.
+
+Per step: draw `rollout.prompts_per_step` prompts, sample `rollout.group_size`
+completions each (`rlhf_jax.rollout`), score them (`config.reward.spec`),
+turn rewards into advantages, then `grpo.epochs` x `grpo.minibatches`
+clipped-policy updates (`rlhf_jax.losses.grpo.grpo_loss`).
+
+`grpo.variant` fills every knob left at "auto" (-1 / ""):
+
+  variant       advantages                     aggregation               clip (low, high)  KL
+  grpo          (r - mean_g) / (std_g + eps)    seq_mean_token_mean       0.2, 0.2          k3 loss, beta 0.04
+                Shao et al. 2024 (DeepSeekMath)
+  dr_grpo       r - mean_g                      seq_mean_token_sum_norm   0.2, 0.2          none
+                Liu et al. 2025 (Dr. GRPO)
+  dapo          (r - mean_g) / (std_g + eps)    token_mean                0.2, 0.28         none; + dynamic
+                Yu et al. 2025 (DAPO)                                                       sampling, overlong
+  gspo          (r - mean_g) / (std_g + eps)    seq_mean_token_mean       3e-4, 4e-4        none; sequence-level
+                Zheng et al. 2025 (GSPO)                                                    importance ratio
+  rloo          r - mean_{j != i} r_j           seq_mean_token_sum        0.2, 0.2          k1 in reward, beta 0.05
+                Ahmadian et al. 2024
+  reinforce_pp  token rewards -beta*k1 (+score  token_mean                0.2, 0.2          k1 in reward, beta 0.01
+                at EOS), returns, global whitening
+                Hu 2025 (REINFORCE++)
+
+The resolved knobs are written to WORKDIR/resolved_algorithm.json and logged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax import config as config_lib
+from rlhf_jax import parallel, rollout
+from rlhf_jax.losses import advantages as adv_lib
+from rlhf_jax.losses import kl as kl_lib
+from rlhf_jax.losses.grpo import grpo_loss
+from rlhf_jax.models import Transformer
+from rlhf_jax.rewards import make_reward_fn
+from rlhf_jax.trainers import common, prompt_sets
+
+VARIANTS = {
+    "grpo": dict(advantage="group_std", aggregation="seq_mean_token_mean", clip_eps_low=0.2,
+                 clip_eps_high=0.2, importance="token", kl_mode="loss", kl_coef=0.04,
+                 kl_estimator="k3", dynamic_sampling=0),
+    "dr_grpo": dict(advantage="group", aggregation="seq_mean_token_sum_norm", clip_eps_low=0.2,
+                    clip_eps_high=0.2, importance="token", kl_mode="none", kl_coef=0.0,
+                    kl_estimator="k3", dynamic_sampling=0),
+    "dapo": dict(advantage="group_std", aggregation="token_mean", clip_eps_low=0.2,
+                 clip_eps_high=0.28, importance="token", kl_mode="none", kl_coef=0.0,
+                 kl_estimator="k3", dynamic_sampling=1),
+    "gspo": dict(advantage="group_std", aggregation="seq_mean_token_mean", clip_eps_low=3e-4,
+                 clip_eps_high=4e-4, importance="sequence", kl_mode="none", kl_coef=0.0,
+                 kl_estimator="k3", dynamic_sampling=0),
+    "rloo": dict(advantage="rloo", aggregation="seq_mean_token_sum", clip_eps_low=0.2,
+                 clip_eps_high=0.2, importance="token", kl_mode="reward", kl_coef=0.05,
+                 kl_estimator="k1", dynamic_sampling=0),
+    "reinforce_pp": dict(advantage="reinforce_pp", aggregation="token_mean", clip_eps_low=0.2,
+                         clip_eps_high=0.2, importance="token", kl_mode="reward", kl_coef=0.01,
+                         kl_estimator="k1", dynamic_sampling=0),
+}
+AUTO = (-1, -1.0, "")
+
+
+def resolve(g) -> dict:
+  """Effective algorithm knobs: the variant's defaults for every knob left at auto."""
+  if g.variant not in VARIANTS:
+    raise config_lib.ConfigError(f"config.grpo.variant={g.variant!r}: expected one of "
+                                 f"{sorted(VARIANTS)}")
+  out = dict(VARIANTS[g.variant])
+  for k in out:
+    v = g[k]
+    if not (isinstance(v, (int, float, str)) and v in AUTO and not isinstance(v, bool)):
+      out[k] = v
+  out.update(variant=g.variant, epochs=g.epochs, minibatches=g.minibatches,
+             std_eps=g.std_eps, overlong_cache=g.overlong_cache,
+             max_refill_rounds=g.max_refill_rounds)
+  return out
+
+
+def advantages(algo, ro: rollout.Rollout, group_size: int) -> np.ndarray:
+  """Per-token advantages [B, C] (constant along a sequence except for REINFORCE++)."""
+  mask = ro.completion_mask_BC
+  r = ro.rewards_B
+  kind = algo["advantage"]
+  if algo["kl_mode"] == "reward" and kind != "reinforce_pp":  # sequence-level KL penalty
+    k = np.asarray(kl_lib.kl_estimate(ro.old_logps_BC, ro.ref_logps_BC, algo["kl_estimator"]))
+    r = r - algo["kl_coef"] * (k * mask).sum(1)
+  if kind in ("group_std", "group"):
+    a = adv_lib.group_advantages(r, group_size, scale_by_std=kind == "group_std",
+                                 eps=algo["std_eps"])
+  elif kind == "rloo":
+    a = adv_lib.rloo_advantages(r, group_size)
+  elif kind == "reinforce_pp":
+    rewards_BC = kl_lib.kl_penalty_rewards(ro.old_logps_BC, ro.ref_logps_BC, mask,
+                                           algo["kl_coef"], algo["kl_estimator"], scores_B=r)
+    a_BC, _ = adv_lib.reinforce_plus_plus_advantages(rewards_BC, mask)
+    return np.asarray(a_BC, np.float32)
+  else:
+    raise config_lib.ConfigError(f"config.grpo.advantage={kind!r}: expected group_std, group, "
+                                 f"rloo or reinforce_pp")
+  return (np.asarray(a, np.float32)[:, None] * mask).astype(np.float32)
+
+
+def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: int):
+  """jitted update(state, minibatch) -> (state, metrics): one clipped-policy step."""
+  use_ref = algo["kl_mode"] == "loss" and algo["kl_coef"] > 0
+
+  def loss_fn(params, mb):
+    logits, _ = model.apply({"params": params}, mb["sequences"], mb["segment_ids"])
+    logits = logits[:, prompt_len - 1:-1] / temperature
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), mb["sequences"][:, prompt_len:, None],
+                               axis=-1)[..., 0]
+    loss, metrics = grpo_loss(
+        logp, mb["old_logps"], mb["advantages"], mb["mask"],
+        ref_logp_BT=mb["ref_logps"] if use_ref else None, aggregation=algo["aggregation"],
+        max_len=max_len, clip_eps_low=algo["clip_eps_low"], clip_eps_high=algo["clip_eps_high"],
+        importance=algo["importance"], kl_beta=algo["kl_coef"] if use_ref else 0.0,
+        kl_kind=algo["kl_estimator"])
+    probs = jax.nn.softmax(logits)
+    ent = -jnp.sum(probs * jax.nn.log_softmax(logits), -1)
+    m = mb["mask"].astype(jnp.float32)
+    metrics["entropy"] = jnp.sum(ent * m) / jnp.maximum(m.sum(), 1.0)
+    return loss, metrics
+
+  @jax.jit
+  def update(state, mb):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], mb)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return ({**state, "params": optax.apply_updates(state["params"], updates),
+             "opt_state": opt_state}, {**metrics, "grad_norm": optax.tree.norm(grads)})
+
+  return update
+
+
+def run(config, workdir: str) -> dict:
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  algo = resolve(config.grpo)
+  r = config.rollout
+  G, N = r.group_size, r.prompts_per_step
+  mesh = parallel.make_mesh(config.mesh.shape)
+
+  # Data, tokenizer, reward.
+  train_src, eval_src, data_stats = prompt_sets.load(config, workdir)
+  tokenizer = common.build_tokenizer(config, workdir, lambda: prompt_sets.corpus(train_src))
+  train_ds, train_meta = prompt_sets.batches(config, tokenizer, train_src, N, config.seed)
+  refill_ds, _ = prompt_sets.batches(config, tokenizer, train_src, N, config.seed + 1)
+  spec = config.reward.spec
+  reward_fn = make_reward_fn(json.loads(spec) if spec.strip()[:1] in "[{" else spec)
+
+  # Policy, reference (= the initial policy), optimizer state.
+  rng_init, rng_rollout = jax.random.split(jax.random.PRNGKey(config.seed))
+  init_params = None
+  if config.init_from:
+    mcfg, init_params = common.load_init(config.init_from, config.model.dtype,
+                                         config.model.remat)
+  else:
+    mcfg = config_lib.model_config(config, vocab_size=tokenizer.vocab_size)
+  model = Transformer(mcfg)
+  updates_per_step = algo["epochs"] * algo["minibatches"]
+  tx, schedule = common.make_optimizer(config.optimizer, config.num_steps * updates_per_step)
+  dummy = jnp.zeros((1, 2), jnp.int32)
+  state, shardings = common.create_state(lambda k: model.init(k, dummy)["params"], tx, mesh,
+                                         rng_init, init_params)
+  need_ref = algo["kl_mode"] != "none" and algo["kl_coef"] > 0
+  ref_params = jax.tree.map(jnp.copy, state["params"]) if need_ref else None
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       config.checkpoint.every, config.checkpoint.keep,
+                                       config.checkpoint.async_save)
+  start, state = common.restore_or_keep(checkpointer, state, shardings)
+  if start:
+    print(f"resumed from step {start}", flush=True)
+  common.prepare_workdir(workdir, config)
+  common.save_json(os.path.join(workdir, "model_config.json"), mcfg.to_dict())
+  common.save_json(os.path.join(workdir, "resolved_algorithm.json"), algo)
+  tokenizer.save(workdir)
+
+  P = train_ds[0]["tokens"].shape[1]
+  temperature = r.temperature if r.temperature > 0 else 1.0
+  logps_fn = rollout.completion_logps_fn(mcfg, P, temperature)
+  update = make_update(model, tx, algo, P, temperature, r.max_new_tokens)
+  B = N * G
+  if B % algo["minibatches"]:
+    raise config_lib.ConfigError(f"config.grpo.minibatches={algo['minibatches']} must divide "
+                                 f"prompts_per_step * group_size = {B}")
+
+  def sample(params, batch, key):
+    return rollout.generate_rollout(
+        model_config=mcfg, params=params, ref_params=ref_params,
+        prompt_tokens_NP=batch["tokens"], prompt_mask_NP=batch["mask"], group_size=G, rng=key,
+        rollout_cfg=r, tokenizer=tokenizer, reward_fn=reward_fn.score,
+        metadata=train_meta(batch["index"]), logps_fn=logps_fn, need_ref=need_ref)
+
+  def rl_step(state, batch):
+    step = int(state["step"])
+    t_start = time.perf_counter()
+    key = jax.random.fold_in(rng_rollout, step)
+    ro = sample(state["params"], batch, key)
+    stats = rollout.rollout_stats(ro, G)  # before any refill: what the policy produced
+    if algo["dynamic_sampling"]:
+      ro, stats["refill_rounds"] = refill(state["params"], ro, step, key)
+    adv = advantages(algo, ro, G)
+    if algo["variant"] == "dapo" and algo["overlong_cache"] > 0:
+      stats["overlong_frac"] = float((ro.lengths_B > r.max_new_tokens - algo["overlong_cache"]
+                                      ).mean())
+    arrays = {"sequences": ro.sequences_BS, "segment_ids": ro.segment_ids_BS,
+              "mask": ro.completion_mask_BC, "old_logps": ro.old_logps_BC, "advantages": adv,
+              "ref_logps": ro.ref_logps_BC if ro.ref_logps_BC is not None
+              else np.zeros_like(ro.old_logps_BC)}
+    t0 = time.perf_counter()
+    perm_key = np.random.default_rng([config.seed, step])
+    mb_size = B // algo["minibatches"]
+    for _ in range(algo["epochs"]):
+      perm = perm_key.permutation(B)
+      for i in range(algo["minibatches"]):
+        idx = perm[i * mb_size:(i + 1) * mb_size]
+        state, m = update(state, parallel.shard_batch({k: v[idx] for k, v in arrays.items()},
+                                                      mesh))
+    jax.block_until_ready(state["params"])
+    t_update = time.perf_counter() - t0
+    total = time.perf_counter() - t_start
+    rollout_tokens = int(ro.lengths_B.sum())
+    stats.update({f"time/{k}": v for k, v in ro.timings.items()})
+    stats.update({"time/update": t_update, "time/step": total,
+                  "rollout_tokens_per_second": rollout_tokens / max(ro.timings["generate"], 1e-9),
+                  "train_tokens_per_second": int(ro.segment_ids_BS.sum()) * algo["epochs"]
+                  / max(t_update, 1e-9), "accuracy": float(np.mean(
+                      ro.reward_parts.get("math", np.full(B, np.nan))))})
+    state = {**state, "step": state["step"] + 1}
+    return state, {**jax.device_get(m), **stats}
+
+  def refill(params, ro, step, key):
+    """DAPO dynamic sampling: replace zero-variance groups by fresh ones (same shapes)."""
+    rounds = 0
+    while rounds < algo["max_refill_rounds"]:
+      dead = rollout.zero_variance_groups(ro.rewards_B, G)
+      if not dead.any():
+        break
+      extra = sample(params, refill_ds[step * algo["max_refill_rounds"] + rounds],
+                     jax.random.fold_in(key, 1000 + rounds))
+      ro = rollout.replace_groups(ro, extra, dead, G)
+      rounds += 1
+    return ro, rounds
+
+  def evaluate(params, step):
+    return prompt_sets.greedy_accuracy(config, mcfg, params, tokenizer, eval_src, workdir, step,
+                                       jax.random.fold_in(rng_rollout, 10**9 + step))
+
+  return common.train_loop(
+      config, workdir, state=state, start=start, train_step=rl_step,
+      get_batch=lambda i: train_ds[i], mesh=mesh, checkpointer=checkpointer,
+      schedule=lambda s: schedule(s * updates_per_step), shard_batches=False,
+      evaluate=evaluate if eval_src is not None else None, desc=f"grpo[{algo['variant']}]",
+      progress_keys=("reward_mean", "eval_accuracy"),
+      count_tokens=lambda b: 0, extra_metrics={f"data_{k}": v for k, v in data_stats.items()})

@@ -1,0 +1,117 @@
+"""Prompt sets for the online-RL trainers: config -> prompt batches + metadata + eval.
+
+`config.data.source`:
+  synthetic  WORKDIR/data/prompts_<task>_{train,eval}.jsonl generated from the seed
+             (`rlhf_jax.data.synthetic.make_verifiable_example`: add / arithmetic / word)
+  jsonl      data.train_path / data.eval_path: {"prompt", "answer"?} rows
+  gsm8k      data.train_path / data.eval_path: the official GSM8K JSONL files
+All are built into TFDS array_record datasets (`data.data_dir`, default WORKDIR/tfds).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from rlhf_jax.data import prompts as prompt_data
+from rlhf_jax.data.sft import DataError, batched
+from rlhf_jax.trainers.pairs import _name
+
+SOURCES = ("synthetic", "jsonl", "gsm8k")
+
+
+def load(config, workdir: str):
+  """(train source, eval source or None, stats) of decoded prompt examples."""
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
+  d = config.data
+  data_dir = d.data_dir or os.path.join(workdir, "tfds")
+  if d.source == "synthetic":
+    files = {}
+    for split, n, seed in (("train", d.synthetic_train_examples, config.seed),
+                           ("eval", d.synthetic_eval_examples, config.seed + 10_000)):
+      path = os.path.join(workdir, "data",
+                          f"prompts_{d.synthetic_task}_d{d.synthetic_digits}_{split}.jsonl")
+      if not os.path.exists(path):
+        prompt_data.write_synthetic_prompts(path, d.synthetic_task, n, seed,
+                                            digits=d.synthetic_digits)
+      files[split] = path
+    builder = prompt_data.build_jsonl_prompts(files, data_dir, name=_name(*files.values()),
+                                              skip_malformed=d.skip_malformed)
+  elif d.source in ("jsonl", "gsm8k"):
+    if not d.train_path:
+      raise DataError(f"config.data.train_path: required when data.source={d.source!r}")
+    files = {"train": d.train_path, **({"eval": d.eval_path} if d.eval_path else {})}
+    if d.source == "jsonl":
+      builder = prompt_data.build_jsonl_prompts(files, data_dir, name=_name(*files.values()),
+                                                skip_malformed=d.skip_malformed)
+    else:
+      builder = prompt_data.build_gsm8k(data_dir, files=files,
+                                        config_name=_name(*files.values()),
+                                        skip_malformed=d.skip_malformed)
+  else:
+    raise DataError(f"config.data.source={d.source!r}: expected one of {SOURCES}")
+  train = prompt_data.load_prompts(builder, "train")
+  evals = prompt_data.load_prompts(builder, "eval") if "eval" in builder.info.splits else None
+  stats = {f"{split}_{k}": v for split, s in prompt_data.prompt_stats(builder).items()
+           for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+  return train, evals, stats
+
+
+def _messages(prompt):
+  return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def corpus(source):
+  """(prompt messages, reference solution) pairs, for training a tokenizer."""
+  for ex in source:
+    yield _messages(ex["prompt"]), ex.get("solution") or ex.get("answer") or ""
+
+
+def batches(config, tokenizer, source, prompts_per_step: int, seed: int):
+  """(grain dataset: ds[step] -> {"tokens" [N, P], "mask" [N, P], "index" [N]},
+  metadata(index [N]) -> {"answer": [...]} for the reward functions)."""
+  tokens, mask = prompt_data.tokenize_prompts(source, tokenizer, config.data.max_prompt_len)
+  arrays = {"tokens": tokens, "mask": mask, "index": np.arange(len(tokens), dtype=np.int32)}
+  answers = [ex["answer"] for ex in source]
+
+  def metadata(index):
+    return {"answer": [answers[int(i)] for i in index]}
+  return batched(arrays, prompts_per_step, seed), metadata
+
+
+def greedy_accuracy(config, model_config, params, tokenizer, source, workdir, step, rng):
+  """Greedy decoding on the first `eval_prompts` held-out prompts, scored by the reward
+  spec's components: eval_reward, eval_accuracy (the math component when present);
+  the first `sample.num_prompts` completions go to samples.jsonl."""
+  import json
+
+  from rlhf_jax import metrics as metrics_lib
+  from rlhf_jax import sampling
+  from rlhf_jax.rewards import make_reward_fn
+  n = min(config.eval_prompts, len(source))
+  examples = [source[i] for i in range(n)]
+  tokens, mask = prompt_data.tokenize_prompts(examples, tokenizer, config.data.max_prompt_len)
+  out = sampling.generate(model_config, params, tokens, mask, rng,
+                          max_new_tokens=config.rollout.max_new_tokens, greedy=True,
+                          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  toks, m = np.asarray(out.tokens_BN), np.asarray(out.mask_BN)
+  texts = [tokenizer.decode([int(t) for t, k in zip(row, mm) if k and t != tokenizer.eos_id])
+           for row, mm in zip(toks, m)]
+  lengths = m.sum(1)
+  finished = [bool(mm.any()) and int(row[mm.sum() - 1]) == tokenizer.eos_id
+              for row, mm in zip(toks, m)]
+  spec = config.reward.spec
+  reward_fn = make_reward_fn(json.loads(spec) if spec.strip()[:1] in "[{" else spec)
+  prompts = [_messages(ex["prompt"])[-1]["content"] for ex in examples]
+  total, parts = reward_fn.score(prompts, texts, {
+      "answer": [ex["answer"] for ex in examples], "completion_lengths": list(lengths),
+      "finished": finished})
+  k = config.sample.num_prompts
+  metrics_lib.append_jsonl(os.path.join(workdir, "samples.jsonl"), step, [
+      {"prompt": p, "completion": c, "reference": ex["answer"], "reward": float(rw)}
+      for p, c, ex, rw in zip(prompts[:k], texts[:k], examples[:k], total[:k])])
+  res = {"eval_reward": float(np.mean(total))}
+  if "math" in parts:
+    res["eval_accuracy"] = float(np.mean(parts["math"]))
+  return res
