@@ -263,7 +263,7 @@ def explained_variance(values_BT, returns_BT, mask_BT):
 def entropy_from_logits(logits_BTV, temperature=1.0):
   """Entropy of softmax(logits / temperature) per position, float32 [B, T].
 
-      H = logsumexp(z) - sum_v softmax(z)_v z_v
+      H = -sum_v p_v log p_v,   p = softmax(z),  z = logits / temperature
 
   Logits aligned like `logprobs.token_logprobs` (position t predicts token
   t + 1); reduce with the completion mask (`token_mean` / `aggregate`).
@@ -271,10 +271,10 @@ def entropy_from_logits(logits_BTV, temperature=1.0):
   z = _f32(logits_BTV)
   if temperature != 1.0:
     z = z / temperature
-  lse = jax.nn.logsumexp(z, axis=-1)
-  p = jax.nn.softmax(z, axis=-1)
+  logp = jax.nn.log_softmax(z, axis=-1)
+  # -sum p log p: a sum of non-negative terms (no cancellation for peaked p).
   # Banned (-inf) logits have p = 0 and contribute 0 (not 0 * -inf = NaN).
-  return lse - jnp.sum(p * jnp.where(jnp.isfinite(z), z, 0.0), axis=-1)
+  return -jnp.sum(jnp.exp(logp) * jnp.where(jnp.isfinite(logp), logp, 0.0), axis=-1)
 
 
 def ppo_loss(logp_BT, old_logp_BT, advantages_BT, values_BT, old_values_BT, returns_BT, mask_BT,
