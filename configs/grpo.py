@@ -1,11 +1,11 @@
 """The GRPO family of critic-free online RL (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++).
 
 Presets (`--config=configs/grpo.py:PRESET`):
-  tiny   the tiny CPU model on synthetic 2-digit addition with a verifiable math reward.
-         Start it from an SFT run of the same task, e.g.
+  tiny   the tiny CPU model on synthetic 1-digit addition with a verifiable math reward.
+         Start it from a (deliberately short) SFT run of the same task, e.g.
            rlhf-jax train --config=configs/sft.py:tiny --workdir=runs/sft_add \\
-               --config.data.synthetic_task=add --config.data.synthetic_max_len=4 \\
-               --config.num_steps=150
+               --config.data.synthetic_task=add --config.data.synthetic_max_len=2 \\
+               --config.num_steps=60
            rlhf-jax train --config=configs/grpo.py:tiny --workdir=runs/grpo \\
                --config.init_from=runs/sft_add [--config.grpo.variant=dapo]
   gsm8k  a Llama-3.2-1B-shaped policy on GSM8K (set init_from and data.train_path).
@@ -38,8 +38,10 @@ def get_config(preset: str = "tiny") -> ConfigDict:
       epochs=1,                # passes over each rollout batch
       minibatches=1,           # optimizer steps per pass
   ))
-  c.num_steps = 60
-  c.optimizer.update(lr=1e-4, warmup_steps=0, final_lr_ratio=1.0, weight_decay=0.0)
+  c.data.synthetic_digits = 1
+  c.rollout.max_new_tokens = 4
+  c.num_steps = 120
+  c.optimizer.update(lr=3e-4, warmup_steps=0, final_lr_ratio=1.0, weight_decay=0.0)
   c.log_every = 5
   c.eval_every = 20
   c.checkpoint.every = 20

@@ -259,4 +259,4 @@ def run(config, workdir: str) -> dict:
       schedule=lambda s: schedule(s * updates_per_step), shard_batches=False,
       evaluate=evaluate if eval_src is not None else None, desc=f"grpo[{algo['variant']}]",
       progress_keys=("reward_mean", "eval_accuracy"),
-      count_tokens=lambda b: 0, extra_metrics={f"data_{k}": v for k, v in data_stats.items()})
+      count_tokens=None, extra_metrics={f"data_{k}": v for k, v in data_stats.items()})

@@ -76,7 +76,8 @@ def batches(config, tokenizer, source, prompts_per_step: int, seed: int):
   answers = [ex["answer"] for ex in source]
 
   def metadata(index):
-    return {"answer": [answers[int(i)] for i in index]}
+    return {"answer": [answers[int(i)] for i in index],
+            "prompt_messages": [_messages(source[int(i)]["prompt"]) for i in index]}
   return batched(arrays, prompts_per_step, seed), metadata
 
 
@@ -106,6 +107,7 @@ def greedy_accuracy(config, model_config, params, tokenizer, source, workdir, st
   prompts = [_messages(ex["prompt"])[-1]["content"] for ex in examples]
   total, parts = reward_fn.score(prompts, texts, {
       "answer": [ex["answer"] for ex in examples], "completion_lengths": list(lengths),
+      "prompt_messages": [_messages(ex["prompt"]) for ex in examples],
       "finished": finished})
   k = config.sample.num_prompts
   metrics_lib.append_jsonl(os.path.join(workdir, "samples.jsonl"), step, [
