@@ -12,7 +12,6 @@ from rlhf_jax.losses.kl import kl_penalty_rewards
 B, T, G = 8, 12, 4
 
 # jitted once per static configuration; every test reuses the [B, T] / [B] shapes
-whiten_j = jax.jit(whiten, static_argnames=("shift_mean", "unbiased"))
 group_j = jax.jit(group_advantages, static_argnames=("group_size", "scale_by_std", "std_ddof"))
 rloo_j = jax.jit(rloo_advantages, static_argnames=("group_size",))
 
@@ -139,29 +138,36 @@ def test_discounted_returns():
 
 # ----------------------------------------------------------------------------- whiten
 
-@pytest.mark.parametrize("shift_mean", [True, False])
-@pytest.mark.parametrize("unbiased", [False, True])
-def test_whiten_matches_numpy(shift_mean, unbiased):
+FLAGS = [(True, False), (False, False), (True, True), (False, True)]   # (shift_mean, unbiased)
+
+
+@jax.jit
+def whiten_all_flags(x, m):
+  return [whiten(x, m, shift_mean=s, unbiased=u) for s, u in FLAGS]
+
+
+def test_whiten_matches_numpy():
   r, _, m = make_batch(3)
   x = (r * 3 + 2).astype(np.float32)
-  got = whiten_j(jnp.asarray(x), jnp.asarray(m), shift_mean=shift_mean, unbiased=unbiased)
-  np.testing.assert_allclose(np.asarray(got), np_whiten(x, m, shift_mean, unbiased), rtol=1e-5, atol=1e-5)
-  if shift_mean:
-    sel = np.asarray(got)[m > 0]
-    assert abs(sel.mean()) < 1e-5
-  # sequence-level [B] with a row mask works too
   rows = (m.sum(1) > 0).astype(np.float32)
-  got_B = whiten_j(jnp.asarray(x[:, 0]), jnp.asarray(rows), shift_mean=shift_mean, unbiased=unbiased)
-  np.testing.assert_allclose(np.asarray(got_B), np_whiten(x[:, 0], rows, shift_mean, unbiased),
-                             rtol=1e-5, atol=1e-5)
+  got_BT = whiten_all_flags(jnp.asarray(x), jnp.asarray(m))
+  got_B = whiten_all_flags(jnp.asarray(x[:, 0]), jnp.asarray(rows))   # sequence-level [B] with a row mask
+  for (shift_mean, unbiased), y_BT, y_B in zip(FLAGS, got_BT, got_B):
+    np.testing.assert_allclose(np.asarray(y_BT), np_whiten(x, m, shift_mean, unbiased), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y_B), np_whiten(x[:, 0], rows, shift_mean, unbiased),
+                               rtol=1e-5, atol=1e-5)
+    if shift_mean:
+      assert abs(np.asarray(y_BT)[m > 0].mean()) < 1e-5
 
 
 def test_whiten_degenerate():
   x = jnp.asarray(np.random.default_rng(4).normal(size=(B, T)).astype(np.float32))
   for mask in (jnp.zeros((B, T)), jnp.zeros((B, T)).at[2, 3].set(1.0)):
-    for unbiased in (False, True):
-      y = np.asarray(whiten_j(x, mask, unbiased=unbiased))
-      assert np.isfinite(y).all() and (y == 0).all()
+    for (shift_mean, _), y in zip(FLAGS, whiten_all_flags(x, mask)):
+      y = np.asarray(y)
+      assert np.isfinite(y).all() and (y[np.asarray(mask) == 0] == 0).all()
+      if shift_mean:   # zero variance: the lone element whitens to 0 (not NaN / inf)
+        assert (y == 0).all()
   mean, var = jax.jit(masked_mean_var)(x, jnp.zeros((B, T)))
   assert float(mean) == 0.0 and float(var) == 0.0
   g = jax.jit(jax.grad(lambda x: jnp.sum(whiten(x, jnp.zeros((B, T)).at[2, 3].set(1.0)) ** 2)))(x)

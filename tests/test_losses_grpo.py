@@ -176,22 +176,27 @@ def test_gspo_gradient_is_sequence_level():
   assert rows_live.sum() >= 1 and (~rows_live & (m.sum(1) > 0)).sum() >= 1
 
 
+@jax.jit
+def ratio_one_cases(logp, ref, adv, m):
+  """At old = logp: token vs sequence importance for two aggregations, no-KL, on-policy (old=None)."""
+  out = [_value_and_grad(logp, logp, ref, adv, m, aggregation=agg, kl_beta=0.04, importance=imp)
+         for agg in ("seq_mean_token_mean", "token_mean") for imp in ("token", "sequence")]
+  out.append(_value_and_grad(logp, logp, ref, adv, m))
+  on_policy = jax.value_and_grad(lambda lp: grpo_loss(lp, None, adv, m)[0])(logp)
+  return out, on_policy
+
+
 def test_gspo_equals_token_level_at_ratio_one():
   logp, _, ref, adv, m = make_batch(3)
-  lp = jnp.asarray(logp)
-  args = (lp, lp, jnp.asarray(ref), jnp.asarray(adv), jnp.asarray(m))
-  for agg in ("seq_mean_token_mean", "token_mean"):
-    tok = value_and_grad(*args, aggregation=agg, kl_beta=0.04)
-    seq = value_and_grad(*args, aggregation=agg, kl_beta=0.04, importance="sequence")
+  (smtm_tok, smtm_seq, tm_tok, tm_seq, no_kl), on = ratio_one_cases(*map(jnp.asarray, (logp, ref, adv, m)))
+  for tok, seq in ((smtm_tok, smtm_seq), (tm_tok, tm_seq)):
     np.testing.assert_allclose(float(tok[0]), float(seq[0]), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(tok[2]), np.asarray(seq[2]), rtol=1e-5, atol=1e-8)
   # and the gradient is A grad log pi (weights 1/(|y_i| |S|)) plus the KL term
-  no_kl = value_and_grad(*args)
   n = m.sum(1, keepdims=True)
   w = m / np.maximum(n, 1) / (n[:, 0] > 0).sum()
   np.testing.assert_allclose(np.asarray(no_kl[2]), -np.float64(adv)[:, None] * w, rtol=1e-5, atol=1e-8)
   # old_logp_BT=None is on-policy: the same loss and gradient
-  on = jax.value_and_grad(lambda lp: grpo_loss(lp, None, jnp.asarray(adv), jnp.asarray(m))[0])(lp)
   np.testing.assert_allclose(float(on[0]), float(no_kl[0]), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(on[1]), np.asarray(no_kl[2]), rtol=1e-6, atol=1e-9)
 

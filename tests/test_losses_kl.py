@@ -98,11 +98,11 @@ def test_k1_k3_unbiased_on_policy_samples():
   p = rng.dirichlet(np.ones(6))
   q = rng.dirichlet(np.ones(6))
   kl_true = float(np.sum(p * np.log(p / q)))
-  y = rng.choice(6, size=(64, 4096), p=p)
+  y = rng.choice(6, size=(64, 1024), p=p)
   logp, ref = np.log(p)[y].astype(np.float32), np.log(q)[y].astype(np.float32)
   for kind in ("k1", "k3"):
     est = float(jnp.mean(kl_estimate(jnp.asarray(logp), jnp.asarray(ref), kind)))
-    assert est == pytest.approx(kl_true, rel=0.03), kind
+    assert est == pytest.approx(kl_true, rel=0.05), kind
 
 
 @pytest.mark.parametrize("kind", ["k1", "k3"])
