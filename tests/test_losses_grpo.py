@@ -1,6 +1,4 @@
 """GRPO-family policy loss (GRPO, DAPO, Dr. GRPO, GSPO) and DAPO's overlong penalty vs float64 numpy."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -8,6 +8,9 @@ One function, `grpo_loss`, with the knobs that tell the variants apart:
   Dr. GRPO (Liu et al. 2025)       seq_mean_token_sum_norm   (0.2, 0.2)                 token        (0, -)
   GSPO (Zheng et al. 2025)         seq_mean_token_mean       (3e-4, 4e-4)               sequence     (0, -)
 
+(DeepSeekMath states beta = 0.04 but not eps; 0.2 is the usual default, as in
+TRL. DAPO's values are from its sec. 4.1, GSPO's from its sec. 5.1.)
+
 Advantages come from `advantages.group_advantages` (GRPO / DAPO / GSPO: with
 std scaling; Dr. GRPO: scale_by_std=False) or any other estimator
 (`rloo_advantages`, `reinforce_plus_plus_advantages`), as [B] (one per
@@ -18,8 +21,6 @@ completion tokens with mask_BT (ragged, rows may be all-masked).
 All arithmetic is float32.
 """
 from __future__ import annotations
-
-import numbers
 
 import jax
 import jax.numpy as jnp

@@ -57,8 +57,9 @@ def aggregate(loss_BT, mask_BT, aggregation="token_mean", max_len=None):
     seq_mean_token_mean      mean_{b in S} [sum_t m l / n_b]             GRPO (Shao et al. 2024, eq. 3)
     seq_mean_token_sum       mean_{b in S} [sum_t m l]                   sequence-sum REINFORCE-style
     seq_mean_token_sum_norm  mean_{b in S} [sum_t m l / max_len]         Dr. GRPO (Liu et al. 2025: GRPO
-                                                                         without 1/|o_i|; their code divides by
-                                                                         the generation budget, a constant)
+                                                                         without 1/|o_i|; implementations, e.g.
+                                                                         TRL's "dr_grpo", divide by a constant,
+                                                                         the generation budget)
 
   max_len (seq_mean_token_sum_norm only) defaults to T = mask_BT.shape[1];
   pass the generation budget (max new tokens) so the constant does not change
@@ -212,7 +213,8 @@ def ppo_value_loss(values_BT, old_values_BT, returns_BT, mask_BT, clip_eps=0.2,
   returns_BT = GAE returns (A + V_old), constants. Metrics: value_loss,
   value_clip_frac (fraction of real tokens where the clipped error is the
   larger, i.e. the gradient is zeroed), values_mean, returns_mean,
-  explained_variance.
+  explained_variance (of the values_BT being trained; pass rollout values to
+  `explained_variance` for the classic pre-update diagnostic).
   """
   if _is_number(clip_eps) and not clip_eps > 0:
     raise ValueError(f"PPO value loss: clip_eps must be > 0 (or None for no clipping), got {clip_eps}")
