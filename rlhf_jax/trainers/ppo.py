@@ -1,0 +1,223 @@
+"""PPO for RLHF (actor-critic): `run(config, workdir)`.
+
+Follows Ziegler et al. 2019 / Ouyang et al. 2022 and "The N Implementation
+Details of RLHF with PPO" (Huang et al. 2024); every detail is a knob in
+`config.ppo`:
+
+  rollout   G samples per prompt (`rlhf_jax.rollout`), scored by `config.reward.spec`
+  values    critic V(s_t) at the state before each completion token (old values)
+  rewards   r_t = -beta * k1(logp_old, logp_ref)  (+ score at the last token)
+            score optionally whitened over the batch (`whiten_rewards`)
+            beta: fixed, or the adaptive controller (target KL, horizon; Ziegler et al.)
+  GAE       advantages, returns with (gamma, lam) (`losses.advantages.gae`),
+            advantages whitened over the batch (`whiten_advantages`)
+  update    `epochs` x `minibatches` steps of the clipped surrogate (+ dual clip),
+            clipped value loss (vf_coef), entropy bonus (`losses.ppo.ppo_loss`)
+
+Critic: `ppo.critic="separate"` is its own network (backbone initialised from
+the policy, or from a reward model with `ppo.critic_init`); "shared" is a
+scalar head on the policy's final hidden states. Params: {"policy", "value"}.
+The KL controller's state is part of the checkpointed train state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax import config as config_lib
+from rlhf_jax import parallel, rollout
+from rlhf_jax.losses import advantages as adv_lib
+from rlhf_jax.losses import kl as kl_lib
+from rlhf_jax.losses.ppo import entropy_from_logits, explained_variance, ppo_loss
+from rlhf_jax.models import Transformer
+from rlhf_jax.models.heads import ScalarHead, ScalarModel, backbone_params_from_lm
+from rlhf_jax.rewards import make_reward_fn
+from rlhf_jax.trainers import common, prompt_sets
+
+
+class PolicyValue(nn.Module):
+  """Policy logits [B, S, V] and values [B, S] from {"policy", "value"} params."""
+  config: object
+  critic: str = "separate"
+
+  @nn.compact
+  def __call__(self, tokens_BS, segment_ids_BS):
+    lm = Transformer(self.config, name="policy")
+    if self.critic == "shared":
+      h, _ = lm(tokens_BS, segment_ids_BS, output="hidden")
+      return lm.unembed(h), ScalarHead(name="value")(h)
+    logits, _ = lm(tokens_BS, segment_ids_BS)
+    return logits, ScalarModel(self.config, name="value")(tokens_BS, segment_ids_BS)
+
+
+def completion_slice(x_BS, P):
+  """Entries at the states *before* each completion token: positions P-1 .. S-2."""
+  return x_BS[:, P - 1:-1]
+
+
+def make_update(model, tx, p, P, temperature, max_len):
+  def loss_fn(params, mb):
+    logits, values = model.apply({"params": params}, mb["sequences"], mb["segment_ids"])
+    logits = completion_slice(logits, P) / temperature
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), mb["sequences"][:, P:, None],
+                               axis=-1)[..., 0]
+    ent = entropy_from_logits(logits)  # logged always; in the loss when entropy_coef > 0
+    return ppo_loss(logp, mb["old_logps"], mb["advantages"], completion_slice(values, P),
+                    mb["old_values"], mb["returns"], mb["mask"], clip_eps=p.clip_eps,
+                    clip_eps_high=p.clip_eps_high if p.clip_eps_high > 0 else None,
+                    dual_clip=p.dual_clip if p.dual_clip > 0 else None,
+                    value_clip_eps=p.value_clip_eps if p.value_clip_eps > 0 else None,
+                    vf_coef=p.vf_coef, entropy_BT=ent, entropy_coef=p.entropy_coef,
+                    aggregation=p.aggregation, max_len=max_len)
+
+  @jax.jit
+  def update(state, mb):
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], mb)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return ({**state, "params": optax.apply_updates(state["params"], updates),
+             "opt_state": opt_state}, {**metrics, "grad_norm": optax.tree.norm(grads)})
+  return update
+
+
+def run(config, workdir: str) -> dict:
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  p, r = config.ppo, config.rollout
+  G, N = r.group_size, r.prompts_per_step
+  B = N * G
+  if p.critic not in ("separate", "shared"):
+    raise config_lib.ConfigError(f"config.ppo.critic={p.critic!r}: expected separate|shared")
+  if B % p.minibatches:
+    raise config_lib.ConfigError(f"config.ppo.minibatches={p.minibatches} must divide "
+                                 f"prompts_per_step * group_size = {B}")
+  mesh = parallel.make_mesh(config.mesh.shape)
+
+  # Data, tokenizer, reward.
+  train_src, eval_src, data_stats = prompt_sets.load(config, workdir)
+  tokenizer = common.build_tokenizer(config, workdir, lambda: prompt_sets.corpus(train_src))
+  train_ds, train_meta = prompt_sets.batches(config, tokenizer, train_src, N, config.seed)
+  spec = config.reward.spec
+  reward_fn = make_reward_fn(json.loads(spec) if spec.strip()[:1] in "[{" else spec)
+
+  # Policy + critic; the reference is the initial policy.
+  rng_init, rng_rollout = jax.random.split(jax.random.PRNGKey(config.seed))
+  if config.init_from:
+    mcfg, lm_params = common.load_init(config.init_from, config.model.dtype,
+                                       config.model.remat)
+  else:
+    mcfg, lm_params = config_lib.model_config(config, vocab_size=tokenizer.vocab_size), None
+  model = PolicyValue(mcfg, p.critic)
+  dummy = jnp.zeros((1, 2), jnp.int32)
+  init_params = None
+  if lm_params is not None:
+    fresh = jax.tree.map(np.asarray, common.unboxed_init(model, rng_init, dummy, dummy + 1))
+    value = fresh["value"]
+    if p.critic == "separate":
+      if p.critic_init:  # e.g. a reward model's workdir: its backbone and head
+        _, critic = common.load_init(p.critic_init, config.model.dtype, config.model.remat)
+        value = {"backbone": critic["backbone"], "head": critic["head"]}
+      else:
+        value = {"backbone": backbone_params_from_lm(lm_params), "head": fresh["value"]["head"]}
+    init_params = {"policy": lm_params, "value": value}
+  updates_per_step = p.epochs * p.minibatches
+  tx, schedule = common.make_optimizer(config.optimizer, config.num_steps * updates_per_step)
+  state, shardings = common.create_state(
+      lambda k: model.init(k, dummy, dummy + 1)["params"], tx, mesh, rng_init, init_params)
+  state["kl_ctl"] = kl_lib.kl_controller_init(p.kl_coef)
+  shardings["kl_ctl"] = jax.tree.map(lambda _: parallel.replicated(mesh), state["kl_ctl"])
+  ref_params = jax.tree.map(jnp.copy, state["params"]["policy"])
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       config.checkpoint.every, config.checkpoint.keep,
+                                       config.checkpoint.async_save)
+  start, state = common.restore_or_keep(checkpointer, state, shardings)
+  if start:
+    print(f"resumed from step {start}", flush=True)
+  common.prepare_workdir(workdir, config)
+  common.save_json(os.path.join(workdir, "model_config.json"), mcfg.to_dict())
+  tokenizer.save(workdir)
+
+  P = train_ds[0]["tokens"].shape[1]
+  temperature = r.temperature if r.temperature > 0 else 1.0
+  logps_fn = rollout.completion_logps_fn(mcfg, P, temperature)
+  values_fn = jax.jit(lambda params, s, g: completion_slice(
+      model.apply({"params": params}, s, g)[1], P))
+  update = make_update(model, tx, p, P, temperature, r.max_new_tokens)
+
+  def rl_step(state, batch):
+    step = int(state["step"])
+    t_start = time.perf_counter()
+    ro = rollout.generate_rollout(
+        model_config=mcfg, params=state["params"]["policy"], ref_params=ref_params,
+        prompt_tokens_NP=batch["tokens"], prompt_mask_NP=batch["mask"], group_size=G,
+        rng=jax.random.fold_in(rng_rollout, step), rollout_cfg=r, tokenizer=tokenizer,
+        reward_fn=reward_fn.score, metadata=train_meta(batch["index"]), logps_fn=logps_fn,
+        need_ref=True)
+    stats = rollout.rollout_stats(ro, G)
+    t0 = time.perf_counter()
+    mask = ro.completion_mask_BC
+    old_values = rollout.micro_batched(lambda s, g: values_fn(state["params"], s, g),
+                                       r.logprob_micro_batch, ro.sequences_BS,
+                                       ro.segment_ids_BS) * mask
+    scores = ro.rewards_B
+    if p.whiten_rewards:
+      scores = np.asarray(adv_lib.whiten(scores, np.ones_like(scores), shift_mean=False))
+    beta = float(state["kl_ctl"]["beta"])
+    rewards_BC = kl_lib.kl_penalty_rewards(ro.old_logps_BC, ro.ref_logps_BC, mask, beta,
+                                           p.kl_estimator, scores_B=scores)
+    adv, returns = adv_lib.gae(rewards_BC, old_values, mask, p.gamma, p.lam)
+    if p.whiten_advantages:
+      adv = adv_lib.whiten(adv, mask)
+    stats["time/advantages"] = time.perf_counter() - t0
+    arrays = {"sequences": ro.sequences_BS, "segment_ids": ro.segment_ids_BS, "mask": mask,
+              "old_logps": ro.old_logps_BC, "old_values": old_values.astype(np.float32),
+              "advantages": np.asarray(adv, np.float32),
+              "returns": np.asarray(returns, np.float32)}
+    t0 = time.perf_counter()
+    perm_rng = np.random.default_rng([config.seed, step])
+    mb = B // p.minibatches
+    for _ in range(p.epochs):
+      perm = perm_rng.permutation(B)
+      for i in range(p.minibatches):
+        idx = perm[i * mb:(i + 1) * mb]
+        state, m = update(state, parallel.shard_batch({k: v[idx] for k, v in arrays.items()},
+                                                      mesh))
+    jax.block_until_ready(state["params"])
+    t_update = time.perf_counter() - t0
+    # KL to the reference of this rollout (per sequence, summed over tokens) -> controller.
+    seq_kl = float((np.asarray(kl_lib.kl_estimate(ro.old_logps_BC, ro.ref_logps_BC, "k1"))
+                    * mask).sum(1).mean())
+    kl_ctl = kl_lib.kl_controller_update(state["kl_ctl"], seq_kl, B,
+                                         p.kl_target if p.adaptive_kl else None, p.kl_horizon)
+    state = {**state, "step": state["step"] + 1, "kl_ctl": kl_ctl}
+    stats.update({f"time/{k}": v for k, v in ro.timings.items()})
+    stats.update({"time/update": t_update, "time/step": time.perf_counter() - t_start,
+                  "kl_coef": beta, "kl_seq": seq_kl,
+                  "rollout_values_explained_variance": float(explained_variance(
+                      old_values, np.asarray(returns), mask)),
+                  "rollout_tokens_per_second": float(ro.lengths_B.sum())
+                  / max(ro.timings["generate"], 1e-9),
+                  "train_tokens_per_second": float(ro.segment_ids_BS.sum()) * p.epochs
+                  / max(t_update, 1e-9)})
+    if "math" in ro.reward_parts:
+      stats["accuracy"] = float(np.mean(ro.reward_parts["math"]))
+    return state, {**jax.device_get(m), **stats}
+
+  def evaluate(params, step):
+    return prompt_sets.greedy_accuracy(config, mcfg, params["policy"], tokenizer, eval_src,
+                                       workdir, step, jax.random.fold_in(rng_rollout, 10**9 + step))
+
+  return common.train_loop(
+      config, workdir, state=state, start=start, train_step=rl_step,
+      get_batch=lambda i: train_ds[i], mesh=mesh, checkpointer=checkpointer,
+      schedule=lambda s: schedule(s * updates_per_step), shard_batches=False,
+      evaluate=evaluate if eval_src is not None else None, desc="ppo",
+      progress_keys=("reward_mean", "eval_accuracy"), count_tokens=None,
+      extra_metrics={f"data_{k}": v for k, v in data_stats.items()})
