@@ -22,3 +22,29 @@ def shared_data_file(name: str) -> Path:
       pytest.fail(f"{path} missing on CI (set RLHF_JAX_DATA to the shared data dir)")
     pytest.skip(f"{path} not found; set RLHF_JAX_DATA to the shared data directory")
   return path
+
+
+def override(config, **over):
+  """Set dotted keys on a ConfigDict: override(c, **{"grpo.variant": "dapo"})."""
+  for key, value in over.items():
+    node = config
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def sft_add_run(tmp_path_factory):
+  """A short SFT run on 1-digit addition (~25% greedy accuracy): the starting policy
+  (and reference) of the online-RL tests."""
+  from rlhf_jax.launch import load_config
+  from rlhf_jax.trainers import sft
+  wd = str(tmp_path_factory.mktemp("sft_add"))
+  c = load_config("configs/sft.py:tiny")
+  c.data.update(synthetic_task="add", synthetic_max_len=2)
+  c.update(num_steps=60, eval_every=0)
+  c.checkpoint.async_save = False
+  sft.run(c, wd)
+  return wd

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from rlhf_jax.checkpoint import read_checkpoint
+from conftest import override
 from rlhf_jax.launch import load_config
-from rlhf_jax.trainers import ppo, sft
+from rlhf_jax.trainers import ppo
 
 pytestmark = pytest.mark.slow
 
@@ -22,15 +23,9 @@ def rows(workdir):
     return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-  wd = str(tmp_path_factory.mktemp("sft_add"))
-  c = load_config("configs/sft.py:tiny")
-  c.data.update(synthetic_task="add", synthetic_max_len=2)
-  c.update(num_steps=60, eval_every=0)
-  c.checkpoint.async_save = False
-  sft.run(c, wd)
-  return wd
+@pytest.fixture
+def sft_run(sft_add_run):
+  return sft_add_run
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +38,7 @@ def ppo_config(sft_run, data_dir, **over):
   c.init_from = sft_run
   c.data.data_dir = data_dir
   c.checkpoint.async_save = False
-  for k, v in over.items():
-    node = c
-    *path, leaf = k.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return override(c, **over)
 
 
 def test_ppo_raises_accuracy_above_the_sft_policy(sft_run, data_dir, tmp_path):

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import override
 from rlhf_jax.launch import load_config
 from rlhf_jax.losses.dpo import LOSS_TYPES
 from rlhf_jax.trainers import dpo, pairs, reward_model
@@ -26,13 +27,7 @@ def small(config, data_dir, **over):
   config.checkpoint.async_save = False
   if "sample" in config:
     config.sample.every = 0
-  for k, v in over.items():
-    node = config
-    *path, leaf = k.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return config
+  return override(config, **over)
 
 
 def rows(workdir):

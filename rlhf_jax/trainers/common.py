@@ -82,6 +82,50 @@ def restore_or_keep(checkpointer: ckpt_lib.Checkpointer, state, shardings):
   return int(step), state
 
 
+def apply_gradients(state, grads, tx, count_step: bool = True):
+  """One optimizer update of state {"step", "params", "opt_state", ...} (other keys kept).
+
+  count_step: advance state["step"] (trainers whose step is one update); online-RL
+  trainers count rollout steps themselves.
+  """
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  new = {**state, "params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+  if count_step:
+    new["step"] = state["step"] + 1
+  return new
+
+
+def make_update(loss_fn, tx, count_step: bool = True):
+  """update(state, *args) -> (state, metrics) for loss_fn(params, *args) -> (loss, metrics):
+  value_and_grad + optimizer update; adds grad_norm to the metrics. Not jitted."""
+  def update(state, *args):
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], *args)
+    return (apply_gradients(state, grads, tx, count_step),
+            {**metrics, "grad_norm": optax.tree.norm(grads)})
+  return update
+
+
+def open_run(config, workdir: str, state, shardings, model_config, tokenizer, extra=None):
+  """Checkpointer + resume + the workdir files every trainer writes: (checkpointer, start, state).
+
+  Restores the latest checkpoint if there is one (refusing one that does not fit,
+  before anything is written), then writes config.json, model_config.json, the
+  tokenizer, and `extra` {filename: json-able}.
+  """
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       config.checkpoint.every, config.checkpoint.keep,
+                                       config.checkpoint.async_save)
+  start, state = restore_or_keep(checkpointer, state, shardings)
+  if start:
+    print(f"resumed from step {start}", flush=True)
+  prepare_workdir(workdir, config)
+  save_json(os.path.join(workdir, "model_config.json"), model_config.to_dict())
+  tokenizer.save(workdir)  # the workdir is self-contained: a later run can init_from it
+  for name, obj in (extra or {}).items():
+    save_json(os.path.join(workdir, name), obj)
+  return checkpointer, start, state
+
+
 def prepare_workdir(workdir: str, config) -> None:
   """Create workdir and write the resolved config.json (atomic)."""
   os.makedirs(workdir, exist_ok=True)

@@ -22,9 +22,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import config as config_lib
 from rlhf_jax import parallel
 from rlhf_jax.data import sft as sft_data
@@ -81,18 +79,8 @@ def make_loss_fn(model, d):
 
 
 def make_train_step(model, tx, d):
-  loss_fn = make_loss_fn(model, d)
-
-  def train_step(state, ref_params, batch):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], ref_params, batch)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = {"step": state["step"] + 1,
-                 "params": optax.apply_updates(state["params"], updates),
-                 "opt_state": opt_state}
-    return new_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
-
-  return train_step
+  """train_step(state, ref_params, batch) -> (state, metrics)."""
+  return common.make_update(make_loss_fn(model, d), tx)
 
 
 def reference_logps(model, names, ref_params, arrays, batch_size, mesh, cache_path, fingerprint):
@@ -165,15 +153,8 @@ def run(config, workdir: str) -> dict:
       ref_params = None  # no longer needed: free the memory
   train_ds = sft_data.batched(train_arrays, B, config.seed)
 
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       config.checkpoint.every, config.checkpoint.keep,
-                                       config.checkpoint.async_save)
-  start, state = common.restore_or_keep(checkpointer, state, shardings)
-  if start:
-    print(f"resumed from step {start}", flush=True)
-  common.prepare_workdir(workdir, config)
-  common.save_json(os.path.join(workdir, "model_config.json"), mcfg.to_dict())
-  tokenizer.save(workdir)
+  checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
+                                               tokenizer)
 
   batch_sharding = parallel.batch_sharding(mesh)
   ref_sharding = shardings["params"] if ref_params is not None else None

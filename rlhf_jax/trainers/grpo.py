@@ -33,9 +33,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import config as config_lib
 from rlhf_jax import parallel, rollout
 from rlhf_jax.losses import advantages as adv_lib
@@ -129,14 +127,7 @@ def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: i
     metrics["entropy"] = jnp.sum(ent * m) / jnp.maximum(m.sum(), 1.0)
     return loss, metrics
 
-  @jax.jit
-  def update(state, mb):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], mb)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    return ({**state, "params": optax.apply_updates(state["params"], updates),
-             "opt_state": opt_state}, {**metrics, "grad_norm": optax.tree.norm(grads)})
-
-  return update
+  return jax.jit(common.make_update(loss_fn, tx, count_step=False))
 
 
 def run(config, workdir: str) -> dict:
@@ -171,16 +162,8 @@ def run(config, workdir: str) -> dict:
                                          rng_init, init_params)
   need_ref = algo["kl_mode"] != "none" and algo["kl_coef"] > 0
   ref_params = jax.tree.map(jnp.copy, state["params"]) if need_ref else None
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       config.checkpoint.every, config.checkpoint.keep,
-                                       config.checkpoint.async_save)
-  start, state = common.restore_or_keep(checkpointer, state, shardings)
-  if start:
-    print(f"resumed from step {start}", flush=True)
-  common.prepare_workdir(workdir, config)
-  common.save_json(os.path.join(workdir, "model_config.json"), mcfg.to_dict())
-  common.save_json(os.path.join(workdir, "resolved_algorithm.json"), algo)
-  tokenizer.save(workdir)
+  checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
+                                               tokenizer, {"resolved_algorithm.json": algo})
 
   P = train_ds[0]["tokens"].shape[1]
   temperature = r.temperature if r.temperature > 0 else 1.0

@@ -29,9 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import config as config_lib
 from rlhf_jax import parallel, rollout
 from rlhf_jax.losses import advantages as adv_lib
@@ -78,13 +76,7 @@ def make_update(model, tx, p, P, temperature, max_len):
                     vf_coef=p.vf_coef, entropy_BT=ent, entropy_coef=p.entropy_coef,
                     aggregation=p.aggregation, max_len=max_len)
 
-  @jax.jit
-  def update(state, mb):
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], mb)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    return ({**state, "params": optax.apply_updates(state["params"], updates),
-             "opt_state": opt_state}, {**metrics, "grad_norm": optax.tree.norm(grads)})
-  return update
+  return jax.jit(common.make_update(loss_fn, tx, count_step=False))
 
 
 def run(config, workdir: str) -> dict:
@@ -134,15 +126,8 @@ def run(config, workdir: str) -> dict:
   state["kl_ctl"] = kl_lib.kl_controller_init(p.kl_coef)
   shardings["kl_ctl"] = jax.tree.map(lambda _: parallel.replicated(mesh), state["kl_ctl"])
   ref_params = jax.tree.map(jnp.copy, state["params"]["policy"])
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       config.checkpoint.every, config.checkpoint.keep,
-                                       config.checkpoint.async_save)
-  start, state = common.restore_or_keep(checkpointer, state, shardings)
-  if start:
-    print(f"resumed from step {start}", flush=True)
-  common.prepare_workdir(workdir, config)
-  common.save_json(os.path.join(workdir, "model_config.json"), mcfg.to_dict())
-  tokenizer.save(workdir)
+  checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
+                                               tokenizer)
 
   P = train_ds[0]["tokens"].shape[1]
   temperature = r.temperature if r.temperature > 0 else 1.0

@@ -20,7 +20,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import config as config_lib
@@ -46,15 +45,7 @@ def make_train_step(model, tx, center_coef: float, use_margin: bool):
     margin = batch["margin"] if use_margin else None
     return bradley_terry_loss(r_c, r_r, margin, center_coef)
 
-  def train_step(state, batch):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = {"step": state["step"] + 1,
-                 "params": optax.apply_updates(state["params"], updates),
-                 "opt_state": opt_state}
-    return new_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
-
-  return train_step
+  return common.make_update(loss_fn, tx)
 
 
 def make_eval_step(model):
@@ -166,15 +157,8 @@ def run(config, workdir: str) -> dict:
   tx, schedule = common.make_optimizer(config.optimizer, config.num_steps)
   state, shardings = common.create_state(lambda r: model.init(r, dummy)["params"], tx, mesh,
                                          rng_init, init_params)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       config.checkpoint.every, config.checkpoint.keep,
-                                       config.checkpoint.async_save)
-  start, state = common.restore_or_keep(checkpointer, state, shardings)
-  if start:
-    print(f"resumed from step {start}", flush=True)
-  common.prepare_workdir(workdir, config)
-  common.save_json(os.path.join(workdir, "model_config.json"), mcfg.to_dict())
-  tokenizer.save(workdir)
+  checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
+                                               tokenizer)
 
   batch_sharding = parallel.batch_sharding(mesh)
   train_step = jax.jit(make_train_step(model, tx, config.rm.center_coef, config.rm.use_margin),

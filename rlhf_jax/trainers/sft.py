@@ -10,14 +10,12 @@ accumulated before dividing, so the update equals the un-accumulated one.
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import config as config_lib
 from rlhf_jax import parallel
 from rlhf_jax.data import sft as sft_data
@@ -60,9 +58,7 @@ def make_train_step(model, tx, grad_accum_steps: int = 1):
       (grads, nll, n), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
     denom = jnp.maximum(n, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                 "opt_state": opt_state}
+    new_state = common.apply_gradients(state, grads, tx)
     metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads),
                "param_norm": optax.tree.norm(params), "num_tokens": n}
     return new_state, metrics
@@ -147,16 +143,8 @@ def run(config, workdir: str) -> dict:
   dummy = jnp.zeros((1, 2), jnp.int32)
   state, shardings = common.create_state(lambda r: model.init(r, dummy)["params"], tx, mesh,
                                          rng_init, params)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       config.checkpoint.every, config.checkpoint.keep,
-                                       config.checkpoint.async_save)
-  start, state = common.restore_or_keep(checkpointer, state, shardings)
-  common.prepare_workdir(workdir, config)  # config.json only once the checkpoint fits
-  common.save_json(os.path.join(workdir, "model_config.json"), mcfg.to_dict())
-  tokenizer.save(workdir)  # the workdir is self-contained: a later run can init_from it
-  if start:
-    logging.info("resumed from checkpoint step %d", start)
-    print(f"resumed from step {start}", flush=True)
+  checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
+                                               tokenizer)
 
   batch_sharding = parallel.batch_sharding(mesh)
   train_step = jax.jit(make_train_step(model, tx, config.grad_accum_steps),
