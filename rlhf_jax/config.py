@@ -144,6 +144,8 @@ def rollout_config() -> ConfigDict:
       top_p=1.0,               # 1 = off
       generate_micro_batch=128,  # rows per sampler call (divides prompts_per_step*group_size)
       logprob_micro_batch=128,   # rows per old/ref log-prob forward pass
+      train_micro_batch=0,       # rows per gradient micro-batch in an update (0 = the whole
+                                 # minibatch); gradients are accumulated exactly
   ))
 
 

@@ -105,6 +105,46 @@ def make_update(loss_fn, tx, count_step: bool = True):
   return update
 
 
+def aggregation_weight(aggregation: str):
+  """weight(micro_batch) for `make_accumulating_update`: the micro-batch's share of a
+  loss aggregated with `aggregation` (rlhf_jax/losses/ppo.py): its real tokens for
+  token_mean, its non-empty sequences for the seq_mean_* modes."""
+  if aggregation == "token_mean":
+    return lambda mb: jnp.sum(mb["mask"].astype(jnp.float32))
+  return lambda mb: jnp.sum((mb["mask"].sum(axis=1) > 0).astype(jnp.float32))
+
+
+def make_accumulating_update(loss_fn, tx, micro_batches: int, weight_fn, count_step=True):
+  """Like `make_update`, with the batch split into `micro_batches` equal parts whose
+  gradients are summed with weights weight_fn(part) / sum(weights) (lax.scan, one part
+  in memory at a time). For a loss that is a weighted mean over the batch (token or
+  sequence means; `aggregation_weight`), the update equals the whole-batch update.
+  Metrics are the same weighted means over the parts (so ratio_min/max are averages).
+  """
+  if micro_batches == 1:
+    return make_update(loss_fn, tx, count_step)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def update(state, batch):
+    parts = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
+    w = jax.vmap(weight_fn)(parts)
+    w = w / jnp.maximum(jnp.sum(w), 1e-12)
+    first = jax.tree.map(lambda x: x[0], parts)
+    _, m_shape = jax.eval_shape(loss_fn, state["params"], first)
+    zeros = (jax.tree.map(jnp.zeros_like, state["params"]),
+             jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), m_shape))
+
+    def body(acc, xs):
+      part, wi = xs
+      (_, m), g = grad_fn(state["params"], part)
+      return jax.tree.map(lambda a, b: a + wi * b, acc, (g, m)), None
+
+    (grads, metrics), _ = jax.lax.scan(body, zeros, (parts, w))
+    return (apply_gradients(state, grads, tx, count_step),
+            {**metrics, "grad_norm": optax.tree.norm(grads)})
+  return update
+
+
 def open_run(config, workdir: str, state, shardings, model_config, tokenizer, extra=None):
   """Checkpointer + resume + the workdir files every trainer writes: (checkpointer, start, state).
 

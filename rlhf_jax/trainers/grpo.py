@@ -106,8 +106,10 @@ def advantages(algo, ro: rollout.Rollout, group_size: int) -> np.ndarray:
   return (np.asarray(a, np.float32)[:, None] * mask).astype(np.float32)
 
 
-def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: int):
-  """jitted update(state, minibatch) -> (state, metrics): one clipped-policy step."""
+def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: int,
+                micro_batches: int = 1):
+  """jitted update(state, minibatch) -> (state, metrics): one clipped-policy step
+  (gradients accumulated exactly over `micro_batches` parts)."""
   use_ref = algo["kl_mode"] == "loss" and algo["kl_coef"] > 0
 
   def loss_fn(params, mb):
@@ -127,7 +129,18 @@ def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: i
     metrics["entropy"] = jnp.sum(ent * m) / jnp.maximum(m.sum(), 1.0)
     return loss, metrics
 
-  return jax.jit(common.make_update(loss_fn, tx, count_step=False))
+  return jax.jit(common.make_accumulating_update(
+      loss_fn, tx, micro_batches, common.aggregation_weight(algo["aggregation"]), count_step=False))
+
+
+def micro_batches_of(rows: int, micro: int) -> int:
+  """Number of training micro-batches of `micro` rows in a minibatch (0 = one)."""
+  if micro <= 0 or micro >= rows:
+    return 1
+  if rows % micro:
+    raise config_lib.ConfigError(f"config.rollout.train_micro_batch={micro} must divide the "
+                                 f"minibatch of {rows} rows")
+  return rows // micro
 
 
 def run(config, workdir: str) -> dict:
@@ -168,11 +181,12 @@ def run(config, workdir: str) -> dict:
   P = train_ds[0]["tokens"].shape[1]
   temperature = r.temperature if r.temperature > 0 else 1.0
   logps_fn = rollout.completion_logps_fn(mcfg, P, temperature)
-  update = make_update(model, tx, algo, P, temperature, r.max_new_tokens)
   B = N * G
   if B % algo["minibatches"]:
     raise config_lib.ConfigError(f"config.grpo.minibatches={algo['minibatches']} must divide "
                                  f"prompts_per_step * group_size = {B}")
+  update = make_update(model, tx, algo, P, temperature, r.max_new_tokens,
+                       micro_batches_of(B // algo["minibatches"], r.train_micro_batch))
 
   def sample(params, batch, key):
     return rollout.generate_rollout(

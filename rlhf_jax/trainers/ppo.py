@@ -39,6 +39,7 @@ from rlhf_jax.models import Transformer
 from rlhf_jax.models.heads import ScalarHead, ScalarModel, backbone_params_from_lm
 from rlhf_jax.rewards import make_reward_fn
 from rlhf_jax.trainers import common, prompt_sets
+from rlhf_jax.trainers.grpo import micro_batches_of
 
 
 class PolicyValue(nn.Module):
@@ -61,7 +62,7 @@ def completion_slice(x_BS, P):
   return x_BS[:, P - 1:-1]
 
 
-def make_update(model, tx, p, P, temperature, max_len):
+def make_update(model, tx, p, P, temperature, max_len, micro_batches=1):
   def loss_fn(params, mb):
     logits, values = model.apply({"params": params}, mb["sequences"], mb["segment_ids"])
     logits = completion_slice(logits, P) / temperature
@@ -76,7 +77,8 @@ def make_update(model, tx, p, P, temperature, max_len):
                     vf_coef=p.vf_coef, entropy_BT=ent, entropy_coef=p.entropy_coef,
                     aggregation=p.aggregation, max_len=max_len)
 
-  return jax.jit(common.make_update(loss_fn, tx, count_step=False))
+  return jax.jit(common.make_accumulating_update(
+      loss_fn, tx, micro_batches, common.aggregation_weight(p.aggregation), count_step=False))
 
 
 def run(config, workdir: str) -> dict:
@@ -134,7 +136,8 @@ def run(config, workdir: str) -> dict:
   logps_fn = rollout.completion_logps_fn(mcfg, P, temperature)
   values_fn = jax.jit(lambda params, s, g: completion_slice(
       model.apply({"params": params}, s, g)[1], P))
-  update = make_update(model, tx, p, P, temperature, r.max_new_tokens)
+  update = make_update(model, tx, p, P, temperature, r.max_new_tokens,
+                       micro_batches_of(B // p.minibatches, r.train_micro_batch))
 
   def rl_step(state, batch):
     step = int(state["step"])
