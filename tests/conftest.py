@@ -14,6 +14,28 @@ DATA = Path(os.environ.get("RLHF_JAX_DATA", REPO.parent / "shared" / "data"))
 ON_CI = os.environ.get("CI", "").lower() == "true"
 
 
+class CharTokenizer:
+  """A minimal tokenizer independent of the library's: one id per UTF-8 byte, specials 0-2,
+  chat template "role: content\\n" ... "assistant: ". For data-pipeline tests."""
+  pad_id, bos_id, eos_id = 0, 1, 2
+  add_bos = True
+  vocab_size = 259
+
+  def encode(self, text):
+    return [3 + b for b in text.encode()]
+
+  def decode(self, ids):
+    return bytes(i - 3 for i in ids if i >= 3).decode()
+
+  def apply_chat_template(self, messages, add_generation_prompt=True):
+    out = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return out + ("assistant: " if add_generation_prompt else "")
+
+
+class NoBosTokenizer(CharTokenizer):
+  add_bos = False
+
+
 def shared_data_file(name: str) -> Path:
   """Path of a file in the shared data dir; skip (user clone) or fail (CI) if absent."""
   path = DATA / name

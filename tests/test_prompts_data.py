@@ -13,28 +13,9 @@ from rlhf_jax.data import prompts
 from rlhf_jax.data import synthetic
 from rlhf_jax.data.sft import DataError
 
-from conftest import shared_data_file
+from conftest import CharTokenizer, NoBosTokenizer, shared_data_file
 
 
-class CharTokenizer:
-  """A minimal independent tokenizer: one id per UTF-8 byte, specials 0-2."""
-  pad_id, bos_id, eos_id = 0, 1, 2
-  add_bos = True
-  vocab_size = 259
-
-  def encode(self, text):
-    return [3 + b for b in text.encode()]
-
-  def decode(self, ids):
-    return bytes(i - 3 for i in ids if i >= 3).decode()
-
-  def apply_chat_template(self, messages, add_generation_prompt=True):
-    out = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-    return out + ("assistant: " if add_generation_prompt else "")
-
-
-class NoBosTokenizer(CharTokenizer):
-  add_bos = False
 
 
 def write_jsonl(path, rows):

@@ -3,26 +3,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import CharTokenizer
 
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.data import synthetic
 
-
-class CharTokenizer:
-  """A minimal independent tokenizer for data tests: one id per character."""
-  pad_id, bos_id, eos_id = 0, 1, 2
-  add_bos = True
-  vocab_size = 259
-
-  def encode(self, text):
-    return [3 + b for b in text.encode()]
-
-  def decode(self, ids):
-    return bytes(i - 3 for i in ids if i >= 3).decode()
-
-  def apply_chat_template(self, messages, add_generation_prompt=True):
-    out = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-    return out + ("assistant: " if add_generation_prompt else "")
 
 
 def write(tmp_path, rows, name="d.jsonl"):
