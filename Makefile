@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/rlhf-jax train --config=configs/sft.py:tiny --workdir=$(DEMO_DIR)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests

@@ -70,7 +70,7 @@ def _cli(workdir, sft_run, data_dir, fault=None):
   return subprocess.run(
       [sys.executable, "-m", "rlhf_jax.launch", "train", "--config=configs/ppo.py:tiny",
        f"--workdir={workdir}", f"--config.init_from={sft_run}",
-       f"--config.data.data_dir={data_dir}", "--config.num_steps=6",
+       f"--config.data.data_dir={data_dir}", "--config.num_steps=4",
        "--config.checkpoint.every=2", "--config.eval_every=0", "--config.log_every=1",
        "--config.ppo.adaptive_kl=True", "--config.ppo.kl_target=0.01",
        "--config.ppo.kl_horizon=100", "--config.checkpoint.async_save=False"],
