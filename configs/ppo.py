@@ -37,14 +37,6 @@ def get_config(preset: str = "tiny") -> ConfigDict:
       epochs=2,                # passes over each rollout batch
       minibatches=2,           # optimizer steps per pass
   ))
-  c.data.synthetic_digits = 1
-  c.rollout.max_new_tokens = 4
-  c.num_steps = 120
-  c.optimizer.update(lr=3e-4, warmup_steps=0, final_lr_ratio=1.0, weight_decay=0.0)
-  c.log_every = 5
-  c.eval_every = 20
-  c.checkpoint.every = 20
-  c.sample.num_prompts = 8
   if preset == "tiny":
     return c
   if preset == "gsm8k":

@@ -53,6 +53,8 @@ def base_config(trainer: str) -> ConfigDict:
                                # (see rlhf_jax/rewards/__init__.py)
     ))
     c.eval_prompts = 128       # held-out prompts decoded greedily at each eval
+    c.data.synthetic_digits = 1
+    c.rollout.max_new_tokens = 4
   else:
     c.data = preference_data_config()
 
@@ -80,6 +82,12 @@ def base_config(trainer: str) -> ConfigDict:
       keep=3,                  # newest checkpoints kept
       async_save=True,         # write in a background thread
   ))
+  if trainer in ("grpo", "ppo"):  # online-RL defaults: the tiny CPU runs
+    c.num_steps = 120
+    c.optimizer.update(lr=3e-4, warmup_steps=0, final_lr_ratio=1.0, weight_decay=0.0)
+    c.log_every = 5
+    c.eval_every = 20
+    c.checkpoint.every = 20
   if trainer != "reward_model":
     c.sample = ConfigDict(dict(
         every=100,               # steps between samples.jsonl dumps; 0 = never
@@ -87,6 +95,8 @@ def base_config(trainer: str) -> ConfigDict:
         max_new_tokens=16,
         temperature=0.0,         # 0 = greedy
     ))
+    if trainer in ("grpo", "ppo"):
+      c.sample.num_prompts = 8
   return c
 
 

@@ -46,6 +46,19 @@ def shared_data_file(name: str) -> Path:
   return path
 
 
+def read_metrics(workdir):
+  """The rows of WORKDIR/metrics.jsonl."""
+  import json
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def tfds_data_dir(tmp_path_factory):
+  """One TFDS data_dir for the whole session: data sets built once, reused."""
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
 def override(config, **over):
   """Set dotted keys on a ConfigDict: override(c, **{"grpo.variant": "dapo"})."""
   for key, value in over.items():

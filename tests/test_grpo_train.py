@@ -11,16 +11,14 @@ import numpy as np
 import pytest
 
 from rlhf_jax.checkpoint import read_checkpoint
-from conftest import override
+from conftest import override, read_metrics
 from rlhf_jax.launch import load_config
 from rlhf_jax.trainers import grpo
 
 pytestmark = pytest.mark.slow
 
 
-def rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+rows = read_metrics
 
 
 @pytest.fixture
@@ -28,9 +26,9 @@ def sft_run(sft_add_run):
   return sft_add_run
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
+@pytest.fixture
+def data_dir(tfds_data_dir):
+  return tfds_data_dir
 
 
 def grpo_config(sft_run, data_dir, **over):

@@ -1,7 +1,6 @@
 """Reward-model and DPO-family trainers, end to end on the synthetic preference task
 (chosen = the correct reversal, rejected = a random string of the same length), in
 process with a small model: metrics move the right way, workdir contract, resume."""
-import json
 import os
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import override
+from conftest import override, read_metrics
 from rlhf_jax.launch import load_config
 from rlhf_jax.losses.dpo import LOSS_TYPES
 from rlhf_jax.trainers import dpo, pairs, reward_model
@@ -30,14 +29,12 @@ def small(config, data_dir, **over):
   return override(config, **over)
 
 
-def rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+rows = read_metrics
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
+@pytest.fixture
+def data_dir(tfds_data_dir):
+  return tfds_data_dir
 
 
 @pytest.fixture(scope="module")

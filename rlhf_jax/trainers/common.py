@@ -247,6 +247,19 @@ def write_samples(workdir, step, model_config, params, tokenizer, prompts, refer
   return float(np.mean([r["exact_match"] for r in rows]))
 
 
+def policy_init(config, tokenizer):
+  """(ModelConfig, params or None): from config.init_from (see `load_init`), else the
+  architecture in config.model with the tokenizer's vocabulary (random init)."""
+  if config.init_from:
+    mcfg, params = load_init(config.init_from, config.model.dtype, config.model.remat)
+  else:
+    mcfg, params = config_lib.model_config(config, vocab_size=tokenizer.vocab_size), None
+  if mcfg.vocab_size < tokenizer.vocab_size:
+    raise config_lib.ConfigError(f"model vocab_size={mcfg.vocab_size} is smaller than the "
+                                 f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+  return mcfg, params
+
+
 def host_metrics(metrics: dict) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 

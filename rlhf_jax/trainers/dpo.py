@@ -125,12 +125,7 @@ def run(config, workdir: str) -> dict:
 
   # Policy (and reference = the initial policy).
   rng_init, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed))
-  init_params = None
-  if config.init_from:
-    mcfg, init_params = common.load_init(config.init_from, config.model.dtype,
-                                         config.model.remat)
-  else:
-    mcfg = config_lib.model_config(config, vocab_size=tokenizer.vocab_size)
+  mcfg, init_params = common.policy_init(config, tokenizer)
   model = Transformer(mcfg)
   dummy = jnp.zeros((1, 2), jnp.int32)
   tx, schedule = common.make_optimizer(config.optimizer, config.num_steps)

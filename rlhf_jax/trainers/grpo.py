@@ -26,7 +26,6 @@ The resolved knobs are written to WORKDIR/resolved_algorithm.json and logged.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -40,7 +39,6 @@ from rlhf_jax.losses import advantages as adv_lib
 from rlhf_jax.losses import kl as kl_lib
 from rlhf_jax.losses.grpo import grpo_loss
 from rlhf_jax.models import Transformer
-from rlhf_jax.rewards import make_reward_fn
 from rlhf_jax.trainers import common, prompt_sets
 
 VARIANTS = {
@@ -156,17 +154,11 @@ def run(config, workdir: str) -> dict:
   tokenizer = common.build_tokenizer(config, workdir, lambda: prompt_sets.corpus(train_src))
   train_ds, train_meta = prompt_sets.batches(config, tokenizer, train_src, N, config.seed)
   refill_ds, _ = prompt_sets.batches(config, tokenizer, train_src, N, config.seed + 1)
-  spec = config.reward.spec
-  reward_fn = make_reward_fn(json.loads(spec) if spec.strip()[:1] in "[{" else spec)
+  reward_fn = prompt_sets.reward_fn_from_config(config)
 
   # Policy, reference (= the initial policy), optimizer state.
   rng_init, rng_rollout = jax.random.split(jax.random.PRNGKey(config.seed))
-  init_params = None
-  if config.init_from:
-    mcfg, init_params = common.load_init(config.init_from, config.model.dtype,
-                                         config.model.remat)
-  else:
-    mcfg = config_lib.model_config(config, vocab_size=tokenizer.vocab_size)
+  mcfg, init_params = common.policy_init(config, tokenizer)
   model = Transformer(mcfg)
   updates_per_step = algo["epochs"] * algo["minibatches"]
   tx, schedule = common.make_optimizer(config.optimizer, config.num_steps * updates_per_step)

@@ -21,7 +21,6 @@ The KL controller's state is part of the checkpointed train state.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -37,7 +36,6 @@ from rlhf_jax.losses import kl as kl_lib
 from rlhf_jax.losses.ppo import entropy_from_logits, explained_variance, ppo_loss
 from rlhf_jax.models import Transformer
 from rlhf_jax.models.heads import ScalarHead, ScalarModel, backbone_params_from_lm
-from rlhf_jax.rewards import make_reward_fn
 from rlhf_jax.trainers import common, prompt_sets
 from rlhf_jax.trainers.grpo import micro_batches_of
 
@@ -98,16 +96,11 @@ def run(config, workdir: str) -> dict:
   train_src, eval_src, data_stats = prompt_sets.load(config, workdir)
   tokenizer = common.build_tokenizer(config, workdir, lambda: prompt_sets.corpus(train_src))
   train_ds, train_meta = prompt_sets.batches(config, tokenizer, train_src, N, config.seed)
-  spec = config.reward.spec
-  reward_fn = make_reward_fn(json.loads(spec) if spec.strip()[:1] in "[{" else spec)
+  reward_fn = prompt_sets.reward_fn_from_config(config)
 
   # Policy + critic; the reference is the initial policy.
   rng_init, rng_rollout = jax.random.split(jax.random.PRNGKey(config.seed))
-  if config.init_from:
-    mcfg, lm_params = common.load_init(config.init_from, config.model.dtype,
-                                       config.model.remat)
-  else:
-    mcfg, lm_params = config_lib.model_config(config, vocab_size=tokenizer.vocab_size), None
+  mcfg, lm_params = common.policy_init(config, tokenizer)
   model = PolicyValue(mcfg, p.critic)
   dummy = jnp.zeros((1, 2), jnp.int32)
   init_params = None

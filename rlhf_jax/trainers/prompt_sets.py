@@ -81,15 +81,21 @@ def batches(config, tokenizer, source, prompts_per_step: int, seed: int):
   return batched(arrays, prompts_per_step, seed), metadata
 
 
+def reward_fn_from_config(config):
+  """The CombinedReward of config.reward.spec (a name, or a JSON list/dict of entries)."""
+  import json
+
+  from rlhf_jax.rewards import make_reward_fn
+  spec = config.reward.spec
+  return make_reward_fn(json.loads(spec) if spec.strip()[:1] in "[{" else spec)
+
+
 def greedy_accuracy(config, model_config, params, tokenizer, source, workdir, step, rng):
   """Greedy decoding on the first `eval_prompts` held-out prompts, scored by the reward
   spec's components: eval_reward, eval_accuracy (the math component when present);
   the first `sample.num_prompts` completions go to samples.jsonl."""
-  import json
-
   from rlhf_jax import metrics as metrics_lib
   from rlhf_jax import sampling
-  from rlhf_jax.rewards import make_reward_fn
   n = min(config.eval_prompts, len(source))
   examples = [source[i] for i in range(n)]
   tokens, mask = prompt_data.tokenize_prompts(examples, tokenizer, config.data.max_prompt_len)
@@ -102,8 +108,7 @@ def greedy_accuracy(config, model_config, params, tokenizer, source, workdir, st
   lengths = m.sum(1)
   finished = [bool(mm.any()) and int(row[mm.sum() - 1]) == tokenizer.eos_id
               for row, mm in zip(toks, m)]
-  spec = config.reward.spec
-  reward_fn = make_reward_fn(json.loads(spec) if spec.strip()[:1] in "[{" else spec)
+  reward_fn = reward_fn_from_config(config)
   prompts = [_messages(ex["prompt"])[-1]["content"] for ex in examples]
   total, parts = reward_fn.score(prompts, texts, {
       "answer": [ex["answer"] for ex in examples], "completion_lengths": list(lengths),

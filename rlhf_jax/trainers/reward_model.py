@@ -140,11 +140,7 @@ def run(config, workdir: str) -> dict:
   # Model: backbone from init_from (an LM, an SFT run, or a reward model), fresh head.
   rng_init = jax.random.PRNGKey(config.seed)
   init_params = None
-  if config.init_from:
-    mcfg, lm_params = common.load_init(config.init_from, config.model.dtype,
-                                       config.model.remat)
-  else:
-    mcfg, lm_params = config_lib.model_config(config, vocab_size=tokenizer.vocab_size), None
+  mcfg, lm_params = common.policy_init(config, tokenizer)
   model = ScalarModel(mcfg)
   dummy = jnp.zeros((1, 2), jnp.int32)
   if lm_params is not None:

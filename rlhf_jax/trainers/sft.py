@@ -127,14 +127,7 @@ def run(config, workdir: str) -> dict:
     n_eval_batches = min(config.eval_batches, len(eval_arrays["tokens"]) // eval_ds[0]["tokens"].shape[0])
 
   # Model.
-  params = None
-  if config.init_from:
-    mcfg, params = common.load_init(config.init_from, config.model.dtype, config.model.remat)
-  else:
-    mcfg = config_lib.model_config(config, vocab_size=tokenizer.vocab_size)
-  if mcfg.vocab_size < tokenizer.vocab_size:
-    raise config_lib.ConfigError(f"config.model.vocab_size={mcfg.vocab_size} is smaller than "
-                                 f"the tokenizer's vocabulary ({tokenizer.vocab_size})")
+  mcfg, params = common.policy_init(config, tokenizer)
   model = Transformer(mcfg)
 
   # State: fresh or resumed.
