@@ -26,7 +26,7 @@ def sft_run(sft_add_run):
   return sft_add_run
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def data_dir(tfds_data_dir):
   return tfds_data_dir
 

@@ -32,7 +32,7 @@ def small(config, data_dir, **over):
 rows = read_metrics
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def data_dir(tfds_data_dir):
   return tfds_data_dir
 
