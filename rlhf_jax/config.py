@@ -88,6 +88,27 @@ def base_config(trainer: str) -> ConfigDict:
     c.log_every = 5
     c.eval_every = 20
     c.checkpoint.every = 20
+  if trainer != "reward_model":  # policy evaluation (rlhf_jax/evaluation.py)
+    c.eval_kl = True           # also sample eval completions (T=1): eval_kl = KL(pi || initial
+                               # policy) per sequence, eval_sampled_reward/<label>
+    c.eval_reward_spec = ""    # rewards scoring eval completions, e.g. gold + proxy:
+                               # '[{"name": "math", "label": "gold"}, {"name": "reward_model",
+                               # "label": "proxy", "workdir": "runs/rm"}]'; "" = reward.spec
+                               # (RL) / "math" (SFT, DPO)
+    c.capability = ConfigDict(dict(
+        path="",               # JSONL {"prompt","completion"} of a skill NOT optimised (the
+                               # alignment tax): capability_nll, capability_exact_match
+        num_examples=128,      # first rows used
+        max_new_tokens=16,     # greedy decoding budget for exact match
+    ))
+  if trainer in ("sft", "dpo"):
+    c.prompt_eval = ConfigDict(dict(
+        path="",               # JSONL {"prompt","answer"} held-out prompts decoded at each
+                               # eval (eval_reward/*, eval_accuracy, eval_kl); "" = off
+        num_prompts=128,
+        max_prompt_len=16,     # prompts LEFT-truncated / left-padded to this many tokens
+        max_new_tokens=8,
+    ))
   if trainer != "reward_model":
     c.sample = ConfigDict(dict(
         every=100,               # steps between samples.jsonl dumps; 0 = never
@@ -125,6 +146,8 @@ def sft_data_config() -> ConfigDict:
       max_seq_len=32,          # tokens per row (prompt + completion + BOS/EOS)
       overlength="error",      # error | truncate | drop: what to do with longer examples
       packing=False,           # pack several examples per row (segment-masked attention)
+      loss_on_prompt=False,    # True: loss on every token after BOS (LM pre-training on the
+                               # rendered text), not only the completion
   ))
 
 

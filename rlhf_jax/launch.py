@@ -8,6 +8,11 @@
   rlhf-jax eval-rm --checkpoint=RM_WORKDIR --data=PAIRS.jsonl [--format=jsonl|hh_rlhf]
                    [--batch_size=32]
       Pairwise accuracy of a trained reward model on a preference file.
+  rlhf-jax sweep SWEEP.py[:preset] --sweep_dir=DIR [--parallel=N] [--dry_run] [--no_report]
+      Run an experiment's cells x seeds into DIR/<cell>/seed-<k>/ (finished cells are
+      skipped, interrupted ones resumed), then write DIR/report/.
+  rlhf-jax report DIR [DIR...] [--out=DIR] [--metrics=a,b] [--gold=KEY] [--proxy=KEY] ...
+      report.md + report.csv + plots (mean and 95% CI over seeds) for runs / sweeps.
 
 Errors in configs, data, checkpoints or pretrained files print one line
 ("error: ...") naming the key / file:line / tensor; RLHF_JAX_DEBUG=1 shows the
@@ -131,7 +136,18 @@ def eval_rm_command(argv):
   print(f"accuracy={r['accuracy']:.4f} pairs={r['pairs']} mean_margin={r['mean_margin']:.4f}")
 
 
-COMMANDS = {"train": train_command, "import": import_command, "eval-rm": eval_rm_command}
+def report_command(argv):
+  from rlhf_jax import report
+  sys.exit(report.main(argv))
+
+
+def sweep_command(argv):
+  from rlhf_jax import sweep
+  sys.exit(sweep.main(argv))
+
+
+COMMANDS = {"train": train_command, "import": import_command, "eval-rm": eval_rm_command,
+            "sweep": sweep_command, "report": report_command}
 
 
 def cli(argv=None):

@@ -46,6 +46,19 @@ def _truncate_jsonl(path: str, max_step: int) -> None:
     os.replace(tmp, path)
 
 
+def _last_value(path: str, key: str) -> float:
+  """The last row's `key` in a JSONL file (0.0 when absent)."""
+  value = 0.0
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          value = float(json.loads(line).get(key, value))
+        except (json.JSONDecodeError, TypeError, ValueError):
+          continue
+  return value
+
+
 def append_jsonl(path: str, step: int, rows: list[dict]) -> None:
   """Append rows (e.g. samples) tagged with `step` to a JSONL file."""
   with open(path, "a") as f:
@@ -62,6 +75,7 @@ class MetricsWriter:
     self.samples_path = os.path.join(workdir, "samples.jsonl")
     for p in (self.metrics_path, self.samples_path):
       _truncate_jsonl(p, start_step)
+    self.prior_elapsed = _last_value(self.metrics_path, "elapsed_s") if start_step else 0.0
     self._tb = SummaryWriter(os.path.join(workdir, "events"), purge_step=start_step or None)
 
   def write(self, step: int, metrics: dict) -> dict:

@@ -93,8 +93,12 @@ def encode_prompt(tokenizer, messages) -> list[int]:
   return ids
 
 
-def tokenize_sft_file(path: str, tokenizer, max_seq_len: int, overlength: str = "error"):
-  """List of (tokens int32[n], loss_mask int32[n]) for every row of `path`."""
+def tokenize_sft_file(path: str, tokenizer, max_seq_len: int, overlength: str = "error",
+                      loss_on_prompt: bool = False):
+  """List of (tokens int32[n], loss_mask int32[n]) for every row of `path`.
+
+  loss_on_prompt=True puts the loss on every token after BOS (language-model
+  pre-training on the rendered text) instead of the completion only."""
   if overlength not in OVERLENGTH:
     raise ValueError(f"data.overlength={overlength!r}: expected one of {OVERLENGTH}")
   examples = []
@@ -104,6 +108,8 @@ def tokenize_sft_file(path: str, tokenizer, max_seq_len: int, overlength: str = 
     completion_ids = tokenizer.encode(completion) + [tokenizer.eos_id]
     tokens = np.asarray(prompt_ids + completion_ids, np.int32)
     mask = np.asarray([0] * len(prompt_ids) + [1] * len(completion_ids), np.int32)
+    if loss_on_prompt:
+      mask[1 if tokens[0] == tokenizer.bos_id else 0:] = 1
     if len(tokens) > max_seq_len:
       if overlength == "error":
         raise DataError(f"{path}:{lineno}: example is {len(tokens)} tokens, longer than "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Callable, Iterable
 
 import flax.linen as nn
@@ -291,9 +292,11 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
   writer = metrics_lib.MetricsWriter(workdir, start)
   progress = metrics_lib.Progress(start, config.num_steps, desc=desc)
   throughput = metrics_lib.Throughput()
+  t_start = time.perf_counter()
+  elapsed = lambda: writer.prior_elapsed + time.perf_counter() - t_start  # across resumes
   last = {}
   if start == 0 and evaluate is not None and config.eval_every:
-    last = writer.write(0, evaluate(state["params"], 0))
+    last = writer.write(0, {**evaluate(state["params"], 0), "elapsed_s": elapsed()})
   preempted, step = False, start
   with ckpt_lib.PreemptionGuard() as preemption:
     for step in range(start + 1, config.num_steps + 1):
@@ -310,6 +313,7 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
             step % config.eval_every == 0 or step == config.num_steps):
           row.update(evaluate(state["params"], step))
           throughput.restart()  # eval / sampling time is not training throughput
+        row["elapsed_s"] = elapsed()
         last = writer.write(step, row)
         progress.update(0, **{k: row[k] for k in progress_keys if k in row})
       progress.update(1)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import config as config_lib
+from rlhf_jax import evaluation
 from rlhf_jax import parallel
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.losses.dpo import kto_reference_point, preference_loss
@@ -131,6 +132,8 @@ def run(config, workdir: str) -> dict:
   tx, schedule = common.make_optimizer(config.optimizer, config.num_steps)
   state, shardings = common.create_state(lambda r: model.init(r, dummy)["params"], tx, mesh,
                                          rng_init, init_params)
+  eval_ref = (jax.tree.map(jnp.copy, state["params"]) if evaluation.needs_reference(config)
+              else None)  # the initial policy, for eval_kl
   ref_params = None
   if uses_reference(d):
     ref_params = jax.tree.map(jnp.copy, state["params"])  # before any update / restore
@@ -159,7 +162,15 @@ def run(config, workdir: str) -> dict:
   eval_fn = jax.jit(make_loss_fn(model, d),
                     in_shardings=(shardings["params"], ref_sharding, batch_sharding))
 
+  policy_eval = evaluation.from_config(config, model_config=mcfg, tokenizer=tokenizer,
+                                       ref_params=eval_ref, workdir=workdir)
+
   def evaluate(params, step):
+    out = {}
+    if policy_eval is not None:
+      out.update(policy_eval(params, step, jax.random.fold_in(rng_sample, 10**9 + step)))
+    if eval_arrays is None:
+      return out
     n = len(eval_arrays["margin"])
     eb = min(B, n)
     sums = {}
@@ -168,7 +179,7 @@ def run(config, workdir: str) -> dict:
                      parallel.shard_batch({k: v[i:i + eb] for k, v in eval_arrays.items()}, mesh))
       for k, v in m.items():
         sums[k] = sums.get(k, 0.0) + float(v)
-    out = {f"eval_{k}": v / max(n // eb, 1) for k, v in sums.items()}
+    out.update({f"eval_{k}": v / max(n // eb, 1) for k, v in sums.items()})
     if step and config.sample.every and (step % config.sample.every == 0
                                          or step == config.num_steps):
       rows = [eval_src[i] for i in range(min(config.sample.num_prompts, n))]
@@ -182,7 +193,8 @@ def run(config, workdir: str) -> dict:
       config, workdir, state=state, start=start,
       train_step=lambda s, b: step_fn(s, ref_params, b), get_batch=lambda i: train_ds[i],
       mesh=mesh, checkpointer=checkpointer, schedule=schedule,
-      evaluate=evaluate if eval_arrays is not None else None, desc=f"dpo[{d.loss_type}]",
+      evaluate=evaluate if eval_arrays is not None or policy_eval is not None else None,
+      desc=f"dpo[{d.loss_type}]",
       progress_keys=("loss", "reward_accuracy", "eval_reward_accuracy"),
       count_tokens=lambda b: sum(b[f"{n}_segment_ids"].sum() for n in sides(d)),
       extra_metrics={f"data_{k}": v for k, v in {**data_stats, **tok_stats}.items()})

@@ -167,6 +167,8 @@ def run(config, workdir: str) -> dict:
                                          rng_init, init_params)
   need_ref = algo["kl_mode"] != "none" and algo["kl_coef"] > 0
   ref_params = jax.tree.map(jnp.copy, state["params"]) if need_ref else None
+  eval_ref = ref_params if ref_params is not None or not config.eval_kl else jax.tree.map(
+      jnp.copy, state["params"])  # eval_kl is measured against the initial policy
   checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
                                                tokenizer, {"resolved_algorithm.json": algo})
 
@@ -238,14 +240,15 @@ def run(config, workdir: str) -> dict:
       rounds += 1
     return ro, rounds
 
+  policy_eval = prompt_sets.policy_eval(config, mcfg, tokenizer, eval_src, workdir, eval_ref)
+
   def evaluate(params, step):
-    return prompt_sets.greedy_accuracy(config, mcfg, params, tokenizer, eval_src, workdir, step,
-                                       jax.random.fold_in(rng_rollout, 10**9 + step))
+    return policy_eval(params, step, jax.random.fold_in(rng_rollout, 10**9 + step))
 
   return common.train_loop(
       config, workdir, state=state, start=start, train_step=rl_step,
       get_batch=lambda i: train_ds[i], mesh=mesh, checkpointer=checkpointer,
       schedule=lambda s: schedule(s * updates_per_step), shard_batches=False,
-      evaluate=evaluate if eval_src is not None else None, desc=f"grpo[{algo['variant']}]",
+      evaluate=evaluate if policy_eval is not None else None, desc=f"grpo[{algo['variant']}]",
       progress_keys=("reward_mean", "eval_accuracy"),
       count_tokens=None, extra_metrics={f"data_{k}": v for k, v in data_stats.items()})

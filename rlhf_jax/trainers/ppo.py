@@ -191,14 +191,15 @@ def run(config, workdir: str) -> dict:
       stats["accuracy"] = float(np.mean(ro.reward_parts["math"]))
     return state, {**jax.device_get(m), **stats}
 
+  policy_eval = prompt_sets.policy_eval(config, mcfg, tokenizer, eval_src, workdir, ref_params)
+
   def evaluate(params, step):
-    return prompt_sets.greedy_accuracy(config, mcfg, params["policy"], tokenizer, eval_src,
-                                       workdir, step, jax.random.fold_in(rng_rollout, 10**9 + step))
+    return policy_eval(params["policy"], step, jax.random.fold_in(rng_rollout, 10**9 + step))
 
   return common.train_loop(
       config, workdir, state=state, start=start, train_step=rl_step,
       get_batch=lambda i: train_ds[i], mesh=mesh, checkpointer=checkpointer,
       schedule=lambda s: schedule(s * updates_per_step), shard_batches=False,
-      evaluate=evaluate if eval_src is not None else None, desc="ppo",
+      evaluate=evaluate if policy_eval is not None else None, desc="ppo",
       progress_keys=("reward_mean", "eval_accuracy"), count_tokens=None,
       extra_metrics={f"data_{k}": v for k, v in data_stats.items()})

@@ -81,44 +81,35 @@ def batches(config, tokenizer, source, prompts_per_step: int, seed: int):
   return batched(arrays, prompts_per_step, seed), metadata
 
 
-def reward_fn_from_config(config):
-  """The CombinedReward of config.reward.spec (a name, or a JSON list/dict of entries)."""
+def make_reward_from_spec(spec: str):
+  """The CombinedReward of a reward spec string: a name, or a JSON list/dict of entries."""
   import json
 
   from rlhf_jax.rewards import make_reward_fn
-  spec = config.reward.spec
-  return make_reward_fn(json.loads(spec) if spec.strip()[:1] in "[{" else spec)
+  if spec.strip()[:1] in "[{":
+    try:
+      spec = json.loads(spec)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"reward spec is not valid JSON ({e.msg} at column {e.colno}): "
+                       f"{spec!r}") from None
+  return make_reward_fn(spec)
 
 
-def greedy_accuracy(config, model_config, params, tokenizer, source, workdir, step, rng):
-  """Greedy decoding on the first `eval_prompts` held-out prompts, scored by the reward
-  spec's components: eval_reward, eval_accuracy (the math component when present);
-  the first `sample.num_prompts` completions go to samples.jsonl."""
-  from rlhf_jax import metrics as metrics_lib
-  from rlhf_jax import sampling
-  n = min(config.eval_prompts, len(source))
-  examples = [source[i] for i in range(n)]
-  tokens, mask = prompt_data.tokenize_prompts(examples, tokenizer, config.data.max_prompt_len)
-  out = sampling.generate(model_config, params, tokens, mask, rng,
-                          max_new_tokens=config.rollout.max_new_tokens, greedy=True,
-                          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-  toks, m = np.asarray(out.tokens_BN), np.asarray(out.mask_BN)
-  texts = [tokenizer.decode([int(t) for t, k in zip(row, mm) if k and t != tokenizer.eos_id])
-           for row, mm in zip(toks, m)]
-  lengths = m.sum(1)
-  finished = [bool(mm.any()) and int(row[mm.sum() - 1]) == tokenizer.eos_id
-              for row, mm in zip(toks, m)]
-  reward_fn = reward_fn_from_config(config)
-  prompts = [_messages(ex["prompt"])[-1]["content"] for ex in examples]
-  total, parts = reward_fn.score(prompts, texts, {
-      "answer": [ex["answer"] for ex in examples], "completion_lengths": list(lengths),
-      "prompt_messages": [_messages(ex["prompt"]) for ex in examples],
-      "finished": finished})
-  k = config.sample.num_prompts
-  metrics_lib.append_jsonl(os.path.join(workdir, "samples.jsonl"), step, [
-      {"prompt": p, "completion": c, "reference": ex["answer"], "reward": float(rw)}
-      for p, c, ex, rw in zip(prompts[:k], texts[:k], examples[:k], total[:k])])
-  res = {"eval_reward": float(np.mean(total))}
-  if "math" in parts:
-    res["eval_accuracy"] = float(np.mean(parts["math"]))
-  return res
+def reward_fn_from_config(config):
+  """The CombinedReward of config.reward.spec."""
+  return make_reward_from_spec(config.reward.spec)
+
+
+def policy_eval(config, model_config, tokenizer, source, workdir, ref_params):
+  """evaluate(params, step, rng) -> dict on the first `eval_prompts` held-out prompts
+  (`rlhf_jax.evaluation`: greedy reward components under config.eval_reward_spec or
+  config.reward.spec, eval_accuracy, eval_kl to `ref_params`, capability metrics);
+  None without held-out prompts or a capability set."""
+  from rlhf_jax import evaluation
+  examples = None
+  if source is not None:
+    examples = [source[i] for i in range(min(config.eval_prompts, len(source)))]
+  return evaluation.from_config(
+      config, model_config=model_config, tokenizer=tokenizer, ref_params=ref_params,
+      workdir=workdir, prompt_examples=examples, max_prompt_len=config.data.max_prompt_len,
+      max_new_tokens=config.rollout.max_new_tokens, reward_spec=config.reward.spec)

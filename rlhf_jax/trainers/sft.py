@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import config as config_lib
+from rlhf_jax import evaluation
 from rlhf_jax import parallel
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.data import synthetic
@@ -112,7 +113,8 @@ def run(config, workdir: str) -> dict:
   # Data.
   train_path, eval_path = resolve_data(config, workdir)
   tokenizer = common.build_tokenizer(config, workdir, lambda: corpus_lines(train_path))
-  train_ex = sft_data.tokenize_sft_file(train_path, tokenizer, T, config.data.overlength)
+  train_ex = sft_data.tokenize_sft_file(train_path, tokenizer, T, config.data.overlength,
+                                        config.data.loss_on_prompt)
   if config.data.packing:
     train_arrays = sft_data.pack_examples(train_ex, T, tokenizer.pad_id, config.seed)
   else:
@@ -121,7 +123,8 @@ def run(config, workdir: str) -> dict:
   eval_ds = None
   if eval_path:
     eval_arrays = sft_data.pad_examples(
-        sft_data.tokenize_sft_file(eval_path, tokenizer, T, config.data.overlength),
+        sft_data.tokenize_sft_file(eval_path, tokenizer, T, config.data.overlength,
+                                   config.data.loss_on_prompt),
         T, tokenizer.pad_id)
     eval_ds = sft_data.batched(eval_arrays, min(B, len(eval_arrays["tokens"])), 0, shuffle=False)
     n_eval_batches = min(config.eval_batches, len(eval_arrays["tokens"]) // eval_ds[0]["tokens"].shape[0])
@@ -136,6 +139,8 @@ def run(config, workdir: str) -> dict:
   dummy = jnp.zeros((1, 2), jnp.int32)
   state, shardings = common.create_state(lambda r: model.init(r, dummy)["params"], tx, mesh,
                                          rng_init, params)
+  eval_ref = (jax.tree.map(jnp.copy, state["params"]) if evaluation.needs_reference(config)
+              else None)  # the initial policy, for eval_kl
   checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
                                                tokenizer)
 
@@ -156,9 +161,14 @@ def run(config, workdir: str) -> dict:
   sample_prompts, sample_refs = zip(*[sft_data.row_to_messages(eval_path, n, r)
                                       for n, r in sample_rows]) if sample_rows else ((), ())
 
+  policy_eval = evaluation.from_config(config, model_config=mcfg, tokenizer=tokenizer,
+                                       ref_params=eval_ref, workdir=workdir)
+
   def evaluate(params, step):
-    out = {"eval_loss": eval_loss(params)}
-    if step and config.sample.every and (step % config.sample.every == 0
+    out = {"eval_loss": eval_loss(params)} if eval_ds is not None else {}
+    if policy_eval is not None:
+      out.update(policy_eval(params, step, jax.random.fold_in(rng_sample, 10**9 + step)))
+    if sample_rows and step and config.sample.every and (step % config.sample.every == 0
                                          or step == config.num_steps):
       out["sample_exact_match"] = common.write_samples(
           workdir, step, mcfg, params, tokenizer, sample_prompts, sample_refs,
@@ -168,6 +178,7 @@ def run(config, workdir: str) -> dict:
   return common.train_loop(
       config, workdir, state=state, start=start, train_step=train_step,
       get_batch=lambda i: train_ds[i], mesh=mesh, checkpointer=checkpointer,
-      schedule=schedule, evaluate=evaluate if eval_ds is not None else None, desc="sft",
+      schedule=schedule,
+      evaluate=evaluate if eval_ds is not None or policy_eval is not None else None, desc="sft",
       progress_keys=("loss", "eval_loss"),
       count_tokens=lambda b: b["segment_ids"].astype(bool).sum())

@@ -1,0 +1,97 @@
+"""Preference pairs from a policy's own samples, labelled by a judge.
+
+    for each prompt x:  y_1..y_k ~ pi(.|x)          (`sample_candidates`)
+                        s_i = judge(x, y_i)          (any reward function, e.g. the gold
+                                                      verifiable reward, or a reward model)
+                        chosen = a best-scored y, rejected = a worst-scored y
+                                                     (`pairs_from_scores`)
+
+On-policy pairs like these are how the DPO paper (Rafailov et al. 2023, sec. 6)
+and RLHF pipelines (Ouyang et al. 2022) build preference data from an SFT model;
+with a gold judge they give a *proxy* reward model whose errors can be measured
+(Gao et al. 2022). Prompts whose k samples all score the same give no pair,
+unless `reference_fallback` is set and a reference answer exists: then the
+reference is chosen over the worst sample when that sample scores below
+`reference_score` (the score a correct answer gets).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from rlhf_jax import rollout
+
+
+def sample_candidates(*, model_config, params, tokenizer, examples, k: int,
+                      max_prompt_len: int, max_new_tokens: int, temperature: float = 1.0,
+                      seed: int = 0, micro_batch: int = 128, progress: bool = True
+                      ) -> list[list[str]]:
+  """k sampled completions (texts) for every example {"prompt": str | messages}."""
+  import types
+
+  import jax
+  import tqdm
+
+  from rlhf_jax.data import prompts as prompt_data
+  n = len(examples)
+  rows_per_call = max(1, micro_batch // k)
+  cfg = types.SimpleNamespace(temperature=temperature, top_k=0, top_p=1.0,
+                              max_new_tokens=max_new_tokens,
+                              generate_micro_batch=rows_per_call * k,
+                              logprob_micro_batch=rows_per_call * k)
+  out: list[list[str]] = []
+  key = jax.random.PRNGKey(seed)
+  no_reward = lambda prompts, texts, meta: (np.zeros(len(texts), np.float32), {})
+  for i in tqdm.trange(0, n, rows_per_call, desc="sampling", unit="batch", disable=not progress):
+    chunk = list(examples[i:i + rows_per_call])
+    real = len(chunk)
+    chunk += [chunk[-1]] * (rows_per_call - real)  # fixed shapes: one compilation
+    tokens, mask = prompt_data.tokenize_prompts(chunk, tokenizer, max_prompt_len)
+    ro = rollout.generate_rollout(
+        model_config=model_config, params=params, ref_params=None, prompt_tokens_NP=tokens,
+        prompt_mask_NP=mask, group_size=k, rng=jax.random.fold_in(key, i), rollout_cfg=cfg,
+        tokenizer=tokenizer, reward_fn=no_reward, metadata={}, need_ref=False,
+        logps_fn=_cached_logps(model_config, tokens.shape[1], temperature))
+    out += [ro.texts[j * k:(j + 1) * k] for j in range(real)]
+  return out
+
+
+_LOGPS = {}
+
+
+def _cached_logps(model_config, prompt_len, temperature):
+  key = (model_config, prompt_len, temperature)
+  if key not in _LOGPS:
+    _LOGPS[key] = rollout.completion_logps_fn(model_config, prompt_len, temperature)
+  return _LOGPS[key]
+
+
+def pairs_from_scores(examples, candidates, scores, *, seed: int = 0,
+                      reference_fallback: bool = False, reference_key: str = "answer",
+                      reference_score: float = 1.0) -> tuple[list[dict], dict]:
+  """(pairs [{"prompt", "chosen", "rejected", "chosen_score", "rejected_score"}], stats).
+
+  For each example: chosen = a random candidate among the best-scored, rejected =
+  a random one among the worst-scored; no pair when all scores tie (see the module
+  docstring for `reference_fallback`). stats: prompts, pairs, tied prompts,
+  reference-fallback pairs, mean candidate score.
+  """
+  rng = np.random.default_rng(seed)
+  pairs, tied, fallback = [], 0, 0
+  for ex, cands, s in zip(examples, candidates, scores):
+    s = np.asarray(s, np.float64)
+    best, worst = np.flatnonzero(s == s.max()), np.flatnonzero(s == s.min())
+    if s.max() > s.min():
+      c, r = int(rng.choice(best)), int(rng.choice(worst))
+      pairs.append({"prompt": ex["prompt"], "chosen": cands[c], "rejected": cands[r],
+                    "chosen_score": float(s[c]), "rejected_score": float(s[r])})
+      continue
+    tied += 1
+    ref = ex.get(reference_key)
+    if reference_fallback and ref and s.min() < reference_score:
+      r = int(rng.choice(worst))
+      fallback += 1
+      pairs.append({"prompt": ex["prompt"], "chosen": str(ref), "rejected": cands[r],
+                    "chosen_score": float(reference_score), "rejected_score": float(s[r])})
+  mean = float(np.mean([np.mean(s) for s in scores])) if len(scores) else float("nan")
+  return pairs, {"prompts": len(examples), "pairs": len(pairs), "tied_prompts": tied,
+                 "reference_pairs": fallback, "mean_candidate_score": mean}
