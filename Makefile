@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 # Re-install whenever pyproject.toml changes.
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 DEMO_DIR ?= runs/demo
+PARALLEL ?= 2
 
-.PHONY: install demo test test-fast clean-demo
+.PHONY: install demo demo-sft test test-fast clean-demo
 
 install: $(STAMP)
 
@@ -19,8 +20,16 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# The flagship study: PPO vs GRPO vs DPO, 3 seeds, report in $(DEMO_DIR)/report/report.md.
+# Re-running resumes / skips finished cells.
 demo: $(STAMP)
-	$(BIN)/rlhf-jax train --config=configs/sft.py:tiny --workdir=$(DEMO_DIR)
+	$(BIN)/rlhf-jax sweep experiments/ppo_vs_grpo_vs_dpo/sweep.py:tiny \
+	    --sweep_dir=$(DEMO_DIR) --parallel=$(PARALLEL)
+	@echo "report: $(DEMO_DIR)/report/report.md"
+
+# The one-minute SFT run of the tiny model.
+demo-sft: $(STAMP)
+	$(BIN)/rlhf-jax train --config=configs/sft.py:tiny --workdir=runs/demo-sft
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra --durations=15 tests

@@ -65,33 +65,45 @@ def _cached_logps(model_config, prompt_len, temperature):
   return _LOGPS[key]
 
 
-def pairs_from_scores(examples, candidates, scores, *, seed: int = 0,
+def pairs_from_scores(examples, candidates, scores, *, seed: int = 0, max_pairs: int = 1,
                       reference_fallback: bool = False, reference_key: str = "answer",
                       reference_score: float = 1.0) -> tuple[list[dict], dict]:
   """(pairs [{"prompt", "chosen", "rejected", "chosen_score", "rejected_score"}], stats).
 
-  For each example: chosen = a random candidate among the best-scored, rejected =
-  a random one among the worst-scored; no pair when all scores tie (see the module
-  docstring for `reference_fallback`). stats: prompts, pairs, tied prompts,
-  reference-fallback pairs, mean candidate score.
+  Per example, duplicate candidate texts are merged; max_pairs=1: chosen = a random
+  best-scored text, rejected = a random worst-scored one; max_pairs > 1: up to that
+  many distinct (higher, lower)-scored text pairs, drawn at random. No pair when all
+  scores tie (see the module docstring for `reference_fallback`). stats: prompts,
+  pairs, tied prompts, reference-fallback pairs, mean candidate score.
   """
   rng = np.random.default_rng(seed)
   pairs, tied, fallback = [], 0, 0
+
+  def add(prompt, c, r):
+    pairs.append({"prompt": prompt, "chosen": c[0], "rejected": r[0],
+                  "chosen_score": c[1], "rejected_score": r[1]})
+
   for ex, cands, s in zip(examples, candidates, scores):
-    s = np.asarray(s, np.float64)
-    best, worst = np.flatnonzero(s == s.max()), np.flatnonzero(s == s.min())
-    if s.max() > s.min():
-      c, r = int(rng.choice(best)), int(rng.choice(worst))
-      pairs.append({"prompt": ex["prompt"], "chosen": cands[c], "rejected": cands[r],
-                    "chosen_score": float(s[c]), "rejected_score": float(s[r])})
+    best_of = {}
+    for text, score in zip(cands, np.asarray(s, np.float64)):
+      best_of[text] = max(float(score), best_of.get(text, -np.inf))
+    items = list(best_of.items())
+    hi, lo = max(v for _, v in items), min(v for _, v in items)
+    if hi > lo:
+      if max_pairs == 1:
+        top = [it for it in items if it[1] == hi]
+        bottom = [it for it in items if it[1] == lo]
+        add(ex["prompt"], top[rng.integers(len(top))], bottom[rng.integers(len(bottom))])
+      else:
+        combos = [(a, b) for a in items for b in items if a[1] > b[1]]
+        for i in rng.permutation(len(combos))[:max_pairs]:
+          add(ex["prompt"], *combos[i])
       continue
     tied += 1
     ref = ex.get(reference_key)
-    if reference_fallback and ref and s.min() < reference_score:
-      r = int(rng.choice(worst))
+    if reference_fallback and ref and lo < reference_score and str(ref) not in best_of:
       fallback += 1
-      pairs.append({"prompt": ex["prompt"], "chosen": str(ref), "rejected": cands[r],
-                    "chosen_score": float(reference_score), "rejected_score": float(s[r])})
+      add(ex["prompt"], (str(ref), float(reference_score)), items[rng.integers(len(items))])
   mean = float(np.mean([np.mean(s) for s in scores])) if len(scores) else float("nan")
   return pairs, {"prompts": len(examples), "pairs": len(pairs), "tied_prompts": tied,
                  "reference_pairs": fallback, "mean_candidate_score": mean}

@@ -1,0 +1,130 @@
+"""PPO vs GRPO vs DPO from one SFT model, same budget, 3 seeds (the flagship study).
+
+    rlhf-jax sweep experiments/ppo_vs_grpo_vs_dpo/sweep.py:tiny --sweep_dir=runs/demo --parallel=2
+
+Pipeline (each stage a sweep cell; the arms run for every seed):
+
+  data      prepare.py: the task's files (pre-training corpus, SFT demos, prompts,
+            held-out prompts, the capability set)
+  pretrain  LM pre-training on a noisy corpus (loss on every token), tokenizer trained here
+  sft       short SFT on clean demonstrations: the start of every arm and the reference
+  pairs     make_pairs.py: k samples per prompt from the SFT policy, labelled by the gold
+            reward -> (correct > incorrect) pairs
+  rm        the *proxy* reward model, trained on those pairs
+  arms      ppo_rm     PPO on the proxy RM            (configs/ppo.py)
+            grpo_rm    GRPO on the proxy RM           (configs/grpo.py)
+            grpo_gold  GRPO on the verifiable reward  (configs/grpo.py, reward.spec=math)
+            dpo        DPO on the preference pairs    (configs/dpo.py)
+
+Same budget: every RL arm generates `steps * prompts_per_step * group_size` completions;
+DPO consumes `steps * batch_size` pairs = the same number of completions (2 per pair).
+Every arm evaluates the same held-out prompts with the same reward functions: gold
+(verifiable) and proxy (the RM), greedy and sampled (T=1), the KL to the SFT policy, and
+the capability set (alignment tax). The seeds vary the arms (sampling, data order,
+critic init); data, pre-training, SFT and the RM are shared, as in a real comparison
+that starts every algorithm from one SFT checkpoint and one reward model.
+
+Presets: `tiny` (2-core CPU, ~10 min with --parallel=2), `full` (SmolLM2-135M-Instruct on
+GSM8K; an accelerator, see the README).
+"""
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GOLD_PROXY = json.dumps([{"name": "math", "label": "gold"},
+                         {"name": "reward_model", "label": "proxy", "workdir": "{cell:rm}"}])
+GOLD = json.dumps([{"name": "math", "label": "gold"}])
+PROXY = json.dumps([{"name": "reward_model", "label": "proxy", "workdir": "{cell:rm}"}])
+
+TINY = dict(pretrain_steps=300, sft_steps=40, rm_steps=500, rm_batch=64, rl_steps=60,
+            prompts_per_step=16, group_size=8, max_new_tokens=4, max_prompt_len=16, eval_every=20,
+            pairs_k=8, pairs_max=4, pairs_prompts=1024)
+
+
+def _evals(p, data):
+  """The evaluation knobs every policy cell shares."""
+  return {"capability.path": f"{data}/capability_eval.jsonl", "capability.num_examples": 128,
+          "capability.max_new_tokens": 10, "eval_every": p["eval_every"],
+          "checkpoint.every": p["eval_every"]}
+
+
+def tiny():
+  p, data = TINY, "{cell:data}"
+  prompt_eval = {"prompt_eval.path": f"{data}/prompts_eval.jsonl", "prompt_eval.num_prompts": 128,
+                 "prompt_eval.max_prompt_len": p["max_prompt_len"],
+                 "prompt_eval.max_new_tokens": p["max_new_tokens"]}
+  rl_data = {"data.source": "jsonl", "data.train_path": f"{data}/prompts_train.jsonl",
+             "data.eval_path": f"{data}/prompts_eval.jsonl",
+             "data.max_prompt_len": p["max_prompt_len"], "eval_prompts": 128,
+             "rollout.prompts_per_step": p["prompts_per_step"],
+             "rollout.group_size": p["group_size"],
+             "rollout.max_new_tokens": p["max_new_tokens"], "num_steps": p["rl_steps"],
+             "init_from": "{cell:sft}", "eval_reward_spec": GOLD_PROXY, **_evals(p, data)}
+  samples_per_arm = p["rl_steps"] * p["prompts_per_step"] * p["group_size"]
+  cells = [
+      dict(name="data", seeds=[0], command=[
+          "{python}", f"{HERE}/prepare.py", "--out={workdir}", "--digits=1", "--noise=0.3"]),
+      dict(name="pretrain", seeds=[0], config="configs/sft.py:tiny", overrides={
+          "data.train_path": f"{data}/pretrain.jsonl", "data.eval_path": "",
+          "data.loss_on_prompt": True, "num_steps": p["pretrain_steps"],
+          "eval_reward_spec": GOLD, "sample.every": 0, **prompt_eval, **_evals(p, data),
+          "eval_every": 100, "checkpoint.every": 100}),
+      dict(name="sft", seeds=[0], config="configs/sft.py:tiny", overrides={
+          "init_from": "{cell:pretrain}", "data.train_path": f"{data}/sft.jsonl",
+          "data.eval_path": "", "num_steps": p["sft_steps"], "optimizer.lr": 1e-3,
+          "optimizer.warmup_steps": 5, "eval_reward_spec": GOLD, "sample.every": 0,
+          **prompt_eval, **_evals(p, data)}),
+      dict(name="pairs", seeds=[0], command=[
+          "{python}", f"{HERE}/make_pairs.py", "--policy={cell:sft}",
+          f"--prompts={data}/prompts_train.jsonl", "--out={workdir}", f"--k={p['pairs_k']}", f"--max_pairs={p['pairs_max']}",
+          f"--num_prompts={p['pairs_prompts']}", "--eval_prompts=256",
+          f"--max_prompt_len={p['max_prompt_len']}",
+          f"--max_new_tokens={p['max_new_tokens']}"]),
+      dict(name="rm", seeds=[0], config="configs/rm.py:tiny", overrides={
+          "init_from": "{cell:sft}", "data.source": "jsonl",
+          "data.train_path": "{cell:pairs}/pairs_train.jsonl",
+          "data.eval_path": "{cell:pairs}/pairs_eval.jsonl",
+          "data.max_prompt_len": p["max_prompt_len"],
+          "data.max_completion_len": p["max_new_tokens"], "num_steps": p["rm_steps"],
+          "batch_size": p["rm_batch"], "eval_every": 100, "checkpoint.every": 100}),
+      dict(name="ppo_rm", config="configs/ppo.py:tiny", depends=["rm"],  # one update per
+           overrides={**rl_data, "reward.spec": PROXY,                # rollout, like GRPO
+                      "ppo.epochs": 1, "ppo.minibatches": 1}),
+      dict(name="grpo_rm", config="configs/grpo.py:tiny", depends=["rm"],
+           overrides={**rl_data, "reward.spec": PROXY}),
+      dict(name="grpo_gold", config="configs/grpo.py:tiny", depends=["rm"],
+           overrides={**rl_data, "reward.spec": GOLD}),
+      dict(name="dpo", config="configs/dpo.py:tiny", depends=["rm"], overrides={
+          "init_from": "{cell:sft}", "data.source": "jsonl",
+          "data.train_path": "{cell:pairs}/pairs_train.jsonl",
+          "data.eval_path": "{cell:pairs}/pairs_eval.jsonl",
+          "data.max_prompt_len": p["max_prompt_len"],
+          "data.max_completion_len": p["max_new_tokens"],
+          "batch_size": samples_per_arm // (2 * p["rl_steps"]), "num_steps": p["rl_steps"],
+          "optimizer.lr": 3e-4, "optimizer.warmup_steps": 5, "sample.every": 0,
+          "eval_reward_spec": GOLD_PROXY, **prompt_eval, **_evals(p, data)}),
+  ]
+  return cells
+
+
+def get_sweep(preset="tiny"):
+  if preset == "tiny":
+    cells = tiny()
+  else:
+    raise ValueError(f"unknown preset {preset!r}; expected 'tiny' or 'full'")
+  return dict(
+      name="ppo_vs_grpo_vs_dpo",
+      seeds=[0, 1, 2],
+      cells=cells,
+      report=dict(
+          title="PPO vs GRPO vs DPO from one SFT policy (same samples budget, 3 seeds)",
+          groups=["sft", "ppo_rm", "grpo_rm", "grpo_gold", "dpo"],
+          exclude=["data", "pretrain", "pairs", "rm"],
+          gold="eval_sampled_reward/gold", proxy="eval_sampled_reward/proxy", kl="eval_kl",
+          metrics=["eval_sampled_reward/gold", "eval_sampled_reward/proxy",
+                   "eval_reward/gold", "eval_reward/proxy", "eval_kl", "capability_nll",
+                   "eval_length"],
+          labels={"sft": "SFT (start)", "ppo_rm": "PPO on proxy RM",
+                  "grpo_rm": "GRPO on proxy RM", "grpo_gold": "GRPO on gold reward",
+                  "dpo": "DPO on gold-labelled pairs"}),
+  )
