@@ -24,8 +24,8 @@ the capability set (alignment tax). The seeds vary the arms (sampling, data orde
 critic init); data, pre-training, SFT and the RM are shared, as in a real comparison
 that starts every algorithm from one SFT checkpoint and one reward model.
 
-Presets: `tiny` (2-core CPU, ~10 min with --parallel=2), `full` (SmolLM2-135M-Instruct on
-GSM8K; an accelerator, see the README).
+Presets: `tiny` (2-core CPU, ~11-12 min with --parallel=2). A `full` preset
+(SmolLM2-135M-Instruct on GSM8K, data from prepare_gsm8k.py) is not wired in yet.
 """
 import json
 import os
@@ -111,7 +111,7 @@ def get_sweep(preset="tiny"):
   if preset == "tiny":
     cells = tiny()
   else:
-    raise ValueError(f"unknown preset {preset!r}; expected 'tiny' or 'full'")
+    raise ValueError(f"unknown preset {preset!r}; expected 'tiny'")
   return dict(
       name="ppo_vs_grpo_vs_dpo",
       seeds=[0, 1, 2],
