@@ -21,14 +21,9 @@ from rlhf_jax import evaluation, labeling
 from rlhf_jax import tokenizer as tok_lib
 from rlhf_jax.rewards.math import MathReward
 from rlhf_jax.trainers import common
+from rlhf_jax.data.sft import write_jsonl_rows
 
 
-def write_jsonl(path, rows):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
-  os.replace(tmp, path)
 
 
 def main():
@@ -60,7 +55,7 @@ def main():
                     ("eval", slice(args.num_prompts, None))):
     pairs, s = labeling.pairs_from_scores(examples[sl], cands[sl], scores[sl], seed=args.seed,
                                           max_pairs=args.max_pairs, reference_fallback=True)
-    write_jsonl(os.path.join(args.out, f"pairs_{split}.jsonl"),
+    write_jsonl_rows(os.path.join(args.out, f"pairs_{split}.jsonl"),
                 [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
                  for p in pairs])
     stats[split] = s

@@ -16,20 +16,14 @@ Task: 2-digit addition, "add: 47+15" -> "62", with a verifiable gold reward
     python experiments/ppo_vs_grpo_vs_dpo/prepare.py --out DIR [--seed 0]
 """
 import argparse
-import json
 import os
 
 import numpy as np
 
 from rlhf_jax.data.synthetic import make_example
+from rlhf_jax.data.sft import write_jsonl_rows
 
 
-def write(path, rows):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
-  os.replace(tmp, path)
 
 
 def addition(rng, digits):
@@ -83,21 +77,21 @@ def main():
       pre.append({"prompt": f"add: {a}+{b}", "completion": str(c)})
     else:
       pre.append(make_example("reverse", rng, 3, 8))
-  write(os.path.join(args.out, "pretrain.jsonl"), pre)
+  write_jsonl_rows(os.path.join(args.out, "pretrain.jsonl"), pre)
   sft = []
   for _ in range(args.sft_rows):
     a, b = fresh()
     sft.append({"prompt": f"add: {a}+{b}", "completion": str(a + b)})
-  write(os.path.join(args.out, "sft.jsonl"), sft)
+  write_jsonl_rows(os.path.join(args.out, "sft.jsonl"), sft)
   train = []
   for _ in range(args.train_prompts):
     a, b = fresh()
     train.append({"prompt": f"add: {a}+{b}", "answer": str(a + b)})
-  write(os.path.join(args.out, "prompts_train.jsonl"), train)
-  write(os.path.join(args.out, "prompts_eval.jsonl"),
+  write_jsonl_rows(os.path.join(args.out, "prompts_train.jsonl"), train)
+  write_jsonl_rows(os.path.join(args.out, "prompts_eval.jsonl"),
         [{"prompt": f"add: {a}+{b}", "answer": str(a + b)} for a, b in held])
   cap_rng = np.random.default_rng(args.seed + 1)
-  write(os.path.join(args.out, "capability_eval.jsonl"),
+  write_jsonl_rows(os.path.join(args.out, "capability_eval.jsonl"),
         [make_example("reverse", cap_rng, 3, 8) for _ in range(args.capability_rows)])
   print(f"wrote {len(pre)} pretraining rows, {len(sft)} SFT rows, {len(train)} + "
         f"{len(held)} prompts, {args.capability_rows} capability rows to {args.out}")

@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from rlhf_jax.data.prompts import parse_gsm8k_row, strip_calculator_annotations
+from rlhf_jax.data.sft import write_jsonl_rows
 
 
 def rows(path):
@@ -26,12 +27,6 @@ def rows(path):
         yield parse_gsm8k_row(f"{path}:{i}", json.loads(line))
 
 
-def write(path, items):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    for r in items:
-      f.write(json.dumps(r) + "\n")
-  os.replace(tmp, path)
 
 
 def main():
@@ -49,12 +44,12 @@ def main():
   order = rng.permutation(len(train))
   sft = [train[i] for i in order[:args.sft_rows]]
   rl = [train[i] for i in order[args.sft_rows:]]
-  write(os.path.join(args.out, "sft.jsonl"),
+  write_jsonl_rows(os.path.join(args.out, "sft.jsonl"),
         [{"messages": r["prompt"] + [{"role": "assistant", "content": strip_calculator_annotations(
             r["solution"]) + f"\n#### {r['answer']}"}]} for r in sft])
-  write(os.path.join(args.out, "prompts_train.jsonl"),
+  write_jsonl_rows(os.path.join(args.out, "prompts_train.jsonl"),
         [{"prompt": r["prompt"], "answer": r["answer"]} for r in rl])
-  write(os.path.join(args.out, "prompts_eval.jsonl"),
+  write_jsonl_rows(os.path.join(args.out, "prompts_eval.jsonl"),
         [{"prompt": r["prompt"], "answer": r["answer"]} for r in test])
   with open(os.path.join(args.data_dir, "austen.txt")) as f:
     paras = [p.replace("\n", " ").strip() for p in f.read().split("\n\n")]
@@ -66,7 +61,7 @@ def main():
     h = len(words) // 2
     cap.append({"prompt": "Continue the passage: " + " ".join(words[:h]),
                 "completion": " ".join(words[h:])})
-  write(os.path.join(args.out, "capability_eval.jsonl"), cap)
+  write_jsonl_rows(os.path.join(args.out, "capability_eval.jsonl"), cap)
   print(f"wrote {len(sft)} SFT rows, {len(rl)} + {len(test)} prompts, {len(cap)} capability "
         f"rows to {args.out}")
 

@@ -57,6 +57,17 @@ def read_jsonl_rows(path: str, required: Sequence[str] = ()) -> list[tuple[int, 
   return rows
 
 
+def write_jsonl_rows(path: str, rows) -> str:
+  """Write dicts as JSONL to `path` atomically (tmp file + rename); returns path."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+  os.replace(tmp, path)
+  return path
+
+
 def row_to_messages(path: str, lineno: int, row: dict) -> tuple[list[dict], str]:
   """(prompt messages, completion text) of one SFT row."""
   where = f"{path}:{lineno}"
