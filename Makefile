@@ -31,11 +31,16 @@ demo: $(STAMP)
 demo-sft: $(STAMP)
 	$(BIN)/rlhf-jax train --config=configs/sft.py:tiny --workdir=runs/demo-sft
 
+# Two pytest-xdist workers (one per core), whole test files per worker so that
+# module fixtures and compiled functions are shared; TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --durations=15 tests
+	$(BIN)/python -m pytest -q -ra --durations=15 $(XDIST) tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+	$(BIN)/python -m pytest -q -ra -m "not slow" $(XDIST) tests
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -91,6 +91,9 @@ def base_config(trainer: str) -> ConfigDict:
   if trainer != "reward_model":  # policy evaluation (rlhf_jax/evaluation.py)
     c.eval_kl = True           # also sample eval completions (T=1): eval_kl = KL(pi || initial
                                # policy) per sequence, eval_sampled_reward/<label>
+    c.eval_samples = 4         # sampled completions per eval prompt (eval_kl, eval_sampled_*)
+    c.eval_seed = 0            # eval sampling key = f(eval_seed) only, NOT the run's seed or
+                               # step: all evals share it (common random numbers)
     c.eval_reward_spec = ""    # rewards scoring eval completions, e.g. gold + proxy:
                                # '[{"name": "math", "label": "gold"}, {"name": "reward_model",
                                # "label": "proxy", "workdir": "runs/rm"}]'; "" = reward.spec

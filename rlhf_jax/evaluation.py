@@ -9,7 +9,8 @@ put any two algorithms side by side on the same held-out prompts:
                        eval_reward/<label>      each component (e.g. gold, proxy)
                        eval_accuracy            the `math` component (gold accuracy)
                        eval_length, eval_finished   mean completion tokens, EOS rate
-  sampling (T = 1)     eval_sampled_reward/<label>  the same components on samples
+  sampling (T = 1)     eval_sampled_reward/<label>  the same components on `samples`
+                                                completions per prompt
                        eval_kl                  KL(pi || pi_ref) per sequence (nats):
                                                 mean_x sum_t [log pi(y_t|.) - log pi_ref(y_t|.)],
                                                 y ~ pi(.|x) -- the unbiased "k1" estimate
@@ -26,7 +27,12 @@ put any two algorithms side by side on the same held-out prompts:
   capability_exact_match   greedy completion == reference (stripped)
 
 Every function compiles once: prompts are padded to a multiple of the micro-batch
-(padding rows are dropped from the means).
+(padding rows are dropped from the means). The sampling key is a function of
+config.eval_seed only -- not of the run's seed nor the step -- so every run, step
+and algorithm evaluates with the same random numbers (common random numbers): the
+same parameters always get the same eval, runs that start from one checkpoint have
+identical step-0 evals, and differences between evals are differences between
+policies, not eval noise.
 """
 from __future__ import annotations
 
@@ -71,12 +77,13 @@ def _padded(rows: list, micro: int) -> list:
 
 def make_prompt_eval(*, model_config, tokenizer, examples, max_prompt_len: int,
                      max_new_tokens: int, reward_fn, ref_params=None, kl: bool = True,
-                     workdir: str | None = None, num_samples: int = 0):
+                     workdir: str | None = None, num_samples: int = 0, samples: int = 1):
   """evaluate(params, step, rng) -> metrics dict (see the module docstring).
 
   examples: [{"prompt", "answer"}]; reward_fn: a `CombinedReward` (labels name the
   eval_reward/<label> metrics); ref_params: the reference policy (None: no eval_kl);
-  the first `num_samples` greedy completions are appended to WORKDIR/samples.jsonl.
+  the first `num_samples` greedy completions are appended to WORKDIR/samples.jsonl;
+  `samples` completions per prompt are drawn for the sampled metrics.
   """
   n = len(examples)
   if n == 0:
@@ -93,12 +100,13 @@ def make_prompt_eval(*, model_config, tokenizer, examples, max_prompt_len: int,
   do_kl = kl and ref_params is not None
 
   def decode(params, rng, greedy):
+    k = 1 if greedy else samples
     cfg = types.SimpleNamespace(temperature=0.0 if greedy else 1.0, top_k=0, top_p=1.0,
-                                max_new_tokens=max_new_tokens, generate_micro_batch=micro,
-                                logprob_micro_batch=micro)
+                                max_new_tokens=max_new_tokens, generate_micro_batch=micro * k,
+                                logprob_micro_batch=micro * k)
     return rollout.generate_rollout(
         model_config=model_config, params=params, ref_params=ref_params,
-        prompt_tokens_NP=tokens, prompt_mask_NP=mask, group_size=1, rng=rng, rollout_cfg=cfg,
+        prompt_tokens_NP=tokens, prompt_mask_NP=mask, group_size=k, rng=rng, rollout_cfg=cfg,
         tokenizer=tokenizer, reward_fn=reward_fn.score, metadata=meta, logps_fn=logps_fn,
         need_ref=not greedy and do_kl)
 
@@ -112,8 +120,9 @@ def make_prompt_eval(*, model_config, tokenizer, examples, max_prompt_len: int,
       out["eval_accuracy"] = out[f"eval_reward/{math_labels[0]}"]
     if do_kl:
       s = decode(params, jax.random.fold_in(rng, 1), greedy=False)
-      out["eval_kl"] = float((s.old_logps_BC - s.ref_logps_BC)[:n].sum(1).mean())
-      out.update({f"eval_sampled_reward/{k}": float(v[:n].mean())
+      real = slice(0, n * samples)  # rows of prompt i are i*samples .. (i+1)*samples - 1
+      out["eval_kl"] = float((s.old_logps_BC - s.ref_logps_BC)[real].sum(1).mean())
+      out.update({f"eval_sampled_reward/{k}": float(v[real].mean())
                   for k, v in s.reward_parts.items()})
     if workdir and num_samples:
       k = min(num_samples, n)
@@ -181,7 +190,7 @@ def make_capability_eval(*, model_config, tokenizer, path: str, num_examples: in
 
 def from_config(config, *, model_config, tokenizer, ref_params, workdir, prompt_examples=None,
                 max_prompt_len=None, max_new_tokens=None, reward_spec=None):
-  """The trainer-facing wrapper: evaluate(params, step, rng) -> dict combining the prompt
+  """The trainer-facing wrapper: evaluate(params, step) -> dict combining the prompt
   eval (when prompt examples are given or config.prompt_eval.path is set) and the
   capability eval (config.capability.path); None when neither is configured.
 
@@ -201,7 +210,8 @@ def from_config(config, *, model_config, tokenizer, ref_params, workdir, prompt_
         model_config=model_config, tokenizer=tokenizer, examples=prompt_examples,
         max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
         reward_fn=make_reward_from_spec(spec), ref_params=ref_params,
-        kl=config.get("eval_kl", True), workdir=workdir, num_samples=num_samples))
+        kl=config.get("eval_kl", True), workdir=workdir, num_samples=num_samples,
+        samples=config.get("eval_samples", 1)))
   cap = config.get("capability")
   if cap is not None and cap.path:
     c = make_capability_eval(model_config=model_config, tokenizer=tokenizer, path=cap.path,
@@ -210,7 +220,10 @@ def from_config(config, *, model_config, tokenizer, ref_params, workdir, prompt_
   if not parts:
     return None
 
-  def evaluate(params, step, rng):
+  key = jax.random.PRNGKey(config.get("eval_seed", 0))
+
+  def evaluate(params, step):
+    rng = key  # the same at every step: evals differ only through the policy
     out = {}
     for i, f in enumerate(parts):
       out.update(f(params, step, jax.random.fold_in(rng, i)))

@@ -61,11 +61,11 @@ def test_eval_kl_matches_exact_kl_of_one_token_completions():
   p = np.exp(lp)
   kl = float((p * (lp - lq)).sum())
   var = float((p * (lp - lq) ** 2).sum()) - kl ** 2
-  n = 256
+  n = 256  # 64 prompts x 4 samples each
   reward = CombinedReward([("zero", Fn("zero", lambda c, a: 0.0), 1.0)])
   ev = evaluation.make_prompt_eval(
-      model_config=CFG, tokenizer=TOK, examples=[{"prompt": prompt, "answer": ""}] * n,
-      max_prompt_len=20, max_new_tokens=1, reward_fn=reward, ref_params=ref)
+      model_config=CFG, tokenizer=TOK, examples=[{"prompt": prompt, "answer": ""}] * (n // 4),
+      max_prompt_len=20, max_new_tokens=1, reward_fn=reward, ref_params=ref, samples=4)
   out = ev(pol, 0, jax.random.PRNGKey(3))
   assert kl > 0.05  # a non-trivial target
   assert abs(out["eval_kl"] - kl) < 4 * np.sqrt(var / n) + 1e-6, (out["eval_kl"], kl)

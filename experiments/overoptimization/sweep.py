@@ -13,7 +13,6 @@ estimator in the loss; 0 = unconstrained), 2 seeds each. The
 report plots gold and proxy reward against d = sqrt(KL(pi || pi_SFT)) and fits the
 paper's RL form R_gold(d) = d (alpha - beta log d) to the gold-reward gain.
 """
-import json
 import os
 import runpy
 
@@ -28,7 +27,7 @@ def get_sweep(preset="tiny"):
   p = dict(FLAGSHIP["TINY"], rm_steps=800, rl_steps=200, eval_every=20)
   prep = {c["name"]: c for c in FLAGSHIP["tiny"]()}
   rm = dict(prep["rm"], overrides={**prep["rm"]["overrides"], "num_steps": p["rm_steps"]})
-  proxy = json.dumps([{"name": "reward_model", "label": "proxy", "workdir": "{cell:rm}"}])
+  proxy = FLAGSHIP["PROXY"]
   base = dict(prep["grpo_rm"])
   base["name"] = "grpo"
   base["overrides"] = {**base["overrides"], "reward.spec": proxy, "num_steps": p["rl_steps"],

@@ -31,10 +31,12 @@ import json
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GOLD_PROXY = json.dumps([{"name": "math", "label": "gold"},
-                         {"name": "reward_model", "label": "proxy", "workdir": "{cell:rm}"}])
+# The proxy RM's scores are normalised to mean 0, std 1 on its held-out on-policy pairs
+# (the SFT policy's samples), as Ziegler et al. 2019 / Ouyang et al. 2022 normalise theirs.
+RM = {"name": "reward_model", "label": "proxy", "workdir": "{cell:rm}", "normalize": True}
+GOLD_PROXY = json.dumps([{"name": "math", "label": "gold"}, RM])
 GOLD = json.dumps([{"name": "math", "label": "gold"}])
-PROXY = json.dumps([{"name": "reward_model", "label": "proxy", "workdir": "{cell:rm}"}])
+PROXY = json.dumps([RM])
 
 TINY = dict(pretrain_steps=300, sft_steps=40, rm_steps=500, rm_batch=64, rl_steps=60,
             prompts_per_step=16, group_size=8, max_new_tokens=4, max_prompt_len=16, eval_every=20,

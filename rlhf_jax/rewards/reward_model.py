@@ -26,7 +26,10 @@ batch padded with copies of a real row whose scores are dropped), so the
 function compiles once and never again whatever B is (`compilations` counts
 traces; the jitted function is shared by instances with the same model config).
 
-Normalisation (optional): fixed `mean` / `std` (e.g. the RM's scores on
+Normalisation (optional): `normalize=True` uses the mean / std of the RM's
+scores on its held-out pairs (both replies), logged by the RM trainer as
+`eval_score_mean` / `eval_score_std` at its last eval -- with on-policy pairs
+that is the SFT policy's distribution; or fixed `mean` / `std` (e.g. the RM's scores on
 reference completions, as Ziegler et al. 2019 and Ouyang et al. 2022
 normalise their reward models so the reference policy scores mean 0, std 1);
 `calibrate(prompts, completions, metadata)` measures and sets them. With
@@ -103,7 +106,7 @@ class RewardModelReward:
   def __init__(self, workdir: str, max_prompt_len: int | None = None,
                max_completion_len: int | None = None, batch_size: int = 32,
                add_eos: str = "always", mean: float = 0.0, std: float = 1.0,
-               whiten: bool = False, dtype: str | None = None):
+               whiten: bool = False, dtype: str | None = None, normalize: bool = False):
     import jax
 
     from rlhf_jax.trainers.reward_model import load_reward_model
@@ -121,6 +124,8 @@ class RewardModelReward:
     self.max_prompt_len, self.max_completion_len = int(max_prompt_len), int(max_completion_len)
     self.batch_size, self.add_eos, self.whiten = int(batch_size), add_eos, bool(whiten)
     self.mean, self.std = float(mean), float(std)
+    if normalize:
+      self.mean, self.std = self._eval_score_stats(workdir)
     self.model_config, params, self.tokenizer = load_reward_model(workdir)
     if dtype is not None:
       self.model_config = dataclasses.replace(self.model_config, dtype=dtype)
@@ -132,6 +137,25 @@ class RewardModelReward:
     """Traces of the jitted scoring function (shared by every instance with this model
     config): one per distinct [batch_size, T] shape."""
     return self._traces[0]
+
+  @staticmethod
+  def _eval_score_stats(workdir: str) -> tuple[float, float]:
+    """(eval_score_mean, eval_score_std) of the RM run's last eval row."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    stats = None
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          try:
+            row = json.loads(line)
+          except json.JSONDecodeError:
+            continue
+          if "eval_score_mean" in row and "eval_score_std" in row:
+            stats = float(row["eval_score_mean"]), max(float(row["eval_score_std"]), 1e-6)
+    if stats is None:
+      raise RewardError(f"reward_model: normalize=True needs eval_score_mean / eval_score_std "
+                        f"in {path} (train the RM with held-out pairs, data.eval_path)")
+    return stats
 
   @staticmethod
   def _trained_lengths(workdir: str) -> tuple[int, int]:

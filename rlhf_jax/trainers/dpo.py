@@ -168,7 +168,7 @@ def run(config, workdir: str) -> dict:
   def evaluate(params, step):
     out = {}
     if policy_eval is not None:
-      out.update(policy_eval(params, step, jax.random.fold_in(rng_sample, 10**9 + step)))
+      out.update(policy_eval(params, step))
     if eval_arrays is None:
       return out
     n = len(eval_arrays["margin"])

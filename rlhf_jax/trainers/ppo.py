@@ -194,7 +194,7 @@ def run(config, workdir: str) -> dict:
   policy_eval = prompt_sets.policy_eval(config, mcfg, tokenizer, eval_src, workdir, ref_params)
 
   def evaluate(params, step):
-    return policy_eval(params["policy"], step, jax.random.fold_in(rng_rollout, 10**9 + step))
+    return policy_eval(params["policy"], step)
 
   return common.train_loop(
       config, workdir, state=state, start=start, train_step=rl_step,

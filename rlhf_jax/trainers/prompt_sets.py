@@ -101,7 +101,7 @@ def reward_fn_from_config(config):
 
 
 def policy_eval(config, model_config, tokenizer, source, workdir, ref_params):
-  """evaluate(params, step, rng) -> dict on the first `eval_prompts` held-out prompts
+  """evaluate(params, step) -> dict on the first `eval_prompts` held-out prompts
   (`rlhf_jax.evaluation`: greedy reward components under config.eval_reward_spec or
   config.reward.spec, eval_accuracy, eval_kl to `ref_params`, capability metrics);
   None without held-out prompts or a capability set."""

@@ -52,20 +52,24 @@ def make_eval_step(model):
   def eval_step(params, batch):
     r_c, r_r = pair_scores(model, params, batch)
     correct = jnp.where(r_c > r_r, 1.0, jnp.where(r_c == r_r, 0.5, 0.0))
-    return jnp.sum(correct), jnp.sum(r_c - r_r)
+    r = jnp.concatenate([r_c, r_r])
+    return jnp.sum(correct), jnp.sum(r_c - r_r), jnp.sum(r), jnp.sum(r * r)
   return eval_step
 
 
 def pair_accuracy(eval_step, params, arrays, batch_size, mesh):
-  """Accuracy (ties count 1/2) and mean margin over every pair in `arrays`."""
+  """(accuracy (ties count 1/2), mean margin, score mean, score std) over every pair in
+  `arrays` (the score statistics over both replies of every pair)."""
   n = len(arrays["margin"])
-  correct = margin = 0.0
+  correct = margin = s1 = s2 = 0.0
   for i in range(0, n - n % batch_size, batch_size):
     b = {k: v[i:i + batch_size] for k, v in arrays.items()}
-    c, m = eval_step(params, parallel.shard_batch(b, mesh))
-    correct, margin = correct + float(c), margin + float(m)
-  used = n - n % batch_size
-  return correct / max(used, 1), margin / max(used, 1)
+    c, m, a, a2 = eval_step(params, parallel.shard_batch(b, mesh))
+    correct, margin, s1, s2 = correct + float(c), margin + float(m), s1 + float(a), s2 + float(a2)
+  used = max(n - n % batch_size, 1)
+  mean = s1 / (2 * used)
+  return (correct / used, margin / used, mean,
+          float(np.sqrt(max(s2 / (2 * used) - mean * mean, 0.0))))
 
 
 def load_reward_model(workdir: str):
@@ -163,8 +167,9 @@ def run(config, workdir: str) -> dict:
   eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings["params"], batch_sharding))
 
   def evaluate(params, step):
-    acc, margin = pair_accuracy(eval_step, params, eval_arrays, eval_batch, mesh)
-    return {"eval_accuracy": acc, "eval_margin": margin}
+    acc, margin, mean, std = pair_accuracy(eval_step, params, eval_arrays, eval_batch, mesh)
+    return {"eval_accuracy": acc, "eval_margin": margin, "eval_score_mean": mean,
+            "eval_score_std": std}
 
   static_metrics = {f"data_{k}": v for k, v in {**data_stats, **tok_stats}.items()}
 

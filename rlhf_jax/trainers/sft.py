@@ -167,7 +167,7 @@ def run(config, workdir: str) -> dict:
   def evaluate(params, step):
     out = {"eval_loss": eval_loss(params)} if eval_ds is not None else {}
     if policy_eval is not None:
-      out.update(policy_eval(params, step, jax.random.fold_in(rng_sample, 10**9 + step)))
+      out.update(policy_eval(params, step))
     if sample_rows and step and config.sample.every and (step % config.sample.every == 0
                                          or step == config.num_steps):
       out["sample_exact_match"] = common.write_samples(
