@@ -1,6 +1,7 @@
 """Reward-model and DPO-family trainers, end to end on the synthetic preference task
 (chosen = the correct reversal, rejected = a random string of the same length), in
 process with a small model: metrics move the right way, workdir contract, resume."""
+import json
 import os
 import subprocess
 import sys
@@ -57,6 +58,26 @@ def test_reward_model_learns_and_follows_workdir_contract(rm_run):
     assert os.path.exists(os.path.join(rm_run, f)), f
   mcfg, params, tok = reward_model.load_reward_model(rm_run)
   assert set(params) == {"backbone", "head"} and tok.vocab_size <= mcfg.vocab_size
+
+
+def test_reward_model_logs_heldout_score_stats(rm_run):
+  """eval_score_mean/std (what the reward_model reward's normalize=True uses) equal the
+  float64 statistics of the RM's scores on both replies of the held-out pairs, scored
+  through the independent text path of RewardModelReward."""
+  from rlhf_jax.rewards.reward_model import RewardModelReward
+  with open(os.path.join(rm_run, "data", "pref_reverse_random_eval.jsonl")) as f:
+    pairs = [json.loads(line) for line in f]
+  with open(os.path.join(rm_run, "config.json")) as f:
+    bs = min(json.load(f)["batch_size"], len(pairs))
+  pairs = pairs[:len(pairs) - len(pairs) % bs]  # the trainer's eval uses full batches
+  fn = RewardModelReward(rm_run, batch_size=32)
+  prompts = [p["prompt"] for p in pairs]
+  scores = np.concatenate([fn.raw_scores(prompts, [p["chosen"] for p in pairs]),
+                           fn.raw_scores(prompts, [p["rejected"] for p in pairs])])
+  last = rows(rm_run)[-1]
+  assert last["eval_score_mean"] == pytest.approx(scores.astype(np.float64).mean(), abs=1e-3)
+  assert last["eval_score_std"] == pytest.approx(scores.astype(np.float64).std(), rel=1e-3)
+  assert RewardModelReward(rm_run, normalize=True).std == pytest.approx(last["eval_score_std"])
 
 
 def test_eval_rm_cli_matches_training_eval(rm_run):

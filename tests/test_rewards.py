@@ -2,6 +2,7 @@
 length / EOS / overlong rules, weighted combination, the config registry, and the
 reward-model reward against the scalar model applied directly."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -382,3 +383,24 @@ def test_reward_model_errors(rm_workdir, tmp_path):
     RewardModelReward(str(tmp_path))
   with pytest.raises(ValueError, match="add_eos='never'"):
     RewardModelReward(rm_workdir, add_eos="never")
+
+
+def test_reward_model_normalize_reads_the_rm_runs_heldout_score_stats(rm_workdir):
+  from rlhf_jax.rewards.reward_model import RewardModelReward
+  metrics = os.path.join(rm_workdir, "metrics.jsonl")
+  assert not os.path.exists(metrics)
+  with pytest.raises(RewardError, match="normalize=True needs eval_score_mean"):
+    RewardModelReward(rm_workdir, batch_size=4, normalize=True)
+  with open(metrics, "w") as f:
+    f.write(json.dumps({"step": 0, "eval_score_mean": 9.0, "eval_score_std": 9.0}) + "\n")
+    f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n")
+    f.write(json.dumps({"step": 10, "eval_score_mean": 0.25, "eval_score_std": 2.0}) + "\n")
+    f.write('{"step": 11, "eval_sc')  # a line cut by a kill
+  try:
+    fn = RewardModelReward(rm_workdir, batch_size=4, normalize=True)
+    assert (fn.mean, fn.std) == (0.25, 2.0)  # the last eval row
+    raw = fn.raw_scores(PROMPTS, REPLIES)
+    np.testing.assert_allclose(fn(PROMPTS, REPLIES, {}), (raw - 0.25) / 2.0, rtol=1e-6)
+  finally:
+    os.remove(metrics)
+
