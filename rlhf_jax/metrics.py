@@ -46,16 +46,30 @@ def _truncate_jsonl(path: str, max_step: int) -> None:
     os.replace(tmp, path)
 
 
-def _last_value(path: str, key: str) -> float:
-  """The last row's `key` in a JSONL file (0.0 when absent)."""
-  value = 0.0
+def read_jsonl(path: str) -> list[dict]:
+  """The JSON-object rows of a metrics/samples JSONL file; malformed lines (a run killed
+  mid-write) are skipped; [] when the file does not exist."""
+  rows = []
   if os.path.exists(path):
     with open(path) as f:
       for line in f:
         try:
-          value = float(json.loads(line).get(key, value))
-        except (json.JSONDecodeError, TypeError, ValueError):
+          row = json.loads(line)
+        except json.JSONDecodeError:
           continue
+        if isinstance(row, dict):
+          rows.append(row)
+  return rows
+
+
+def _last_value(path: str, key: str) -> float:
+  """The last row's `key` in a JSONL file (0.0 when absent)."""
+  value = 0.0
+  for row in read_jsonl(path):
+    try:
+      value = float(row.get(key, value))
+    except (TypeError, ValueError):
+      continue
   return value
 
 

@@ -94,16 +94,9 @@ def _number(v):
 
 def read_metrics(path: str) -> list[dict]:
   """Rows of a metrics.jsonl; malformed lines (a run killed mid-write) are skipped."""
-  rows = []
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(row, dict) and isinstance(row.get("step"), int):
-        rows.append({k: _number(v) for k, v in row.items()})
-  return rows
+  from rlhf_jax.metrics import read_jsonl
+  return [{k: _number(v) for k, v in row.items()} for row in read_jsonl(path)
+          if isinstance(row.get("step"), int)]
 
 
 def _group_seed(run_dir: str, root: str, config: dict) -> tuple[str, int]:

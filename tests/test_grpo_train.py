@@ -21,27 +21,17 @@ pytestmark = pytest.mark.slow
 rows = read_metrics
 
 
-@pytest.fixture
-def sft_run(sft_add_run):
-  return sft_add_run
-
-
-@pytest.fixture(scope="session")
-def data_dir(tfds_data_dir):
-  return tfds_data_dir
-
-
-def grpo_config(sft_run, data_dir, **over):
+def grpo_config(sft_add_run, tfds_data_dir, **over):
   c = load_config("configs/grpo.py:tiny")
-  c.init_from = sft_run
-  c.data.data_dir = data_dir
+  c.init_from = sft_add_run
+  c.data.data_dir = tfds_data_dir
   c.checkpoint.async_save = False
   return override(c, **over)
 
 
-def test_grpo_raises_accuracy_above_the_sft_policy(sft_run, data_dir, tmp_path):
+def test_grpo_raises_accuracy_above_the_sft_policy(sft_add_run, tfds_data_dir, tmp_path):
   wd = str(tmp_path / "grpo")
-  grpo.run(grpo_config(sft_run, data_dir, num_steps=60, eval_every=60), wd)
+  grpo.run(grpo_config(sft_add_run, tfds_data_dir, num_steps=60, eval_every=60), wd)
   r = rows(wd)
   start, end = r[0]["eval_accuracy"], r[-1]["eval_accuracy"]
   assert end > start + 0.08, (start, end)  # 128 held-out prompts, greedy
@@ -64,9 +54,9 @@ def test_grpo_raises_accuracy_above_the_sft_policy(sft_run, data_dir, tmp_path):
     ("rloo", {"advantage": "rloo", "kl_mode": "reward"}),
     ("reinforce_pp", {"advantage": "reinforce_pp", "kl_mode": "reward"}),
 ])
-def test_every_variant_runs(sft_run, data_dir, tmp_path, variant, expect):
+def test_every_variant_runs(sft_add_run, tfds_data_dir, tmp_path, variant, expect):
   wd = str(tmp_path / variant)
-  grpo.run(grpo_config(sft_run, data_dir, num_steps=4, log_every=2, eval_every=4,
+  grpo.run(grpo_config(sft_add_run, tfds_data_dir, num_steps=4, log_every=2, eval_every=4,
                        **{"grpo.variant": variant}), wd)
   algo = json.load(open(os.path.join(wd, "resolved_algorithm.json")))
   for k, v in expect.items():
@@ -78,9 +68,9 @@ def test_every_variant_runs(sft_run, data_dir, tmp_path, variant, expect):
     assert "refill_rounds" in r[-1]
 
 
-def test_explicit_knob_overrides_the_variant(sft_run, data_dir, tmp_path):
+def test_explicit_knob_overrides_the_variant(sft_add_run, tfds_data_dir, tmp_path):
   wd = str(tmp_path / "override")
-  grpo.run(grpo_config(sft_run, data_dir, num_steps=1, eval_every=0, log_every=1,
+  grpo.run(grpo_config(sft_add_run, tfds_data_dir, num_steps=1, eval_every=0, log_every=1,
                        **{"grpo.variant": "dapo", "grpo.clip_eps_high": 0.5,
                           "grpo.dynamic_sampling": 0}), wd)
   algo = json.load(open(os.path.join(wd, "resolved_algorithm.json")))
@@ -88,28 +78,28 @@ def test_explicit_knob_overrides_the_variant(sft_run, data_dir, tmp_path):
   assert algo["aggregation"] == "token_mean"
 
 
-def _cli(workdir, sft_run, data_dir, fault=None):
+def _cli(workdir, sft_add_run, tfds_data_dir, fault=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("RLHF_JAX_FAULT", None)
   if fault:
     env["RLHF_JAX_FAULT"] = fault
   return subprocess.run(
       [sys.executable, "-m", "rlhf_jax.launch", "train", "--config=configs/grpo.py:tiny",
-       f"--workdir={workdir}", f"--config.init_from={sft_run}",
-       f"--config.data.data_dir={data_dir}", "--config.num_steps=6",
+       f"--workdir={workdir}", f"--config.init_from={sft_add_run}",
+       f"--config.data.data_dir={tfds_data_dir}", "--config.num_steps=6",
        "--config.checkpoint.every=3", "--config.eval_every=0", "--config.log_every=1",
        "--config.checkpoint.async_save=False"],
       env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_kill_and_resume_is_bitwise_identical(sft_run, data_dir, tmp_path):
+def test_kill_and_resume_is_bitwise_identical(sft_add_run, tfds_data_dir, tmp_path):
   ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
-  out = _cli(ref, sft_run, data_dir)
+  out = _cli(ref, sft_add_run, tfds_data_dir)
   assert out.returncode == 0, out.stderr[-3000:]
-  out = _cli(killed, sft_run, data_dir, fault="5:KILL")
+  out = _cli(killed, sft_add_run, tfds_data_dir, fault="5:KILL")
   assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
   assert read_checkpoint(os.path.join(killed, "checkpoints"))[0] == 3
-  out = _cli(killed, sft_run, data_dir)
+  out = _cli(killed, sft_add_run, tfds_data_dir)
   assert out.returncode == 0 and "resumed from step 3" in out.stdout, out.stderr[-3000:]
   (sa, a), (sb, b) = (read_checkpoint(os.path.join(w, "checkpoints")) for w in (ref, killed))
   import jax

@@ -20,27 +20,17 @@ pytestmark = pytest.mark.slow
 rows = read_metrics
 
 
-@pytest.fixture
-def sft_run(sft_add_run):
-  return sft_add_run
-
-
-@pytest.fixture(scope="session")
-def data_dir(tfds_data_dir):
-  return tfds_data_dir
-
-
-def ppo_config(sft_run, data_dir, **over):
+def ppo_config(sft_add_run, tfds_data_dir, **over):
   c = load_config("configs/ppo.py:tiny")
-  c.init_from = sft_run
-  c.data.data_dir = data_dir
+  c.init_from = sft_add_run
+  c.data.data_dir = tfds_data_dir
   c.checkpoint.async_save = False
   return override(c, **over)
 
 
-def test_ppo_raises_accuracy_above_the_sft_policy(sft_run, data_dir, tmp_path):
+def test_ppo_raises_accuracy_above_the_sft_policy(sft_add_run, tfds_data_dir, tmp_path):
   wd = str(tmp_path / "ppo")
-  ppo.run(ppo_config(sft_run, data_dir, num_steps=60, eval_every=60), wd)
+  ppo.run(ppo_config(sft_add_run, tfds_data_dir, num_steps=60, eval_every=60), wd)
   r = rows(wd)
   start, end = r[0]["eval_accuracy"], r[-1]["eval_accuracy"]
   assert end > start + 0.08, (start, end)
@@ -50,39 +40,39 @@ def test_ppo_raises_accuracy_above_the_sft_policy(sft_run, data_dir, tmp_path):
     assert key in r[-1] and np.isfinite(r[-1][key]), key
 
 
-def test_shared_critic_runs(sft_run, data_dir, tmp_path):
+def test_shared_critic_runs(sft_add_run, tfds_data_dir, tmp_path):
   wd = str(tmp_path / "shared")
-  ppo.run(ppo_config(sft_run, data_dir, num_steps=2, log_every=1, eval_every=0,
+  ppo.run(ppo_config(sft_add_run, tfds_data_dir, num_steps=2, log_every=1, eval_every=0,
                      **{"ppo.critic": "shared"}), wd)
   _, state = read_checkpoint(os.path.join(wd, "checkpoints"))
   assert set(state["params"]["value"]) == {"dense"}  # a head only: shares the policy trunk
   assert np.isfinite(rows(wd)[-1]["value_loss"])
 
 
-def _cli(workdir, sft_run, data_dir, fault=None):
+def _cli(workdir, sft_add_run, tfds_data_dir, fault=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("RLHF_JAX_FAULT", None)
   if fault:
     env["RLHF_JAX_FAULT"] = fault
   return subprocess.run(
       [sys.executable, "-m", "rlhf_jax.launch", "train", "--config=configs/ppo.py:tiny",
-       f"--workdir={workdir}", f"--config.init_from={sft_run}",
-       f"--config.data.data_dir={data_dir}", "--config.num_steps=4",
+       f"--workdir={workdir}", f"--config.init_from={sft_add_run}",
+       f"--config.data.data_dir={tfds_data_dir}", "--config.num_steps=4",
        "--config.checkpoint.every=2", "--config.eval_every=0", "--config.log_every=1",
        "--config.ppo.adaptive_kl=True", "--config.ppo.kl_target=0.01",
        "--config.ppo.kl_horizon=100", "--config.checkpoint.async_save=False"],
       env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_adaptive_kl_controller_resumes_bitwise(sft_run, data_dir, tmp_path):
+def test_adaptive_kl_controller_resumes_bitwise(sft_add_run, tfds_data_dir, tmp_path):
   ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
-  out = _cli(ref, sft_run, data_dir)
+  out = _cli(ref, sft_add_run, tfds_data_dir)
   assert out.returncode == 0, out.stderr[-3000:]
   betas = [r["kl_coef"] for r in rows(ref)]
   assert betas[0] == pytest.approx(0.05) and betas[-1] != betas[0]  # the controller moved
-  out = _cli(killed, sft_run, data_dir, fault="3:KILL")
+  out = _cli(killed, sft_add_run, tfds_data_dir, fault="3:KILL")
   assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
-  out = _cli(killed, sft_run, data_dir)
+  out = _cli(killed, sft_add_run, tfds_data_dir)
   assert out.returncode == 0 and "resumed from step 2" in out.stdout, out.stderr[-3000:]
   (_, a), (_, b) = (read_checkpoint(os.path.join(w, "checkpoints")) for w in (ref, killed))
   assert float(a["kl_ctl"]["beta"]) == float(b["kl_ctl"]["beta"])

@@ -141,17 +141,12 @@ class RewardModelReward:
   @staticmethod
   def _eval_score_stats(workdir: str) -> tuple[float, float]:
     """(eval_score_mean, eval_score_std) of the RM run's last eval row."""
+    from rlhf_jax.metrics import read_jsonl
     path = os.path.join(workdir, "metrics.jsonl")
     stats = None
-    if os.path.exists(path):
-      with open(path) as f:
-        for line in f:
-          try:
-            row = json.loads(line)
-          except json.JSONDecodeError:
-            continue
-          if "eval_score_mean" in row and "eval_score_std" in row:
-            stats = float(row["eval_score_mean"]), max(float(row["eval_score_std"]), 1e-6)
+    for row in read_jsonl(path):
+      if "eval_score_mean" in row and "eval_score_std" in row:
+        stats = float(row["eval_score_mean"]), max(float(row["eval_score_std"]), 1e-6)
     if stats is None:
       raise RewardError(f"reward_model: normalize=True needs eval_score_mean / eval_score_std "
                         f"in {path} (train the RM with held-out pairs, data.eval_path)")
