@@ -72,6 +72,28 @@ def base_config(trainer: str) -> ConfigDict:
   ))
 
   c.mesh = ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor); -1 = fill
+                               # over ALL processes' devices (jax.devices())
+
+  # Multi-host (JAX multi-controller runtime; rlhf_jax/parallel.py:initialize_distributed).
+  c.distributed = ConfigDict(dict(
+      enabled=False,           # call jax.distributed.initialize before anything touches jax
+      coordinator_address="",  # "host:port" of process 0; "" = auto-detect (TPU VM, SLURM,
+                               # Open MPI) or $RLHF_JAX_COORDINATOR_ADDRESS
+      num_processes=0,         # 0 = auto-detect or $RLHF_JAX_NUM_PROCESSES
+      process_id=-1,           # -1 = auto-detect or $RLHF_JAX_PROCESS_ID
+      cpu_collectives="",      # CPU only: "gloo" for cross-process collectives ("" = JAX's default)
+  ))
+
+  # LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models";
+  # rlhf_jax/models/lora.py): W' = W + (alpha / rank) * A @ B on the target projections.
+  c.lora = ConfigDict(dict(
+      rank=0,                  # 0 = off (full fine-tuning); e.g. 8
+      alpha=16.0,              # scale = alpha / rank
+      dropout=0.0,             # dropout on the adapter input (training only)
+      target_modules=("q", "k", "v", "o"),  # of q k v o gate up down
+      trainable=(),            # other top-level params trained fully, e.g. ("head",) for a
+                               # reward/value head (a scalar head is always trained)
+  ))
 
   c.log_every = 20             # steps between metrics.jsonl / TensorBoard rows
   c.eval_every = 100           # steps between eval loss (and samples); 0 = never

@@ -11,6 +11,9 @@
   rlhf-jax sweep SWEEP.py[:preset] --sweep_dir=DIR [--parallel=N] [--dry_run] [--no_report]
       Run an experiment's cells x seeds into DIR/<cell>/seed-<k>/ (finished cells are
       skipped, interrupted ones resumed), then write DIR/report/.
+  rlhf-jax export WORKDIR OUT_DIR [--step=N] [--overwrite]
+      Write a run's parameters (LoRA adapters merged) as a Hugging Face directory
+      (config.json + model.safetensors + tokenizer) that `load_pretrained` and HF read.
   rlhf-jax report DIR [DIR...] [--out=DIR] [--metrics=a,b] [--gold=KEY] [--proxy=KEY] ...
       report.md + report.csv + plots (mean and 95% CI over seeds) for runs / sweeps.
 
@@ -146,8 +149,14 @@ def sweep_command(argv):
   sys.exit(sweep.main(argv))
 
 
+def export_command(argv):
+  from rlhf_jax import export
+  sys.exit(export.main(argv))
+
+
 COMMANDS = {"train": train_command, "import": import_command, "eval-rm": eval_rm_command,
-            "sweep": sweep_command, "report": report_command}
+            "sweep": sweep_command, "report": report_command,
+            "export": export_command}
 
 
 def cli(argv=None):
