@@ -21,6 +21,11 @@ The layers are `nn.scan`-ed (parameters stacked on a leading `layers` axis),
 which keeps compile time flat in depth. Every parameter carries logical axis
 names (see `rlhf_jax.parallel` for the mapping onto mesh axes).
 
+Rematerialisation (`ModelConfig.remat_policy`, gradient checkpointing, Chen et
+al. 2016) decides which activations of each block the backward pass keeps and
+which it recomputes from the block's input (`REMAT_POLICIES`); every policy
+gives the same loss and gradients, only memory and recompute differ.
+
 Models know nothing of RL: the module maps tokens to logits or hidden states,
 optionally reading and writing a KV cache for `rlhf_jax.sampling`.
 """
@@ -34,9 +39,35 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 NEG_INF = -1e30  # large finite negative: fully masked rows give a uniform (not NaN) softmax
+
+# What each block keeps for the backward pass (`ModelConfig.remat_policy`). Per layer
+# and token, with D model width, F MLP width, H/K query/kv heads of size Dh, S keys:
+#   none           everything the backward needs (no recompute); includes the float32
+#                  attention scores and probabilities, H*S values per token
+#   full           only the block input (D values); the whole block is recomputed
+#   dots           every matmul output, incl. the attention scores (H*S per token)
+#                  (jax.checkpoint_policies.dots_saveable); norms, RoPE, softmax and
+#                  activations recomputed
+#   dots_no_batch  the projection outputs q, k, v, o, gate, up, down ((H+2K)*Dh + 2D + 2F)
+#                  but not the attention einsums (dots_with_no_batch_dims_saveable);
+#                  recomputes attention and the elementwise ops
+#   qkv_proj       the block input and the RoPE'd q, k and v ((H+2K)*Dh); recomputes
+#                  attention and the MLP (MaxText's "save_qkv_proj")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
+_QKV_NAMES = ("query_proj", "key_proj", "value_proj")
+
+
+def remat_policy_fn(name: str):
+  """The `jax.checkpoint` policy of a remat policy name (None = save nothing)."""
+  policies = jax.checkpoint_policies
+  return {"full": None,
+          "dots": policies.dots_saveable,
+          "dots_no_batch": policies.dots_with_no_batch_dims_saveable,
+          "qkv_proj": policies.save_only_these_names(*_QKV_NAMES)}[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +95,8 @@ class ModelConfig:
   activation: str = "silu"      # "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
   max_seq_len: int = 2048
   dtype: str = "float32"        # compute dtype: "float32" or "bfloat16"
-  remat: bool = False           # rematerialise each block in the backward pass
+  remat: bool = False           # legacy switch: True = remat_policy "full"
+  remat_policy: str = ""        # "" = from `remat`; else one of REMAT_POLICIES (wins over remat)
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -76,12 +108,20 @@ class ModelConfig:
       raise ValueError(f"model.activation={self.activation!r}: expected 'silu' or 'gelu_tanh'")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"model.dtype={self.dtype!r}: expected float32, bfloat16 or float16")
+    if self.remat_policy not in ("",) + REMAT_POLICIES:
+      raise ValueError(f"model.remat_policy={self.remat_policy!r}: expected one of "
+                       f"{', '.join(REMAT_POLICIES)} (or '' = from model.remat)")
     if self.rope_scaling is not None:
       object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
 
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
+
+  @property
+  def resolved_remat_policy(self) -> str:
+    """remat_policy, or "full"/"none" from the legacy `remat` flag when it is ""."""
+    return self.remat_policy or ("full" if self.remat else "none")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -222,8 +262,9 @@ class Block(nn.Module):
       q_BTHd = RMSNorm(c.norm_eps, c.norm_offset, dt, "head_dim", name="q_norm")(q_BTHd)
       k_BTKd = RMSNorm(c.norm_eps, c.norm_offset, dt, "head_dim", name="k_norm")(k_BTKd)
     inv_freq = rope_inv_freq(Dh, c.rope_theta, c.rope_scaling)
-    q_BTHd = apply_rope(q_BTHd, positions_BT, inv_freq)
-    k_BTKd = apply_rope(k_BTKd, positions_BT, inv_freq)
+    q_BTHd = checkpoint_name(apply_rope(q_BTHd, positions_BT, inv_freq), "query_proj")
+    k_BTKd = checkpoint_name(apply_rope(k_BTKd, positions_BT, inv_freq), "key_proj")
+    v_BTKd = checkpoint_name(v_BTKd, "value_proj")  # names: identity ops for remat policies
 
     new_cache = None
     if layer_cache is not None:
@@ -285,7 +326,9 @@ class Transformer(nn.Module):
     c = self.config
     self.embed = nn.Embed(c.vocab_size, c.d_model, param_dtype=jnp.float32,
                           embedding_init=_init(0.02, ("vocab", "embed")))
-    block = nn.remat(Block, prevent_cse=False) if c.remat else Block
+    policy = c.resolved_remat_policy
+    block = (Block if policy == "none" else
+             nn.remat(Block, prevent_cse=False, policy=remat_policy_fn(policy)))
     self.layers = nn.scan(
         block, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers,
