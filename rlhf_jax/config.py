@@ -147,17 +147,10 @@ def base_config(trainer: str) -> ConfigDict:
 
 
 def use_llama_1b(c: ConfigDict) -> ConfigDict:
-  """Shared "1b" preset: a Llama-3.2-1B-shaped model, bf16 compute, remat, FSDP mesh."""
-  c.model.update(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
-                 head_dim=64, d_ff=8192, rope_theta=500000.0,
-                 rope_scaling=(32.0, 1.0, 4.0, 8192), tie_embeddings=True, norm_eps=1e-5,
-                 max_seq_len=2048, dtype="bfloat16", remat=True)
-  c.mesh.shape = (1, -1, 1)
-  c.tokenizer.chat_style = "llama3"
-  c.log_every = 10
-  c.eval_every = 200
-  c.checkpoint.every = 500
-  return c
+  """Shared "1b" preset: Llama-3.2-1B (rlhf_jax/presets.py: llama3_2_1b), bf16 compute,
+  remat, an FSDP mesh over however many devices there are."""
+  from rlhf_jax import presets
+  return presets.apply(c, "llama3_2_1b", hardware=None)
 
 
 def sft_data_config() -> ConfigDict:
