@@ -460,21 +460,21 @@ def test_worker_start_status_stop(tmp_path):
   assert status() == "missing"
   _worker(tmp_path, "start", *opts, "--", "python", "-c", trainer)
   log = tmp_path / "rlhf_jax_logs" / "run1.log"
-  assert _wait_for(lambda: "ready" in log.read_text()), log.read_text()
+  assert _wait_for(lambda: "\nready\n" in log.read_text()), log.read_text()
   assert status().startswith("running ")
   text = log.read_text()
-  assert f"cwd {tmp_path / 'rlhf_jax'}" in text          # runs from the code directory
-  assert f"python {tmp_path / 'venv' / 'bin' / 'python'}" in text  # venv first on PATH
+  assert f"cwd {tmp_path / 'rlhf_jax'}" in text, text  # runs from the code directory
+  assert f"python {tmp_path / 'venv' / 'bin' / 'python'}" in text, text  # venv first on PATH
   again = _worker(tmp_path, "start", *opts, "--", "python", "-c", trainer, check=False)
   assert again.returncode == 1 and "already running" in again.stderr
   _worker(tmp_path, "stop", "--name=run1", "--timeout=20")
   assert status() == "exited 0"
   text = log.read_text()
-  assert "got SIGTERM, checkpointing" in text and "exit code 0" in text
+  assert "\ngot SIGTERM, checkpointing\n" in text and "exit code 0\n" in text
   # A crash is reported with its exit code; the log is appended, not replaced.
   _worker(tmp_path, "start", *opts, "--", "python", "-c", "import sys; sys.exit(3)")
   assert _wait_for(lambda: status() == "exited 3")
-  assert log.read_text().count("=== ") == 4 and "got SIGTERM" in log.read_text()
+  assert log.read_text().count("\n=== ") == 3 and "\ngot SIGTERM" in log.read_text()
   # Refuses to start when the bucket is not mounted.
   proc = _worker(tmp_path, "start", *opts, f"--mount={tmp_path / 'gcs'}", "--", "true", check=False)
   assert proc.returncode == 1 and "is not mounted" in proc.stderr
@@ -605,9 +605,16 @@ def test_every_printed_gcloud_flag_exists(tmp_path):
 def test_readme_shows_the_real_dry_run_output(tmp_path):
   """tpu_scripts/README.md lists one example's dry-run output; it must match the scripts."""
   readme = (SCRIPTS_DIR / "README.md").read_text()
-  env = clean_env(tmp_path, DRY_RUN="1", **{**TPU_ENV, "ACCELERATOR_TYPE": "v5p-32"}, SPOT="1",
-                  QUEUED="1")
-  for name, args in [("create.sh", []), ("launch.sh", ["--config.optimizer.lr=3e-4"]),
-                     ("logs.sh", []), ("teardown.sh", [])]:
-    for line in run_script(name, *args, env=env).stdout.splitlines():
+  queued = clean_env(tmp_path, DRY_RUN="1", **TPU_ENV, SPOT="1", QUEUED="1")
+  direct = clean_env(tmp_path, DRY_RUN="1", **TPU_ENV, SPOT="1")
+  for env, name, args in [(queued, "create.sh", []),
+                          (queued, "launch.sh", ["--config.optimizer.lr=3e-4"]),
+                          (queued, "logs.sh", []), (queued, "teardown.sh", []),
+                          (direct, "create.sh", []), (direct, "teardown.sh", [])]:
+    out = run_script(name, *args, env=env).stdout
+    assert out.strip()
+    for line in out.splitlines():
       assert line in readme, f"README is missing this {name} dry-run line:\n{line}"
+  setup = run_script("setup.sh", env=queued).stdout.splitlines()
+  assert setup[2] in readme  # the ssh line (the first two name this checkout and commit)
+  assert "## Run on a TPU pod" in readme and "## Run on a GPU node / SLURM" in readme
