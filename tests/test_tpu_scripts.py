@@ -156,9 +156,10 @@ def test_only_the_missing_variables_are_named(tmp_path):
 
 def test_bad_values_are_rejected(tmp_path):
   for extra, needle in [({"SPOT": "yes"}, "SPOT must be 0 or 1"),
+                        ({"DRY_RUN": "true"}, "DRY_RUN must be 0 or 1"),  # never a real run by typo
                         ({"ACCELERATOR_TYPE": "v4"}, "does not look like a TPU type"),
                         ({"ACCELERATOR_TYPE": "v9-8"}, "set RUNTIME_VERSION")]:
-    proc = run_script("create.sh", env=clean_env(tmp_path, DRY_RUN="1", **{**TPU_ENV, **extra}),
+    proc = run_script("create.sh", env=clean_env(tmp_path, **{"DRY_RUN": "1", **TPU_ENV, **extra}),
                       check=False)
     assert proc.returncode == 1 and proc.stdout == ""
     assert needle in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr

@@ -76,13 +76,25 @@ need_opt() {
 
 # ---------------------------------------------------------------------------
 
-ensure_python311() {
-  if command -v python3.11 >/dev/null 2>&1 && python3.11 -c 'import ensurepip, venv' 2>/dev/null; then
+# A Python 3.11 venv with pip. TPU VM images are Ubuntu 22.04 (Python 3.10): install
+# python3.11 + python3.11-venv from Ubuntu's archive when needed (Debian's python
+# cannot make a venv with pip without the -venv package).
+ensure_venv() {
+  local venv="$1"
+  if [[ -x "${venv}/bin/python" ]] && "${venv}/bin/python" -m pip --version >/dev/null 2>&1; then
     return 0
   fi
-  log "installing python3.11 (TPU VM images ship Ubuntu 22.04's Python 3.10; the project needs 3.11)"
-  apt_update
-  apt_install python3.11 python3.11-venv
+  if ! command -v python3.11 >/dev/null 2>&1; then
+    log "installing python3.11 (the project needs Python 3.11)"
+    apt_update
+    apt_install python3.11 python3.11-venv
+  fi
+  if ! run python3.11 -m venv --clear "${venv}"; then
+    log "python3.11 -m venv failed; installing python3.11-venv and retrying"
+    apt_update
+    apt_install python3.11-venv
+    run python3.11 -m venv --clear "${venv}"
+  fi
 }
 
 install_gcsfuse() {
@@ -133,8 +145,7 @@ cmd_setup() {
   need_opt dir venv pip_extra
   cd "${HOME}"
   [[ -f "${OPT_dir}/pyproject.toml" ]] || die "${HOME}/${OPT_dir}/pyproject.toml not found: the code was not copied"
-  ensure_python311
-  if [[ ! -x "${OPT_venv}/bin/python" ]]; then run python3.11 -m venv "${OPT_venv}"; fi
+  ensure_venv "${OPT_venv}"
   run "${OPT_venv}/bin/python" -m pip install -q --upgrade pip
   run "${OPT_venv}/bin/python" -m pip install -q -e "./${OPT_dir}[${OPT_pip_extra}]"
   if [[ -n "${OPT_bucket:-}" ]]; then
