@@ -215,7 +215,8 @@ cmd_start() {
   venv_bin="$(cd "${OPT_venv}/bin" && pwd)"
   (
     cd "${OPT_dir}"
-    PATH="${venv_bin}:${PATH}" nohup bash "${SELF}" _supervise \
+    # setsid + nohup: the run outlives the ssh session that started it.
+    PATH="${venv_bin}:${PATH}" setsid nohup bash "${SELF}" _supervise \
       "--pid-file=${PID_FILE}" "--rc-file=${RC_FILE}" -- "${REST[@]}" \
       >>"${LOG_FILE}" 2>&1 </dev/null &
   )
