@@ -148,6 +148,14 @@ class PreemptionGuard:
     signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
     return False
 
+  def any_requested(self) -> bool:
+    """Whether ANY process got SIGTERM (multi-host: all must save the same step together,
+    so the flag is OR-ed across processes every step; no collective with one process)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+
 
 def maybe_inject_fault(step: int) -> None:
   """Testing hook: RLHF_JAX_FAULT="STEP:SIGNAL" (e.g. "7:KILL") signals this process
@@ -178,6 +186,13 @@ def read_checkpoint(directory: str, step: int | None = None):
   step = manager.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"no finished checkpoint in {directory}")
-  state = manager.restore(step, args=ocp.args.StandardRestore())
+  # Restore onto this process's first device whatever topology wrote it (a run on 8 devices
+  # or a pod slice feeds a later run / export on another one).
+  meta = manager.item_metadata(step)
+  meta = getattr(meta, "tree", meta)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+                        meta)
+  state = manager.restore(step, args=ocp.args.StandardRestore(target))
   manager.close()
   return step, jax.tree.map(np.asarray, state)

@@ -81,13 +81,20 @@ def train_command(argv):
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
     import jax
+    from rlhf_jax import parallel
     cfg = flags.FLAGS.config
+    try:
+      parallel.initialize_distributed(cfg.distributed)  # before anything touches a device
+    except ValueError as e:
+      _die(str(e))
     try:
       trainer = importlib.import_module(f"rlhf_jax.trainers.{cfg.trainer}")
     except ModuleNotFoundError:
       _die(f"config.trainer={cfg.trainer!r}: no module rlhf_jax/trainers/{cfg.trainer}.py")
     print(f"rlhf-jax train: trainer={cfg.trainer} workdir={flags.FLAGS.workdir} "
-          f"devices={jax.device_count()}x{jax.devices()[0].platform}", flush=True)
+          f"devices={jax.device_count()}x{jax.devices()[0].platform}"
+          + (f" process={jax.process_index()}/{jax.process_count()}"
+             if jax.process_count() > 1 else ""), flush=True)
     try:
       result = trainer.run(cfg, flags.FLAGS.workdir)
     except _user_errors() as e:

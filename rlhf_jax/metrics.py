@@ -40,7 +40,7 @@ def _truncate_jsonl(path: str, max_step: int) -> None:
     except json.JSONDecodeError:
       continue  # a line cut by a kill mid-write
   if len(kept) != len(lines):
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
       f.writelines(kept)
     os.replace(tmp, path)
@@ -83,10 +83,14 @@ def append_jsonl(path: str, step: int, rows: list[dict]) -> None:
 class MetricsWriter:
   """Writes scalars to metrics.jsonl and TensorBoard (and trims samples.jsonl on resume)."""
 
-  def __init__(self, workdir: str, start_step: int = 0):
-    self.workdir = workdir
+  def __init__(self, workdir: str, start_step: int = 0, enabled: bool = True):
+    """enabled=False (processes other than 0 in a multi-host run): write nothing."""
+    self.workdir, self.enabled = workdir, enabled
     self.metrics_path = os.path.join(workdir, "metrics.jsonl")
     self.samples_path = os.path.join(workdir, "samples.jsonl")
+    self.prior_elapsed, self._tb = 0.0, None
+    if not enabled:
+      return
     for p in (self.metrics_path, self.samples_path):
       _truncate_jsonl(p, start_step)
     self.prior_elapsed = _last_value(self.metrics_path, "elapsed_s") if start_step else 0.0
@@ -95,6 +99,8 @@ class MetricsWriter:
   def write(self, step: int, metrics: dict) -> dict:
     row = {"step": int(step)}
     row.update({k: _to_python(v) for k, v in metrics.items()})
+    if not self.enabled:
+      return row
     with open(self.metrics_path, "a") as f:
       f.write(json.dumps(row) + "\n")
     for k, v in row.items():
@@ -103,16 +109,17 @@ class MetricsWriter:
     return row
 
   def close(self):
-    self._tb.flush()
-    self._tb.close()
+    if self._tb is not None:
+      self._tb.flush()
+      self._tb.close()
 
 
 class Progress:
   """tqdm bar over training steps (ETA from the steps done in this process)."""
 
-  def __init__(self, start: int, total: int, desc: str = "train"):
+  def __init__(self, start: int, total: int, desc: str = "train", enabled: bool = True):
     self._bar = tqdm.tqdm(total=total, initial=start, desc=desc, unit="step",
-                          dynamic_ncols=True, smoothing=0.1)
+                          dynamic_ncols=True, smoothing=0.1, disable=not enabled)
 
   def update(self, n: int = 1, **postfix):
     if postfix:

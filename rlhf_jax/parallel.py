@@ -10,11 +10,21 @@ maps each logical name onto mesh axes of one `jax.sharding.Mesh` with axes
 
 Batches are sharded over ("data", "fsdp"). The same code runs on one CPU,
 8 simulated CPU devices, a GPU or a TPU pod slice.
+
+Multi-host (several processes, JAX's multi-controller runtime): every process
+runs the same program; `initialize_distributed` connects them before anything
+touches a device, the mesh spans all processes' devices (`jax.devices()`), and
+each process builds only the rows of a global batch that its own devices hold
+(`shard_batch` -> `jax.make_array_from_process_local_data`). Files shared by
+all processes (workdir, tokenizer, data caches) are written by process 0
+(`primary_first`, `is_primary`); orbax writes checkpoints collectively.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -23,6 +33,72 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+
+
+# ----------------------------------------------------------------------------
+# Multi-host
+# ----------------------------------------------------------------------------
+
+def initialize_distributed(dcfg) -> bool:
+  """Connect this process to the others (config.distributed); returns whether it did.
+
+  Call before anything touches a device. Explicit settings come from the config,
+  else from $RLHF_JAX_COORDINATOR_ADDRESS / $RLHF_JAX_NUM_PROCESSES /
+  $RLHF_JAX_PROCESS_ID, else JAX auto-detects them (Cloud TPU VMs, SLURM, Open MPI).
+  `cpu_collectives="gloo"` enables cross-process collectives on CPU (how the tests
+  run two processes on one machine).
+  """
+  if not dcfg.enabled:
+    return False
+  from jax._src import distributed as _dist  # is_initialized() is not public
+  if _dist.global_state.client is not None:
+    return True
+  env = os.environ.get
+  address = dcfg.coordinator_address or env("RLHF_JAX_COORDINATOR_ADDRESS") or None
+  num = int(dcfg.num_processes or env("RLHF_JAX_NUM_PROCESSES") or 0) or None
+  pid = int(dcfg.process_id) if int(dcfg.process_id) >= 0 else (
+      int(env("RLHF_JAX_PROCESS_ID")) if env("RLHF_JAX_PROCESS_ID") else None)
+  if address and (num is None or pid is None):
+    raise ValueError("config.distributed.coordinator_address is set, so "
+                     "distributed.num_processes and distributed.process_id (or "
+                     "$RLHF_JAX_NUM_PROCESSES / $RLHF_JAX_PROCESS_ID) must be set too")
+  if num is not None and pid is not None and not 0 <= pid < num:
+    raise ValueError(f"config.distributed.process_id={pid} must be in [0, num_processes={num})")
+  if dcfg.cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", dcfg.cpu_collectives)
+  jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+  return True
+
+
+def is_primary() -> bool:
+  """Whether this is process 0, the one that writes shared files and metrics."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """Barrier over all processes (no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def primary_first(name: str):
+  """Process 0 runs the block first (creating shared files: data caches, tokenizer),
+  then the others run it (finding the files there). No-op with one process."""
+  if not is_primary():
+    sync(name)
+  yield
+  if is_primary():
+    sync(name)
+
+
+def to_host(x) -> np.ndarray:
+  """numpy value of a (possibly multi-process, sharded) array, on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 # logical axis name -> mesh axis (or tuple of mesh axes, or None = replicated)
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
@@ -92,14 +168,31 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def local_rows(global_rows: int, mesh: Mesh) -> np.ndarray:
+  """Indices of the rows of a [global_rows, ...] batch that this process's devices hold
+  under `batch_sharding(mesh)`, in order (all rows with one process)."""
+  idx = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
+  starts = sorted({(s[0].start or 0, s[0].stop or global_rows) for s in idx.values()})
+  return np.concatenate([np.arange(a, b) for a, b in starts])
+
+
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
-  """Place a host batch (dict of numpy arrays, batch-major) on the mesh."""
+  """Place a host batch (dict of numpy arrays, batch-major, the GLOBAL batch) on the mesh.
+
+  With several processes each one passes only its own rows (`local_rows`) to
+  `jax.make_array_from_process_local_data`; the arrays are global either way.
+  """
   batch_size = mesh.shape["data"] * mesh.shape["fsdp"]
+  sharding = batch_sharding(mesh)
   out = {}
   for k, v in batch.items():
     v = np.asarray(v)
     if v.shape[0] % batch_size:
       raise ValueError(f"batch[{k!r}] has leading size {v.shape[0]}, not divisible by "
                        f"data*fsdp = {batch_size} devices")
-    out[k] = jax.device_put(v, batch_sharding(mesh))
+    if jax.process_count() == 1:
+      out[k] = jax.device_put(v, sharding)
+    else:
+      rows = local_rows(v.shape[0], mesh)
+      out[k] = jax.make_array_from_process_local_data(sharding, v[rows], v.shape)
   return out

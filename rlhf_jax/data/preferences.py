@@ -369,7 +369,7 @@ def write_synthetic_preferences(path: str, task: str, n: int, seed: int,
   from rlhf_jax.data.synthetic import make_example
   rng = np.random.default_rng(seed)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
+  tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     for _ in range(n):
       ex = make_example(task, rng, **kwargs)

@@ -220,7 +220,7 @@ def write_synthetic_prompts(path: str, task: str, n: int, seed: int, **kwargs) -
   from rlhf_jax.data.synthetic import make_verifiable_example
   rng = np.random.default_rng(seed)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
+  tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     for _ in range(n):
       f.write(json.dumps(make_verifiable_example(task, rng, **kwargs)) + "\n")

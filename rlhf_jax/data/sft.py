@@ -60,7 +60,7 @@ def read_jsonl_rows(path: str, required: Sequence[str] = ()) -> list[tuple[int, 
 def write_jsonl_rows(path: str, rows) -> str:
   """Write dicts as JSONL to `path` atomically (tmp file + rename); returns path."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
+  tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     for r in rows:
       f.write(json.dumps(r) + "\n")

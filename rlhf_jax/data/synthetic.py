@@ -35,7 +35,7 @@ def write_task(path: str, task: str, num_examples: int, seed: int, **kwargs) -> 
   """Write `num_examples` rows of `task` as JSONL to `path` (atomic)."""
   rng = np.random.default_rng(seed)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
+  tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     for _ in range(num_examples):
       f.write(json.dumps(make_example(task, rng, **kwargs)) + "\n")

@@ -287,8 +287,12 @@ def _check_sources(builder, files: dict[str, list[str]] | None):
 
 
 def _prepare(builder, files, download_config=None):
-  _check_sources(builder, files)
-  builder.download_and_prepare(download_config=download_config, file_format=ARRAY_RECORD)
+  from rlhf_jax import parallel
+  with parallel.primary_first(f"tfds:{builder.info.full_name}"):  # multi-host: 0 builds it
+    if not parallel.is_primary() and builder.is_prepared():
+      builder.info.read_from_directory(builder.data_dir)  # built meanwhile by process 0
+    _check_sources(builder, files)
+    builder.download_and_prepare(download_config=download_config, file_format=ARRAY_RECORD)
   return builder
 
 
