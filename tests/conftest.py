@@ -13,6 +13,20 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("RLHF_JAX_DATA", REPO.parent / "shared" / "data"))
 ON_CI = os.environ.get("CI", "").lower() == "true"
 
+# One persistent XLA compilation cache for the whole suite, its xdist workers and the
+# training subprocesses the tests start: the same tiny-model step compiled by many tests
+# is compiled once (same executable, so results are unchanged). RLHF_JAX_TEST_CACHE=""
+# turns it off.
+_CACHE = os.environ.get("RLHF_JAX_TEST_CACHE", str(REPO / ".cache" / "jax-tests"))
+if _CACHE:
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  import jax
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 
 class CharTokenizer:
   """A minimal tokenizer independent of the library's: one id per UTF-8 byte, specials 0-2,
