@@ -14,6 +14,12 @@
   rlhf-jax export WORKDIR OUT_DIR [--step=N] [--overwrite]
       Write a run's parameters (LoRA adapters merged) as a Hugging Face directory
       (config.json + model.safetensors + tokenizer) that `load_pretrained` and HF read.
+  rlhf-jax label --prompts=FILE --out=DIR --judge=rm:WORKDIR|lm:WORKDIR [...]
+      AI feedback: rank >= 2 candidate completions per prompt with a judge, write
+      preference pairs for the RM / DPO trainers (agreement with gold labels reported).
+  rlhf-jax constitution --policy=WORKDIR --constitution=FILE --prompts=FILE --out=DIR
+      Constitutional AI: answer, critique against a principle, revise; SFT and
+      preference records with every intermediate text.
   rlhf-jax report DIR [DIR...] [--out=DIR] [--metrics=a,b] [--gold=KEY] [--proxy=KEY] ...
       report.md + report.csv + plots (mean and 95% CI over seeds) for runs / sweeps.
 
@@ -161,9 +167,20 @@ def export_command(argv):
   sys.exit(export.main(argv))
 
 
+def label_command(argv):
+  from rlhf_jax import ai_feedback
+  sys.exit(ai_feedback.label_main(argv))
+
+
+def constitution_command(argv):
+  from rlhf_jax import ai_feedback
+  sys.exit(ai_feedback.constitution_main(argv))
+
+
 COMMANDS = {"train": train_command, "import": import_command, "eval-rm": eval_rm_command,
             "sweep": sweep_command, "report": report_command,
-            "export": export_command}
+            "export": export_command, "label": label_command,
+            "constitution": constitution_command}
 
 
 def cli(argv=None):
