@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable, Iterable
 
@@ -17,6 +18,7 @@ from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import config as config_lib
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import parallel
+from rlhf_jax.models import lora as lora_lib
 
 
 def learning_rate_schedule(opt: Any, num_steps: int) -> optax.Schedule:
@@ -96,12 +98,23 @@ def apply_gradients(state, grads, tx, count_step: bool = True):
   return new
 
 
-def make_update(loss_fn, tx, count_step: bool = True):
+def make_update(loss_fn, tx, count_step: bool = True, frozen: "Frozen | None" = None):
   """update(state, *args) -> (state, metrics) for loss_fn(params, *args) -> (loss, metrics):
-  value_and_grad + optimizer update; adds grad_norm to the metrics. Not jitted."""
+  value_and_grad + optimizer update; adds grad_norm to the metrics. Not jitted.
+
+  With LoRA (`frozen` enabled) the frozen base comes right after the state,
+  update(state, base, *args) (call it as update(state, *frozen.args, *args)); loss_fn
+  sees the merged parameters and gradients reach only state["params"] (adapters + fully
+  trained leaves). The base is an argument, never a constant of the compiled step.
+  """
+  frozen = frozen or Frozen()
+
   def update(state, *args):
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], *args)
-    return (apply_gradients(state, grads, tx, count_step),
+    base, args = frozen.split_args(args)
+    rng, carry = dropout_rng(state)
+    loss = lambda trained: loss_fn(frozen.merge(base, trained, rng), *args)
+    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
+    return ({**apply_gradients(state, grads, tx, count_step), **carry},
             {**metrics, "grad_norm": optax.tree.norm(grads)})
   return update
 
@@ -115,23 +128,29 @@ def aggregation_weight(aggregation: str):
   return lambda mb: jnp.sum((mb["mask"].sum(axis=1) > 0).astype(jnp.float32))
 
 
-def make_accumulating_update(loss_fn, tx, micro_batches: int, weight_fn, count_step=True):
-  """Like `make_update`, with the batch split into `micro_batches` equal parts whose
-  gradients are summed with weights weight_fn(part) / sum(weights) (lax.scan, one part
-  in memory at a time). For a loss that is a weighted mean over the batch (token or
-  sequence means; `aggregation_weight`), the update equals the whole-batch update.
-  Metrics are the same weighted means over the parts (so ratio_min/max are averages).
+def make_accumulating_update(loss_fn, tx, micro_batches: int, weight_fn, count_step=True,
+                             frozen: "Frozen | None" = None):
+  """Like `make_update` (update(state, [base,] batch)), with the batch split into
+  `micro_batches` equal parts whose gradients are summed with weights
+  weight_fn(part) / sum(weights) (lax.scan, one part in memory at a time). For a loss
+  that is a weighted mean over the batch (token or sequence means; `aggregation_weight`),
+  the update equals the whole-batch update. Metrics are the same weighted means over the
+  parts (so ratio_min/max are averages). LoRA dropout uses one mask for all parts.
   """
   if micro_batches == 1:
-    return make_update(loss_fn, tx, count_step)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    return make_update(loss_fn, tx, count_step, frozen)
+  frozen = frozen or Frozen()
 
-  def update(state, batch):
+  def update(state, *args):
+    base, (batch,) = frozen.split_args(args)
+    rng, carry = dropout_rng(state)
+    loss = lambda trained, part: loss_fn(frozen.merge(base, trained, rng), part)
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
     parts = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
     w = jax.vmap(weight_fn)(parts)
     w = w / jnp.maximum(jnp.sum(w), 1e-12)
     first = jax.tree.map(lambda x: x[0], parts)
-    _, m_shape = jax.eval_shape(loss_fn, state["params"], first)
+    _, m_shape = jax.eval_shape(loss, state["params"], first)
     zeros = (jax.tree.map(jnp.zeros_like, state["params"]),
              jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), m_shape))
 
@@ -141,9 +160,264 @@ def make_accumulating_update(loss_fn, tx, micro_batches: int, weight_fn, count_s
       return jax.tree.map(lambda a, b: a + wi * b, acc, (g, m)), None
 
     (grads, metrics), _ = jax.lax.scan(body, zeros, (parts, w))
-    return (apply_gradients(state, grads, tx, count_step),
+    return ({**apply_gradients(state, grads, tx, count_step), **carry},
             {**metrics, "grad_norm": optax.tree.norm(grads)})
   return update
+
+
+# ----------------------------------------------------------------------------
+# What is trained: every parameter, or LoRA adapters on a frozen base
+# ----------------------------------------------------------------------------
+
+LORA_DIR = "lora"  # WORKDIR/lora/{config.json, base/}: a LoRA run's frozen base, written once
+
+
+@dataclasses.dataclass(eq=False)
+class Frozen:
+  """The parameters the optimizer does not train, and how the trained ones combine
+  with them into the model's parameters.
+
+  Full fine-tuning (`Frozen()`): nothing is frozen; merge/full return the trained
+  parameters themselves, `params` is None and step functions take no extra argument.
+  LoRA (`rlhf_jax.models.lora`): `params` is the base model, held once (sharded like
+  the model), never updated, and passed to every jitted step as its argument after
+  the state (`args`, `in_shardings`); the trained tree is {"lora": ..., "full": ...}.
+  """
+  lora: Any = None           # lora_lib.LoraConfig, None = full fine-tuning
+  params: Any = None         # the frozen base (device arrays)
+  shardings: Any = None      # its shardings
+  _merge_fn: Any = dataclasses.field(default=None, repr=False)
+
+  @property
+  def enabled(self) -> bool:
+    return self.lora is not None
+
+  def merge(self, base, trained, rng=None):
+    """The model's parameters from the base and the trained tree (pure; inside jit)."""
+    return trained if self.lora is None else lora_lib.merge(base, trained, self.lora, rng)
+
+  def full(self, trained):
+    """The model's parameters for samplers and evaluation (one jitted merge)."""
+    if self.lora is None:
+      return trained
+    if self._merge_fn is None:
+      self._merge_fn = jax.jit(lambda base, t: lora_lib.merge(base, t, self.lora),
+                               out_shardings=self.shardings)
+    return self._merge_fn(self.params, trained)
+
+  def initial(self, params, *path):
+    """The initial policy (the reference of DPO / KL penalties / eval_kl), subtree `path`:
+    under LoRA the frozen base itself (B = 0, so the initial merged model equals it
+    exactly; no copy), else a copy of `params` taken before any update."""
+    src = self.params if self.enabled else params
+    for k in path:
+      src = src[k]
+    return src if self.enabled else jax.tree.map(jnp.copy, src)
+
+  @property
+  def args(self) -> tuple:
+    """Extra leading arguments of a step function: (base,) under LoRA, else ()."""
+    return (self.params,) if self.enabled else ()
+
+  @property
+  def in_shardings(self) -> tuple:
+    """Their shardings, for jax.jit(in_shardings=(state, *frozen.in_shardings, ...))."""
+    return (self.shardings,) if self.enabled else ()
+
+  def split_args(self, args: tuple):
+    """(base or None, the remaining args) of a step called with (*frozen.args, *rest)."""
+    return (args[0], args[1:]) if self.enabled else (None, args)
+
+  def model_shardings(self, shardings):
+    """Shardings of the model's parameters (of `full(...)`), given the state's."""
+    return self.shardings if self.enabled else shardings["params"]
+
+
+def dropout_rng(state):
+  """(key for this update's LoRA dropout or None, state entries to carry forward).
+  LoRA dropout keys live in state["lora_rng"], so a resumed run draws the same masks."""
+  if "lora_rng" not in state:
+    return None, {}
+  carry, key = jax.random.split(state["lora_rng"])
+  return key, {"lora_rng": carry}
+
+
+def lora_config(config, always_trained=()) -> "lora_lib.LoraConfig | None":
+  """config.lora as a LoraConfig (None when rank is 0), errors as ConfigError."""
+  c = config.get("lora")
+  if c is None or not c.rank:
+    return None
+  try:
+    return lora_lib.LoraConfig.from_config(c, always_trained)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+
+
+def create_train_state(init_params_fn: Callable[[jax.Array], Any], tx, mesh, rng, params=None,
+                       *, config=None, always_trained=(), workdir: str | None = None):
+  """(state, shardings, frozen) for a trainer: `create_state`, or its LoRA version.
+
+  Full fine-tuning (config.lora.rank == 0): exactly `create_state`, frozen = Frozen().
+  LoRA (rank > 0): state["params"] is the trained tree of `rlhf_jax.models.lora`
+  (adapters + leaves named in config.lora.trainable + `always_trained`, e.g. a scalar
+  head that must learn), the optimizer state covers only those, and frozen.params is
+  the base (`params`, else the random init of `rng`) with the layout a full run would
+  give it. Adapters are initialised from a key derived from `rng`. The base is written
+  once to WORKDIR/lora/ and read back from there on resume, so the workdir is
+  self-contained (`load_init`, `rlhf-jax export` merge it with the adapters).
+  Prints trainable_params / total_params once.
+  """
+  cfg = lora_config(config, always_trained) if config is not None else None
+  resuming = bool(workdir) and _has_checkpoint(workdir)
+  lora_dir = os.path.join(workdir, LORA_DIR) if workdir else None
+  if cfg is None:
+    if resuming and is_lora_workdir(workdir):
+      raise ckpt_lib.CheckpointError(
+          f"{workdir}: its checkpoints hold LoRA adapters ({lora_dir}); resume it with the "
+          f"config.lora it was started with, or use a new --workdir")
+    state, shardings = create_state(init_params_fn, tx, mesh, rng, params)
+    n = lora_lib.num_params(state["params"])
+    print(f"parameters: trainable_params={n:,} total_params={n:,} (full fine-tuning)",
+          flush=True)
+    return state, shardings, Frozen()
+
+  boxed = jax.eval_shape(init_params_fn, rng)
+  base_shardings = parallel.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+  if resuming:
+    base = _resume_lora_base(workdir, cfg, base_shardings)
+  elif params is not None:
+    base = jax.device_put(params, base_shardings)
+  else:
+    base = jax.jit(lambda r: nn.meta.unbox(init_params_fn(r)), out_shardings=base_shardings)(rng)
+  rng_lora = jax.random.fold_in(rng, 0x10AA)
+
+  def init_boxed(base_values):
+    rebox = lambda box, v: box.replace_boxed(v) if isinstance(box, nn.LogicallyPartitioned) else v
+    trained = lora_lib.init_trainable(
+        jax.tree.map(rebox, boxed, base_values,
+                     is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)), cfg, rng_lora)
+    s = {"step": jnp.zeros((), jnp.int32), "params": trained, "opt_state": tx.init(trained)}
+    if cfg.dropout > 0:
+      s["lora_rng"] = jax.random.fold_in(rng, 0xD509)
+    return s
+
+  try:
+    shardings = parallel.boxed_shardings(lambda: init_boxed(base), mesh)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  state = jax.jit(lambda b: nn.meta.unbox(init_boxed(b)), out_shardings=shardings)(base)
+  frozen = Frozen(cfg, base, base_shardings)
+  n_trained = lora_lib.num_params(state["params"])
+  n_total = (lora_lib.num_params(base) + lora_lib.num_params(state["params"]["lora"]))
+  print(f"parameters: trainable_params={n_trained:,} total_params={n_total:,} "
+        f"({100.0 * n_trained / n_total:.2f}% trained; LoRA rank {cfg.rank} on "
+        f"{','.join(cfg.target_modules)}"
+        + (f", fully trained: {','.join(cfg.trainable)}" if cfg.trainable else "") + ")",
+        flush=True)
+  if not resuming:
+    _write_lora_base(workdir, frozen, {"trainable_params": n_trained, "total_params": n_total})
+  return state, shardings, frozen
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  d = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(d) and any(n.isdigit() and os.path.isdir(os.path.join(d, n))
+                                  for n in os.listdir(d))
+
+
+def is_lora_workdir(path: str) -> bool:
+  """Whether `path` is a LoRA run's workdir (WORKDIR/lora/config.json written)."""
+  return os.path.isfile(os.path.join(path, LORA_DIR, "config.json"))
+
+
+def _write_lora_base(workdir, frozen: Frozen, counts: dict) -> None:
+  """WORKDIR/lora/base (orbax) + WORKDIR/lora/config.json, the latter last (it marks a
+  complete directory). A previous launch's copy is replaced only when that launch
+  never checkpointed (the caller checks)."""
+  import orbax.checkpoint as ocp
+  if not workdir:
+    return
+  d = os.path.abspath(os.path.join(workdir, LORA_DIR))
+  if os.path.exists(d):
+    shutil.rmtree(d)
+  os.makedirs(d)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(d, "base"), frozen.params)
+  ckptr.wait_until_finished()
+  ckptr.close()
+  save_json(os.path.join(d, "config.json"),
+            {**frozen.lora.to_dict(), "scale": frozen.lora.scale, **counts})
+
+
+def _read_lora_config(workdir: str) -> "lora_lib.LoraConfig":
+  path = os.path.join(workdir, LORA_DIR, "config.json")
+  with open(path) as f:
+    d = json.load(f)
+  names = {f.name for f in dataclasses.fields(lora_lib.LoraConfig)}
+  try:
+    return lora_lib.LoraConfig(**{k: v for k, v in d.items() if k in names})
+  except (TypeError, ValueError) as e:
+    raise ckpt_lib.CheckpointError(f"{path}: not a LoRA config: {e}") from None
+
+
+def _read_tree(path: str, shardings=None):
+  """An orbax pytree written by `_write_lora_base`: onto `shardings`, or host numpy."""
+  import orbax.checkpoint as ocp
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    meta = ckptr.metadata(path).item_metadata.tree
+    if shardings is None:
+      cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), meta)
+    else:
+      target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+                            meta, shardings)
+    tree = ckptr.restore(path, target)
+  except Exception as e:  # orbax raises assorted errors for missing / mismatched trees
+    raise ckpt_lib.CheckpointError(f"cannot read LoRA base weights {path}: "
+                                   f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+  finally:
+    ckptr.close()
+  return tree if shardings is not None else jax.tree.map(np.asarray, tree)
+
+
+def _resume_lora_base(workdir: str, cfg, shardings):
+  if not is_lora_workdir(workdir):
+    raise ckpt_lib.CheckpointError(
+        f"{workdir}/checkpoints were not written by a LoRA run (no "
+        f"{os.path.join(workdir, LORA_DIR, 'config.json')}); config.lora.rank="
+        f"{cfg.rank} needs a new --workdir (or resume with config.lora.rank=0)")
+  saved = _read_lora_config(workdir)
+  if saved != cfg:
+    raise config_lib.ConfigError(
+        f"config.lora differs from the one {workdir} was started with "
+        f"({os.path.join(workdir, LORA_DIR, 'config.json')}: {saved.to_dict()}; now "
+        f"{cfg.to_dict()}); resume with the same config.lora or use a new --workdir")
+  return _read_tree(os.path.abspath(os.path.join(workdir, LORA_DIR, "base")), shardings)
+
+
+def read_lora(workdir: str):
+  """(LoraConfig, host numpy base parameters) of a LoRA run's workdir (WORKDIR/lora/)."""
+  return (_read_lora_config(workdir),
+          _read_tree(os.path.abspath(os.path.join(workdir, LORA_DIR, "base"))))
+
+
+def read_workdir_params(workdir: str, step: int | None = None):
+  """(step, host numpy parameters) of a run workdir's checkpoint (latest or `step`), with a
+  LoRA run's adapters merged into its base: the parameters the run's model uses."""
+  step, state = ckpt_lib.read_checkpoint(os.path.join(workdir, "checkpoints"), step)
+  params = state["params"]
+  if is_lora_workdir(workdir):
+    if set(params) != {"lora", "full"}:
+      raise ckpt_lib.CheckpointError(f"{workdir}: has {LORA_DIR}/ but checkpoint {step} holds "
+                                     f"no LoRA adapters (params {sorted(params)})")
+    cfg, base = read_lora(workdir)
+    params = jax.tree.map(np.asarray, jax.jit(lambda b, t: lora_lib.merge(b, t, cfg))(
+        base, params))
+  elif set(params) == {"lora", "full"}:
+    raise ckpt_lib.CheckpointError(f"{workdir}: checkpoint {step} holds LoRA adapters but the "
+                                   f"base weights {os.path.join(workdir, LORA_DIR)} are missing")
+  return step, params
 
 
 def open_run(config, workdir: str, state, shardings, model_config, tokenizer, extra=None):
@@ -185,13 +459,13 @@ def is_workdir(path: str) -> bool:
 
 def load_init(init_from: str, dtype: str, remat: bool):
   """(ModelConfig, params) to start from: a run workdir (latest checkpoint's params, e.g.
-  an SFT run feeding a reward model or DPO), or anything `load_pretrained` reads."""
+  an SFT run feeding a reward model or DPO; a LoRA run's adapters merged into its base),
+  or anything `load_pretrained` reads."""
   from rlhf_jax.models import ModelConfig, load_pretrained
   if is_workdir(init_from):
     with open(os.path.join(init_from, "model_config.json")) as f:
       mcfg = ModelConfig.from_dict(json.load(f))
-    step, state = ckpt_lib.read_checkpoint(os.path.join(init_from, "checkpoints"))
-    params = state["params"]
+    _, params = read_workdir_params(init_from)
   else:
     mcfg, params = load_pretrained(init_from)
   return dataclasses.replace(mcfg, dtype=dtype, remat=remat), params

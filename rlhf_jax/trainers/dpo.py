@@ -79,9 +79,10 @@ def make_loss_fn(model, d):
   return loss_fn
 
 
-def make_train_step(model, tx, d):
-  """train_step(state, ref_params, batch) -> (state, metrics)."""
-  return common.make_update(make_loss_fn(model, d), tx)
+def make_train_step(model, tx, d, frozen=None):
+  """train_step(state, [base,] ref_params, batch) -> (state, metrics); `base` is the
+  frozen LoRA base (only with LoRA, see `common.Frozen`)."""
+  return common.make_update(make_loss_fn(model, d), tx, frozen=frozen)
 
 
 def reference_logps(model, names, ref_params, arrays, batch_size, mesh, cache_path, fingerprint):
@@ -130,13 +131,16 @@ def run(config, workdir: str) -> dict:
   model = Transformer(mcfg)
   dummy = jnp.zeros((1, 2), jnp.int32)
   tx, schedule = common.make_optimizer(config.optimizer, config.num_steps)
-  state, shardings = common.create_state(lambda r: model.init(r, dummy)["params"], tx, mesh,
-                                         rng_init, init_params)
-  eval_ref = (jax.tree.map(jnp.copy, state["params"]) if evaluation.needs_reference(config)
+  # With config.lora.rank > 0 the state trains LoRA adapters and the frozen base (`frozen`)
+  # is the reference: no second copy of the weights.
+  state, shardings, frozen = common.create_train_state(
+      lambda r: model.init(r, dummy)["params"], tx, mesh, rng_init, init_params, config=config,
+      workdir=workdir)
+  eval_ref = (frozen.initial(state["params"]) if evaluation.needs_reference(config)
               else None)  # the initial policy, for eval_kl
   ref_params = None
   if uses_reference(d):
-    ref_params = jax.tree.map(jnp.copy, state["params"])  # before any update / restore
+    ref_params = frozen.initial(state["params"])  # before any update / restore
     if d.precompute_reference:
       fp = hashlib.sha256(f"{config.init_from}|{config.seed}|{mcfg}".encode()
                           + b"".join(np.ascontiguousarray(v).tobytes()
@@ -155,17 +159,19 @@ def run(config, workdir: str) -> dict:
                                                tokenizer)
 
   batch_sharding = parallel.batch_sharding(mesh)
-  ref_sharding = shardings["params"] if ref_params is not None else None
-  step_fn = jax.jit(make_train_step(model, tx, d),
-                    in_shardings=(shardings, ref_sharding, batch_sharding),
+  model_sharding = frozen.model_shardings(shardings)
+  ref_sharding = model_sharding if ref_params is not None else None
+  step_fn = jax.jit(make_train_step(model, tx, d, frozen),
+                    in_shardings=(shardings, *frozen.in_shardings, ref_sharding, batch_sharding),
                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
   eval_fn = jax.jit(make_loss_fn(model, d),
-                    in_shardings=(shardings["params"], ref_sharding, batch_sharding))
+                    in_shardings=(model_sharding, ref_sharding, batch_sharding))
 
   policy_eval = evaluation.from_config(config, model_config=mcfg, tokenizer=tokenizer,
                                        ref_params=eval_ref, workdir=workdir)
 
   def evaluate(params, step):
+    params = frozen.full(params)  # LoRA: adapters merged into the base
     out = {}
     if policy_eval is not None:
       out.update(policy_eval(params, step))
@@ -191,7 +197,8 @@ def run(config, workdir: str) -> dict:
 
   return common.train_loop(
       config, workdir, state=state, start=start,
-      train_step=lambda s, b: step_fn(s, ref_params, b), get_batch=lambda i: train_ds[i],
+      train_step=lambda s, b: step_fn(s, *frozen.args, ref_params, b),
+      get_batch=lambda i: train_ds[i],
       mesh=mesh, checkpointer=checkpointer, schedule=schedule,
       evaluate=evaluate if eval_arrays is not None or policy_eval is not None else None,
       desc=f"dpo[{d.loss_type}]",

@@ -105,9 +105,10 @@ def advantages(algo, ro: rollout.Rollout, group_size: int) -> np.ndarray:
 
 
 def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: int,
-                micro_batches: int = 1):
-  """jitted update(state, minibatch) -> (state, metrics): one clipped-policy step
-  (gradients accumulated exactly over `micro_batches` parts)."""
+                micro_batches: int = 1, frozen=None):
+  """update(state, minibatch) -> (state, metrics): one jitted clipped-policy step
+  (gradients accumulated exactly over `micro_batches` parts). With LoRA (`frozen`, see
+  `common.Frozen`) the frozen base is passed to the compiled step as an argument."""
   use_ref = algo["kl_mode"] == "loss" and algo["kl_coef"] > 0
 
   def loss_fn(params, mb):
@@ -127,8 +128,11 @@ def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: i
     metrics["entropy"] = jnp.sum(ent * m) / jnp.maximum(m.sum(), 1.0)
     return loss, metrics
 
-  return jax.jit(common.make_accumulating_update(
-      loss_fn, tx, micro_batches, common.aggregation_weight(algo["aggregation"]), count_step=False))
+  frozen = frozen or common.Frozen()
+  step = jax.jit(common.make_accumulating_update(
+      loss_fn, tx, micro_batches, common.aggregation_weight(algo["aggregation"]),
+      count_step=False, frozen=frozen))
+  return lambda state, mb: step(state, *frozen.args, mb)
 
 
 def micro_batches_of(rows: int, micro: int) -> int:
@@ -163,12 +167,15 @@ def run(config, workdir: str) -> dict:
   updates_per_step = algo["epochs"] * algo["minibatches"]
   tx, schedule = common.make_optimizer(config.optimizer, config.num_steps * updates_per_step)
   dummy = jnp.zeros((1, 2), jnp.int32)
-  state, shardings = common.create_state(lambda k: model.init(k, dummy)["params"], tx, mesh,
-                                         rng_init, init_params)
+  # With config.lora.rank > 0 the state trains LoRA adapters and the frozen base (`frozen`)
+  # is the reference: no second copy of the weights.
+  state, shardings, frozen = common.create_train_state(
+      lambda k: model.init(k, dummy)["params"], tx, mesh, rng_init, init_params, config=config,
+      workdir=workdir)
   need_ref = algo["kl_mode"] != "none" and algo["kl_coef"] > 0
-  ref_params = jax.tree.map(jnp.copy, state["params"]) if need_ref else None
-  eval_ref = ref_params if ref_params is not None or not config.eval_kl else jax.tree.map(
-      jnp.copy, state["params"])  # eval_kl is measured against the initial policy
+  ref_params = frozen.initial(state["params"]) if need_ref else None
+  eval_ref = ref_params if ref_params is not None or not config.eval_kl else frozen.initial(
+      state["params"])  # eval_kl is measured against the initial policy
   checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
                                                tokenizer, {"resolved_algorithm.json": algo})
 
@@ -180,7 +187,7 @@ def run(config, workdir: str) -> dict:
     raise config_lib.ConfigError(f"config.grpo.minibatches={algo['minibatches']} must divide "
                                  f"prompts_per_step * group_size = {B}")
   update = make_update(model, tx, algo, P, temperature, r.max_new_tokens,
-                       micro_batches_of(B // algo["minibatches"], r.train_micro_batch))
+                       micro_batches_of(B // algo["minibatches"], r.train_micro_batch), frozen)
 
   def sample(params, batch, key):
     return rollout.generate_rollout(
@@ -193,10 +200,12 @@ def run(config, workdir: str) -> dict:
     step = int(state["step"])
     t_start = time.perf_counter()
     key = jax.random.fold_in(rng_rollout, step)
-    ro = sample(state["params"], batch, key)
+    policy = frozen.full(state["params"])  # LoRA: adapters merged into the base
+    ro = sample(policy, batch, key)
     stats = rollout.rollout_stats(ro, G)  # before any refill: what the policy produced
     if algo["dynamic_sampling"]:
-      ro, stats["refill_rounds"] = refill(state["params"], ro, step, key)
+      ro, stats["refill_rounds"] = refill(policy, ro, step, key)
+    del policy
     adv = advantages(algo, ro, G)
     if algo["variant"] == "dapo" and algo["overlong_cache"] > 0:
       stats["overlong_frac"] = float((ro.lengths_B > r.max_new_tokens - algo["overlong_cache"]
@@ -243,7 +252,7 @@ def run(config, workdir: str) -> dict:
   policy_eval = prompt_sets.policy_eval(config, mcfg, tokenizer, eval_src, workdir, eval_ref)
 
   def evaluate(params, step):
-    return policy_eval(params, step)
+    return policy_eval(frozen.full(params), step)
 
   return common.train_loop(
       config, workdir, state=state, start=start, train_step=rl_step,

@@ -60,7 +60,9 @@ def completion_slice(x_BS, P):
   return x_BS[:, P - 1:-1]
 
 
-def make_update(model, tx, p, P, temperature, max_len, micro_batches=1):
+def make_update(model, tx, p, P, temperature, max_len, micro_batches=1, frozen=None):
+  """update(state, minibatch) -> (state, metrics): one jitted PPO step (policy + critic);
+  with LoRA (`frozen`, `common.Frozen`) the frozen base is an argument of the step."""
   def loss_fn(params, mb):
     logits, values = model.apply({"params": params}, mb["sequences"], mb["segment_ids"])
     logits = completion_slice(logits, P) / temperature
@@ -75,8 +77,11 @@ def make_update(model, tx, p, P, temperature, max_len, micro_batches=1):
                     vf_coef=p.vf_coef, entropy_BT=ent, entropy_coef=p.entropy_coef,
                     aggregation=p.aggregation, max_len=max_len)
 
-  return jax.jit(common.make_accumulating_update(
-      loss_fn, tx, micro_batches, common.aggregation_weight(p.aggregation), count_step=False))
+  frozen = frozen or common.Frozen()
+  step = jax.jit(common.make_accumulating_update(
+      loss_fn, tx, micro_batches, common.aggregation_weight(p.aggregation), count_step=False,
+      frozen=frozen))
+  return lambda state, mb: step(state, *frozen.args, mb)
 
 
 def run(config, workdir: str) -> dict:
@@ -116,11 +121,15 @@ def run(config, workdir: str) -> dict:
     init_params = {"policy": lm_params, "value": value}
   updates_per_step = p.epochs * p.minibatches
   tx, schedule = common.make_optimizer(config.optimizer, config.num_steps * updates_per_step)
-  state, shardings = common.create_state(
-      lambda k: model.init(k, dummy, dummy + 1)["params"], tx, mesh, rng_init, init_params)
+  # With config.lora.rank > 0: LoRA adapters on the policy (and a separate critic's
+  # backbone), the value head trained fully; the frozen policy base is the reference.
+  state, shardings, frozen = common.create_train_state(
+      lambda k: model.init(k, dummy, dummy + 1)["params"], tx, mesh, rng_init, init_params,
+      config=config, always_trained=("head",) if p.critic == "separate" else ("value",),
+      workdir=workdir)
   state["kl_ctl"] = kl_lib.kl_controller_init(p.kl_coef)
   shardings["kl_ctl"] = jax.tree.map(lambda _: parallel.replicated(mesh), state["kl_ctl"])
-  ref_params = jax.tree.map(jnp.copy, state["params"]["policy"])
+  ref_params = frozen.initial(state["params"], "policy")
   checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
                                                tokenizer)
 
@@ -130,13 +139,14 @@ def run(config, workdir: str) -> dict:
   values_fn = jax.jit(lambda params, s, g: completion_slice(
       model.apply({"params": params}, s, g)[1], P))
   update = make_update(model, tx, p, P, temperature, r.max_new_tokens,
-                       micro_batches_of(B // p.minibatches, r.train_micro_batch))
+                       micro_batches_of(B // p.minibatches, r.train_micro_batch), frozen)
 
   def rl_step(state, batch):
     step = int(state["step"])
     t_start = time.perf_counter()
+    params = frozen.full(state["params"])  # LoRA: adapters merged into the base
     ro = rollout.generate_rollout(
-        model_config=mcfg, params=state["params"]["policy"], ref_params=ref_params,
+        model_config=mcfg, params=params["policy"], ref_params=ref_params,
         prompt_tokens_NP=batch["tokens"], prompt_mask_NP=batch["mask"], group_size=G,
         rng=jax.random.fold_in(rng_rollout, step), rollout_cfg=r, tokenizer=tokenizer,
         reward_fn=reward_fn.score, metadata=train_meta(batch["index"]), logps_fn=logps_fn,
@@ -144,7 +154,7 @@ def run(config, workdir: str) -> dict:
     stats = rollout.rollout_stats(ro, G)
     t0 = time.perf_counter()
     mask = ro.completion_mask_BC
-    old_values = rollout.micro_batched(lambda s, g: values_fn(state["params"], s, g),
+    old_values = rollout.micro_batched(lambda s, g: values_fn(params, s, g),
                                        r.logprob_micro_batch, ro.sequences_BS,
                                        ro.segment_ids_BS) * mask
     scores = ro.rewards_B
@@ -157,6 +167,7 @@ def run(config, workdir: str) -> dict:
     if p.whiten_advantages:
       adv = adv_lib.whiten(adv, mask)
     stats["time/advantages"] = time.perf_counter() - t0
+    del params
     arrays = {"sequences": ro.sequences_BS, "segment_ids": ro.segment_ids_BS, "mask": mask,
               "old_logps": ro.old_logps_BC, "old_values": old_values.astype(np.float32),
               "advantages": np.asarray(adv, np.float32),
@@ -194,7 +205,7 @@ def run(config, workdir: str) -> dict:
   policy_eval = prompt_sets.policy_eval(config, mcfg, tokenizer, eval_src, workdir, ref_params)
 
   def evaluate(params, step):
-    return policy_eval(params["policy"], step)
+    return policy_eval(frozen.full(params)["policy"], step)
 
   return common.train_loop(
       config, workdir, state=state, start=start, train_step=rl_step,

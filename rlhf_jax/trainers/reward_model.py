@@ -39,13 +39,14 @@ def pair_scores(model, params, batch):
   return jnp.split(r_2B, 2)
 
 
-def make_train_step(model, tx, center_coef: float, use_margin: bool):
+def make_train_step(model, tx, center_coef: float, use_margin: bool, frozen=None):
+  """train_step(state, [base,] batch) -> (state, metrics) (`common.make_update`)."""
   def loss_fn(params, batch):
     r_c, r_r = pair_scores(model, params, batch)
     margin = batch["margin"] if use_margin else None
     return bradley_terry_loss(r_c, r_r, margin, center_coef)
 
-  return common.make_update(loss_fn, tx)
+  return common.make_update(loss_fn, tx, frozen=frozen)
 
 
 def make_eval_step(model):
@@ -77,11 +78,11 @@ def load_reward_model(workdir: str):
   from rlhf_jax import tokenizer as tok_lib
   with open(os.path.join(workdir, "model_config.json")) as f:
     mcfg = ModelConfig.from_dict(json.load(f))
-  _, state = ckpt_lib.read_checkpoint(os.path.join(workdir, "checkpoints"))
-  if set(state["params"]) != {"backbone", "head"}:
+  _, params = common.read_workdir_params(workdir)  # a LoRA run's adapters merged
+  if set(params) != {"backbone", "head"}:
     raise ckpt_lib.CheckpointError(f"{workdir}: not a reward model (params have "
-                                   f"{sorted(state['params'])}, expected backbone and head)")
-  return mcfg, state["params"], tok_lib.load_tokenizer(workdir)
+                                   f"{sorted(params)}, expected backbone and head)")
+  return mcfg, params, tok_lib.load_tokenizer(workdir)
 
 
 def evaluate_reward_model(workdir: str, data_path: str, source: str = "jsonl",
@@ -154,20 +155,25 @@ def run(config, workdir: str) -> dict:
     head = lm_params.get("head", fresh["head"])
     init_params = {"backbone": backbone, "head": head}
 
+  # With config.lora.rank > 0: LoRA adapters on the backbone, the scalar head trained fully.
   tx, schedule = common.make_optimizer(config.optimizer, config.num_steps)
-  state, shardings = common.create_state(lambda r: model.init(r, dummy)["params"], tx, mesh,
-                                         rng_init, init_params)
+  state, shardings, frozen = common.create_train_state(
+      lambda r: model.init(r, dummy)["params"], tx, mesh, rng_init, init_params, config=config,
+      always_trained=("head",), workdir=workdir)
   checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
                                                tokenizer)
 
   batch_sharding = parallel.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(model, tx, config.rm.center_coef, config.rm.use_margin),
-                       in_shardings=(shardings, batch_sharding),
+  train_step = jax.jit(make_train_step(model, tx, config.rm.center_coef, config.rm.use_margin,
+                                       frozen),
+                       in_shardings=(shardings, *frozen.in_shardings, batch_sharding),
                        out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings["params"], batch_sharding))
+  eval_step = jax.jit(make_eval_step(model),
+                      in_shardings=(frozen.model_shardings(shardings), batch_sharding))
 
   def evaluate(params, step):
-    acc, margin, mean, std = pair_accuracy(eval_step, params, eval_arrays, eval_batch, mesh)
+    acc, margin, mean, std = pair_accuracy(eval_step, frozen.full(params), eval_arrays,
+                                           eval_batch, mesh)
     return {"eval_accuracy": acc, "eval_margin": margin, "eval_score_mean": mean,
             "eval_score_std": std}
 
@@ -177,7 +183,8 @@ def run(config, workdir: str) -> dict:
     return train_ds[i]
 
   result = common.train_loop(
-      config, workdir, state=state, start=start, train_step=train_step, get_batch=get_batch,
+      config, workdir, state=state, start=start,
+      train_step=lambda s, b: train_step(s, *frozen.args, b), get_batch=get_batch,
       mesh=mesh, checkpointer=checkpointer, schedule=schedule,
       evaluate=evaluate if eval_arrays is not None else None, desc="reward_model",
       progress_keys=("loss", "accuracy", "eval_accuracy"),

@@ -38,12 +38,20 @@ def make_loss_sums(model):
   return loss_sums
 
 
-def make_train_step(model, tx, grad_accum_steps: int = 1):
-  """train_step(state, batch) -> (state, metrics); batch arrays are [B, T]."""
-  loss_sums = make_loss_sums(model)
-  grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+def make_train_step(model, tx, grad_accum_steps: int = 1, frozen=None):
+  """train_step(state, [base,] batch) -> (state, metrics); batch arrays are [B, T].
 
-  def train_step(state, batch):
+  The model runs with frozen.merge(base, state["params"]) (`common.Frozen`: the
+  parameters themselves, or with LoRA the adapters merged into the frozen base, which
+  is then the step's second argument)."""
+  frozen = frozen or common.Frozen()
+  loss_sums = make_loss_sums(model)
+
+  def train_step(state, *args):
+    base, (batch,) = frozen.split_args(args)
+    rng, carry = common.dropout_rng(state)
+    grad_fn = jax.value_and_grad(
+        lambda trained, b: loss_sums(frozen.merge(base, trained, rng), b), has_aux=True)
     params = state["params"]
     if grad_accum_steps == 1:
       (nll, n), grads = grad_fn(params, batch)
@@ -59,9 +67,9 @@ def make_train_step(model, tx, grad_accum_steps: int = 1):
       (grads, nll, n), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
     denom = jnp.maximum(n, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    new_state = common.apply_gradients(state, grads, tx)
+    new_state = {**common.apply_gradients(state, grads, tx), **carry}
     metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(params), "num_tokens": n}
+               "param_norm": optax.tree.norm(frozen.merge(base, params)), "num_tokens": n}
     return new_state, metrics
 
   return train_step
@@ -137,18 +145,21 @@ def run(config, workdir: str) -> dict:
   tx, schedule = common.make_optimizer(config.optimizer, config.num_steps)
   rng_init, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed))
   dummy = jnp.zeros((1, 2), jnp.int32)
-  state, shardings = common.create_state(lambda r: model.init(r, dummy)["params"], tx, mesh,
-                                         rng_init, params)
-  eval_ref = (jax.tree.map(jnp.copy, state["params"]) if evaluation.needs_reference(config)
+  # With config.lora.rank > 0 the state trains LoRA adapters; `frozen` holds the base.
+  state, shardings, frozen = common.create_train_state(
+      lambda r: model.init(r, dummy)["params"], tx, mesh, rng_init, params, config=config,
+      workdir=workdir)
+  eval_ref = (frozen.initial(state["params"]) if evaluation.needs_reference(config)
               else None)  # the initial policy, for eval_kl
   checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
                                                tokenizer)
 
   batch_sharding = parallel.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(model, tx, config.grad_accum_steps),
-                       in_shardings=(shardings, batch_sharding),
+  train_step = jax.jit(make_train_step(model, tx, config.grad_accum_steps, frozen),
+                       in_shardings=(shardings, *frozen.in_shardings, batch_sharding),
                        out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings["params"], batch_sharding))
+  eval_step = jax.jit(make_eval_step(model),
+                      in_shardings=(frozen.model_shardings(shardings), batch_sharding))
 
   def eval_loss(params):
     nll = n = 0.0
@@ -165,6 +176,7 @@ def run(config, workdir: str) -> dict:
                                        ref_params=eval_ref, workdir=workdir)
 
   def evaluate(params, step):
+    params = frozen.full(params)  # LoRA: adapters merged into the base
     out = {"eval_loss": eval_loss(params)} if eval_ds is not None else {}
     if policy_eval is not None:
       out.update(policy_eval(params, step))
@@ -176,7 +188,8 @@ def run(config, workdir: str) -> dict:
     return out
 
   return common.train_loop(
-      config, workdir, state=state, start=start, train_step=train_step,
+      config, workdir, state=state, start=start,
+      train_step=lambda s, b: train_step(s, *frozen.args, b),
       get_batch=lambda i: train_ds[i], mesh=mesh, checkpointer=checkpointer,
       schedule=schedule,
       evaluate=evaluate if eval_ds is not None or policy_eval is not None else None, desc="sft",
