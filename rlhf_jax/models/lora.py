@@ -48,6 +48,7 @@ regulariser; p = 0 (the default) is plain LoRA.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -215,11 +216,14 @@ def _modules(adapters) -> dict[tuple, dict]:
   return mods
 
 
+@functools.partial(jax.jit, static_argnums=2)
 def merge(base, trained, cfg: LoraConfig, rng=None):
   """Full parameters: `base` with the "full" leaves of `trained` swapped in and
   W + (alpha / r) * A @ B on every adapted kernel. `rng` (training only) applies
   `cfg.dropout` to the adapters' input features (module docstring); None = no
-  dropout. Pure and jittable; the result has the tree of `base`."""
+  dropout. Pure; jitted (one compiled program, so every caller outside another jit
+  -- evaluation, export, load_init -- gets bit-identical merged weights); the result
+  has the tree of `base`."""
   flat = dict(_flat(base))
   for path, v in _flat(trained.get("full", {})).items():
     if path not in flat:

@@ -202,7 +202,7 @@ class Frozen:
       return trained
     if self._merge_fn is None:
       self._merge_fn = jax.jit(lambda base, t: lora_lib.merge(base, t, self.lora),
-                               out_shardings=self.shardings)
+                               out_shardings=self.shardings)  # laid out like the base
     return self._merge_fn(self.params, trained)
 
   def initial(self, params, *path):
@@ -412,8 +412,7 @@ def read_workdir_params(workdir: str, step: int | None = None):
       raise ckpt_lib.CheckpointError(f"{workdir}: has {LORA_DIR}/ but checkpoint {step} holds "
                                      f"no LoRA adapters (params {sorted(params)})")
     cfg, base = read_lora(workdir)
-    params = jax.tree.map(np.asarray, jax.jit(lambda b, t: lora_lib.merge(b, t, cfg))(
-        base, params))
+    params = jax.tree.map(np.asarray, lora_lib.merge(base, params, cfg))
   elif set(params) == {"lora", "full"}:
     raise ckpt_lib.CheckpointError(f"{workdir}: checkpoint {step} holds LoRA adapters but the "
                                    f"base weights {os.path.join(workdir, LORA_DIR)} are missing")
