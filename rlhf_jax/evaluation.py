@@ -43,7 +43,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import metrics as metrics_lib
-from rlhf_jax import rollout, sampling
+from rlhf_jax import parallel, rollout, sampling
 from rlhf_jax.data import prompts as prompt_data
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.losses.logprobs import shift_for_next_token
@@ -110,11 +110,30 @@ def make_prompt_eval(*, model_config, tokenizer, examples, max_prompt_len: int,
         tokenizer=tokenizer, reward_fn=reward_fn.score, metadata=meta, logps_fn=logps_fn,
         need_ref=not greedy and do_kl)
 
+  initial_length = []  # greedy eval length of the step-0 policy (for eval_length_drift)
+
+  def step0_length(step, length):
+    if step == 0:
+      initial_length[:] = [length]
+    elif not initial_length and workdir:  # resumed run: the step-0 row is in metrics.jsonl
+      rows = [r for r in metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+              if r.get("step") == 0 and "eval_length" in r]
+      if rows:
+        initial_length[:] = [float(rows[0]["eval_length"])]
+    return initial_length[0] if initial_length else None
+
   def evaluate(params, step, rng):
     g = decode(params, rng, greedy=True)
     out = {"eval_reward": float(g.rewards_B[:n].mean()),
            "eval_length": float(g.lengths_B[:n].mean()),
            "eval_finished": float(g.finished_B[:n].mean())}
+    # Reward-hacking monitors: length drift from the initial policy, degenerate repetition,
+    # and (sampled, below) gold-vs-proxy disagreement and gap.
+    first = step0_length(step, out["eval_length"])
+    if first is not None:
+      out["eval_length_drift"] = out["eval_length"] - first
+    out["eval_repetition_rate"] = float(rollout.repetition_rate(
+        g.sequences_BS[:n, P:], g.completion_mask_BC[:n]).mean())
     out.update({f"eval_reward/{k}": float(v[:n].mean()) for k, v in g.reward_parts.items()})
     if math_labels:
       out["eval_accuracy"] = out[f"eval_reward/{math_labels[0]}"]
@@ -124,7 +143,13 @@ def make_prompt_eval(*, model_config, tokenizer, examples, max_prompt_len: int,
       out["eval_kl"] = float((s.old_logps_BC - s.ref_logps_BC)[real].sum(1).mean())
       out.update({f"eval_sampled_reward/{k}": float(v[real].mean())
                   for k, v in s.reward_parts.items()})
-    if workdir and num_samples:
+      real_ro = s._replace(sequences_BS=s.sequences_BS[real],
+                           completion_mask_BC=s.completion_mask_BC[real],
+                           reward_parts={k: v[real] for k, v in s.reward_parts.items()})
+      monitors = rollout.hacking_monitors(real_ro, samples, prefix="eval_sampled_")
+      monitors.pop("eval_sampled_repetition_rate")
+      out.update(monitors)
+    if workdir and num_samples and parallel.is_primary():
       k = min(num_samples, n)
       metrics_lib.append_jsonl(os.path.join(workdir, "samples.jsonl"), step, [
           {"prompt": m[-1]["content"], "completion": c, "reference": a, "reward": float(r)}

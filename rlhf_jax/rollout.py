@@ -23,7 +23,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from rlhf_jax import sampling
+from rlhf_jax import parallel, sampling
 from rlhf_jax.losses.logprobs import token_logprobs
 from rlhf_jax.models import Transformer
 
@@ -64,7 +64,7 @@ def micro_batched(fn: Callable, micro: int, *arrays):
   if B % micro:
     raise ValueError(f"batch of {B} rows is not divisible by the micro-batch size {micro}")
   outs = [fn(*(a[i:i + micro] for a in arrays)) for i in range(0, B, micro)]
-  return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *outs)
+  return jax.tree.map(lambda *xs: np.concatenate([parallel.to_host(x) for x in xs]), *outs)
 
 
 def generate_rollout(*, model_config, params, ref_params, prompt_tokens_NP, prompt_mask_NP,
@@ -90,9 +90,10 @@ def generate_rollout(*, model_config, params, ref_params, prompt_tokens_NP, prom
         temperature=1.0 if greedy else r.temperature, top_k=r.top_k, top_p=r.top_p,
         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     chunks.append(out)
-  comp = np.concatenate([np.asarray(o.tokens_BN) for o in chunks])
-  cmask = np.concatenate([np.asarray(o.mask_BN) for o in chunks]).astype(np.int32)
-  slogp = np.concatenate([np.asarray(o.logprobs_BN) for o in chunks]).astype(np.float32)
+  host = parallel.to_host  # multi-host: the sampler's outputs may be sharded over processes
+  comp = np.concatenate([host(o.tokens_BN) for o in chunks])
+  cmask = np.concatenate([host(o.mask_BN) for o in chunks]).astype(np.int32)
+  slogp = np.concatenate([host(o.logprobs_BN) for o in chunks]).astype(np.float32)
   timings["generate"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
@@ -169,14 +170,65 @@ def replace_groups(ro: Rollout, extra: Rollout, dead_P: np.ndarray, group_size: 
       texts=texts, timings={k: ro.timings[k] + extra.timings[k] for k in ro.timings})
 
 
+# ----------------------------------------------------------------------------
+# Reward-hacking monitors (pure numpy; logged every step and at every eval)
+# ----------------------------------------------------------------------------
+
+def repetition_rate(tokens_BC: np.ndarray, mask_BC: np.ndarray, n: int = 2) -> np.ndarray:
+  """float [B]: the share of a completion's token n-grams that already occurred earlier in
+  it, (count - distinct) / count over its count = L - n + 1 n-grams (0 when count <= 0).
+  Degenerate repetition ("the the the ...") is a classic symptom of over-optimising a
+  learned reward."""
+  out = np.zeros(len(tokens_BC), np.float64)
+  for b, (row, m) in enumerate(zip(np.asarray(tokens_BC), np.asarray(mask_BC))):
+    toks = [int(t) for t, k in zip(row, m) if k]
+    grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+    if grams:
+      out[b] = (len(grams) - len(set(grams))) / len(grams)
+  return out
+
+
+def order_disagreement(a_B: np.ndarray, b_B: np.ndarray, group_size: int) -> float | None:
+  """Among pairs (i < j) of completions of the same prompt that both rewards tell apart
+  (a_i != a_j and b_i != b_j), the share they rank in opposite orders; None without such
+  pairs. E.g. a judge vs a reward model, or a proxy RM vs the gold reward."""
+  a, b = group_view(a_B, group_size).astype(np.float64), group_view(b_B, group_size).astype(
+      np.float64)
+  i, j = np.triu_indices(group_size, k=1)
+  da, db = np.sign(a[:, i] - a[:, j]), np.sign(b[:, i] - b[:, j])
+  both = (da != 0) & (db != 0)
+  return float((da != db)[both].mean()) if both.any() else None
+
+
+def hacking_monitors(ro: Rollout, group_size: int, prefix: str = "") -> dict[str, float]:
+  """repetition_rate, and for every two reward components a, b (sorted labels):
+  reward_disagreement/a_vs_b (`order_disagreement`) and, for labels gold and proxy,
+  proxy_gold_gap = mean proxy - mean gold."""
+  C = ro.completion_mask_BC.shape[1]
+  out = {f"{prefix}repetition_rate": float(repetition_rate(
+      ro.sequences_BS[:, -C:], ro.completion_mask_BC).mean())}
+  labels = sorted(ro.reward_parts)
+  for x, k in enumerate(labels):
+    for y in labels[x + 1:]:
+      d = order_disagreement(ro.reward_parts[k], ro.reward_parts[y], group_size)
+      if d is not None:
+        out[f"{prefix}reward_disagreement/{k}_vs_{y}"] = d
+  if "gold" in ro.reward_parts and "proxy" in ro.reward_parts:
+    out[f"{prefix}proxy_gold_gap"] = float(np.mean(ro.reward_parts["proxy"])
+                                           - np.mean(ro.reward_parts["gold"]))
+  return out
+
+
 def rollout_stats(ro: Rollout, group_size: int) -> dict[str, Any]:
-  """Per-step rollout metrics: rewards (total and per component), lengths, EOS rate..."""
+  """Per-step rollout metrics: rewards (total and per component), lengths, EOS rate,
+  the reward-hacking monitors (`hacking_monitors`)..."""
   out = {"reward_mean": float(ro.rewards_B.mean()), "reward_std": float(ro.rewards_B.std()),
          "response_length": float(ro.lengths_B.mean()),
          "finished_frac": float(ro.finished_B.mean()),
          "zero_variance_group_frac": float(zero_variance_groups(ro.rewards_B, group_size).mean())}
   for k, v in ro.reward_parts.items():
     out[f"reward/{k}"] = float(np.mean(v))
+  out.update(hacking_monitors(ro, group_size))
   if ro.ref_logps_BC is not None:
     m = ro.completion_mask_BC.astype(np.float32)
     out["kl_ref_k1"] = float(((ro.old_logps_BC - ro.ref_logps_BC) * m).sum() /

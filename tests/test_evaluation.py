@@ -79,7 +79,7 @@ def test_prompt_eval_means_match_per_prompt_decoding_with_padding(monkeypatch, t
   monkeypatch.setattr(evaluation, "MICRO", 4)  # 6 prompts -> 2 calls, 2 padding rows
   pol = params(0, 5.0)
   prompts = ["a", "bc", "def", "g", "hi", "jkl"]
-  texts = []
+  texts, reps = [], []
   for pr in prompts:  # independent: one prompt at a time, no padding
     ids = encode_prompt(TOK, [{"role": "user", "content": pr}])
     out = sampling.generate(CFG, pol, np.asarray([ids]), np.ones((1, len(ids)), np.int32),
@@ -87,6 +87,9 @@ def test_prompt_eval_means_match_per_prompt_decoding_with_padding(monkeypatch, t
                             eos_id=TOK.eos_id, pad_id=TOK.pad_id)
     t, m = np.asarray(out.tokens_BN[0]), np.asarray(out.mask_BN[0])
     texts.append(TOK.decode([int(x) for x, k in zip(t, m) if k and x != TOK.eos_id]))
+    real = [int(x) for x, k in zip(t, m) if k]
+    bigrams = list(zip(real, real[1:]))
+    reps.append((len(bigrams) - len(set(bigrams))) / len(bigrams) if bigrams else 0.0)
   # answers: right for prompts 0, 2, 3 only
   answers = [texts[0], "x", texts[2], texts[3], "y", "z"]
   reward = CombinedReward([("gold", Fn("math", lambda c, a: float(c == a)), 1.0),
@@ -103,6 +106,14 @@ def test_prompt_eval_means_match_per_prompt_decoding_with_padding(monkeypatch, t
   assert {"eval_kl", "eval_sampled_reward/gold", "eval_length", "eval_finished"} <= set(out)
   rows = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
   assert [r["completion"] for r in rows] == texts[:2] and rows[0]["step"] == 7
+  # Hacking monitors: greedy repetition rate; length drift needs the step-0 length, which a
+  # resumed run reads from WORKDIR/metrics.jsonl (none here at step 7: no drift logged).
+  assert out["eval_repetition_rate"] == pytest.approx(np.mean(reps))
+  assert "eval_length_drift" not in out
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.write(json.dumps({"step": 0, "eval_length": 1.25}) + "\n")
+  out = ev(pol, 9, jax.random.PRNGKey(1))
+  assert out["eval_length_drift"] == pytest.approx(out["eval_length"] - 1.25)
 
 
 def test_capability_nll_and_exact_match_match_float64_reference(monkeypatch, tmp_path):
