@@ -277,8 +277,9 @@ def create_train_state(init_params_fn: Callable[[jax.Array], Any], tx, mesh, rng
           f"config.lora it was started with, or use a new --workdir")
     state, shardings = create_state(init_params_fn, tx, mesh, rng, params)
     n = lora_lib.num_params(state["params"])
-    print(f"parameters: trainable_params={n:,} total_params={n:,} (full fine-tuning)",
-          flush=True)
+    if parallel.is_primary():
+      print(f"parameters: trainable_params={n:,} total_params={n:,} (full fine-tuning)",
+            flush=True)
     return state, shardings, Frozen()
 
   boxed = jax.eval_shape(init_params_fn, rng)
@@ -309,11 +310,12 @@ def create_train_state(init_params_fn: Callable[[jax.Array], Any], tx, mesh, rng
   frozen = Frozen(cfg, base, base_shardings)
   n_trained = lora_lib.num_params(state["params"])
   n_total = (lora_lib.num_params(base) + lora_lib.num_params(state["params"]["lora"]))
-  print(f"parameters: trainable_params={n_trained:,} total_params={n_total:,} "
-        f"({100.0 * n_trained / n_total:.2f}% trained; LoRA rank {cfg.rank} on "
-        f"{','.join(cfg.target_modules)}"
-        + (f", fully trained: {','.join(cfg.trainable)}" if cfg.trainable else "") + ")",
-        flush=True)
+  if parallel.is_primary():
+    print(f"parameters: trainable_params={n_trained:,} total_params={n_total:,} "
+          f"({100.0 * n_trained / n_total:.2f}% trained; LoRA rank {cfg.rank} on "
+          f"{','.join(cfg.target_modules)}"
+          + (f", fully trained: {','.join(cfg.trainable)}" if cfg.trainable else "") + ")",
+          flush=True)
   if not resuming:
     _write_lora_base(workdir, frozen, {"trainable_params": n_trained, "total_params": n_total})
   return state, shardings, frozen
@@ -338,15 +340,19 @@ def _write_lora_base(workdir, frozen: Frozen, counts: dict) -> None:
   if not workdir:
     return
   d = os.path.abspath(os.path.join(workdir, LORA_DIR))
-  if os.path.exists(d):
-    shutil.rmtree(d)
-  os.makedirs(d)
-  ckptr = ocp.StandardCheckpointer()
+  if parallel.is_primary():  # multi-host: one process manages the directory ...
+    if os.path.exists(d):
+      shutil.rmtree(d)
+    os.makedirs(d)
+  parallel.sync("lora_base_dir")
+  ckptr = ocp.StandardCheckpointer()  # ... orbax writes the (sharded) base collectively
   ckptr.save(os.path.join(d, "base"), frozen.params)
   ckptr.wait_until_finished()
   ckptr.close()
-  save_json(os.path.join(d, "config.json"),
-            {**frozen.lora.to_dict(), "scale": frozen.lora.scale, **counts})
+  if parallel.is_primary():
+    save_json(os.path.join(d, "config.json"),
+              {**frozen.lora.to_dict(), "scale": frozen.lora.scale, **counts})
+  parallel.sync("lora_base")
 
 
 def _read_lora_config(workdir: str) -> "lora_lib.LoraConfig":
@@ -430,13 +436,15 @@ def open_run(config, workdir: str, state, shardings, model_config, tokenizer, ex
                                        config.checkpoint.every, config.checkpoint.keep,
                                        config.checkpoint.async_save)
   start, state = restore_or_keep(checkpointer, state, shardings)
-  if start:
+  if start and parallel.is_primary():
     print(f"resumed from step {start}", flush=True)
-  prepare_workdir(workdir, config)
-  save_json(os.path.join(workdir, "model_config.json"), model_config.to_dict())
-  tokenizer.save(workdir)  # the workdir is self-contained: a later run can init_from it
-  for name, obj in (extra or {}).items():
-    save_json(os.path.join(workdir, name), obj)
+  if parallel.is_primary():  # multi-host: one writer for the shared workdir files
+    prepare_workdir(workdir, config)
+    save_json(os.path.join(workdir, "model_config.json"), model_config.to_dict())
+    tokenizer.save(workdir)  # the workdir is self-contained: a later run can init_from it
+    for name, obj in (extra or {}).items():
+      save_json(os.path.join(workdir, name), obj)
+  parallel.sync("open_run")
   return checkpointer, start, state
 
 
@@ -444,7 +452,7 @@ def prepare_workdir(workdir: str, config) -> None:
   """Create workdir and write the resolved config.json (atomic)."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
+  tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     f.write(config_lib.to_json(config))
   os.replace(tmp, path)
@@ -483,6 +491,12 @@ def build_tokenizer(config, workdir: str, examples: Callable[[], Iterable]):
   style = t.chat_style or None
   if t.path or config.init_from:
     return tok_lib.load_tokenizer(t.path or config.init_from, chat_style=style)
+  with parallel.primary_first("build_tokenizer"):  # multi-host: process 0 trains it
+    return _train_or_load_tokenizer(t, style, workdir, examples)
+
+
+def _train_or_load_tokenizer(t, style, workdir, examples):
+  from rlhf_jax import tokenizer as tok_lib
   prefix = os.path.join(workdir, "tokenizer")
   if os.path.exists(prefix + ".model"):
     return tok_lib.load_tokenizer(prefix + ".model", chat_style=style or "plain")
@@ -511,13 +525,14 @@ def write_samples(workdir, step, model_config, params, tokenizer, prompts, refer
                           max_new_tokens=sample_cfg.max_new_tokens, greedy=greedy,
                           temperature=1.0 if greedy else sample_cfg.temperature,
                           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-  toks, m = np.asarray(out.tokens_BN), np.asarray(out.mask_BN)
+  toks, m = parallel.to_host(out.tokens_BN), parallel.to_host(out.mask_BN)
   rows = []
   for i, (msgs, ref) in enumerate(zip(prompts, references)):
     text = tokenizer.decode([int(t) for t, k in zip(toks[i], m[i]) if k and t != tokenizer.eos_id])
     rows.append({"prompt": msgs[-1]["content"], "completion": text, "reference": ref,
                  "exact_match": text.strip() == ref.strip()})
-  metrics_lib.append_jsonl(os.path.join(workdir, "samples.jsonl"), step, rows)
+  if parallel.is_primary():
+    metrics_lib.append_jsonl(os.path.join(workdir, "samples.jsonl"), step, rows)
   return float(np.mean([r["exact_match"] for r in rows]))
 
 
@@ -539,7 +554,7 @@ def host_metrics(metrics: dict) -> dict:
 
 
 def save_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
+  tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2)
   os.replace(tmp, path)
@@ -562,8 +577,9 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
   own throughput pass None. shard_batches=False hands host batches to
   train_step as they are (online RL: the step samples its own batch).
   """
-  writer = metrics_lib.MetricsWriter(workdir, start)
-  progress = metrics_lib.Progress(start, config.num_steps, desc=desc)
+  primary = parallel.is_primary()  # multi-host: process 0 logs, all processes compute
+  writer = metrics_lib.MetricsWriter(workdir, start, enabled=primary)
+  progress = metrics_lib.Progress(start, config.num_steps, desc=desc, enabled=primary)
   throughput = metrics_lib.Throughput()
   t_start = time.perf_counter()
   elapsed = lambda: writer.prior_elapsed + time.perf_counter() - t_start  # across resumes
@@ -592,7 +608,7 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
       progress.update(1)
       checkpointer.maybe_save(step, state, force=step == config.num_steps)
       ckpt_lib.maybe_inject_fault(step)
-      if preemption.requested:
+      if preemption.any_requested():
         checkpointer.maybe_save(step, state, force=True)
         preempted = True
         print(f"preempted: saved checkpoint at step {step}; rerun the same command to resume",
