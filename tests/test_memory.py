@@ -25,40 +25,41 @@ TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=
                    head_dim=8, d_ff=64, tie_embeddings=False)
 
 
-@pytest.fixture(scope="module")
-def per_policy():
-  """{policy: (loss, grads, compiled memory_analysis)} of jit(value_and_grad) in float32."""
+def tiny_loss(policy, tokens):
+  cfg = dataclasses.replace(TINY, remat_policy=policy)
+
+  def loss(p):
+    logits, _ = Transformer(cfg).apply({"params": p}, tokens)
+    return -token_logprobs(logits[:, :-1], tokens[:, 1:]).mean()
+  return loss
+
+
+TOKENS = np.random.default_rng(0).integers(0, TINY.vocab_size, (4, 24))
+
+
+def test_every_remat_policy_gives_the_same_loss_and_gradients():
   params = init_params(TINY, jax.random.PRNGKey(0))
-  tokens = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (4, 24)))
-  out = {}
-  for policy in REMAT_POLICIES:
-    cfg = dataclasses.replace(TINY, remat_policy=policy)
-
-    def loss(p, cfg=cfg):
-      logits, _ = Transformer(cfg).apply({"params": p}, tokens)
-      return -token_logprobs(logits[:, :-1], tokens[:, 1:]).mean()
-
-    compiled = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
-    value, grads = compiled(params)
-    out[policy] = (float(value), grads, compiled.memory_analysis())
-  return out
-
-
-def test_every_remat_policy_gives_the_same_loss_and_gradients(per_policy):
-  loss0, grads0, _ = per_policy["none"]
+  tokens = jnp.asarray(TOKENS)
+  # One jit for all policies (one compilation); each policy is its own jax.checkpoint.
+  all_grads = jax.jit(lambda p: {policy: jax.value_and_grad(tiny_loss(policy, tokens))(p)
+                                 for policy in REMAT_POLICIES})(params)
+  loss0, grads0 = all_grads["none"]
   for policy in REMAT_POLICIES[1:]:
-    loss, grads, _ = per_policy[policy]
-    assert loss == loss0, policy  # the forward pass is the same computation
+    loss, grads = all_grads[policy]
+    assert float(loss) == float(loss0), policy  # the forward pass is the same computation
     for (path, g), g0 in zip(jax.tree_util.tree_leaves_with_path(grads),
                              jax.tree.leaves(grads0)):
       # recomputation may re-associate float32 sums: ~1e-8 here
       np.testing.assert_allclose(g, g0, rtol=1e-5, atol=1e-7, err_msg=f"{policy} {path}")
 
 
-def test_remat_lowers_compiled_temp_memory(per_policy):
-  temp = {p: ma.temp_size_in_bytes for p, (_, _, ma) in per_policy.items()}
-  assert temp["full"] < temp["dots_no_batch"] < temp["dots"] < temp["none"], temp
-  assert temp["full"] <= temp["qkv_proj"] < temp["dots"], temp
+def test_remat_lowers_compiled_temp_memory():
+  """XLA keeps the rematerialisation (no CSE back to the saved activations)."""
+  params = jax.eval_shape(lambda: init_params(TINY, jax.random.PRNGKey(0)))
+  tokens = jnp.asarray(TOKENS)
+  temp = {policy: jax.jit(jax.value_and_grad(tiny_loss(policy, tokens))).lower(params)
+          .compile().memory_analysis().temp_size_in_bytes for policy in ("none", "full")}
+  assert temp["full"] < 0.6 * temp["none"], temp
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -83,7 +83,8 @@ def test_model_shapes_match_hugging_face(size):
 
 
 def test_1b_is_llama3_2_1b_on_any_device_count():
-  a, b = load_config(f"{REPO}/configs/sft.py:1b"), load_config(f"{REPO}/configs/sft.py:llama3_2_1b")
+  a = load_config(f"{REPO}/configs/sft.py:1b")
+  b = load_config(f"{REPO}/configs/sft.py:llama3_2_1b")
   assert a.model.to_dict() == b.model.to_dict()
   assert tuple(a.mesh.shape) == (1, -1, 1) and tuple(b.mesh.shape) == (1, 8, 1)
 
@@ -140,3 +141,12 @@ def test_remat_policy_is_a_config_knob():
   c.model.remat_policy = "everything"
   with pytest.raises(config_lib.ConfigError, match="model.remat_policy='everything'"):
     config_lib.model_config(c, vocab_size=48)
+
+
+def test_memory_benchmark_formula_tables_run():
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory.py"), "--formula"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "| llama3_8b | 8.030B | 128.48 |" in out.stdout
