@@ -11,19 +11,17 @@ prompts give no pair. These pairs train the *proxy* reward model and DPO.
 
 Writes OUT/pairs_train.jsonl, OUT/pairs_eval.jsonl (pairs of the next
 `--eval_prompts` prompts, for the RM's held-out accuracy) and OUT/stats.json.
+
+A thin wrapper of `rlhf-jax label --judge=gold --reference_fallback` (rlhf_jax/ai_feedback.py),
+which also writes every candidate and the agreement statistics; this script keeps the
+study's file names and its margin-free pairs.
 """
 import argparse
 import json
 import os
-import time
 
-from rlhf_jax import evaluation, labeling
-from rlhf_jax import tokenizer as tok_lib
-from rlhf_jax.rewards.math import MathReward
-from rlhf_jax.trainers import common
+from rlhf_jax import ai_feedback
 from rlhf_jax.data.sft import write_jsonl_rows
-
-
 
 
 def main():
@@ -40,30 +38,28 @@ def main():
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
-  t0 = time.time()
-  mcfg, params = common.load_init(args.policy, "float32", False)
-  tokenizer = tok_lib.load_tokenizer(args.policy)
-  examples = evaluation.read_prompt_rows(args.prompts, args.num_prompts + args.eval_prompts)
-  cands = labeling.sample_candidates(
-      model_config=mcfg, params=params, tokenizer=tokenizer, examples=examples, k=args.k,
-      max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens, seed=args.seed)
-  gold = MathReward()
-  scores = [gold([ex["prompt"]] * args.k, c, {"answer": [ex["answer"]] * args.k})
-            for ex, c in zip(examples, cands)]
+  label_args = ai_feedback.parse_label_args([
+      "--judge=gold", "--reference_fallback", f"--policy={args.policy}",
+      f"--prompts={args.prompts}", f"--out={args.out}", f"--k={args.k}",
+      f"--max_pairs={args.max_pairs}", f"--num_prompts={args.num_prompts}",
+      f"--eval_prompts={args.eval_prompts}", f"--max_prompt_len={args.max_prompt_len}",
+      f"--max_new_tokens={args.max_new_tokens}", f"--seed={args.seed}"])
+  result, label_stats = ai_feedback.run_label(label_args)
   stats = {}
-  for split, sl in (("train", slice(0, args.num_prompts)),
-                    ("eval", slice(args.num_prompts, None))):
-    pairs, s = labeling.pairs_from_scores(examples[sl], cands[sl], scores[sl], seed=args.seed,
-                                          max_pairs=args.max_pairs, reference_fallback=True)
-    write_jsonl_rows(os.path.join(args.out, f"pairs_{split}.jsonl"),
-                [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
-                 for p in pairs])
-    stats[split] = s
-  stats["samples_generated"] = len(examples) * args.k
-  stats["seconds"] = time.time() - t0
+  for split, name in (("train", "train"), ("eval", "eval")):
+    part = result.get(split, {"pairs": [], "stats": {}})
+    write_jsonl_rows(os.path.join(args.out, f"pairs_{name}.jsonl"),
+                     [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
+                      for p in part["pairs"]])
+    stats[name] = part["stats"]
+  stats["samples_generated"] = label_stats.get("samples_generated", 0)
+  stats["seconds"] = label_stats["seconds"]
   with open(os.path.join(args.out, "stats.json"), "w") as f:
     json.dump(stats, f, indent=2)
-  print(json.dumps(stats))
+  print(json.dumps({k: stats[k] for k in ("samples_generated", "seconds")}
+                   | {s: {k: stats[s].get(k) for k in ("prompts", "pairs", "tied_prompts",
+                                                        "reference_pairs")} for s in
+                      ("train", "eval")}))
 
 
 if __name__ == "__main__":
