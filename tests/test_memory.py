@@ -182,3 +182,15 @@ def test_offloaded_optimizer_state_lives_in_host_memory_and_changes_nothing():
   n_opt = len(jax.tree.leaves(state["opt_state"]))
   header = compiled.as_text().split("entry_computation_layout={")[1].split("->")[0]
   assert header.count("S(5)") == n_opt
+
+
+def test_init_from_keeps_the_configs_remat_policy(tmp_path):
+  """config.model.remat_policy reaches the model when starting from a workdir or an HF dir
+  (both carry their own model_config; dtype / remat / remat_policy are run-time fields)."""
+  from rlhf_jax.models import save_pretrained
+  cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                    head_dim=8, d_ff=32)
+  params = jax.tree.map(np.asarray, init_params(cfg, jax.random.PRNGKey(0)))
+  save_pretrained(cfg, params, tmp_path / "hf")
+  mcfg, _ = common.load_init(str(tmp_path / "hf"), "float32", False, "dots_no_batch")
+  assert mcfg.remat_policy == "dots_no_batch" and mcfg.d_model == 16

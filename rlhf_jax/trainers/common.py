@@ -464,7 +464,7 @@ def is_workdir(path: str) -> bool:
           and os.path.isdir(os.path.join(path, "checkpoints")))
 
 
-def load_init(init_from: str, dtype: str, remat: bool):
+def load_init(init_from: str, dtype: str, remat: bool, remat_policy: str = ""):
   """(ModelConfig, params) to start from: a run workdir (latest checkpoint's params, e.g.
   an SFT run feeding a reward model or DPO; a LoRA run's adapters merged into its base),
   or anything `load_pretrained` reads."""
@@ -475,7 +475,7 @@ def load_init(init_from: str, dtype: str, remat: bool):
     _, params = read_workdir_params(init_from)
   else:
     mcfg, params = load_pretrained(init_from)
-  return dataclasses.replace(mcfg, dtype=dtype, remat=remat), params
+  return dataclasses.replace(mcfg, dtype=dtype, remat=remat, remat_policy=remat_policy), params
 
 
 def build_tokenizer(config, workdir: str, examples: Callable[[], Iterable]):
@@ -540,7 +540,8 @@ def policy_init(config, tokenizer):
   """(ModelConfig, params or None): from config.init_from (see `load_init`), else the
   architecture in config.model with the tokenizer's vocabulary (random init)."""
   if config.init_from:
-    mcfg, params = load_init(config.init_from, config.model.dtype, config.model.remat)
+    mcfg, params = load_init(config.init_from, config.model.dtype, config.model.remat,
+                             config.model.remat_policy)
   else:
     mcfg, params = config_lib.model_config(config, vocab_size=tokenizer.vocab_size), None
   if mcfg.vocab_size < tokenizer.vocab_size:
