@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import override
+from conftest import override, read_metrics
 from rlhf_jax import export
 from rlhf_jax.checkpoint import read_checkpoint
 from rlhf_jax.launch import load_config
@@ -45,8 +45,8 @@ def sft_run(tmp_path_factory):
 def lora_run(tmp_path_factory):
   from rlhf_jax.trainers import sft
   wd = str(tmp_path_factory.mktemp("lora"))
-  sft.run(sft_config(**{"lora.rank": 2, "lora.alpha": 3.0,
-                        "lora.target_modules": tuple(lora.TARGETS)}), wd)
+  sft.run(sft_config(**{"lora.rank": 2, "lora.alpha": 3.0, "eval_every": 3, "eval_batches": 1,
+                        "sample.every": 0, "lora.target_modules": tuple(lora.TARGETS)}), wd)
   return wd
 
 
@@ -58,6 +58,7 @@ def _model_config(wd):
 TOKENS = np.array([[2, 5, 9, 11, 7, 3, 14, 6, 20, 8]], np.int32)
 
 
+@pytest.mark.slow  # a training run
 def test_export_has_identical_logits_and_the_hf_llama_layout(sft_run, tmp_path, capsys):
   out = str(tmp_path / "hf")
   assert export.main([sft_run, out]) == 0
@@ -105,6 +106,7 @@ def test_export_has_identical_logits_and_the_hf_llama_layout(sft_run, tmp_path, 
   assert load_tokenizer(out).encode(text) == tok.encode(text)
 
 
+@pytest.mark.slow  # a training run
 def test_export_of_an_earlier_step(sft_run, tmp_path):
   out = str(tmp_path / "hf2")
   assert export.main([sft_run, out, "--step=2"]) == 0
@@ -116,10 +118,13 @@ def test_export_of_an_earlier_step(sft_run, tmp_path):
   assert not np.array_equal(latest["params"]["layers"]["q"]["kernel"], params["layers"]["q"]["kernel"])
 
 
+@pytest.mark.slow  # a training run
 def test_lora_export_is_the_merged_model(lora_run, tmp_path, capsys):
   out = str(tmp_path / "hf")
   assert export.main([lora_run, out]) == 0
   assert "LoRA adapters merged" in capsys.readouterr().out
+  evals = {r["step"]: r["eval_loss"] for r in read_metrics(lora_run) if "eval_loss" in r}
+  assert sorted(evals) == [0, 3] and evals[3] != evals[0]  # evaluation sees the adapters
   cfg, base = common.read_lora(lora_run)
   _, state = read_checkpoint(os.path.join(lora_run, "checkpoints"))
   merged = lora.merge(base, state["params"], cfg)
@@ -147,6 +152,7 @@ def test_lora_export_is_the_merged_model(lora_run, tmp_path, capsys):
     np.testing.assert_array_equal(x, y)  # not adapted: the base, bit for bit
 
 
+@pytest.mark.slow  # a training run
 def test_export_refuses_to_overwrite_unless_asked(sft_run, tmp_path, capsys):
   out = tmp_path / "taken"
   out.mkdir()
@@ -160,6 +166,7 @@ def test_export_refuses_to_overwrite_unless_asked(sft_run, tmp_path, capsys):
   assert (out / "config.json").is_file() and (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow  # a training run
 def test_export_errors_name_the_path(sft_run, tmp_path, capsys):
   def err_of(*argv):
     assert export.main(list(argv)) == 1

@@ -233,6 +233,7 @@ def _eval_nll(workdir, params, mcfg):
   return -(lp * m).sum() / m.sum()
 
 
+@pytest.mark.slow  # a training run
 def test_lora_sft_lowers_the_loss_and_never_touches_the_base(lora_sft, sft_add_run):
   _, sft_state = read_checkpoint(os.path.join(sft_add_run, "checkpoints"))
   start = sft_state["params"]
@@ -263,6 +264,7 @@ def test_lora_sft_lowers_the_loss_and_never_touches_the_base(lora_sft, sft_add_r
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow  # a training run
 def test_lora_resume_is_bitwise_identical(lora_sft, sft_add_run, tmp_path, monkeypatch):
   from rlhf_jax.trainers import sft
   wd = str(tmp_path / "resumed")
@@ -303,6 +305,7 @@ def _pair_config(name, init_from, pairs, tfds_data_dir, **over):
   return override(c, **over)
 
 
+@pytest.mark.slow  # a training run
 def test_lora_dpo_from_a_lora_sft_workdir_uses_the_base_as_reference(
     lora_sft, add_pairs, tfds_data_dir, tmp_path):
   from rlhf_jax.trainers import dpo
@@ -321,6 +324,7 @@ def test_lora_dpo_from_a_lora_sft_workdir_uses_the_base_as_reference(
   assert set(state["params"]) == {"lora", "full"}
 
 
+@pytest.mark.slow  # a training run
 def test_lora_reward_model_trains_adapters_and_head(lora_sft, add_pairs, tfds_data_dir,
                                                     tmp_path):
   from rlhf_jax.trainers import reward_model
@@ -354,6 +358,7 @@ def _rl_config(name, init_from, tfds_data_dir, **over):
   return override(c, **over)
 
 
+@pytest.mark.slow  # a training run
 def test_lora_grpo_reference_is_the_base(lora_sft, tfds_data_dir, tmp_path):
   from rlhf_jax.trainers import grpo
   wd = str(tmp_path / "grpo")
@@ -365,6 +370,7 @@ def test_lora_grpo_reference_is_the_base(lora_sft, tfds_data_dir, tmp_path):
   assert set(state["params"]) == {"lora", "full"} and not state["params"]["full"]
 
 
+@pytest.mark.slow  # a training run
 def test_lora_ppo_trains_policy_adapters_critic_adapters_and_value_head(
     lora_sft, tfds_data_dir, tmp_path):
   from rlhf_jax.trainers import ppo

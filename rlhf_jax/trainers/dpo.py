@@ -13,6 +13,8 @@ reference parameters. The reference policy is the initial policy (init_from,
 or the random init of the same seed). KTO's reference point z0 uses
 mismatched pairs (prompt of row i with the chosen reply of row i+1) built
 once for the whole data set. simpo / orpo / reference_free need no reference.
+With LoRA (config.lora.rank > 0) only adapters train and the frozen base *is* the
+reference (the initial adapted model equals it exactly): no second copy of the weights.
 """
 from __future__ import annotations
 

@@ -23,6 +23,8 @@ clipped-policy updates (`rlhf_jax.losses.grpo.grpo_loss`).
                 Hu 2025 (REINFORCE++)
 
 The resolved knobs are written to WORKDIR/resolved_algorithm.json and logged.
+With LoRA (config.lora.rank > 0) only adapters train; rollouts use the merged policy
+and the frozen base is the reference.
 """
 from __future__ import annotations
 

@@ -18,6 +18,8 @@ Critic: `ppo.critic="separate"` is its own network (backbone initialised from
 the policy, or from a reward model with `ppo.critic_init`); "shared" is a
 scalar head on the policy's final hidden states. Params: {"policy", "value"}.
 The KL controller's state is part of the checkpointed train state.
+With LoRA (config.lora.rank > 0) the policy and a separate critic's backbone get
+adapters, the value head is trained fully, and the frozen policy base is the reference.
 """
 from __future__ import annotations
 

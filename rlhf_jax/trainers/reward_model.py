@@ -10,7 +10,9 @@ pairs with the Bradley-Terry loss (Bradley & Terry 1952; Ouyang et al. 2022)
 Eisenstein et al. 2023). Chosen and rejected go through one forward pass as a
 [2B, T] batch. Metrics: loss, accuracy, margin; eval_accuracy on held-out
 pairs. The workdir's params {"backbone", "head"} + model_config.json +
-tokenizer are what `load_reward_model` reads, for use as a reward function.
+tokenizer are what `load_reward_model` reads, for use as a reward function
+(a LoRA run's adapters merged in: with config.lora.rank > 0 the backbone gets LoRA
+adapters and the scalar head is trained fully).
 """
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ Loss: token-mean next-token NLL over completion tokens only (prompt and
 padding masked), see `rlhf_jax.losses.sft`. With grad_accum_steps = A the
 batch is split into A micro-batches whose summed NLL and token counts are
 accumulated before dividing, so the update equals the un-accumulated one.
+With config.lora.rank > 0 only LoRA adapters train on the frozen base
+(`common.create_train_state`, `rlhf_jax.models.lora`).
 """
 from __future__ import annotations
 
