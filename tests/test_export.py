@@ -206,3 +206,23 @@ def test_reward_model_workdir_is_refused(tmp_path, capsys):
   e = capsys.readouterr().err
   assert "reward model" in e and str(wd) in e
   assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.slow  # a training run
+def test_mistral_source_keeps_its_model_type(sft_run, tmp_path):
+  import shutil
+  src = tmp_path / "mistral_src"
+  src.mkdir()
+  (src / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+  wd = tmp_path / "run"
+  shutil.copytree(sft_run, wd)
+  cfg = json.load(open(wd / "config.json"))
+  (wd / "config.json").write_text(json.dumps({**cfg, "init_from": str(src)}))
+  assert export.source_model_type(str(wd)) == "mistral"
+  assert export.main([str(wd), str(tmp_path / "out")]) == 0
+  hf = json.load(open(tmp_path / "out" / "config.json"))
+  assert hf["model_type"] == "mistral" and hf["architectures"] == ["MistralForCausalLM"]
+  _, params = load_pretrained(tmp_path / "out")  # reads back as the same weights
+  _, state = read_checkpoint(os.path.join(sft_run, "checkpoints"))
+  np.testing.assert_array_equal(params["layers"]["q"]["kernel"],
+                                state["params"]["layers"]["q"]["kernel"])
