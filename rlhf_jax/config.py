@@ -61,6 +61,9 @@ def base_config(trainer: str) -> ConfigDict:
   c.batch_size = 32            # global batch (rows) per optimizer step
   c.grad_accum_steps = 1       # micro-batches per step; batch_size must divide evenly
   c.num_steps = 400            # optimizer steps
+  c.max_bad_steps = 3          # stop after this many non-finite (NaN/Inf) updates IN A ROW;
+                               # each one is skipped (params and optimizer state kept) and
+                               # counted in skipped_updates; 0 = never stop
 
   c.optimizer = ConfigDict(dict(
       lr=3e-3,                 # peak learning rate (AdamW)

@@ -117,10 +117,11 @@ def _user_errors():
   from rlhf_jax.checkpoint import CheckpointError
   from rlhf_jax.config import ConfigError
   from rlhf_jax.data.sft import DataError
+  from rlhf_jax.trainers.common import TrainingError
   # ValueError: bad pretrained files / tokenizers / argument values, which raise it with
   # a message naming the file or key. RLHF_JAX_DEBUG=1 shows the traceback instead.
-  return (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError,
-          ValueError)
+  return (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError,
+          FileExistsError, ValueError)
 
 
 def import_command(argv):

@@ -85,17 +85,41 @@ def restore_or_keep(checkpointer: ckpt_lib.Checkpointer, state, shardings):
   return int(step), state
 
 
+class TrainingError(RuntimeError):
+  """A run that cannot go on (e.g. config.max_bad_steps non-finite updates in a row)."""
+
+
+def all_finite(grads, loss=None) -> jax.Array:
+  """bool scalar: every gradient entry (and the loss, if given) is finite."""
+  leaves = [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
+  if loss is not None:
+    leaves.append(jnp.all(jnp.isfinite(loss)))
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def apply_gradients(state, grads, tx, count_step: bool = True):
   """One optimizer update of state {"step", "params", "opt_state", ...} (other keys kept).
 
   count_step: advance state["step"] (trainers whose step is one update); online-RL
   trainers count rollout steps themselves.
+  Numerical guard: if any gradient is NaN/Inf the parameters and optimizer state are
+  kept as they were (the step still counts: the batch is skipped); callers report it
+  as the metric skipped_update = 1 (`skipped_metric`), which `train_loop` counts.
   """
+  finite = all_finite(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  new = {**state, "params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new = {**state, "params": keep(optax.apply_updates(state["params"], updates),
+                                 state["params"]),
+         "opt_state": keep(opt_state, state["opt_state"])}
   if count_step:
     new["step"] = state["step"] + 1
   return new
+
+
+def skipped_metric(grads) -> jax.Array:
+  """float32 1.0 when `apply_gradients` skipped this update (non-finite gradients)."""
+  return 1.0 - all_finite(grads).astype(jnp.float32)
 
 
 def make_update(loss_fn, tx, count_step: bool = True, frozen: "Frozen | None" = None):
@@ -115,7 +139,8 @@ def make_update(loss_fn, tx, count_step: bool = True, frozen: "Frozen | None" = 
     loss = lambda trained: loss_fn(frozen.merge(base, trained, rng), *args)
     (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
     return ({**apply_gradients(state, grads, tx, count_step), **carry},
-            {**metrics, "grad_norm": optax.tree.norm(grads)})
+            {**metrics, "grad_norm": optax.tree.norm(grads),
+             "skipped_update": skipped_metric(grads)})
   return update
 
 
@@ -161,7 +186,8 @@ def make_accumulating_update(loss_fn, tx, micro_batches: int, weight_fn, count_s
 
     (grads, metrics), _ = jax.lax.scan(body, zeros, (parts, w))
     return ({**apply_gradients(state, grads, tx, count_step), **carry},
-            {**metrics, "grad_norm": optax.tree.norm(grads)})
+            {**metrics, "grad_norm": optax.tree.norm(grads),
+             "skipped_update": skipped_metric(grads)})
   return update
 
 
@@ -588,14 +614,33 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
   if start == 0 and evaluate is not None and config.eval_every:
     last = writer.write(0, {**evaluate(state["params"], 0), "elapsed_s": elapsed()})
   preempted, step = False, start
+  max_bad = int(config.get("max_bad_steps", 3))
+  bad_run, skipped_total = [], 0  # steps of the current run of skipped updates; all skips
   with ckpt_lib.PreemptionGuard() as preemption:
     for step in range(start + 1, config.num_steps + 1):
       batch = get_batch(step - 1)
       state, m = train_step(state, parallel.shard_batch(batch, mesh) if shard_batches else batch)
+      if "skipped_update" in m and float(m["skipped_update"]) > 0:  # numerical guard
+        bad_run.append(step)
+        skipped_total += 1
+        if primary:
+          progress.write(f"step {step} (batch {step - 1}): non-finite loss/gradients, update "
+                         f"skipped ({len(bad_run)} in a row, {skipped_total} in this run)")
+        if max_bad and len(bad_run) >= max_bad:
+          checkpointer.close()
+          progress.close()
+          writer.close()
+          raise TrainingError(
+              f"{len(bad_run)} consecutive non-finite updates (steps {bad_run[0]}-{step}, "
+              f"config.max_bad_steps={max_bad}); parameters were not updated by them, the last "
+              f"checkpoint is {checkpointer.latest_step()}. Lower optimizer.lr, check the data "
+              f"of those batches, or raise max_bad_steps")
+      else:
+        bad_run = []
       if count_tokens is not None:
         throughput.add(count_tokens(batch))
       if step % config.log_every == 0 or step == config.num_steps:
-        row = {**host_metrics(m), **(extra_metrics or {})}
+        row = {**host_metrics(m), **(extra_metrics or {}), "skipped_updates": skipped_total}
         row["learning_rate"] = float(schedule(step - 1))
         if count_tokens is not None:
           row["tokens_per_second"] = throughput.rate()

@@ -71,6 +71,7 @@ def make_train_step(model, tx, grad_accum_steps: int = 1, frozen=None):
     grads = jax.tree.map(lambda g: g / denom, grads)
     new_state = {**common.apply_gradients(state, grads, tx), **carry}
     metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads),
+               "skipped_update": common.skipped_metric(grads),
                "param_norm": optax.tree.norm(frozen.merge(base, params)), "num_tokens": n}
     return new_state, metrics
 

@@ -1,0 +1,68 @@
+"""Numerical guards: a non-finite gradient skips the update (parameters and AdamW state
+untouched, the step still counts), train_loop counts skips and stops with one clear
+message after config.max_bad_steps in a row."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax import config as config_lib
+from rlhf_jax import parallel
+from rlhf_jax.metrics import read_jsonl
+from rlhf_jax.trainers import common
+
+
+def _state(tx):
+  params = {"w": jnp.arange(4.0), "b": jnp.ones(())}
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_gradient_skips_the_update(bad):
+  tx = optax.adamw(0.1)
+  state = _state(tx)
+  step = jax.jit(lambda s, g: (common.apply_gradients(s, g, tx), common.skipped_metric(g)))
+  good = {"w": jnp.full(4, 0.5), "b": jnp.float32(1.0)}
+  s1, skipped = step(state, good)
+  assert float(skipped) == 0.0 and int(s1["step"]) == 1
+  assert not np.array_equal(s1["params"]["w"], state["params"]["w"])
+  poisoned = {"w": jnp.array([0.5, bad, 0.5, 0.5]), "b": jnp.float32(1.0)}
+  s2, skipped = step(s1, poisoned)
+  assert float(skipped) == 1.0 and int(s2["step"]) == 2   # the batch is consumed
+  for a, b in zip(jax.tree.leaves((s2["params"], s2["opt_state"])),
+                  jax.tree.leaves((s1["params"], s1["opt_state"]))):
+    np.testing.assert_array_equal(a, b)                   # nothing else moved
+  s3, _ = step(s2, good)                                  # and training goes on
+  assert np.all(np.isfinite(s3["params"]["w"]))
+  assert not np.array_equal(s3["params"]["w"], s2["params"]["w"])
+
+
+def _loop(tmp_path, pattern, max_bad):
+  config = config_lib.base_config("sft")
+  config.update(num_steps=len(pattern), log_every=1, eval_every=0, max_bad_steps=max_bad)
+  config.checkpoint.update(every=100, async_save=False)
+  tx = optax.sgd(0.1)
+  state = _state(tx)
+  step_fn = lambda s, batch: ({**s, "step": s["step"] + 1},
+                              {"loss": 1.0, "skipped_update": float(pattern[batch])})
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), 100, 1, async_save=False)
+  return common.train_loop(config, str(tmp_path), state=state, start=0, train_step=step_fn,
+                           get_batch=lambda i: i, mesh=parallel.make_mesh(), checkpointer=ckpt,
+                           schedule=lambda s: 0.1, shard_batches=False)
+
+
+def test_train_loop_counts_intermittent_skips(tmp_path):
+  out = _loop(tmp_path, [0, 1, 0, 1, 1, 0], max_bad=3)
+  assert out["step"] == 6 and out["skipped_updates"] == 3
+  rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert [r["skipped_updates"] for r in rows] == [0, 1, 1, 2, 3, 3]
+
+
+def test_train_loop_stops_after_max_bad_steps_in_a_row(tmp_path):
+  with pytest.raises(common.TrainingError,
+                     match=r"3 consecutive non-finite updates \(steps 3-5, "
+                           r"config.max_bad_steps=3\)"):
+    _loop(tmp_path, [0, 0, 1, 1, 1, 0, 0], max_bad=3)
+  assert [r["step"] for r in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1, 2, 3, 4]
