@@ -55,6 +55,8 @@ def base_config(trainer: str) -> ConfigDict:
     c.eval_prompts = 128       # held-out prompts decoded greedily at each eval
     c.data.synthetic_digits = 1
     c.rollout.max_new_tokens = 4
+  elif trainer == "prm":
+    c.data = prm_data_config()
   else:
     c.data = preference_data_config()
 
@@ -220,6 +222,22 @@ def preference_data_config() -> ConfigDict:
       max_prompt_len=24,       # prompts are LEFT-truncated to this many tokens
       max_completion_len=12,   # completions are RIGHT-truncated (EOS dropped when cut)
       skip_malformed=False,    # False: a bad row stops with file:line; True: skip and count
+  ))
+
+
+def prm_data_config() -> ConfigDict:
+  """Step-labelled solutions for the process reward model (rlhf_jax/data/prm.py)."""
+  return ConfigDict(dict(
+      source="gsm8k",          # gsm8k: official {"question","answer"} files, steps labelled by
+                               # checking the <<expr=value>> annotations, plus corrupted copies;
+                               # jsonl: {"prompt","steps","labels"} rows
+      train_path="",           # the train file of `source`
+      eval_path="",            # held-out file of the same kind ("" = none)
+      max_train_examples=0,    # first solutions used (0 = all)
+      max_eval_examples=0,
+      corrupt=True,            # gsm8k: add a corrupted copy of every solution (the negatives)
+      max_prompt_len=32,       # prompts LEFT-truncated to this many tokens
+      max_len=128,             # tokens per row (prompt + steps); steps ending beyond are dropped
   ))
 
 

@@ -1,0 +1,192 @@
+"""Process-reward-model trainer: `run(config, workdir)`.
+
+A PRM (Uesato et al. 2022, "Solving math word problems with process- and
+outcome-based feedback"; Lightman et al. 2023, "Let's Verify Step by Step")
+scores every step of a solution. Model: a decoder backbone + scalar head
+(`rlhf_jax.models.heads.ScalarModel`) whose per-token value at each step's LAST
+token is the logit of p(step correct); trained with per-step binary
+cross-entropy (`rlhf_jax.losses.prm.prm_step_loss`) on step labels that need no
+annotators: GSM8K's calculator annotations `<<48/2=24>>` checked by a safe
+evaluator, plus a corrupted copy of every solution (one step's result changed
+consistently), cut after the first wrong step (`rlhf_jax.data.prm`).
+
+Data (config.data, `rlhf_jax.config.prm_data_config`): source "gsm8k" (official
+files; WORKDIR/data/prm_{train,eval}.jsonl are written from them) or "jsonl"
+({"prompt","steps","labels"} rows). Rows hold prompt + steps, max_len tokens.
+
+Eval (held-out file; threshold p = 0.5): eval_step_accuracy over every labelled
+step, eval_accuracy_clean (steps of uncorrupted solutions, all correct),
+eval_accuracy_corrupted (the wrong steps; = recall of errors),
+eval_accuracy_corrupted_prefix (the correct steps before the error in
+corrupted solutions), eval_balanced_accuracy (mean of the correct-step and
+wrong-step accuracies; chance 0.5), eval_first_error_accuracy (over solutions:
+the first step predicted wrong -- or none -- is the true first error -- or
+none), and eval_majority_baseline (accuracy of always predicting the majority
+label, for honesty). The workdir ({"backbone","head"} params + model_config.json
++ tokenizer) is what `rlhf_jax.rewards.prm.PRMReward` loads.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import config as config_lib
+from rlhf_jax import parallel
+from rlhf_jax.data import prm as prm_data
+from rlhf_jax.data import sft as sft_data
+from rlhf_jax.data.sft import DataError
+from rlhf_jax.losses.prm import prm_step_loss
+from rlhf_jax.models.heads import ScalarModel, backbone_params_from_lm
+from rlhf_jax.trainers import common
+
+SOURCES = ("gsm8k", "jsonl")
+ARRAY_KEYS = ("tokens", "segment_ids", "step_mask", "step_labels")
+
+
+def load_rows(config, workdir: str):
+  """(train rows, eval rows or None, stats): PRM rows of config.data (module docstring)."""
+  d = config.data
+  if d.source not in SOURCES:
+    raise DataError(f"config.data.source={d.source!r}: expected one of {SOURCES}")
+  if not d.train_path:
+    raise DataError(f"config.data.train_path: required (a GSM8K .jsonl file for source="
+                    f"'gsm8k', e.g. ../shared/data/gsm8k_train.jsonl)")
+  stats = {}
+  out = []
+  for split, path, limit, seed in (("train", d.train_path, d.max_train_examples, config.seed),
+                                   ("eval", d.eval_path, d.max_eval_examples, config.seed + 1)):
+    if not path:
+      out.append(None)
+      continue
+    if not os.path.isfile(path):
+      raise DataError(f"config.data.{split}_path={path}: no such file")
+    if d.source == "gsm8k":
+      s = {}
+      rows = prm_data.gsm8k_prm_rows(path, limit, seed, d.corrupt, s)
+      stats.update({f"{split}_{k}": v for k, v in s.items()})
+      if parallel.is_primary():
+        os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
+        prm_data.write_prm_jsonl(os.path.join(workdir, "data", f"prm_{split}.jsonl"), rows)
+    else:
+      rows = prm_data.read_prm_jsonl(path)
+      rows = rows[:limit] if limit else rows
+    out.append(rows)
+  return out[0], out[1], stats
+
+
+def corpus(rows):
+  for r in rows:
+    yield prm_data.messages(r["prompt"]), "\n".join(r["steps"])
+
+
+def step_logits(model, params, batch):
+  return model.apply({"params": params}, batch["tokens"], batch["segment_ids"])
+
+
+def make_train_step(model, tx, negative_weight: float, frozen=None):
+  def loss_fn(params, batch):
+    return prm_step_loss(step_logits(model, params, batch), batch["step_mask"],
+                         batch["step_labels"], negative_weight)
+  return common.make_update(loss_fn, tx, frozen=frozen)
+
+
+def step_metrics(logits_NT, arrays) -> dict:
+  """The eval metrics of the module docstring from logits [N, T] (numpy)."""
+  mask = arrays["step_mask"] != 0
+  y = arrays["step_labels"] != 0
+  pred = logits_NT > 0
+  corrupted = arrays["corrupted"][:, None] != 0
+  hit = (pred == y) & mask
+
+  def acc(sel):
+    n = int(sel.sum())
+    return float((hit & sel).sum() / n) if n else 0.0
+
+  n_pos, n_all = int((mask & y).sum()), int(mask.sum())
+  first_hits = []
+  for i in range(len(logits_NT)):
+    if arrays["first_error"][i] == -2:  # its error was cut off by max_len
+      continue
+    ends = np.flatnonzero(mask[i])
+    predicted = next((j for j, t in enumerate(ends) if not pred[i, t]), -1)
+    first_hits.append(predicted == arrays["first_error"][i])
+  return {
+      "eval_step_accuracy": acc(mask),
+      "eval_accuracy_clean": acc(mask & ~corrupted),
+      "eval_accuracy_corrupted": acc(mask & ~y),
+      "eval_accuracy_corrupted_prefix": acc(mask & corrupted & y),
+      "eval_balanced_accuracy": 0.5 * (acc(mask & y) + acc(mask & ~y)),
+      "eval_first_error_accuracy": float(np.mean(first_hits)) if first_hits else 0.0,
+      "eval_majority_baseline": max(n_pos, n_all - n_pos) / max(n_all, 1),
+      "eval_steps": n_all,
+  }
+
+
+def run(config, workdir: str) -> dict:
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh(config.mesh.shape)
+  d = config.data
+
+  train_rows, eval_rows, data_stats = load_rows(config, workdir)
+  tokenizer = common.build_tokenizer(config, workdir, lambda: corpus(train_rows))
+  tok_stats = {}
+  train_arrays = prm_data.tokenize_prm_rows(train_rows, tokenizer, d.max_prompt_len, d.max_len,
+                                            tok_stats)
+  train_ds = sft_data.batched({k: train_arrays[k] for k in ARRAY_KEYS}, config.batch_size,
+                              config.seed)
+  eval_arrays = None
+  if eval_rows:
+    eval_arrays = prm_data.tokenize_prm_rows(eval_rows, tokenizer, d.max_prompt_len, d.max_len)
+
+  rng_init = jax.random.PRNGKey(config.seed)
+  init_params = None
+  mcfg, lm_params = common.policy_init(config, tokenizer)
+  if mcfg.max_seq_len < d.max_len:
+    raise config_lib.ConfigError(f"config.data.max_len={d.max_len} exceeds the model's "
+                                 f"max_seq_len={mcfg.max_seq_len}")
+  model = ScalarModel(mcfg)
+  dummy = jnp.zeros((1, 2), jnp.int32)
+  if lm_params is not None:
+    fresh = jax.tree.map(np.asarray, common.unboxed_init(model, rng_init, dummy))
+    backbone = lm_params["backbone"] if "backbone" in lm_params else (
+        backbone_params_from_lm(lm_params))
+    init_params = {"backbone": backbone, "head": lm_params.get("head", fresh["head"])}
+
+  tx, schedule = common.make_optimizer(config.optimizer, config.num_steps)
+  state, shardings, frozen = common.create_train_state(
+      lambda r: model.init(r, dummy)["params"], tx, mesh, rng_init, init_params, config=config,
+      always_trained=("head",), workdir=workdir)
+  checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
+                                               tokenizer)
+
+  batch_sharding = parallel.batch_sharding(mesh)
+  train_step = jax.jit(make_train_step(model, tx, config.prm.negative_weight, frozen),
+                       in_shardings=(shardings, *frozen.in_shardings, batch_sharding),
+                       out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  logits_fn = jax.jit(lambda p, b: step_logits(model, p, b),
+                      in_shardings=(frozen.model_shardings(shardings), batch_sharding))
+
+  def evaluate(params, step):
+    full = frozen.full(params)
+    n = len(eval_arrays["tokens"])
+    bs = min(config.batch_size, n)
+    pad = (-n) % bs  # fixed shapes: the last batch padded with copies, dropped after
+    padded = {k: np.concatenate([eval_arrays[k], eval_arrays[k][:pad]]) for k in
+              ("tokens", "segment_ids")}
+    logits = [np.asarray(logits_fn(full, parallel.shard_batch(
+        {k: v[i:i + bs] for k, v in padded.items()}, mesh))) for i in range(0, n + pad, bs)]
+    return step_metrics(np.concatenate(logits)[:n], eval_arrays)
+
+  static_metrics = {f"data_{k}": v for k, v in {**data_stats, **tok_stats}.items()
+                    if isinstance(v, (int, float))}
+  return common.train_loop(
+      config, workdir, state=state, start=start,
+      train_step=lambda s, b: train_step(s, *frozen.args, b), get_batch=lambda i: train_ds[i],
+      mesh=mesh, checkpointer=checkpointer, schedule=schedule,
+      evaluate=evaluate if eval_arrays is not None else None, desc="prm",
+      progress_keys=("loss", "step_accuracy", "eval_balanced_accuracy"),
+      count_tokens=lambda b: b["segment_ids"].sum(), extra_metrics=static_metrics)
