@@ -36,7 +36,7 @@ Tokenization (`tokenize_prm_example`, shared with `rlhf_jax.rewards.prm`):
 
 each step encoded separately (so step ends are exact token boundaries); the
 label sits at each step's LAST token (`step_mask` 1 there, `step_labels` the
-0/1 label). Steps whose last token falls beyond max_seq_len are dropped.
+0/1 label). Steps whose last token falls beyond max_len are dropped.
 """
 from __future__ import annotations
 
@@ -298,7 +298,7 @@ def _truncate_left(ids: list[int], n: int, bos_id) -> list[int]:
 
 
 def tokenize_steps(prompt, steps: Sequence[str], tokenizer, max_prompt_len: int,
-                   max_seq_len: int, step_sep: str = "\n"):
+                   max_len: int, step_sep: str = "\n"):
   """(tokens int32 [T], segment_ids [T], step_ends list[int]): the PRM's layout (module
   docstring); step_ends[i] = position of step i's last token, for the steps that fit
   (a step that encodes to no tokens, or ends beyond T, ends the list)."""
@@ -308,11 +308,11 @@ def tokenize_steps(prompt, steps: Sequence[str], tokenizer, max_prompt_len: int,
   ends = []
   for i, s in enumerate(steps):
     piece = (sep if i else []) + tokenizer.encode(s)
-    if not tokenizer.encode(s) or len(ids) + len(piece) > max_seq_len:
+    if not tokenizer.encode(s) or len(ids) + len(piece) > max_len:
       break
     ids = ids + piece
     ends.append(len(ids) - 1)
-  T = max_seq_len
+  T = max_len
   tokens = np.full((T,), tokenizer.pad_id, np.int32)
   seg = np.zeros((T,), np.int32)
   n = min(len(ids), T)
@@ -321,13 +321,13 @@ def tokenize_steps(prompt, steps: Sequence[str], tokenizer, max_prompt_len: int,
   return tokens, seg, ends
 
 
-def tokenize_prm_rows(rows: Sequence[dict], tokenizer, max_prompt_len: int, max_seq_len: int,
+def tokenize_prm_rows(rows: Sequence[dict], tokenizer, max_prompt_len: int, max_len: int,
                       stats: dict | None = None) -> dict[str, np.ndarray]:
   """Arrays [N, T]: tokens, segment_ids, step_mask (1 at labelled step ends),
   step_labels (0/1 there); [N]: first_error (-1 none; -2 = the first error was cut
-  off by max_seq_len), corrupted."""
+  off by max_len), corrupted."""
   stats = stats if stats is not None else {}
-  N, T = len(rows), max_seq_len
+  N, T = len(rows), max_len
   out = {"tokens": np.zeros((N, T), np.int32), "segment_ids": np.zeros((N, T), np.int32),
          "step_mask": np.zeros((N, T), np.int32), "step_labels": np.zeros((N, T), np.int32),
          "first_error": np.full((N,), -1, np.int32), "corrupted": np.zeros((N,), np.int32)}

@@ -14,6 +14,8 @@ Built in (`REWARD_FNS`; options are the constructor arguments):
   overlong      OverlongPenalty(max_len, cache_len, scale=1)   DAPO soft overlong punishment
   reward_model  RewardModelReward(workdir, max_prompt_len=None, max_completion_len=None,
                 batch_size=32, add_eos="always", mean=0, std=1, whiten=False)
+  prm           PRMReward(workdir, aggregate="min"|"prod"|"last"|"mean", step_sep="\\n", stat="")
+                a process reward model's per-step p(correct), aggregated (rewards/prm.py)
 
 `make_reward_fn(spec)` builds a `CombinedReward` from a config-like spec;
 calling it returns `(total_B, {label: component_B})` (weighted sum; the
@@ -43,6 +45,7 @@ REWARD_FNS: dict[str, str | Callable[..., RewardFn]] = {
     "missing_eos": "rlhf_jax.rewards.rules:MissingEosPenalty",
     "overlong": "rlhf_jax.rewards.rules:OverlongPenalty",
     "reward_model": "rlhf_jax.rewards.reward_model:RewardModelReward",
+    "prm": "rlhf_jax.rewards.prm:PRMReward",
 }
 _RESERVED = ("name", "weight", "label")
 
