@@ -222,7 +222,8 @@ def test_grpo_with_prm_reward_logs_per_step_stats(prm_run, sft_add_run, tfds_dat
       {"name": "prm", "workdir": prm_run, "stat": s, "label": f"prm_{s}", "weight": 0}
       for s in ("num_steps", "step_mean", "step_min", "frac_wrong")]
   override(c, **{"reward.spec": json.dumps(spec), "num_steps": 2, "log_every": 1,
-                 "eval_every": 0, "rollout.prompts_per_step": 4, "rollout.group_size": 4})
+                 "eval_every": 0, "rollout.prompts_per_step": 4, "rollout.group_size": 4,
+                 "rollout.generate_micro_batch": 16, "rollout.logprob_micro_batch": 16})
   wd = str(tmp_path / "grpo_prm")
   grpo.run(c, wd)
   rows = [r for r in read_metrics(wd) if "reward/prm" in r]
