@@ -8,8 +8,8 @@ of every solution (rlhf_jax/data/prm.py); the trainer is rlhf_jax/trainers/prm.p
 Presets (`--config=configs/prm.py:PRESET`):
   tiny   the tiny CPU model (4 layers, d=96) on the first 2000 GSM8K train solutions
          (+ corrupted copies), evaluated on the first 300 GSM8K test solutions; a
-         256-token BPE trained on the data; rows of 32 prompt + up to 128 tokens;
-         ~2 minutes on 2 CPU cores.
+         256-token BPE trained on the data; rows of <= 128 tokens (prompt LEFT-truncated
+         to 32); batch 16, 250 steps; a few minutes on 2 shared CPU cores.
 Data files: $RLHF_JAX_DATA (default ../shared/data beside the repo)/gsm8k_{train,test}.jsonl;
 override with --config.data.train_path / eval_path.
 """
@@ -37,12 +37,12 @@ def get_config(preset: str = "tiny") -> ConfigDict:
   c.data.update(train_path=os.path.join(DATA, "gsm8k_train.jsonl"),
                 eval_path=os.path.join(DATA, "gsm8k_test.jsonl"),
                 max_train_examples=2000, max_eval_examples=300,
-                max_prompt_len=32, max_len=160)
+                max_prompt_len=32, max_len=128)
   c.tokenizer.vocab_size = 256
-  c.model.max_seq_len = 160
-  c.batch_size = 32
-  c.num_steps = 300
+  c.model.max_seq_len = 128
+  c.batch_size = 16
+  c.num_steps = 250
   c.optimizer.update(lr=2e-3, warmup_steps=30)
   c.log_every = 20
-  c.eval_every = 100
+  c.eval_every = 125
   return c

@@ -211,6 +211,7 @@ def test_prm_reward_aggregation_by_hand(prm_run):
     PRMReward(prm_run, aggregate="max")
 
 
+@pytest.mark.slow  # trains the shared SFT policy fixture (~20 s) + 2 GRPO steps
 def test_grpo_with_prm_reward_logs_per_step_stats(prm_run, sft_add_run, tfds_data_dir, tmp_path):
   from rlhf_jax.launch import load_config
   from rlhf_jax.trainers import grpo
