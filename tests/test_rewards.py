@@ -237,7 +237,7 @@ def test_make_reward_fn_from_config_dict():
 
 @pytest.mark.parametrize("spec,fragment", [
     ("bleu", "unknown reward function 'bleu'; valid: ['length_penalty', 'math', 'missing_eos', "
-             "'overlong', 'reward_model'"),
+             "'overlong', 'prm', 'reward_model'"),
     ({"name": "math", "correctt": 1}, "reward 'math': unknown option(s) ['correctt']; valid: "
                                       "['correct', 'incorrect'"),
     ({"name": "overlong", "max_len": 8}, "reward 'overlong': missing required option(s) "
