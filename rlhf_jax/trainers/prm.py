@@ -52,8 +52,8 @@ def load_rows(config, workdir: str):
   if d.source not in SOURCES:
     raise DataError(f"config.data.source={d.source!r}: expected one of {SOURCES}")
   if not d.train_path:
-    raise DataError(f"config.data.train_path: required (a GSM8K .jsonl file for source="
-                    f"'gsm8k', e.g. ../shared/data/gsm8k_train.jsonl)")
+    raise DataError("config.data.train_path: required (a GSM8K .jsonl file for source="
+                    "'gsm8k', e.g. ../shared/data/gsm8k_train.jsonl)")
   stats = {}
   out = []
   for split, path, limit, seed in (("train", d.train_path, d.max_train_examples, config.seed),
