@@ -12,7 +12,9 @@ data (`rlhf-jax constitution`).
                                       compares every two distinct texts in both orders and
                                       keeps the most confident comparisons
                                       (`labeling.pairs_from_comparisons`); up to --max_pairs
-                                      per prompt; ties (|preference| < --tie_margin) give none
+                                      per prompt (--pairing=random: any (better, worse) pairs;
+                                      best_vs_rest: the judge's top text over the others);
+                                      ties (|preference| < --tie_margin) give none
 
   writes OUT/pairs.jsonl ({"prompt", "chosen", "rejected", "margin"}: the RM / DPO
   trainers' `data.source=jsonl` format; margin = --margin_scale x the judge's preference
@@ -222,7 +224,7 @@ def _distinct(texts: Sequence[str]) -> list[str]:
 def label(examples: list[dict], candidates: list[list[str]], judge, *,
           splits: Sequence[tuple[str, slice]] = (("train", slice(None)),), seed: int = 0,
           max_pairs: int = 1, tie_margin: float = 0.0, reference_fallback: bool = False,
-          margin_scale: float = 1.0, progress: bool = True) -> dict:
+          margin_scale: float = 1.0, pairing: str = "random", progress: bool = True) -> dict:
   """Judge every example's candidates; returns {split: {"pairs", "records", "stats"}}.
 
   pairs: [{"prompt", "chosen", "rejected", "margin"}]; records: one per example (every
@@ -245,7 +247,7 @@ def label(examples: list[dict], candidates: list[list[str]], judge, *,
       ex_s, c_s, s_s, g_s = examples[sl], candidates[sl], scores[sl], gold_of[sl]
       pairs, stats = labeling.pairs_from_scores(
           ex_s, c_s, s_s, seed=seed, max_pairs=max_pairs, reference_fallback=reference_fallback,
-          tie_margin=tie_margin)
+          tie_margin=tie_margin, pairing=pairing)
       prefs, ga, gb = [], [], []
       records = []
       by_example: dict[int, list] = {}
@@ -300,7 +302,7 @@ def label(examples: list[dict], candidates: list[list[str]], judge, *,
       ex = examples[i]
       cs = per_example[i]
       pairs = labeling.pairs_from_comparisons(ex["prompt"], cs, max_pairs=max_pairs,
-                                              tie_margin=tie_margin, rng=rng)
+                                              tie_margin=tie_margin, rng=rng, pairing=pairing)
       tied_prompts += int(not pairs)
       new = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
               "margin": margin_scale * p["preference"]} for p in pairs]
@@ -439,6 +441,10 @@ def parse_label_args(argv):
   p.add_argument("--eval_prompts", type=int, default=0,
                  help="the next N prompts labelled into pairs_eval.jsonl")
   p.add_argument("--max_pairs", type=int, default=1, help="pairs per prompt")
+  p.add_argument("--pairing", default="random", choices=["random", "best_vs_rest"],
+                 help="max_pairs > 1: random (higher, lower) pairs of distinct texts (LM judge: "
+                      "the most confident comparisons), or best_vs_rest: the judge's top text "
+                      "over each of the others")
   p.add_argument("--reference_fallback", action="store_true",
                  help="rm/gold judges: when every candidate ties, pair the prompt's reference "
                       "'answer' (chosen) with a candidate that scores below 1")
@@ -507,7 +513,7 @@ def run_label(args) -> tuple[dict, dict]:
   result = label(examples, candidates, judge, splits=splits, seed=args.seed,
                  max_pairs=args.max_pairs, tie_margin=args.tie_margin,
                  reference_fallback=args.reference_fallback, margin_scale=args.margin_scale,
-                 progress=progress)
+                 pairing=args.pairing, progress=progress)
   from rlhf_jax import judges
   stats = {"judge": judges.describe(judge), **{k: v["stats"] for k, v in result.items()},
            **info, "seconds": time.time() - t0}

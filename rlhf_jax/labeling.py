@@ -21,6 +21,9 @@ import numpy as np
 from rlhf_jax import rollout
 
 
+PAIRINGS = ("random", "best_vs_rest")
+
+
 def sample_candidates(*, model_config, params, tokenizer, examples, k: int,
                       max_prompt_len: int, max_new_tokens: int, temperature: float = 1.0,
                       seed: int = 0, micro_batch: int = 128, progress: bool = True
@@ -67,18 +70,23 @@ def _cached_logps(model_config, prompt_len, temperature):
 
 def pairs_from_scores(examples, candidates, scores, *, seed: int = 0, max_pairs: int = 1,
                       reference_fallback: bool = False, reference_key: str = "answer",
-                      reference_score: float = 1.0, tie_margin: float = 0.0
-                      ) -> tuple[list[dict], dict]:
+                      reference_score: float = 1.0, tie_margin: float = 0.0,
+                      pairing: str = "random") -> tuple[list[dict], dict]:
   """(pairs [{"prompt", "chosen", "rejected", "chosen_score", "rejected_score", "example"}],
   stats); "example" = the index of the example the pair comes from.
 
   Per example, duplicate candidate texts are merged; max_pairs=1: chosen = a random
   best-scored text, rejected = a random worst-scored one; max_pairs > 1: up to that
-  many distinct (higher, lower)-scored text pairs, drawn at random. Two texts whose
-  scores differ by less than `tie_margin` (or not at all) tie and are never paired;
-  no pair when all scores tie (see the module docstring for `reference_fallback`).
+  many distinct (higher, lower)-scored text pairs, drawn at random (pairing="random"),
+  or (pairing="best_vs_rest") chosen = a random best-scored text every time, rejected =
+  the other texts, lowest-scored first: only the judge's top choice is ever preferred,
+  the comparison an imperfect judge gets right most often. Two texts whose scores
+  differ by less than `tie_margin` (or not at all) tie and are never paired; no pair
+  when all scores tie (see the module docstring for `reference_fallback`).
   stats: prompts, pairs, tied prompts, reference-fallback pairs, mean candidate score.
   """
+  if pairing not in PAIRINGS:
+    raise ValueError(f"pairing={pairing!r}: expected one of {PAIRINGS}")
   rng = np.random.default_rng(seed)
   pairs, tied, fallback = [], 0, 0
 
@@ -97,6 +105,13 @@ def pairs_from_scores(examples, candidates, scores, *, seed: int = 0, max_pairs:
         top = [it for it in items if it[1] == hi]
         bottom = [it for it in items if it[1] == lo]
         add(ex["prompt"], top[rng.integers(len(top))], bottom[rng.integers(len(bottom))])
+      elif pairing == "best_vs_rest":
+        top = [it for it in items if it[1] == hi]
+        best = top[rng.integers(len(top))]
+        rest = [it for it in items if hi - it[1] >= tie_margin and it[1] < hi]
+        shuffle = rng.random(len(rest))
+        for i in sorted(range(len(rest)), key=lambda i: (rest[i][1], shuffle[i]))[:max_pairs]:
+          add(ex["prompt"], best, rest[i])
       else:
         combos = [(a, b) for a in items for b in items
                   if a[1] > b[1] and a[1] - b[1] >= tie_margin]
@@ -120,16 +135,30 @@ def is_tie(preference: float, tie_margin: float) -> bool:
 
 
 def pairs_from_comparisons(prompt, comparisons, *, max_pairs: int = 1, tie_margin: float = 0.0,
-                           rng: np.random.Generator | None = None) -> list[dict]:
+                           rng: np.random.Generator | None = None,
+                           pairing: str = "random") -> list[dict]:
   """Preference pairs from a pairwise judge's comparisons of one prompt's candidates.
 
   comparisons: [{"a": text, "b": text, "preference": float}] (> 0: a is better). Tied
   comparisons (`is_tie`) give no pair; the others are ranked by confidence |preference|
   (equal ones in random order) and the `max_pairs` most confident become
   {"prompt", "chosen", "rejected", "preference"} (preference = |preference|).
+  pairing="best_vs_rest" keeps only the comparisons won by the best text (the most
+  non-tied comparisons won, a Copeland rank; ties broken by the mean preference).
   """
+  if pairing not in PAIRINGS:
+    raise ValueError(f"pairing={pairing!r}: expected one of {PAIRINGS}")
   rng = rng if rng is not None else np.random.default_rng(0)
   decided = [c for c in comparisons if not is_tie(float(c["preference"]), tie_margin)]
+  if pairing == "best_vs_rest" and decided:
+    prefs: dict[str, list[float]] = {}
+    for c in comparisons:
+      prefs.setdefault(c["a"], []).append(float(c["preference"]))
+      prefs.setdefault(c["b"], []).append(-float(c["preference"]))
+    won = {t: sum(not is_tie(v, tie_margin) and v > 0 for v in vs) for t, vs in prefs.items()}
+    best = max(prefs, key=lambda t: (won[t], float(np.mean(prefs[t]))))
+    decided = [c for c in decided if (c["a"] == best and c["preference"] > 0)
+               or (c["b"] == best and c["preference"] < 0)]
   shuffle = rng.random(len(decided))  # breaks ties in confidence at random
   order = sorted(range(len(decided)),
                  key=lambda i: (-abs(float(decided[i]["preference"])), shuffle[i]))

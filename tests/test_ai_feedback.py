@@ -121,6 +121,21 @@ def test_ties_below_the_margin_give_no_pair():
   assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a", "c")]
 
 
+def test_best_vs_rest_pairs_only_prefer_the_judges_top_choice():
+  ex = [{"prompt": "p", "answer": "3"}]
+  cands, scores = [["3", "9", "4", "4", "2"]], [[1.0, 0.5, 0.0, 0.0, -1.0]]
+  pairs, _ = labeling.pairs_from_scores(ex, cands, scores, max_pairs=2, pairing="best_vs_rest")
+  assert [(p["chosen"], p["rejected"]) for p in pairs] == [("3", "2"), ("3", "4")]
+  pairs, _ = labeling.pairs_from_scores(ex, cands, scores, max_pairs=9, pairing="best_vs_rest",
+                                        tie_margin=0.75)
+  assert [(p["chosen"], p["rejected"]) for p in pairs] == [("3", "2"), ("3", "4")]
+  # pairwise: the text winning most comparisons (x: 2 wins; y wins 1, by a large margin)
+  comps = [{"a": "x", "b": "y", "preference": 1.0}, {"a": "z", "b": "x", "preference": -0.2},
+           {"a": "y", "b": "z", "preference": 3.0}]
+  pairs = labeling.pairs_from_comparisons("p", comps, max_pairs=3, pairing="best_vs_rest")
+  assert [(p["chosen"], p["rejected"]) for p in pairs] == [("x", "y"), ("x", "z")]
+
+
 def test_lm_judge_labelling_counts_ties_and_position_bias(lm_judge, tmp_path):
   examples = [{"prompt": "add: 3+4", "answer": "7"}, {"prompt": "add: 2+2", "answer": "4"},
               {"prompt": "add: 5+1", "answer": "6"}]
