@@ -359,3 +359,12 @@ def test_bad_constitution_cli_is_one_error_line(tmp_path, capsys, prompts_file):
   assert rc == 1 and err == (f"error: {path}:3: unknown key 'revison'; a principle has "
                              f"['name', 'critique', 'revision'] and optionally ['preference']")
   assert not os.path.exists(f"{tmp_path}/o")
+
+
+def test_experiment_sweep_validates(tmp_path, capsys):
+  """experiments/ai_feedback/sweep.py loads and every override key exists (dry run)."""
+  from rlhf_jax.sweep import main
+  assert main(["experiments/ai_feedback/sweep.py:tiny", f"--sweep_dir={tmp_path}",
+               "--dry_run"]) == 0
+  out = capsys.readouterr().out
+  assert "label --judge=rm:" in out and "--pairing=best_vs_rest" in out
