@@ -11,8 +11,18 @@ write itself; a checkpoint that does not fit the current model (different
 shapes) stops the run with a message naming the tensor, before anything is
 written.
 
-SIGTERM (what cloud schedulers send before preemption) sets a flag; the
-trainer saves a checkpoint at the end of the current step and exits 0.
+A checkpoint holds the whole training state: the trainer's state tree (params,
+optimizer state, step, and what a trainer adds: the PPO KL controller, LoRA dropout
+key) plus the training loop's host counters ("loop": skipped updates, the current run
+of non-finite steps). Everything else a resumed run needs is a function of
+(config, seed, step): the data order (batch i = batched(data, seed)[i]), the sampling
+and dropout keys (fold_in(key, step)), the minibatch permutations, the reference
+log-prob cache (recomputed bit for bit if missing). So a run killed at any point and
+resumed gives the same parameters and metrics.jsonl as an uninterrupted one.
+
+SIGTERM (what cloud schedulers send before preemption) sets a flag; the trainer
+saves a checkpoint at the end of the current step and `rlhf-jax train` exits with
+`rlhf_jax.EXIT_PREEMPTED` (75), which launchers read as "re-queue me".
 """
 from __future__ import annotations
 
@@ -20,11 +30,15 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+LOOP = "loop"  # the checkpoint's entry for the training loop's host counters
 
 
 class CheckpointError(RuntimeError):
@@ -49,6 +63,7 @@ class Checkpointer:
         enable_async_checkpointing=bool(async_save), create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=ocp.StandardCheckpointHandler())
+    self.restored_loop: dict[str, int] = {}  # the loop counters of the restored checkpoint
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -56,13 +71,22 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def maybe_save(self, step: int, state: Any, force: bool = False) -> bool:
-    """Save if `step` is on the save interval (or `force`); returns whether it saved."""
+  def maybe_save(self, step: int, state: Any, force: bool = False,
+                 loop: dict[str, int] | None = None) -> bool:
+    """Save if `step` is on the save interval (or `force`); returns whether it saved.
+    `loop`: the training loop's host counters {name: int}, saved beside the state and
+    given back by `restore` as `restored_loop`."""
     if not force and (self.save_every <= 0 or step % self.save_every):
       return False
     if step in self._manager.all_steps():
       return False
-    return bool(self._manager.save(step, args=ocp.args.StandardSave(state), force=True))
+    item = state if not loop else {**state, LOOP: {k: np.asarray(v, np.int32)
+                                                   for k, v in loop.items()}}
+    killer = _kill_during_save(self.directory, step)
+    saved = bool(self._manager.save(step, args=ocp.args.StandardSave(item), force=True))
+    if killer is not None:
+      killer.join()  # SIGKILLs this process once the write is under way
+    return saved
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any] | None:
     """Restore `step` (default latest) into the structure/shardings of `abstract_state`.
@@ -73,13 +97,29 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       return None
-    self.check_compatible(step, abstract_state)
+    target = dict(abstract_state)
+    saved_loop = self._saved_loop_keys(step)  # none in checkpoints written before it existed
+    if saved_loop:
+      target[LOOP] = {k: jax.ShapeDtypeStruct((), np.int32, sharding=_replicated_like(target))
+                      for k in saved_loop}
+    self.check_compatible(step, target)
     try:
-      state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      state = self._manager.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:  # orbax raises many types; name the checkpoint in one message
       raise CheckpointError(f"cannot restore checkpoint {self.directory}/{step}: "
                             f"{type(e).__name__}: {str(e).splitlines()[0][:500]}") from None
+    loop = state.pop(LOOP, {})
+    self.restored_loop = {k: int(np.asarray(v.addressable_data(0))) for k, v in loop.items()}
     return step, state
+
+  def _saved_loop_keys(self, step: int) -> list[str]:
+    try:
+      meta = self._manager.item_metadata(step)
+    except Exception:  # unreadable: check_compatible reports it
+      return []
+    meta = getattr(meta, "tree", meta)
+    loop = meta.get(LOOP) if hasattr(meta, "get") else None
+    return sorted(loop) if hasattr(loop, "keys") else []
 
   def check_compatible(self, step: int, abstract_state: Any) -> None:
     """Compare the saved tree and shapes with the expected ones; raise naming the tensor."""
@@ -119,6 +159,17 @@ class Checkpointer:
     self._manager.close()
 
 
+def _replicated_like(abstract_state):
+  """A sharding for scalars restored beside `abstract_state`: replicated on its mesh."""
+  for leaf in jax.tree.leaves(abstract_state):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    if sharding is not None:
+      return sharding
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
 def abstract_like(tree, shardings=None):
   """ShapeDtypeStructs (with shardings) for restoring into the layout of `tree`."""
   if shardings is None:
@@ -130,7 +181,8 @@ def abstract_like(tree, shardings=None):
 
 
 class PreemptionGuard:
-  """Turns SIGTERM into a flag the training loop polls (save, then exit 0)."""
+  """Turns SIGTERM into a flag the training loop polls (save, then stop; `rlhf-jax train`
+  then exits with EXIT_PREEMPTED)."""
 
   def __init__(self):
     self.requested = False
@@ -157,17 +209,58 @@ class PreemptionGuard:
     return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
-def maybe_inject_fault(step: int) -> None:
-  """Testing hook: RLHF_JAX_FAULT="STEP:SIGNAL" (e.g. "7:KILL") signals this process
-  after step STEP completes. Used by the kill-and-resume tests; unset in normal runs."""
+def _fault() -> tuple[int, str, str] | None:
+  """RLHF_JAX_FAULT="STEP:SIGNAL[:save]" parsed as (step, signal name, where)."""
   spec = os.environ.get("RLHF_JAX_FAULT")
   if not spec:
-    return
-  at, sig = spec.split(":")
-  if step == int(at):
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
+    return None
+  at, sig, *where = spec.split(":")
+  return int(at), sig, (where[0] if where else "after_step")
+
+
+def _signal_self(sig: str) -> None:
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
+
+
+def maybe_inject_fault(step: int) -> None:
+  """Testing hook: RLHF_JAX_FAULT="STEP:SIGNAL" (e.g. "7:KILL") signals this process
+  after step STEP completes (and its checkpoint, if any, is written); "STEP:KILL:save"
+  kills it *while* the checkpoint of step STEP is being written (`Checkpointer.maybe_save`).
+  Used by the kill-and-resume tests and experiments/reliability; unset in normal runs."""
+  fault = _fault()
+  if fault and fault[2] == "after_step" and step == fault[0]:
+    _signal_self(fault[1])
+
+
+def _kill_during_save(directory: str, step: int) -> threading.Thread | None:
+  """With RLHF_JAX_FAULT="STEP:SIGNAL:save" and `step` == STEP: a thread that sends SIGNAL
+  to this process as soon as orbax has begun writing tensor data into the checkpoint's
+  temporary directory (STEP.orbax-checkpoint-tmp), i.e. mid-write, before the commit
+  (rename). If the write finishes first (it never did in our runs) the signal follows it."""
+  fault = _fault()
+  if not fault or fault[2] != "save" or fault[0] != step:
+    return None
+  tmp = os.path.join(directory, f"{step}.orbax-checkpoint-tmp")
+
+  def writing() -> bool:
+    for root, _, files in os.walk(tmp):
+      if files and os.path.basename(root) == "d":  # ocdbt data files: tensors being written
+        return True
+    return False
+
+  def watch():
+    t0 = time.monotonic()
+    while not writing() and not os.path.isdir(os.path.join(directory, str(step))):
+      if time.monotonic() - t0 > 60:
+        break
+      time.sleep(0.0005)
+    _signal_self(fault[1])
+
+  t = threading.Thread(target=watch, daemon=True)
+  t.start()
+  return t
 
 
 def params_equal(a, b) -> bool:

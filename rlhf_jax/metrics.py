@@ -3,7 +3,9 @@ samples.jsonl, and a terminal progress bar with ETA (tqdm).
 
 metrics.jsonl holds one JSON object per logged step (`step` first). When a run
 resumes from step S, lines with step > S (logged after the checkpoint the run
-resumed from) are dropped, so the file reads like one uninterrupted run.
+resumed from) are dropped, so the file reads like one uninterrupted run; a run
+that starts again from scratch (killed before its first checkpoint) drops them all,
+its step-0 evaluation row included.
 """
 from __future__ import annotations
 
@@ -91,10 +93,10 @@ class MetricsWriter:
     self.prior_elapsed, self._tb = 0.0, None
     if not enabled:
       return
-    for p in (self.metrics_path, self.samples_path):
-      _truncate_jsonl(p, start_step)
+    for p in (self.metrics_path, self.samples_path):  # rows after the resumed checkpoint
+      _truncate_jsonl(p, start_step if start_step else -1)  # (from scratch: all of them)
     self.prior_elapsed = _last_value(self.metrics_path, "elapsed_s") if start_step else 0.0
-    self._tb = SummaryWriter(os.path.join(workdir, "events"), purge_step=start_step or None)
+    self._tb = SummaryWriter(os.path.join(workdir, "events"), purge_step=start_step)
 
   def write(self, step: int, metrics: dict) -> dict:
     row = {"step": int(step)}

@@ -40,6 +40,7 @@ prefix of the conversation that includes the assistant's reply.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -140,17 +141,28 @@ class Tokenizer:
     """Write tokenizer files into `out_dir` (tokenizer.json or tokenizer.model + config)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Atomic writes (temporary file + rename): a run killed while (re)writing its
+    # workdir's tokenizer must find the complete old or new file when it resumes.
     if self._sp is not None:
-      (out_dir / "tokenizer.model").write_bytes(self._sp.serialized_model_proto())
+      _replace_with(out_dir / "tokenizer.model",
+                    lambda tmp: tmp.write_bytes(self._sp.serialized_model_proto()))
     else:
-      self._hf.save(str(out_dir / "tokenizer.json"))
+      _replace_with(out_dir / "tokenizer.json", lambda tmp: self._hf.save(str(tmp)))
     name = lambda i: None if i is None else self.id_to_token(i)
     cfg = {"bos_token": name(self.bos_id), "eos_token": name(self.eos_id),
            "pad_token": name(self.pad_id), "unk_token": name(self.unk_id),
            "chat_template": self.chat_template, "chat_style": self.chat_style,
            "default_system": self.default_system, "add_bos_token": self.add_bos}
-    (out_dir / TOKENIZER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    _replace_with(out_dir / TOKENIZER_CONFIG,
+                  lambda tmp: tmp.write_text(json.dumps(cfg, indent=2) + "\n"))
     return out_dir
+
+
+def _replace_with(path: Path, write) -> None:
+  """write(tmp_path) then rename tmp_path -> path (atomic on POSIX)."""
+  tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+  write(tmp)
+  os.replace(tmp, path)
 
 
 def _choose_pad(pad, eos, bos, unk, token_to_id, vocab_size):

@@ -117,6 +117,23 @@ def apply_gradients(state, grads, tx, count_step: bool = True):
   return new
 
 
+NAN_STEPS_ENV = "RLHF_JAX_NAN_STEPS"
+
+
+def inject_nonfinite(loss, state) -> jax.Array:
+  """Testing hook for the numerical guard: with RLHF_JAX_NAN_STEPS="3,7" (set before the
+  step is traced) the loss of training steps 3 and 7 (train_loop's numbering, i.e.
+  state["step"] + 1 for every trainer) is multiplied by NaN, so that every gradient is
+  NaN and the update must be skipped. Unset (normal runs): `loss` itself, nothing traced.
+  Used by tests/test_reliability.py and experiments/reliability."""
+  spec = os.environ.get(NAN_STEPS_ENV, "").strip()
+  if not spec:
+    return loss
+  steps = jnp.asarray([int(s) for s in spec.split(",") if s.strip()], jnp.int32)
+  bad = jnp.any(state["step"] + 1 == steps)
+  return loss * jnp.where(bad, jnp.float32(jnp.nan), jnp.float32(1.0))
+
+
 def skipped_metric(grads) -> jax.Array:
   """float32 1.0 when `apply_gradients` skipped this update (non-finite gradients)."""
   return 1.0 - all_finite(grads).astype(jnp.float32)
@@ -136,7 +153,10 @@ def make_update(loss_fn, tx, count_step: bool = True, frozen: "Frozen | None" = 
   def update(state, *args):
     base, args = frozen.split_args(args)
     rng, carry = dropout_rng(state)
-    loss = lambda trained: loss_fn(frozen.merge(base, trained, rng), *args)
+
+    def loss(trained):
+      value, metrics = loss_fn(frozen.merge(base, trained, rng), *args)
+      return inject_nonfinite(value, state), metrics
     (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
     return ({**apply_gradients(state, grads, tx, count_step), **carry},
             {**metrics, "grad_norm": optax.tree.norm(grads),
@@ -169,7 +189,10 @@ def make_accumulating_update(loss_fn, tx, micro_batches: int, weight_fn, count_s
   def update(state, *args):
     base, (batch,) = frozen.split_args(args)
     rng, carry = dropout_rng(state)
-    loss = lambda trained, part: loss_fn(frozen.merge(base, trained, rng), part)
+
+    def loss(trained, part):
+      value, metrics = loss_fn(frozen.merge(base, trained, rng), part)
+      return inject_nonfinite(value, state), metrics
     grad_fn = jax.value_and_grad(loss, has_aux=True)
     parts = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
     w = jax.vmap(weight_fn)(parts)
@@ -530,8 +553,13 @@ def _train_or_load_tokenizer(t, style, workdir, examples):
   with open(corpus, "w") as f:
     for msgs, completion in examples():
       f.write(tok_lib.render_chat(msgs, style or "plain") + completion + "\n")
-  return tok_lib.train_sentencepiece([corpus], prefix, vocab_size=t.vocab_size,
-                                     model_type=t.model_type, chat_style=style or "plain")
+  # Trained under a temporary name, then renamed: a run killed mid-training never leaves a
+  # truncated tokenizer.model that its resumed run would load.
+  tmp = f"{prefix}.tmp{os.getpid()}"
+  tok_lib.train_sentencepiece([corpus], tmp, vocab_size=t.vocab_size, model_type=t.model_type)
+  os.replace(tmp + ".vocab", prefix + ".vocab")
+  os.replace(tmp + ".model", prefix + ".model")
+  return tok_lib.load_tokenizer(prefix + ".model", chat_style=style or "plain")
 
 
 def write_samples(workdir, step, model_config, params, tokenizer, prompts, references, rng,
@@ -598,7 +626,10 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
   tokens_per_second) goes to metrics.jsonl / TensorBoard; every `eval_every`
   steps (and at step 0 and the last step) `evaluate(params, step) -> dict` adds
   eval metrics. Checkpoints every `checkpoint.every` steps and at the end;
-  SIGTERM checkpoints and returns early with preempted=True. `extra_metrics`
+  SIGTERM checkpoints and returns early with preempted=True (`rlhf-jax train` then
+  exits with EXIT_PREEMPTED). The loop's own counters (skipped updates, the current
+  run of non-finite steps) are saved in the checkpoint too, so that a resumed run
+  logs exactly what an uninterrupted one does. `extra_metrics`
   (e.g. data statistics) are added to every row. `count_tokens(batch)` gives
   the tokens a batch trains on (tokens_per_second); trainers that measure their
   own throughput pass None. shard_batches=False hands host batches to
@@ -615,28 +646,31 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
     last = writer.write(0, {**evaluate(state["params"], 0), "elapsed_s": elapsed()})
   preempted, step = False, start
   max_bad = int(config.get("max_bad_steps", 3))
-  bad_run, skipped_total = [], 0  # steps of the current run of skipped updates; all skips
+  restored = checkpointer.restored_loop if start else {}
+  # All skipped updates of the run (across resumes) and the current run of them in a row.
+  skipped_total, bad_run = restored.get("skipped_updates", 0), restored.get("bad_run", 0)
+  loop_state = lambda: {"skipped_updates": skipped_total, "bad_run": bad_run}
   with ckpt_lib.PreemptionGuard() as preemption:
     for step in range(start + 1, config.num_steps + 1):
       batch = get_batch(step - 1)
       state, m = train_step(state, parallel.shard_batch(batch, mesh) if shard_batches else batch)
       if "skipped_update" in m and float(m["skipped_update"]) > 0:  # numerical guard
-        bad_run.append(step)
+        bad_run += 1
         skipped_total += 1
         if primary:
           progress.write(f"step {step} (batch {step - 1}): non-finite loss/gradients, update "
-                         f"skipped ({len(bad_run)} in a row, {skipped_total} in this run)")
-        if max_bad and len(bad_run) >= max_bad:
+                         f"skipped ({bad_run} in a row, {skipped_total} in this run)")
+        if max_bad and bad_run >= max_bad:
           checkpointer.close()
           progress.close()
           writer.close()
           raise TrainingError(
-              f"{len(bad_run)} consecutive non-finite updates (steps {bad_run[0]}-{step}, "
+              f"{bad_run} consecutive non-finite updates (steps {step - bad_run + 1}-{step}, "
               f"config.max_bad_steps={max_bad}); parameters were not updated by them, the last "
               f"checkpoint is {checkpointer.latest_step()}. Lower optimizer.lr, check the data "
               f"of those batches, or raise max_bad_steps")
       else:
-        bad_run = []
+        bad_run = 0
       if count_tokens is not None:
         throughput.add(count_tokens(batch))
       if step % config.log_every == 0 or step == config.num_steps:
@@ -652,15 +686,15 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
         last = writer.write(step, row)
         progress.update(0, **{k: row[k] for k in progress_keys if k in row})
       progress.update(1)
-      checkpointer.maybe_save(step, state, force=step == config.num_steps)
+      checkpointer.maybe_save(step, state, force=step == config.num_steps, loop=loop_state())
       ckpt_lib.maybe_inject_fault(step)
-      if preemption.any_requested():
-        checkpointer.maybe_save(step, state, force=True)
+      if preemption.any_requested() and step < config.num_steps:
+        checkpointer.maybe_save(step, state, force=True, loop=loop_state())
         preempted = True
         print(f"preempted: saved checkpoint at step {step}; rerun the same command to resume",
               flush=True)
         break
-  checkpointer.close()
+    checkpointer.close()  # waits for the last write; a SIGTERM now only sets the flag
   progress.close()
   writer.close()
   return {"step": step, "preempted": preempted, **last}
