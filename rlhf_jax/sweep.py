@@ -10,6 +10,10 @@ workdir for this seed, else for NAME's first seed; implies a dependency on NAME)
 
 Each job (cell, seed) runs in its own process into DIR/<cell>/seed-<k>/ (log.txt,
 sweep_job.json); finished jobs are skipped, interrupted ones re-run (trainers resume).
+A job that exits with EXIT_PREEMPTED (75: a trainer stopped by SIGTERM after saving a
+checkpoint) is "interrupted", not "failed". SIGTERM to the sweep is forwarded to the
+running jobs (they checkpoint) and the sweep exits 75 too, as it does when a job was
+preempted and nothing failed: a launcher re-queues it and the re-run resumes.
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from rlhf_jax import EXIT_PREEMPTED
 
 TOP_FIELDS = {"name", "seeds", "cells", "grid", "report"}
 CELL_FIELDS = {"name", "config", "command", "overrides", "seeds", "depends"}
@@ -360,6 +366,7 @@ def _start(job: Job):
 def _finish(job: Job, run: dict, interrupted: bool) -> str:
   run["log"].close()
   rc, state = run["proc"].returncode, run["state"]
+  interrupted = interrupted or rc == EXIT_PREEMPTED  # preempted: checkpointed, resumable
   status = "interrupted" if interrupted else ("done" if rc == 0 else "failed")
   state.update(status="running" if interrupted else status, rc=rc, interrupted=interrupted,
                finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -407,7 +414,9 @@ def _schedule(jobs, todo, status, parallel, stop):
         if run["proc"].poll() is not None:
           del running[name]
           status[name] = _finish(job, run, interrupted=False)
-          report(job, f"{status[name]} {name} in {time.time() - run['t0']:.0f} s")
+          report(job, f"{status[name]} {name} in {time.time() - run['t0']:.0f} s"
+                 + (f" (exit {EXIT_PREEMPTED}: preempted; re-run to resume)"
+                    if status[name] == "interrupted" else ""))
           if status[name] == "failed":
             bar.write(f"--- last lines of {job.workdir}/log.txt:\n{_log_tail(job)}\n---")
       time.sleep(0.05)
@@ -494,8 +503,13 @@ def run_sweep(spec, sweep_dir, parallel=1, dry_run=False, report=True, only=None
   _print_summary(selected, status)
   if stop:
     print(f"interrupted by signal {stop[0]}; re-run the same command to resume")
-    return 128 + stop[0]
+    return EXIT_PREEMPTED if stop[0] == signal.SIGTERM else 128 + stop[0]
   if any(status[j.name] not in _OK for j in selected):
+    if all(status[j.name] in (*_OK, "interrupted", "skipped") for j in selected) and any(
+        status[j.name] == "interrupted" for j in selected):
+      print(f"some jobs were preempted (exit {EXIT_PREEMPTED}); re-run the same command to "
+            f"resume them")
+      return EXIT_PREEMPTED
     return 1
   if report:
     try:

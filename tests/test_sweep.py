@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 SFT = f"{REPO}/configs/sft.py:tiny"
 
 # A job: appends "start/end WORKDIR TIME" to EVENTS, sleeps, exits with RC; on SIGTERM it
-# appends "term WORKDIR" and exits 0 (like a trainer that checkpoints).
+# appends "term WORKDIR" and exits 75 (like a trainer that checkpoints: EXIT_PREEMPTED).
 JOB = """
 import os, signal, sys, time
 wd, events, sleep, rc = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
@@ -32,7 +32,7 @@ def log(what):
     f.write(f"{what} {wd} {time.time()}\\n")
 def on_term(*_):
   log("term")
-  sys.exit(0)
+  sys.exit(75)
 signal.signal(signal.SIGTERM, on_term)
 log("start")
 print("job-output-marker", wd)
@@ -321,18 +321,36 @@ def test_kill_and_rerun_resumes_without_rerunning_finished_jobs(env, capsys):
   assert "attempt 1" in log and "attempt 2" in log
 
 
-def test_sigterm_stops_children_and_exits_143(env):
+def test_sigterm_stops_children_and_exits_preempted(env):
   spec = env.write(dict(name="t", cells=[env.cell("a", sleep=30), env.cell("b")]))
   proc = _cli(spec, env.dir)
   _wait_for(lambda: read_events(env.events))
   proc.send_signal(signal.SIGTERM)
   out = proc.communicate(timeout=20)[0].decode()
-  assert proc.returncode == 143, out
+  assert proc.returncode == rlhf_jax.EXIT_PREEMPTED == 75, out  # re-queue me
   assert [(k, j) for k, j, _ in read_events(env.events)] == [("start", "a/seed-0"),
                                                              ("term", "a/seed-0")]
   state = job_state(env.dir, "a/seed-0")
-  assert (state["status"], state["interrupted"], state["rc"]) == ("running", True, 0)
+  assert (state["status"], state["interrupted"], state["rc"]) == ("running", True, 75)
   assert "re-run the same command to resume" in out
+
+
+def test_preempted_job_is_interrupted_not_failed_and_reruns(env, capsys):
+  """A job exiting 75 (a trainer stopped by SIGTERM after checkpointing) is resumable: its
+  dependents wait, the sweep exits 75, and the next run re-runs it (and then them)."""
+  spec = env.write(dict(name="p", cells=[env.cell("a", rc=75), env.cell("b"),
+                                         env.cell("c", depends=["a"])]))
+  assert run_sweep(spec, env.dir, report=False) == 75
+  out = capsys.readouterr().out
+  assert "interrupted a/seed-0" in out and "preempted" in out and "failed" not in out
+  assert job_state(env.dir, "a/seed-0")["rc"] == 75
+  assert job_state(env.dir, "a/seed-0")["status"] != "done"
+  assert job_state(env.dir, "b/seed-0")["status"] == "done"
+  spec = env.write(dict(name="p", cells=[env.cell("a"), env.cell("b"),
+                                         env.cell("c", depends=["a"])]))
+  assert run_sweep(spec, env.dir, report=False) == 0
+  starts = [j for k, j, _ in read_events(env.events) if k == "start"]
+  assert starts == ["a/seed-0", "b/seed-0", "a/seed-0", "c/seed-0"]
 
 
 def test_lock_file_blocks_a_second_sweep(env):
