@@ -399,8 +399,7 @@ def test_watch_recreates_after_preemption_and_relaunches_the_same_run(tmp_path):
       ["tpu-vm", "scp"], ["tpu-vm", "ssh"], ["tpu-vm", "ssh"],    # setup, launch
       ["tpu-vm", "describe"],                                     # CREATING: wait
       ["tpu-vm", "describe"], ["tpu-vm", "ssh"],                  # READY, running
-      ["tpu-vm", "describe"], ["tpu-vm", "ssh"],                  # READY, exited 0
-      ["tpu-vm", "describe"],                                     # still READY: done
+      ["tpu-vm", "describe"], ["tpu-vm", "ssh"],                  # READY, exited 0: done
   ]
   calls = (tmp_path / "calls").read_text().splitlines()
   assert "--spot" in calls[2].split()
@@ -409,6 +408,26 @@ def test_watch_recreates_after_preemption_and_relaunches_the_same_run(tmp_path):
   assert ("rlhf-jax train --config=configs/sft.py:1b --workdir=/gcs/my-bucket/runs/sft-1b "
           "--config.distributed.enabled=True --config.num_steps=5") in launch
   assert "finished" in proc.stderr
+
+
+def test_watch_relaunches_a_preempted_trainer_and_respects_stop(tmp_path):
+  """Exit 75 (EXIT_PREEMPTED: SIGTERM, checkpoint saved) on a TPU that is still up:
+  relaunch (the run resumes); "stopped" (tpu_scripts/stop.sh): end without relaunching."""
+  env = _fake_gcloud(tmp_path, ["READY"], ["exited 75", "running 9", "exited 0"])
+  proc = run_script("watch.sh", env=env)
+  assert _calls(tmp_path) == [
+      ["tpu-vm", "describe"], ["tpu-vm", "ssh"],                  # READY, exited 75
+      ["tpu-vm", "describe"],                                     # still READY after grace
+      ["tpu-vm", "scp"], ["tpu-vm", "ssh"], ["tpu-vm", "ssh"],    # setup, launch (resume)
+      ["tpu-vm", "describe"], ["tpu-vm", "ssh"],                  # running
+      ["tpu-vm", "describe"], ["tpu-vm", "ssh"],                  # exited 0: done
+  ]
+  assert "preempted (exit 75" in proc.stderr and "finished" in proc.stderr
+  (tmp_path / "calls").unlink()
+  env = _fake_gcloud(tmp_path, ["READY"], ["stopped 75"])
+  proc = run_script("watch.sh", env=env)
+  assert _calls(tmp_path) == [["tpu-vm", "describe"], ["tpu-vm", "ssh"]]
+  assert "stopped 75 by tpu_scripts/stop.sh; not relaunching" in proc.stderr
 
 
 def test_watch_launches_on_an_idle_tpu_and_stops_on_a_crash(tmp_path):
@@ -450,8 +469,8 @@ def test_worker_start_status_stop(tmp_path):
   (tmp_path / "rlhf_jax").mkdir()
   (tmp_path / "venv" / "bin").mkdir(parents=True)
   (tmp_path / "venv" / "bin" / "python").symlink_to(sys.executable)
-  trainer = ("import os, signal, sys, time\n"
-             "def term(*_):\n  print('got SIGTERM, checkpointing', flush=True); sys.exit(0)\n"
+  trainer = ("import os, signal, sys, time\n"  # exits like rlhf-jax train on SIGTERM: 75
+             "def term(*_):\n  print('got SIGTERM, checkpointing', flush=True); sys.exit(75)\n"
              "signal.signal(signal.SIGTERM, term)\n"
              "print('cwd', os.getcwd(), 'python', sys.executable, flush=True)\n"
              "print('ready', flush=True)\n"
@@ -469,9 +488,9 @@ def test_worker_start_status_stop(tmp_path):
   again = _worker(tmp_path, "start", *opts, "--", "python", "-c", trainer, check=False)
   assert again.returncode == 1 and "already running" in again.stderr
   _worker(tmp_path, "stop", "--name=run1", "--timeout=20")
-  assert status() == "exited 0"
+  assert status() == "stopped 75"  # stopped on purpose: watch.sh does not relaunch it
   text = log.read_text()
-  assert "\ngot SIGTERM, checkpointing\n" in text and "exit code 0\n" in text
+  assert "\ngot SIGTERM, checkpointing\n" in text and "exit code 75\n" in text
   # A crash is reported with its exit code; the log is appended, not replaced.
   _worker(tmp_path, "start", *opts, "--", "python", "-c", "import sys; sys.exit(3)")
   assert _wait_for(lambda: status() == "exited 3")
@@ -540,6 +559,25 @@ def test_slurm_one_task_per_gpu_and_srun_command(tmp_path):
       tmp_path, DRY_RUN="1", CONFIG="c", WORKDIR="w", SLURM_NTASKS_PER_NODE="1",
       SLURM_GPUS_ON_NODE="8"), check=False)
   assert proc.returncode == 1 and "use one task per GPU" in proc.stderr
+
+
+@pytest.mark.parametrize("rc,requeued", [(75, True), (0, False), (1, False)])
+def test_slurm_requeues_a_preempted_trainer(tmp_path, rc, requeued):
+  """The trainer exits 75 after SIGTERM (--signal=TERM@300, checkpoint saved): the job
+  requeues itself and exits 75; a finished (0) or failed run is not requeued."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for name, code in (("srun", rc), ("scontrol", 0)):
+    (bin_dir / name).write_text(f"#!/usr/bin/env bash\necho \"{name} $*\" >>'{tmp_path}/calls'\n"
+                                f"exit {code}\n")
+    (bin_dir / name).chmod(0o755)
+  env = clean_env(tmp_path, CONFIG="configs/sft.py:1b", WORKDIR="w", SLURM_JOB_ID="42")
+  env["PATH"] = f"{bin_dir}:{env['PATH']}"
+  proc = run_script("slurm_train.sbatch", env=env, check=False)
+  assert proc.returncode == rc, proc.stderr
+  calls = (tmp_path / "calls").read_text().splitlines()
+  assert calls[0].startswith("srun --kill-on-bad-exit=1 ")
+  assert calls[1:] == (["scontrol requeue 42"] if requeued else [])
 
 
 # --------------------------------------------------------------------------- gcloud flags

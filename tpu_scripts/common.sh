@@ -17,6 +17,10 @@ REPO_ROOT="$(cd "${TPU_SCRIPTS_DIR}/.." && pwd)"
 
 DRY_RUN="${DRY_RUN:-0}"
 GCLOUD="${GCLOUD:-gcloud}"
+# Exit status of `rlhf-jax train` stopped by SIGTERM after saving a checkpoint
+# (rlhf_jax.EXIT_PREEMPTED, EX_TEMPFAIL): re-launch / re-queue it to resume.
+# shellcheck disable=SC2034  # used by watch.sh and slurm_train.sbatch
+EXIT_PREEMPTED=75
 
 # ---------------------------------------------------------------------------
 # Messages, errors, quoting, running

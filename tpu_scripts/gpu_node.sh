@@ -15,7 +15,8 @@ setup  creates VENV with PYTHON (3.11) and runs pip install -e ".[cuda12]"
 train  runs, in the foreground, from the repository root:
          env PYTHONUNBUFFERED=1 VENV/bin/rlhf-jax train --config=CONFIG --workdir=WORKDIR [args]
        One process drives every GPU of the machine. Run it again with the same
-       WORKDIR to resume from the newest checkpoint; SIGTERM checkpoints and exits 0.
+       WORKDIR to resume from the newest checkpoint. SIGTERM checkpoints and exits 75
+       (preempted: run it again to resume); 0 means config.num_steps are done.
        Use tmux/screen or nohup to keep it running after you log out.
 
 Required (train):  CONFIG (e.g. configs/sft.py:1b)  WORKDIR (e.g. runs/sft-1b)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stop a run gracefully on every worker: SIGTERM -> the trainer checkpoints and exits 0.
+# Stop a run gracefully on every worker: SIGTERM -> the trainer checkpoints and exits 75.
 set -euo pipefail
 SCRIPT_NAME="stop.sh"
 # shellcheck source=common.sh
@@ -10,8 +10,9 @@ usage() {
 Usage: tpu_scripts/stop.sh
 
 Sends SIGTERM to the trainer on every worker (--worker=all) and waits for it: the
-trainer saves a checkpoint at the end of the current step and exits 0. Relaunch
-with launch.sh (same RUN_NAME) to resume.
+trainer saves a checkpoint at the end of the current step and exits 75 (preempted).
+The worker records the stop, so watch.sh reports "stopped" and does not relaunch it.
+Relaunch with launch.sh (same RUN_NAME) to resume.
 
 Required:  TPU_NAME  ZONE  PROJECT  RUN_NAME
 Optional:  STOP_TIMEOUT (seconds to wait, default 600)  REMOTE_DIR  DRY_RUN=1

@@ -15,9 +15,12 @@ Every POLL_SECONDS: read the TPU state (queued resource state with QUEUED=1) and
 trainer's status on worker 0, then
   READY/ACTIVE, trainer running        -> wait
   READY/ACTIVE, nothing started        -> setup.sh + launch.sh
-  READY/ACTIVE, trainer exited 0       -> finished (after a GRACE_SECONDS re-check that
-                                          the TPU was not being preempted): exit 0
-  READY/ACTIVE, trainer exited non-0   -> stop with an error (see logs.sh)
+  READY/ACTIVE, trainer exited 0       -> finished (config.num_steps done): exit 0
+  READY/ACTIVE, trainer exited 75      -> preempted (SIGTERM: it saved a checkpoint); after
+                                          GRACE_SECONDS, if the TPU is still up: relaunch
+                                          (resume), else handle the new state
+  READY/ACTIVE, trainer stopped        -> tpu_scripts/stop.sh stopped it: exit 0
+  READY/ACTIVE, trainer exited other   -> stop with an error (see logs.sh)
   PREEMPTED/TERMINATED/STOPPED/SUSPENDED/FAILED/not found
                                        -> teardown + create + setup + launch (resume)
   anything else (CREATING, WAITING_FOR_RESOURCES, ...) -> wait
@@ -112,15 +115,24 @@ while :; do
       case "${status}" in
         running*) log "${state}; trainer ${status}" ;;
         "exited 0")
-          log "trainer exited 0; re-checking the TPU in ${GRACE_SECONDS}s (a preemption notice also ends it with 0)"
+          log "run '${RUN_NAME}' finished; workdir ${WORKDIR}. Tear down with tpu_scripts/teardown.sh"
+          exit 0
+          ;;
+        "exited ${EXIT_PREEMPTED}")
+          log "trainer preempted (exit ${EXIT_PREEMPTED}: SIGTERM, checkpoint saved); re-checking the TPU in ${GRACE_SECONDS}s"
           sleep "${GRACE_SECONDS}"
           state="$(tpu_state)"
           if [[ "${state}" == "READY" || "${state}" == "ACTIVE" ]]; then
-            log "run '${RUN_NAME}' finished; workdir ${WORKDIR}. Tear down with tpu_scripts/teardown.sh"
-            exit 0
+            log "TPU still ${state}: relaunching; the run resumes from its last checkpoint"
+            try_step setup_and_launch "$@"
+          else
+            log "TPU is now ${state}; handling it on the next poll"
+            continue
           fi
-          log "TPU is now ${state}; handling it on the next poll"
-          continue
+          ;;
+        stopped*)
+          log "trainer ${status} by tpu_scripts/stop.sh; not relaunching (launch.sh resumes it)"
+          exit 0
           ;;
         exited*) die "trainer on worker 0 ${status}; see tpu_scripts/logs.sh (fix, then run watch.sh again to resume)" ;;
         missing | lost)

@@ -17,10 +17,13 @@ Worker-side half of tpu_scripts (you normally never call it yourself).
          Runs CMD from DIR in the background (nohup), venv first on PATH; output is
          appended to ~/rlhf_jax_logs/RUN.log; refuses if RUN is already running here.
   stop   --name=RUN [--timeout=600]
-         SIGTERM the trainer (it checkpoints and exits 0) and wait for it.
+         SIGTERM the trainer (it checkpoints and exits 75 = preempted) and wait for it;
+         records the stop so that `status` says "stopped" (watch.sh does not relaunch).
   status --name=RUN
-         Prints one line: "running PID", "exited RC", "lost" (pid file but no process
-         and no exit code, e.g. after a reboot) or "missing" (never started here).
+         Prints one line: "running PID", "exited RC" (75: preempted by a SIGTERM that did
+         not come from `stop`, resumable), "stopped RC" (after `stop`), "lost" (pid file
+         but no process and no exit code, e.g. after a reboot) or "missing" (never
+         started here).
 
 Environment: DRY_RUN=1 prints the commands `setup` would run instead of running them.
 EOF
@@ -164,6 +167,7 @@ run_files() {
   PID_FILE="${LOG_DIR}/${OPT_name}.pid"
   RC_FILE="${LOG_DIR}/${OPT_name}.rc"
   LOG_FILE="${LOG_DIR}/${OPT_name}.log"
+  STOPPED_FILE="${LOG_DIR}/${OPT_name}.stopped"   # written by `stop`
 }
 
 # Prints the status line; see usage.
@@ -177,7 +181,9 @@ status_line() {
       return 0
     fi
   fi
-  if [[ -f "${RC_FILE}" ]]; then
+  if [[ -f "${RC_FILE}" && -f "${STOPPED_FILE}" ]]; then
+    echo "stopped $(cat "${RC_FILE}")"
+  elif [[ -f "${RC_FILE}" ]]; then
     echo "exited $(cat "${RC_FILE}")"
   elif [[ -f "${PID_FILE}" ]]; then
     echo "lost"
@@ -209,7 +215,7 @@ cmd_start() {
   [[ -d "${OPT_dir}" ]] || die "${HOME}/${OPT_dir} not found: run tpu_scripts/setup.sh first"
   [[ -x "${OPT_venv}/bin/python" ]] || die "${HOME}/${OPT_venv} not found: run tpu_scripts/setup.sh first"
   run_files
-  rm -f "${RC_FILE}" "${PID_FILE}"
+  rm -f "${RC_FILE}" "${PID_FILE}" "${STOPPED_FILE}"
   printf '=== %s start on %s: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(hostname)" "${REST[*]}" >>"${LOG_FILE}"
   local venv_bin
   venv_bin="$(cd "${OPT_venv}/bin" && pwd)"
@@ -252,7 +258,8 @@ cmd_stop() {
     return 0
   fi
   local pid="${status#running }"
-  log "SIGTERM to pid ${pid} (the trainer checkpoints and exits)"
+  log "SIGTERM to pid ${pid} (the trainer checkpoints and exits 75)"
+  : >"${STOPPED_FILE}"
   kill -TERM "${pid}"
   for ((i = 0; i < timeout; i++)); do
     kill -0 "${pid}" 2>/dev/null || break
