@@ -2,7 +2,9 @@
 
   rlhf-jax train --config=configs/sft.py:tiny --workdir=DIR [--config.KEY=VALUE ...]
       Validate the config, write DIR/config.json, train (resuming from
-      DIR/checkpoints if present). SIGTERM checkpoints and exits 0.
+      DIR/checkpoints if present). Exit 0 when config.num_steps are done. SIGTERM
+      (preemption) saves a checkpoint at the end of the current step and exits 75
+      (EXIT_PREEMPTED, "temporary failure, retry"): re-run the same command to resume.
   rlhf-jax import SRC OUT_DIR
       Convert a Hugging Face directory or a .gguf file to our checkpoint format.
   rlhf-jax eval-rm --checkpoint=RM_WORKDIR --data=PAIRS.jsonl [--format=jsonl|hh_rlhf]
@@ -32,7 +34,11 @@ from __future__ import annotations
 import importlib
 import os
 import runpy
+import signal
 import sys
+import threading
+
+from rlhf_jax import EXIT_PREEMPTED
 
 USAGE = __doc__
 
@@ -109,6 +115,8 @@ def train_command(argv):
       _die(str(e), 1)
     print("done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in result.items()), flush=True)
+    if result.get("preempted"):  # stopped by SIGTERM before num_steps, checkpoint saved
+      sys.exit(EXIT_PREEMPTED)
 
   app.run(main, argv=["rlhf-jax train"] + argv)
 
@@ -192,7 +200,24 @@ def cli(argv=None):
   command = COMMANDS.get(argv[0])
   if command is None:
     _die(f"unknown command {argv[0]!r}; expected one of {sorted(COMMANDS)}\n{USAGE}")
-  command(argv[1:])
+  if argv[0] != "train" or threading.current_thread() is not threading.main_thread():
+    return command(argv[1:])
+  # `train`: a SIGTERM before the training loop takes over (imports, data, compilation) or
+  # after it leaves nothing unsaved: exit at once with the preemption code. (The loop turns
+  # SIGTERM into "checkpoint, then stop". Python runs handlers between bytecodes, so a
+  # long native call such as an XLA compilation delays it.)
+  previous = signal.signal(signal.SIGTERM, _preempted_outside_the_loop)
+  try:
+    command(argv[1:])
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _preempted_outside_the_loop(signum, frame):
+  print(f"preempted (SIGTERM) outside the training loop: exiting with {EXIT_PREEMPTED}; "
+        f"rerun the same command to resume from the last checkpoint", file=sys.stderr,
+        flush=True)
+  raise SystemExit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":
