@@ -213,7 +213,8 @@ def run(workload, steps, warmup, seed=0):
       extra["loss_type"] = args.loss_type
       tokens_per_step, seq = Np * G * (P + N), P + N
       extra["generated_tokens_per_step"] = Np * G * N
-      flops_per_step = None
+      # update (fwd+bwd) + the reference forward over prompt+completion; generation apart
+      flops_per_step = spec.train_flops(tokens_per_step, seq) + spec.forward_flops(tokens_per_step, seq)
     else:
       raise SystemExit(f"unknown workload {workload!r}")
 
@@ -241,12 +242,16 @@ def run(workload, steps, warmup, seed=0):
         versions=dict(trl=trl.__version__, torch=torch.__version__,
                       transformers=transformers.__version__, datasets=datasets.__version__,
                       python=platform.python_version()),
-        machine=dict(cpu_count=os.cpu_count(), loadavg=os.getloadavg(), platform=platform.platform()))
+        env={k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+             if k in os.environ},
+        machine=dict(cpu_count=os.cpu_count(), loadavg=os.getloadavg(),
+                     platform=platform.platform()))
     if workload == "grpo":
       g = gen_times[warmup:warmup + steps]
       if len(set(gen_lens)) != 1 or gen_lens[0] != spec.WORKLOADS["grpo"]["max_new_tokens"]:
         raise SystemExit(f"generated lengths {sorted(set(gen_lens))}, want exactly {N}")
       res.update(gen_s_per_step=statistics.median(g),
+                 decode_tokens_per_s=Np * G * N / statistics.median(g),
                  gen_share=statistics.median([a / b for a, b in zip(g, intervals)]),
                  gen_lengths=sorted(set(gen_lens)))
     res.update(extra)

@@ -286,12 +286,15 @@ def run(workload, steps, warmup, seed=0):
       raise SystemExit(f"generated lengths {sorted(set(gen_lens))}, want exactly {N}")
     g = gen_times[warmup:warmup + steps]
     extra.update(gen_s_per_step=statistics.median(g),
+                 decode_tokens_per_s=Np * G * N / statistics.median(g),
                  gen_share=statistics.median([a / b for a, b in zip(g, intervals)]),
                  gen_lengths=sorted(set(gen_lens)), kv_cache_size=P + N,
                  rollout_engine="vanilla", ref_model=True,
                  loss_agg_mode=algo.loss_agg_mode, weights_synced=learner.should_sync_weights,
                  generated_tokens_per_step=Np * G * N)
     tokens_per_step, seq = Np * G * (P + N), P + N
+    # update (fwd+bwd) + the reference forward over prompt+completion; generation apart
+    flops_per_step = spec.train_flops(tokens_per_step, seq) + spec.forward_flops(tokens_per_step, seq)
   else:
     raise SystemExit(f"unknown workload {workload!r}")
 
@@ -309,6 +312,8 @@ def run(workload, steps, warmup, seed=0):
       versions=dict(tunix=version("google-tunix"), jax=jax.__version__,
                     jaxlib=version("jaxlib"), flax=flax.__version__, optax=optax.__version__,
                     python=platform.python_version()),
+      env={k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                      "XLA_FLAGS") if k in os.environ},
       machine=dict(cpu_count=os.cpu_count(), loadavg=os.getloadavg(),
                    platform=platform.platform()))
   res.update(extra)

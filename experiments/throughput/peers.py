@@ -42,9 +42,9 @@ def check_peer(peers_dir, peer):
   return None
 
 
-def run_one(peer, workload, steps, warmup, peers_dir, timeout, log_dir=None):
+def run_one(peer, workload, steps, warmup, peers_dir, timeout, log_dir=None, env=None):
   """Runs one peer x workload; returns its result dict (with `error` set on failure)."""
-  row = dict(peer=peer, workload=workload, error=None)
+  row = dict(peer=peer, workload=workload, error=None, peer_env=dict(env or {}))
   bad = check_peer(peers_dir, peer)
   if bad:
     row["error"] = bad
@@ -55,7 +55,8 @@ def run_one(peer, workload, steps, warmup, peers_dir, timeout, log_dir=None):
            f"--workload={workload}", f"--steps={steps}", f"--warmup={warmup}", f"--out={out}"]
     t0 = time.time()
     try:
-      p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+      p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired as e:
       row["error"] = f"timeout after {timeout}s"
       _save_log(log_dir, peer, workload, e.stdout, e.stderr)
@@ -96,6 +97,7 @@ def table(rows):
     else:
       v = r.get("versions", {})
       note = ", ".join(f"{k} {v[k]}" for k in ("trl", "torch", "tunix", "jax") if k in v)
+      note += "".join(f", {k}={val}" for k, val in r.get("peer_env", {}).items())
       cells = [r["peer"], r["workload"], _fmt(r["s_per_step"]), _fmt(r["tokens_per_s"], "{:.0f}"),
                _fmt(r.get("gen_s_per_step")),
                _fmt(r.get("gen_share"), "{:.0%}") if r.get("gen_share") is not None else "-",
@@ -114,7 +116,17 @@ def main(argv=None):
   ap.add_argument("--timeout", type=int, default=900, help="seconds per peer x workload")
   ap.add_argument("--out", default=None, help="write all rows as JSON here")
   ap.add_argument("--log_dir", default=None, help="keep each peer run's stdout/stderr here")
+  ap.add_argument("--peer_env", action="append", default=[], metavar="KEY=VALUE",
+                  help="extra environment for the peer runs (repeatable), e.g. "
+                       "OMP_WAIT_POLICY=PASSIVE: torch's spinning OpenMP threads lose several "
+                       "times their speed when other jobs share the two cores (see PEERS.md)")
   a = ap.parse_args(argv)
+  env = {}
+  for kv in a.peer_env:
+    if "=" not in kv:
+      ap.error(f"--peer_env wants KEY=VALUE, got {kv!r}")
+    k, v = kv.split("=", 1)
+    env[k] = v
   peers = [p for p in a.peers.split(",") if p]
   workloads = [w for w in a.workloads.split(",") if w]
   for p in peers:
@@ -131,7 +143,7 @@ def main(argv=None):
   for p in peers:
     for w in workloads:
       print(f"[peers] {p} {w} (load avg {os.getloadavg()[0]:.1f}) ...", file=sys.stderr, flush=True)
-      r = run_one(p, w, a.steps, a.warmup, a.peers_dir, a.timeout, a.log_dir)
+      r = run_one(p, w, a.steps, a.warmup, a.peers_dir, a.timeout, a.log_dir, env)
       msg = (f"FAILED: {r['error']}" if r["error"]
              else f"{r['s_per_step']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s")
       print(f"[peers] {p} {w}: {msg}", file=sys.stderr, flush=True)
