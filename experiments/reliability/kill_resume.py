@@ -317,16 +317,17 @@ MAX_BAD = 3
 NAN_STEPS = 10  # num_steps of the NaN runs (a checkpoint every step)
 
 
-def nan_run(trainer: str, workdir: str, steps: list[int], log: str) -> dict:
-  """A run with a NaN loss at `steps` (checkpoint every step); how each was handled."""
-  shutil.rmtree(workdir, ignore_errors=True)
-  os.makedirs(workdir)
-  n = NAN_STEPS
-  extra = {"num_steps": n, "checkpoint.every": 1, "checkpoint.keep": n + 1,
-           "max_bad_steps": MAX_BAD, "eval_every": 0}
-  rc, _ = run_to_end(trainer, workdir, log, {"RLHF_JAX_NAN_STEPS": ",".join(map(str, steps))},
-                     **extra)
-  text = open(log).read()
+def nan_overrides(n: int = NAN_STEPS) -> dict:
+  return {"num_steps": n, "checkpoint.every": 1, "checkpoint.keep": n + 1,
+          "max_bad_steps": MAX_BAD, "eval_every": 0}
+
+
+def nan_handled(workdir: str, steps: list[int], n: int, finished: bool, message: str):
+  """Per injected step, whether the guard handled it. Isolated steps: skipped_update = 1 in
+  its metrics row, every checkpointed float (params, optimizer state) bitwise equal to the
+  previous step's and finite, skipped_updates counts it, and the run went on to step `n`
+  (`finished`) with every other step updating. A burst of MAX_BAD in a row: the first ones
+  as above, then the run stopped at the last with the max_bad_steps `message`."""
   rows = {r["step"]: r for r in read_rows(os.path.join(workdir, "metrics.jsonl"))}
   saved = _finished_steps(workdir)
   burst = len(steps) >= MAX_BAD and steps == list(range(steps[0], steps[0] + len(steps)))
@@ -334,24 +335,34 @@ def nan_run(trainer: str, workdir: str, steps: list[int], log: str) -> dict:
   for i, s in enumerate(steps):
     if burst and i == MAX_BAD - 1:  # the run must stop here, with the message
       m = re.search(r"(\d+) consecutive non-finite updates \(steps (\d+)-(\d+), "
-                    r"config.max_bad_steps=(\d+)\)", text)
-      handled.append(rc == 1 and m is not None and m.groups() == (
+                    r"config.max_bad_steps=(\d+)\)", message)
+      handled.append(not finished and m is not None and m.groups() == (
           str(MAX_BAD), str(steps[0]), str(s), str(MAX_BAD)) and s not in saved)
       continue
     ok = rows.get(s, {}).get("skipped_update") == 1.0 and s in saved and s - 1 in saved
     if ok:
       before, after = checkpoint_at(workdir, s - 1), checkpoint_at(workdir, s)
-      same = [k for k in after if not k.startswith("['step']") and not k.startswith("['loop']")
-              and not k.startswith("['kl_ctl']")]
-      ok = (all(np.array_equal(before[k], after[k]) for k in same)
-            and all(np.all(np.isfinite(after[k])) for k in same
+      kept = [k for k in after if k.startswith(("['params']", "['opt_state']"))]
+      ok = (len(kept) > 1 and all(np.array_equal(before[k], after[k]) for k in kept)
+            and all(np.all(np.isfinite(after[k])) for k in kept
                     if np.issubdtype(after[k].dtype, np.floating))
             and int(after["['loop']['skipped_updates']"]) == i + 1)
     handled.append(bool(ok))
   if not burst:  # the run went on to the end, and the other steps did update
     others = [s for s in rows if s > 0 and s not in steps]
-    handled = [h and rc == 0 and max(rows) == n and rows[n]["skipped_updates"] == len(steps)
+    handled = [h and finished and max(rows) == n and rows[n]["skipped_updates"] == len(steps)
                and all(rows[s]["skipped_update"] == 0.0 for s in others) for h in handled]
+  return handled
+
+
+def nan_run(trainer: str, workdir: str, steps: list[int], log: str) -> dict:
+  """A CLI run with a NaN loss at `steps` (checkpoint every step); how each was handled."""
+  shutil.rmtree(workdir, ignore_errors=True)
+  os.makedirs(workdir)
+  rc, _ = run_to_end(trainer, workdir, log, {"RLHF_JAX_NAN_STEPS": ",".join(map(str, steps))},
+                     **nan_overrides())
+  burst = len(steps) >= MAX_BAD
+  handled = nan_handled(workdir, steps, NAN_STEPS, rc == 0, open(log).read() if rc == 1 else "")
   return {"steps": steps, "burst": burst, "rc": rc, "handled": handled}
 
 
