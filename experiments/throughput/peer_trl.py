@@ -247,6 +247,8 @@ def run(workload, steps, warmup, seed=0):
         machine=dict(cpu_count=os.cpu_count(), loadavg=os.getloadavg(),
                      platform=platform.platform()))
     if workload == "grpo":
+      if len(gen_times) != total:
+        raise SystemExit(f"{len(gen_times)} generations in {total} steps, want one per step")
       g = gen_times[warmup:warmup + steps]
       if len(set(gen_lens)) != 1 or gen_lens[0] != spec.WORKLOADS["grpo"]["max_new_tokens"]:
         raise SystemExit(f"generated lengths {sorted(set(gen_lens))}, want exactly {N}")

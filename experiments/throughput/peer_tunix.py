@@ -284,6 +284,8 @@ def run(workload, steps, warmup, seed=0):
     window_mean = (end - starts[warmup]) / steps
     if set(gen_lens) != {N}:
       raise SystemExit(f"generated lengths {sorted(set(gen_lens))}, want exactly {N}")
+    if len(gen_times) != total:
+      raise SystemExit(f"{len(gen_times)} rollouts in {total} steps, want one per step")
     g = gen_times[warmup:warmup + steps]
     extra.update(gen_s_per_step=statistics.median(g),
                  decode_tokens_per_s=Np * G * N / statistics.median(g),
