@@ -56,6 +56,9 @@ def get_config(preset: str = "tiny") -> ConfigDict:
       max_refill_rounds=3,     # dynamic sampling: extra prompt batches tried per step
       std_eps=1e-4,            # group advantages: (r - mean) / (std + eps)
       overlong_cache=0,        # DAPO soft overlong window (tokens); 0 = off (see reward.spec)
+      old_logps="auto",        # auto: with one update per rollout (epochs = minibatches = 1)
+                               # log pi_old = stop_gradient(log pi), no old-log-prob forward
+                               # pass (ratio exactly 1); recompute: always run that pass
       epochs=1,                # passes over each rollout batch
       minibatches=1,           # optimizer steps per pass
   ))

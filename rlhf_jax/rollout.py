@@ -59,8 +59,10 @@ def completion_logps_fn(model_config, prompt_len: int, temperature: float):
 
 
 def micro_batched(fn: Callable, micro: int, *arrays):
-  """Apply fn(*chunks) over leading-axis chunks of size `micro`; concatenate on host."""
+  """Apply fn(*chunks) over leading-axis chunks of size `micro` (>= B: one chunk);
+  concatenate on host."""
   B = arrays[0].shape[0]
+  micro = min(micro, B)
   if B % micro:
     raise ValueError(f"batch of {B} rows is not divisible by the micro-batch size {micro}")
   outs = [fn(*(a[i:i + micro] for a in arrays)) for i in range(0, B, micro)]
@@ -69,8 +71,13 @@ def micro_batched(fn: Callable, micro: int, *arrays):
 
 def generate_rollout(*, model_config, params, ref_params, prompt_tokens_NP, prompt_mask_NP,
                      group_size: int, rng, rollout_cfg, tokenizer, reward_fn,
-                     metadata: dict[str, list], logps_fn=None, need_ref: bool) -> Rollout:
-  """Sample, score and compute log-probs for one batch of prompts (see module doc)."""
+                     metadata: dict[str, list], logps_fn=None, need_ref: bool,
+                     need_old: bool = True) -> Rollout:
+  """Sample, score and compute log-probs for one batch of prompts (see module doc).
+
+  need_old=False skips the old-policy log-prob pass: old_logps_BC are then the
+  sampler's own log-probs (equal to a recomputation up to float tolerance), for
+  trainers whose update is fully on-policy (one update per rollout)."""
   r = rollout_cfg
   G = group_size
   tokens = np.repeat(np.asarray(prompt_tokens_NP), G, axis=0)
@@ -113,7 +120,8 @@ def generate_rollout(*, model_config, params, ref_params, prompt_tokens_NP, prom
   seg = np.concatenate([pmask, cmask], axis=1).astype(np.int32)
   logps_fn = logps_fn or completion_logps_fn(model_config, P, 1.0 if greedy else r.temperature)
   micro = r.logprob_micro_batch
-  old = micro_batched(lambda s, g: logps_fn(params, s, g), micro, sequences, seg)
+  old = (micro_batched(lambda s, g: logps_fn(params, s, g), micro, sequences, seg)
+         if need_old else slogp)
   ref = (micro_batched(lambda s, g: logps_fn(ref_params, s, g), micro, sequences, seg)
          if need_ref else None)
   mask_f = cmask.astype(np.float32)

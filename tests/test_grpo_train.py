@@ -144,3 +144,41 @@ def test_train_micro_batches_give_the_whole_batch_gradient(aggregation):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
   assert max(float(np.abs(x).max()) for x in jax.tree.leaves(g1)) > 1e-4  # not vacuous
   np.testing.assert_allclose(float(new[4][1]["loss"]), float(new[1][1]["loss"]), rtol=1e-5)
+
+
+def test_on_policy_update_equals_update_with_recomputed_old_logps():
+  """grpo.old_logps=auto with one update per rollout: old = stop_gradient(log pi) gives
+  the same update as feeding the recomputed old log-probs (the skipped forward pass),
+  and differs from an update with stale old log-probs (the test can fail)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from rlhf_jax.losses.logprobs import token_logprobs
+  from rlhf_jax.models import ModelConfig, Transformer, init_params
+  mcfg = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                     head_dim=8, d_ff=32)
+  model = Transformer(mcfg)
+  params = init_params(mcfg, jax.random.PRNGKey(1))
+  state = {"step": jnp.zeros((), jnp.int32), "params": params,
+           "opt_state": optax.sgd(1.0).init(params)}
+  rng = np.random.default_rng(1)
+  B, P, C, T = 8, 4, 6, 0.7
+  lengths = rng.integers(1, C + 1, size=B)
+  mask = (np.arange(C)[None] < lengths[:, None]).astype(np.int32)
+  seq = rng.integers(0, 32, size=(B, P + C)).astype(np.int32)
+  seg = np.concatenate([np.ones((B, P), np.int32), mask], 1)
+  logits = model.apply({"params": params}, seq, seg)[0][:, P - 1:-1]
+  old = np.asarray(token_logprobs(logits, seq[:, P:], T)) * mask  # what the pass computes
+  mb = {"sequences": seq, "segment_ids": seg, "mask": mask, "old_logps": old,
+        "advantages": rng.normal(size=(B, C)).astype(np.float32) * mask,
+        "ref_logps": (old - 0.1 * rng.random((B, C))).astype(np.float32) * mask}
+  algo = dict(grpo.VARIANTS["grpo"])
+  run = lambda on_policy, batch: grpo.make_update(model, optax.sgd(1.0), algo, P, T, C, 1,
+                                                  on_policy=on_policy)(state, batch)[0]["params"]
+  skip, full = run(True, {**mb, "old_logps": np.zeros_like(old)}), run(False, mb)
+  stale = run(False, {**mb, "old_logps": old - 0.5 * mask})
+  leaves = lambda t: [np.asarray(x) for x in jax.tree.leaves(t)]
+  for a, b in zip(leaves(skip), leaves(full)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert max(float(np.abs(a - b).max()) for a, b in zip(leaves(skip), leaves(stale))) > 1e-4

@@ -40,6 +40,7 @@ from rlhf_jax import parallel, rollout
 from rlhf_jax.losses import advantages as adv_lib
 from rlhf_jax.losses import kl as kl_lib
 from rlhf_jax.losses.grpo import grpo_loss
+from rlhf_jax.losses.logprobs import token_logprobs
 from rlhf_jax.models import Transformer
 from rlhf_jax.trainers import common, prompt_sets
 
@@ -107,19 +108,22 @@ def advantages(algo, ro: rollout.Rollout, group_size: int) -> np.ndarray:
 
 
 def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: int,
-                micro_batches: int = 1, frozen=None):
+                micro_batches: int = 1, frozen=None, on_policy: bool = False):
   """update(state, minibatch) -> (state, metrics): one jitted clipped-policy step
   (gradients accumulated exactly over `micro_batches` parts). With LoRA (`frozen`, see
-  `common.Frozen`) the frozen base is passed to the compiled step as an argument."""
+  `common.Frozen`) the frozen base is passed to the compiled step as an argument.
+  on_policy: the parameters are those that sampled the batch (one update per
+  rollout), so log pi_old = stop_gradient(log pi): the ratio is exactly 1 and the
+  minibatch's old_logps are not read (no old-log-prob pass is needed)."""
   use_ref = algo["kl_mode"] == "loss" and algo["kl_coef"] > 0
 
   def loss_fn(params, mb):
     logits, _ = model.apply({"params": params}, mb["sequences"], mb["segment_ids"])
     logits = logits[:, prompt_len - 1:-1] / temperature
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), mb["sequences"][:, prompt_len:, None],
-                               axis=-1)[..., 0]
+    logp = token_logprobs(logits, mb["sequences"][:, prompt_len:])
+    old = jax.lax.stop_gradient(logp) if on_policy else mb["old_logps"]
     loss, metrics = grpo_loss(
-        logp, mb["old_logps"], mb["advantages"], mb["mask"],
+        logp, old, mb["advantages"], mb["mask"],
         ref_logp_BT=mb["ref_logps"] if use_ref else None, aggregation=algo["aggregation"],
         max_len=max_len, clip_eps_low=algo["clip_eps_low"], clip_eps_high=algo["clip_eps_high"],
         importance=algo["importance"], kl_beta=algo["kl_coef"] if use_ref else 0.0,
@@ -178,6 +182,7 @@ def run(config, workdir: str) -> dict:
   ref_params = frozen.initial(state["params"]) if need_ref else None
   eval_ref = ref_params if ref_params is not None or not config.eval_kl else frozen.initial(
       state["params"])  # eval_kl is measured against the initial policy
+  policy_eval = prompt_sets.policy_eval(config, mcfg, tokenizer, eval_src, workdir, eval_ref)
   checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
                                                tokenizer, {"resolved_algorithm.json": algo})
 
@@ -185,18 +190,24 @@ def run(config, workdir: str) -> dict:
   temperature = r.temperature if r.temperature > 0 else 1.0
   logps_fn = rollout.completion_logps_fn(mcfg, P, temperature)
   B = N * G
-  if B % algo["minibatches"]:
-    raise config_lib.ConfigError(f"config.grpo.minibatches={algo['minibatches']} must divide "
-                                 f"prompts_per_step * group_size = {B}")
+  # One update per rollout: the old policy IS the current one; skip the old-log-prob
+  # forward pass (rollouts then carry the sampler's log-probs as old_logps, for stats and
+  # KL-in-reward). grpo.old_logps="recompute" always runs the pass.
+  if config.grpo.old_logps not in ("auto", "recompute"):
+    raise config_lib.ConfigError(f"config.grpo.old_logps={config.grpo.old_logps!r}: expected "
+                                 f"auto or recompute")
+  on_policy = updates_per_step == 1 and config.grpo.old_logps == "auto"
   update = make_update(model, tx, algo, P, temperature, r.max_new_tokens,
-                       micro_batches_of(B // algo["minibatches"], r.train_micro_batch), frozen)
+                       micro_batches_of(B // algo["minibatches"], r.train_micro_batch), frozen,
+                       on_policy=on_policy)
 
   def sample(params, batch, key):
     return rollout.generate_rollout(
         model_config=mcfg, params=params, ref_params=ref_params,
         prompt_tokens_NP=batch["tokens"], prompt_mask_NP=batch["mask"], group_size=G, rng=key,
         rollout_cfg=r, tokenizer=tokenizer, reward_fn=reward_fn.score,
-        metadata=train_meta(batch["index"]), logps_fn=logps_fn, need_ref=need_ref)
+        metadata=train_meta(batch["index"]), logps_fn=logps_fn, need_ref=need_ref,
+        need_old=not on_policy)
 
   def rl_step(state, batch):
     step = int(state["step"])
@@ -250,8 +261,6 @@ def run(config, workdir: str) -> dict:
       ro = rollout.replace_groups(ro, extra, dead, G)
       rounds += 1
     return ro, rounds
-
-  policy_eval = prompt_sets.policy_eval(config, mcfg, tokenizer, eval_src, workdir, eval_ref)
 
   def evaluate(params, step):
     return policy_eval(frozen.full(params), step)
