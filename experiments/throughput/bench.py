@@ -160,7 +160,19 @@ def train_tokenizer(tmp: str, data: dict) -> str:
   return os.path.join(tmp, "tok.model")
 
 
-def run_one(workload: str, steps: int, warmup: int) -> dict:
+def _apply(c, overrides: dict):
+  """Dotted config overrides {"model.d_model": 512, ...} (the scaling study)."""
+  for key, value in overrides.items():
+    *path, leaf = key.split(".")
+    parent = c
+    for part in path:
+      parent = parent[part]
+    if leaf not in parent:
+      raise SystemExit(f"--set: unknown config key {key!r}")
+    parent[leaf] = value
+
+
+def run_one(workload: str, steps: int, warmup: int, overrides: dict | None = None) -> dict:
   import jax
   import numpy as np
   from rlhf_jax.trainers import dpo, grpo, ppo, reward_model, sft
@@ -169,6 +181,7 @@ def run_one(workload: str, steps: int, warmup: int) -> dict:
     data = write_data(tmp, np.random.default_rng(0))
     tok = train_tokenizer(tmp, data)
     c = make_config(workload, warmup + steps, data, tok)
+    _apply(c, overrides or {})
     workdir = os.path.join(tmp, "run")
     t0 = time.perf_counter()
     trainers[workload.removeprefix("tiny_")].run(c, workdir)
@@ -182,19 +195,32 @@ def run_one(workload: str, steps: int, warmup: int) -> dict:
   out = dict(workload=workload, seconds_per_step=sec, timed_steps=len(dts),
              wall_s=wall, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
              jax=jax.__version__, devices=f"{jax.device_count()}x{jax.devices()[0].platform}")
-  w = SPEC["WORKLOADS"].get(workload)
+  w = dict(SPEC["WORKLOADS"].get(workload) or {})
+  m = {**SPEC["MODEL"], **{k: c.model[k] for k in SPEC["MODEL"] if k in c.model}}
   if workload == "sft":
-    tokens, flops = w["batch_size"] * w["seq_len"], SPEC["train_flops"](
-        w["batch_size"] * w["seq_len"], w["seq_len"])
+    w.update(batch_size=c.batch_size, seq_len=c.data.max_seq_len)
+  elif workload == "dpo":
+    w.update(pairs=c.batch_size)
+  elif workload == "grpo":
+    w.update(group_size=c.rollout.group_size, prompts=c.rollout.prompts_per_step,
+             max_new_tokens=c.rollout.max_new_tokens)
+  out["config_overrides"] = overrides or {}
+  if workload in SPEC["WORKLOADS"]:
+    out["num_params"] = SPEC["num_params"](m)
+  tf = lambda n, L: SPEC["train_flops"](n, L, m)
+  ff = lambda n, L: SPEC["forward_flops"](n, L, m)
+  if workload == "sft":
+    tokens = w["batch_size"] * w["seq_len"]
+    flops = tf(tokens, w["seq_len"])
   elif workload == "dpo":
     L = w["prompt_len"] + w["completion_len"]
     tokens = 2 * w["pairs"] * L  # chosen + rejected rows; + a reference forward of each
-    flops = SPEC["train_flops"](tokens, L) + SPEC["forward_flops"](tokens, L)
+    flops = tf(tokens, L) + ff(tokens, L)
   elif workload == "grpo":
     B, L = w["prompts"] * w["group_size"], w["prompt_len"] + w["max_new_tokens"]
     tokens = B * L
     # update (fwd+bwd) + the reference forward; generation is counted apart (decode)
-    flops = SPEC["train_flops"](tokens, L) + SPEC["forward_flops"](tokens, L)
+    flops = tf(tokens, L) + ff(tokens, L)
     timed = rows[-len(dts):]
     for k in ("generate", "reward", "logprobs", "update", "step"):
       out[f"{k}_s"] = statistics.median(r[f"time/{k}"] for r in timed)
@@ -210,33 +236,46 @@ def run_one(workload: str, steps: int, warmup: int) -> dict:
   return out
 
 
+def run_ours(workload: str, steps: int, warmup: int, env: dict | None = None,
+             overrides: dict | None = None) -> dict:
+  """One workload in a fresh subprocess (its own peak RSS); the result dict, or
+  {"workload", "error"} when it failed."""
+  p = subprocess.run([sys.executable, os.path.abspath(__file__), f"--one={workload}",
+                      f"--steps={steps}", f"--warmup={warmup}",
+                      f"--set={json.dumps(overrides or {})}"], capture_output=True,
+                     text=True, cwd=REPO, env={**os.environ, **(env or {})})
+  lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+  if p.returncode or not lines:
+    return dict(workload=workload, error=f"exit {p.returncode}: {p.stderr[-1500:]}")
+  return json.loads(lines[-1][len("RESULT "):])
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workloads", default="sft,dpo,grpo")
   ap.add_argument("--steps", type=int, default=SPEC["TIMED_STEPS"])
   ap.add_argument("--warmup", type=int, default=SPEC["WARMUP_STEPS"])
   ap.add_argument("--out", default="")
+  ap.add_argument("--set", default="{}", help='JSON config overrides, e.g. '
+                  '\'{"model.d_model": 512}\' (applied after the spec)')
   ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # worker mode
   args = ap.parse_args(argv)
   if args.warmup < 1:
     raise SystemExit("--warmup must be >= 1 (the first step compiles)")
   if args.one:
-    print("RESULT " + json.dumps(run_one(args.one, args.steps, args.warmup)), flush=True)
+    print("RESULT " + json.dumps(run_one(args.one, args.steps, args.warmup,
+                                         json.loads(args.set))), flush=True)
     return 0
   results = []
   for w in args.workloads.split(","):
     if w not in ALL:
       raise SystemExit(f"unknown workload {w!r}; expected some of {', '.join(ALL)}")
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, __file__, f"--one={w}", f"--steps={args.steps}",
-                        f"--warmup={args.warmup}"], capture_output=True, text=True, cwd=REPO)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if p.returncode or not lines:
-      print(f"{w}: FAILED (exit {p.returncode})\n{p.stderr[-2000:]}", file=sys.stderr)
-      results.append(dict(workload=w, error=p.stderr[-500:]))
-      continue
-    r = json.loads(lines[-1][len("RESULT "):])
+    r = run_ours(w, args.steps, args.warmup, overrides=json.loads(args.set))
     results.append(r)
+    if r.get("error"):
+      print(f"{w}: FAILED\n{r['error']}", file=sys.stderr)
+      continue
     extra = (f"  gen {r['generation_share']:.0%}, decode {r['decode_tokens_per_s']:,.0f} tok/s"
              if "generation_share" in r else "")
     tok = f"{r['tokens_per_s']:>8,.0f} tok/s  {r['fraction_of_matmul_peak']:.0%} of matmul peak" \
