@@ -236,6 +236,24 @@ def run_one(workload: str, steps: int, warmup: int, overrides: dict | None = Non
   return out
 
 
+TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                  "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
+                  "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4")
+
+
+def allocator_env(name: str) -> dict:
+  """Environment for the worker: {} (glibc malloc) or LD_PRELOAD of tcmalloc."""
+  if name == "default":
+    return {}
+  if name == "tcmalloc":
+    for path in TCMALLOC_PATHS:
+      if os.path.exists(path):
+        return {"LD_PRELOAD": path}
+    raise SystemExit("--allocator=tcmalloc: no libtcmalloc found (Debian/Ubuntu: apt install "
+                     f"libtcmalloc-minimal4); looked in {', '.join(TCMALLOC_PATHS)}")
+  raise SystemExit(f"--allocator={name!r}: expected default or tcmalloc")
+
+
 def run_ours(workload: str, steps: int, warmup: int, env: dict | None = None,
              overrides: dict | None = None) -> dict:
   """One workload in a fresh subprocess (its own peak RSS); the result dict, or
@@ -258,6 +276,8 @@ def main(argv=None):
   ap.add_argument("--out", default="")
   ap.add_argument("--set", default="{}", help='JSON config overrides, e.g. '
                   '\'{"model.d_model": 512}\' (applied after the spec)')
+  ap.add_argument("--allocator", default="default", choices=("default", "tcmalloc"),
+                  help="tcmalloc: LD_PRELOAD libtcmalloc_minimal (fewer page faults; NOTES.md)")
   ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # worker mode
   args = ap.parse_args(argv)
   if args.warmup < 1:
@@ -271,7 +291,8 @@ def main(argv=None):
     if w not in ALL:
       raise SystemExit(f"unknown workload {w!r}; expected some of {', '.join(ALL)}")
     t0 = time.perf_counter()
-    r = run_ours(w, args.steps, args.warmup, overrides=json.loads(args.set))
+    r = run_ours(w, args.steps, args.warmup, env=allocator_env(args.allocator),
+                 overrides=json.loads(args.set))
     results.append(r)
     if r.get("error"):
       print(f"{w}: FAILED\n{r['error']}", file=sys.stderr)

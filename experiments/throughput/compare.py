@@ -46,6 +46,8 @@ def main(argv=None):
   ap.add_argument("--peers_dir", default=os.path.join(ROOT, ".peers"))
   ap.add_argument("--timeout", type=int, default=900)
   ap.add_argument("--out", default=os.path.join(ROOT, "runs", "throughput"))
+  ap.add_argument("--tcmalloc", action="store_true",
+                  help="also measure ours with LD_PRELOAD=libtcmalloc (row ours+tcmalloc)")
   args = ap.parse_args(argv)
   workloads = args.workloads.split(",")
   peer_names = [p for p in args.peers.split(",") if p]
@@ -55,10 +57,12 @@ def main(argv=None):
   runs = []  # (round, library, workload, result)
   for rnd in range(args.rounds):
     for w in workloads:
-      for lib in ["ours"] + peer_names:
+      for lib in ["ours"] + (["ours+tcmalloc"] if args.tcmalloc else []) + peer_names:
         load = os.getloadavg()[0]
         if lib == "ours":
           r = bench.run_ours(w, args.steps, args.warmup)
+        elif lib == "ours+tcmalloc":
+          r = bench.run_ours(w, args.steps, args.warmup, env=bench.allocator_env("tcmalloc"))
         else:
           r = peers.run_one(lib, w, args.steps, args.warmup, args.peers_dir, args.timeout)
         r["load_before"] = load
@@ -73,7 +77,8 @@ def main(argv=None):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
 
-  head = ["workload", "ours s/step", "ours tok/s"] + sum(
+  extra = ["ours+tcmalloc"] if args.tcmalloc else []
+  head = ["workload", "ours s/step", "ours tok/s"] + [f"{e} s/step" for e in extra] + sum(
       ([f"{p} s/step", f"speed-up vs {p} (target {TARGETS.get(p, 1):.1f}x)"]
        for p in peer_names), [])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -82,6 +87,7 @@ def main(argv=None):
     ours = med("ours", w)
     tok = med("ours", w, key=lambda r: None if r.get("error") else r.get("tokens_per_s"))
     cells = [w, f"{ours:.3f}" if ours else "FAILED", f"{tok:,.0f}" if tok else "-"]
+    cells += [f"{med(e, w):.3f}" if med(e, w) else "FAILED" for e in extra]
     for p in peer_names:
       theirs = med(p, w)
       if ours and theirs:
