@@ -199,13 +199,13 @@ def compare(ref: str, other: str) -> dict:
 
 # ---------------------------------------------------------------------------- kills
 
-def _tmp_dirs(workdir: str, since: float = 0.0) -> list[str]:
-  """Unfinished orbax checkpoint directories (created at or after `since`)."""
+def _tmp_dirs(workdir: str) -> dict[str, float]:
+  """Unfinished orbax checkpoint directories {name: mtime}."""
   d = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(d):
-    return []
-  return sorted(n for n in os.listdir(d) if n.endswith(".orbax-checkpoint-tmp")
-                and os.path.getmtime(os.path.join(d, n)) >= since)
+    return {}
+  return {n: os.path.getmtime(os.path.join(d, n)) for n in sorted(os.listdir(d))
+          if n.endswith(".orbax-checkpoint-tmp")}
 
 
 def _finished_steps(workdir: str) -> list[int]:
@@ -216,6 +216,10 @@ def _finished_steps(workdir: str) -> list[int]:
 def _last_row_step(workdir: str):
   rows = read_rows(os.path.join(workdir, "metrics.jsonl"))
   return rows[-1]["step"] if rows else None
+
+
+def _mtime(path: str) -> float:
+  return os.path.getmtime(path) if os.path.exists(path) else 0.0
 
 
 def kill_during_save(trainer: str, workdir: str, step: int, log: str) -> dict:
@@ -231,7 +235,8 @@ def kill_during_save(trainer: str, workdir: str, step: int, log: str) -> dict:
 
 def kill_at(trainer: str, workdir: str, delay: float, log: str) -> dict:
   """One launch SIGKILLed `delay` seconds after its start (if still running)."""
-  before = _last_row_step(workdir)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  written, tmp_before = _mtime(metrics), _tmp_dirs(workdir)
   t0 = time.time()
   p = launch(trainer, workdir, log)
   try:
@@ -240,10 +245,10 @@ def kill_at(trainer: str, workdir: str, delay: float, log: str) -> dict:
     p.send_signal(signal.SIGKILL)
     p.wait()
   killed = p.returncode == -signal.SIGKILL
-  after = _last_row_step(workdir)
-  tmp = _tmp_dirs(workdir, since=t0 - 1.0)  # (mtime resolution; older ones are leftovers)
-  phase = ("checkpoint write" if tmp else
-           "start-up (no new step)" if after == before else f"training (last row {after})")
+  writing = [n.split(".")[0] for n, m in _tmp_dirs(workdir).items() if tmp_before.get(n) != m]
+  phase = (f"the write of checkpoint {writing[0]}" if writing else
+           "start-up (metrics.jsonl untouched)" if _mtime(metrics) == written else
+           f"training (last metrics row: step {_last_row_step(workdir)})")
   return {"kind": "random", "delay_s": round(delay, 2), "rc": p.returncode, "killed": killed,
           "wall_s": round(time.time() - t0, 2), "phase": phase if killed else "finished",
           "checkpoints_after": _finished_steps(workdir)}
@@ -273,7 +278,7 @@ def kill_chain(trainer: str, root: str, ref: str, startup_s: float, step_s: floa
                                         f"{e['phase']}; checkpoints {e['checkpoints_after']}"
                                         if e["killed"] else f"finished first (rc {e['rc']})"))
 
-  e = kill_at(trainer, wd, float(rng.uniform(0.2, 0.9)) * startup_s,
+  e = kill_at(trainer, wd, float(rng.uniform(0.2, 1.0)) * startup_s,
               os.path.join(root, "launch-00.log"))
   events.append(e)
   log_kill(0, e)
@@ -287,7 +292,8 @@ def kill_chain(trainer: str, root: str, ref: str, startup_s: float, step_s: floa
   n = 2
   while sum(x["killed"] and x["kind"] == "random" for x in events) < kills and n < 4 * kills:
     done = (_finished_steps(wd) or [0])[-1]
-    delay = float(rng.uniform(0.5 * startup_s, startup_s + 0.9 * (n_steps - done) * step_s))
+    # (a resumed launch starts faster than a fresh one: no data, tokenizer, TFDS to build)
+    delay = float(rng.uniform(0.3 * startup_s, 0.7 * startup_s + 0.9 * (n_steps - done) * step_s))
     e = kill_at(trainer, wd, delay, os.path.join(root, f"launch-{n:02d}.log"))
     events.append(e)
     log_kill(n, e)
@@ -298,8 +304,15 @@ def kill_chain(trainer: str, root: str, ref: str, startup_s: float, step_s: floa
     rc, wall = run_to_end(trainer, wd, os.path.join(root, f"launch-{n:02d}.log"))
     events.append({"kind": "final", "rc": rc, "killed": False, "wall_s": round(wall, 2)})
     say(f"[{trainer}] launch {n}: resumed to the end (rc {rc}, {wall:.1f} s)")
-  result = {"events": events, "kills": sum(e["killed"] for e in events),
+  killed = [e for e in events if e["killed"]]
+  result = {"events": events, "kills": len(killed),
             "mid_write_kills": sum(e.get("mid_write", False) for e in events),
+            "phases": {
+                "start-up": sum(e.get("phase", "").startswith("start-up") for e in killed),
+                "training": sum(e.get("phase", "").startswith("training") for e in killed),
+                "checkpoint write": sum(e.get("mid_write", False)
+                                        or e.get("phase", "").startswith("the write")
+                                        for e in killed)},
             "finished": events[-1]["rc"] == 0}
   if result["finished"]:
     result.update(compare(ref, wd))
@@ -446,15 +459,18 @@ def main(argv=None) -> int:
       r["nan"] = nan_injection(t, root, rng, say=lambda s: print(s, flush=True))
   wall = time.time() - t_all
 
-  kill_rows = [[t, r["kill"]["kills"], r["kill"]["mid_write_kills"], r["kill"]["survived"],
+  kill_rows = [[t, r["kill"]["kills"], r["kill"]["phases"]["start-up"],
+                r["kill"]["phases"]["training"], r["kill"]["phases"]["checkpoint write"],
+                r["kill"]["survived"],
                 yes(r["kill"].get("bitwise_params")),
                 yes(r["kill"].get("metrics_rows_ok") and r["kill"].get("steps_ok")),
                 yes(r["kill"].get("samples_ok"))] for t, r in results.items()]
   total_kills = sum(r["kill"]["kills"] for r in results.values())
   survived = sum(r["kill"]["survived"] for r in results.values())
   print("\nKill and resume (SIGKILL, then the same command again):")
-  print(table(kill_rows, ["trainer", "kills", "during ckpt write", "survived",
-                          "bitwise params", "metrics rows ok", "samples ok"]))
+  print(table(kill_rows, ["trainer", "kills", "in start-up", "in training",
+                          "in a checkpoint write", "survived", "bitwise params",
+                          "metrics rows ok", "samples ok"]))
   print(f"total: {survived}/{total_kills} kills survived")
   summary = {"kills": total_kills, "kills_survived": survived}
   if not args.no_nan:
