@@ -26,6 +26,8 @@ saves a checkpoint at the end of the current step and `rlhf-jax train` exits wit
 """
 from __future__ import annotations
 
+import gc
+import json
 import logging
 import os
 import signal
@@ -58,6 +60,8 @@ class Checkpointer:
   def __init__(self, directory: str, save_every: int, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self.save_every = int(save_every)
+    check_step_dirs(self.directory)
+    mute_orbax_leftovers()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(keep), save_interval_steps=max(1, self.save_every),
         enable_async_checkpointing=bool(async_save), create=True)
@@ -103,11 +107,8 @@ class Checkpointer:
       target[LOOP] = {k: jax.ShapeDtypeStruct((), np.int32, sharding=_replicated_like(target))
                       for k in saved_loop}
     self.check_compatible(step, target)
-    try:
-      state = self._manager.restore(step, args=ocp.args.StandardRestore(target))
-    except Exception as e:  # orbax raises many types; name the checkpoint in one message
-      raise CheckpointError(f"cannot restore checkpoint {self.directory}/{step}: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0][:500]}") from None
+    state = orbax_read(lambda: self._manager.restore(step, args=ocp.args.StandardRestore(target)),
+                       f"cannot restore checkpoint {self.directory}/{step}")
     loop = state.pop(LOOP, {})
     self.restored_loop = {k: int(np.asarray(v.addressable_data(0))) for k, v in loop.items()}
     return step, state
@@ -122,19 +123,22 @@ class Checkpointer:
     return sorted(loop) if hasattr(loop, "keys") else []
 
   def check_compatible(self, step: int, abstract_state: Any) -> None:
-    """Compare the saved tree and shapes with the expected ones; raise naming the tensor."""
+    """Compare the saved tree, shapes and dtypes with the expected ones; raise naming the
+    tensor. Nothing is restored (or written) before this passes."""
     where = f"{self.directory}/{step}"
-    try:
-      meta = self._manager.item_metadata(step)
-    except Exception as e:
-      raise CheckpointError(f"checkpoint {where} is unreadable: {type(e).__name__}: {e}") from None
+    check_metadata_files(where)
+    meta = orbax_read(lambda: self._manager.item_metadata(step),
+                      f"checkpoint {where} is unreadable")
     meta = getattr(meta, "tree", meta)
     if meta is None:
       raise CheckpointError(f"checkpoint {where} has no readable metadata")
-    saved = {_path_str(p): tuple(getattr(v, "shape", ()) or ())
-             for p, v in jax.tree_util.tree_flatten_with_path(meta)[0]}
+    leaves = jax.tree_util.tree_flatten_with_path(meta)[0]
+    saved = {_path_str(p): tuple(getattr(v, "shape", ()) or ()) for p, v in leaves}
+    saved_dtypes = {_path_str(p): getattr(v, "dtype", None) for p, v in leaves}
     expected = {_path_str(p): tuple(v.shape)
                 for p, v in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    expected_dtypes = {_path_str(p): v.dtype
+                       for p, v in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     missing = sorted(set(expected) - set(saved))
     extra = sorted(set(saved) - set(expected))
     if missing or extra:
@@ -150,6 +154,10 @@ class Checkpointer:
             f"checkpoint {where}: tensor '{k}' has shape {saved[k]} but this config expects "
             f"{shape} (different model shape?). Use a new --workdir, or the config that wrote "
             f"it; the existing checkpoints were left untouched.")
+      if saved_dtypes[k] is not None and np.dtype(saved_dtypes[k]) != np.dtype(expected_dtypes[k]):
+        raise CheckpointError(
+            f"checkpoint {where}: tensor '{k}' has dtype {np.dtype(saved_dtypes[k])} but this "
+            f"run expects {np.dtype(expected_dtypes[k])}")
 
   def wait(self):
     self._manager.wait_until_finished()
@@ -168,6 +176,87 @@ def _replicated_like(abstract_state):
     if sharding is not None:
       return sharding
   return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def check_metadata_files(step_dir: str) -> None:
+  """The JSON metadata files orbax keeps in a checkpoint step directory must parse; a
+  truncated or corrupt one stops here with one message (before orbax logs its own)."""
+  for d, _, files in os.walk(step_dir):
+    for name in files:
+      if name in ("_CHECKPOINT_METADATA", "_METADATA", "_sharding"):
+        path = os.path.join(d, name)
+        try:
+          with open(path, "rb") as f:
+            json.loads(f.read().decode("utf-8"))
+        except (OSError, ValueError) as e:  # UnicodeDecodeError, JSONDecodeError
+          raise CheckpointError(f"checkpoint {step_dir} is corrupt: {path} is not valid JSON "
+                                f"({type(e).__name__}; truncated by an interrupted copy?). "
+                                f"Restore it, or use a new --workdir") from None
+
+
+_ORBAX_MARKERS = ("orbax", "zarr", "OCDBT", "tensorstore")
+
+
+def _is_orbax_leftover(text: str) -> bool:
+  return any(m in text for m in _ORBAX_MARKERS)
+
+
+class _DropOrbaxTaskErrors(logging.Filter):
+  """asyncio's "Task/Future exception was never retrieved" for orbax's own failed background
+  reads (a damaged checkpoint: reported once, in our message)."""
+
+  def filter(self, record):
+    if "exception was never retrieved" not in str(record.msg):
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    return not _is_orbax_leftover(record.getMessage() + repr(exc))
+
+
+def _drop_orbax_unraisables(previous):
+  """sys.unraisablehook without orbax's leftovers of a failed read: its unfinished
+  coroutines closed, tensorstore callbacks into its closed event loop ("RuntimeError:
+  Event loop is closed", raised in asyncio's own code). Everything else goes to `previous`."""
+  def hook(unraisable):
+    exc, obj = unraisable.exc_value, unraisable.object
+    code = getattr(obj, "cr_code", None)
+    if (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or (
+        code is not None and _is_orbax_leftover(code.co_filename)):
+      return
+    previous(unraisable)
+  hook.drops_orbax_leftovers = True
+  return hook
+
+
+def mute_orbax_leftovers() -> None:
+  """Install (once) the two filters above: a damaged checkpoint then gives one message,
+  not our message plus pages of tracebacks from orbax's background reads (they may arrive
+  after the read failed, from other threads, until the process exits)."""
+  log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _DropOrbaxTaskErrors) for f in log.filters):
+    log.addFilter(_DropOrbaxTaskErrors())
+  if not getattr(sys.unraisablehook, "drops_orbax_leftovers", False):
+    sys.unraisablehook = _drop_orbax_unraisables(sys.unraisablehook)
+
+
+def orbax_read(fn, what: str, error=CheckpointError):
+  """fn() (an orbax read); if it fails, `error`("{what}: <the first line of orbax's
+  message>"), the original dropped and its leftovers muted (`mute_orbax_leftovers`)."""
+  mute_orbax_leftovers()
+  try:
+    return fn()
+  except Exception as e:  # orbax / tensorstore raise many types for damaged checkpoints
+    message = f"{what}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:500]}"
+  gc.collect()  # the failed reads, now that nothing refers to them
+  raise error(message)
+
+
+def check_step_dirs(directory: str) -> None:
+  """`check_metadata_files` of every finished step directory (orbax reads them all when a
+  manager opens `directory`)."""
+  if os.path.isdir(directory):
+    for name in sorted(os.listdir(directory)):
+      if name.isdigit() and os.path.isdir(os.path.join(directory, name)):
+        check_metadata_files(os.path.join(directory, name))
 
 
 def abstract_like(tree, shardings=None):
@@ -274,18 +363,26 @@ def read_checkpoint(directory: str, step: int | None = None):
   """(step, state as host numpy tree) of a checkpoint directory, for analysis/tests."""
   if not os.path.isdir(directory):
     raise CheckpointError(f"no checkpoint directory at {directory}")
+  check_step_dirs(os.path.abspath(directory))
+  mute_orbax_leftovers()
   manager = ocp.CheckpointManager(os.path.abspath(directory),
                                   item_handlers=ocp.StandardCheckpointHandler())
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise CheckpointError(f"no finished checkpoint in {directory}")
-  # Restore onto this process's first device whatever topology wrote it (a run on 8 devices
-  # or a pod slice feeds a later run / export on another one).
-  meta = manager.item_metadata(step)
-  meta = getattr(meta, "tree", meta)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
-                        meta)
-  state = manager.restore(step, args=ocp.args.StandardRestore(target))
-  manager.close()
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no finished checkpoint in {directory}")
+    where = os.path.join(os.path.abspath(directory), str(step))
+    check_metadata_files(where)
+    # Restore onto this process's first device whatever topology wrote it (a run on 8
+    # devices or a pod slice feeds a later run / export on another one).
+    def read():
+      meta = manager.item_metadata(step)
+      meta = getattr(meta, "tree", meta)
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta)
+      return manager.restore(step, args=ocp.args.StandardRestore(target))
+    state = orbax_read(read, f"cannot read checkpoint {where}")
+  finally:
+    manager.close()
   return step, jax.tree.map(np.asarray, state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 from typing import Iterable
 
@@ -281,30 +282,373 @@ def check_overrides(argv: Iterable[str], config: ConfigDict) -> None:
       check_key(config, m.group(2), m.group(1))
 
 
-def validate(config: ConfigDict) -> None:
-  """Cross-field checks shared by trainers; raises ConfigError naming the key."""
+_FLAG_ERROR = re.compile(r"^flag --config\.([A-Za-z0-9_.]+)=(.*?): (.*)$", re.S)
+
+
+def explain_flag_error(message: str, config: ConfigDict) -> str:
+  """One line for an absl flag-parsing error: a `--config.KEY=VALUE` whose value is not of
+  the key's type names the key, the expected type and the default."""
+  m = _FLAG_ERROR.match(message)
+  if not m:
+    return message.splitlines()[0]
+  key, value, detail = m.groups()
+  node = config
+  try:
+    for part in key.split("."):
+      node = node[part]
+  except (KeyError, AttributeError, TypeError):
+    return message.splitlines()[0]
+  kind = ("section" if isinstance(node, ConfigDict) else
+          {bool: "bool", int: "int", float: "float", str: "str"}.get(type(node),
+                                                                     type(node).__name__))
+  default = "a ConfigDict section" if kind == "section" else repr(node)
+  hint = " (true/false)" if kind == "bool" else ""
+  return (f"config.{key}: expected {kind}{hint} (default {default}), got {value!r} "
+          f"({detail.splitlines()[0]})")
+
+
+def _get(config: ConfigDict, key: str):
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def _is_num(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate(config: ConfigDict, num_devices: int | None = None) -> None:
+  """Every check that needs only the config (and the device count): value ranges,
+  choices and combinations of keys, for all trainers. Raises ConfigError naming the key.
+
+  Trainers call it first, before anything is read or written; `num_devices` (default
+  `jax.device_count()`) is what `mesh.shape` must fit.
+  """
   def need(ok, key, msg):
     if not ok:
       raise ConfigError(f"config.{key}: {msg}")
 
+  def num(key, lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
+    v = _get(config, key)
+    kind = "an integer" if integer else "a finite number"
+    ok = (isinstance(v, int) and not isinstance(v, bool)) if integer else _is_num(v)
+    need(ok, key, f"expected {kind}, got {v!r}")
+    if lo is not None:
+      need(v > lo if lo_open else v >= lo, key, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None:
+      need(v < hi if hi_open else v <= hi, key, f"must be {'<' if hi_open else '<='} {hi}, got {v}")
+    return v
+
+  def choice(key, options):
+    v = _get(config, key)
+    if v not in options:
+      raise ConfigError(f"config.{key}={v!r}: expected one of {'|'.join(map(str, options))}")
+    return v
+
+  def has(key):  # a key that only some trainers' configs have
+    head, _, rest = key.partition(".")
+    return head in config and (not rest or rest in config[head])
+
+  # Run length, batch, optimizer.
+  num("seed", 0, integer=True)
   need(config.num_steps > 0, "num_steps", f"must be > 0, got {config.num_steps}")
   need(config.batch_size > 0, "batch_size", f"must be > 0, got {config.batch_size}")
   need(config.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
   need(config.batch_size % config.grad_accum_steps == 0, "grad_accum_steps",
        f"batch_size={config.batch_size} is not divisible by grad_accum_steps="
        f"{config.grad_accum_steps}")
-  need(config.optimizer.lr > 0, "optimizer.lr", f"must be > 0, got {config.optimizer.lr}")
+  lr = config.optimizer.lr
+  need(_is_num(lr) and lr > 0, "optimizer.lr", f"must be > 0 and finite, got {lr}")
   need(0 <= config.optimizer.warmup_steps <= config.num_steps, "optimizer.warmup_steps",
        f"must be in [0, num_steps={config.num_steps}], got {config.optimizer.warmup_steps}")
+  num("optimizer.final_lr_ratio", 0.0)
+  num("optimizer.b1", 0.0, 1.0, hi_open=True)
+  num("optimizer.b2", 0.0, 1.0, hi_open=True)
+  num("optimizer.eps", 0.0)
+  num("optimizer.weight_decay", 0.0)
+  num("optimizer.grad_clip_norm", 0.0)
+  num("max_bad_steps", 0, integer=True)
+
+  # Logging, evaluation, checkpoints, samples.
   need(config.log_every > 0, "log_every", "must be > 0")
+  num("eval_every", 0, integer=True)
+  num("eval_batches", 1, integer=True)
+  num("checkpoint.every", 0, integer=True)
   need(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
-  if "max_seq_len" in config.data:
-    need(config.data.max_seq_len >= 4, "data.max_seq_len", "must be >= 4")
-    need(config.data.overlength in ("error", "truncate", "drop"), "data.overlength",
-         f"expected error|truncate|drop, got {config.data.overlength!r}")
+  if "sample" in config:
+    num("sample.every", 0, integer=True)
+    num("sample.num_prompts", 0, integer=True)
+    num("sample.max_new_tokens", 1, integer=True)
+    num("sample.temperature", 0.0)
+  if "eval_samples" in config:
+    num("eval_samples", 1, integer=True)
+  if "eval_prompts" in config:
+    num("eval_prompts", 0, integer=True)
+  if has("capability.path") and config.capability.path:
+    num("capability.num_examples", 1, integer=True)
+    num("capability.max_new_tokens", 1, integer=True)
+  if "prompt_eval" in config:
+    num("prompt_eval.num_prompts", 1, integer=True)
+    num("prompt_eval.max_prompt_len", 1, integer=True)
+    num("prompt_eval.max_new_tokens", 1, integer=True)
+  for key in ("reward.spec", "eval_reward_spec"):
+    if has(key) and _get(config, key):
+      from rlhf_jax.rewards import check_reward_spec
+      try:
+        check_reward_spec(_get(config, key))
+      except ValueError as e:
+        raise ConfigError(f"config.{key}: {e}") from None
+
+  # Tokenizer (the knobs of a trained one matter only when none is given).
   need(config.tokenizer.chat_style in ("", "plain", "chatml", "llama3"),
        "tokenizer.chat_style",
        f"expected plain|chatml|llama3 or '' (auto), got {config.tokenizer.chat_style!r}")
+  if not config.tokenizer.path and not config.init_from:
+    choice("tokenizer.model_type", ("bpe", "unigram", "char", "word"))
+    num("tokenizer.vocab_size", 8, integer=True)
+
+  # Model (its architecture counts only without init_from) and LoRA.
+  model = _validate_model(config, need, num)
+  if config.get("lora") is not None and config.lora.rank:
+    from rlhf_jax.models.lora import LoraConfig
+    try:
+      LoraConfig.from_config(config.lora)
+    except (TypeError, ValueError) as e:
+      raise ConfigError(str(e) if str(e).startswith("config.") else f"config.lora: {e}") from None
+
+  # Data.
+  _validate_data(config, model, need, num, choice)
+
+  # Algorithms.
+  rows = _validate_mesh(config, num_devices, need)
+  if "dpo" in config:
+    _validate_dpo(config, need, num, choice)
+  if "rm" in config:
+    num("rm.center_coef", 0.0)
+  if "rollout" in config:
+    _validate_online_rl(config, model, rows, need, num, choice)
+  if config.trainer in ("sft", "reward_model", "dpo", "prm"):
+    need(config.batch_size % rows == 0, "batch_size",
+         f"{config.batch_size} is not divisible by the data-parallel size {rows} "
+         f"(mesh.shape data * fsdp); every device needs the same number of rows")
+
+
+def _validate_model(config, need, num):
+  """ModelConfig of config.model (None with init_from: the architecture comes from there)."""
+  m = config.model
+  need(not m.rope_scaling or (isinstance(m.rope_scaling, (tuple, list))
+                              and len(m.rope_scaling) == 4
+                              and all(_is_num(x) for x in m.rope_scaling)),
+       "model.rope_scaling",
+       f"expected () or (factor, low_freq_factor, high_freq_factor, original_max_len), "
+       f"got {m.rope_scaling!r}")
+  num("model.vocab_size", 0, integer=True)
+  if config.init_from:
+    try:  # the run-time fields still matter
+      ModelConfig(dtype=m.dtype, remat_policy=m.remat_policy)
+    except ValueError as e:
+      raise ConfigError(f"config.{e}") from None
+    return None
+  for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+              "max_seq_len"):
+    num(f"model.{key}", 1, integer=True)
+  num("model.rope_theta", 0.0, lo_open=True)
+  num("model.norm_eps", 0.0, lo_open=True)
+  try:
+    return model_config(config, vocab_size=max(m.vocab_size, 1))
+  except ConfigError as e:
+    msg = str(e)
+    raise ConfigError(msg.replace("config.model: model.", "config.model.")) from None
+
+
+def _validate_data(config, model, need, num, choice):
+  d = config.data
+  max_len = model.max_seq_len if model is not None else None
+  if config.trainer == "sft":
+    need(d.max_seq_len >= 4, "data.max_seq_len", "must be >= 4")
+    need(d.overlength in ("error", "truncate", "drop"), "data.overlength",
+         f"expected error|truncate|drop, got {d.overlength!r}")
+    if max_len is not None:
+      need(d.max_seq_len <= max_len, f"data.max_seq_len={d.max_seq_len}",
+           f"exceeds model.max_seq_len={max_len}")
+    if not d.train_path:
+      from rlhf_jax.data.synthetic import TASKS
+      choice("data.synthetic_task", TASKS)
+      num("data.synthetic_max_len", 1, integer=True)
+      num("data.synthetic_train_examples", 1, integer=True)
+    return
+  sources = {"reward_model": ("synthetic", "jsonl", "hh_rlhf"),
+             "dpo": ("synthetic", "jsonl", "hh_rlhf"),
+             "grpo": ("synthetic", "jsonl", "gsm8k"), "ppo": ("synthetic", "jsonl", "gsm8k"),
+             "prm": ("gsm8k", "jsonl")}.get(config.trainer)
+  if sources is None or "source" not in d:
+    return
+  choice("data.source", sources)
+  if d.source != "synthetic":
+    need(d.train_path, "data.train_path", f"required when data.source={d.source!r}")
+  if config.trainer == "prm":
+    num("data.max_prompt_len", 1, integer=True)
+    num("data.max_len", d.max_prompt_len + 1, integer=True)
+    if max_len is not None:
+      need(d.max_len <= max_len, f"data.max_len={d.max_len}",
+           f"exceeds model.max_seq_len={max_len}")
+    return
+  num("data.max_prompt_len", 1, integer=True)
+  if "max_completion_len" in d:  # preference pairs
+    num("data.max_completion_len", 1, integer=True)
+    if d.source == "synthetic":
+      from rlhf_jax.data.preferences import CORRUPTIONS
+      from rlhf_jax.data.synthetic import TASKS
+      choice("data.synthetic_task", TASKS)
+      choice("data.synthetic_corruption", CORRUPTIONS)
+    if max_len is not None:
+      need(d.max_prompt_len + d.max_completion_len <= max_len, "data.max_completion_len",
+           f"data.max_prompt_len + data.max_completion_len = "
+           f"{d.max_prompt_len + d.max_completion_len} exceeds model.max_seq_len={max_len}")
+  elif d.source == "synthetic":  # RL prompts
+    from rlhf_jax.data.synthetic import VERIFIABLE_TASKS
+    choice("data.synthetic_task", VERIFIABLE_TASKS)
+    num("data.synthetic_digits", 1, integer=True)
+
+
+def _validate_mesh(config, num_devices, need) -> int:
+  """Rows of the batch every step splits over (data * fsdp of the resolved mesh)."""
+  from rlhf_jax import parallel
+  shape = config.mesh.shape
+  need(isinstance(shape, (tuple, list)) and len(shape) == 3
+       and all(isinstance(s, int) and not isinstance(s, bool) for s in shape), "mesh.shape",
+       f"expected 3 integers (data, fsdp, tensor), -1 = fill; got {shape!r}")
+  if num_devices is None:
+    import jax
+    num_devices = jax.device_count()
+  try:
+    data, fsdp, _ = parallel.mesh_shape(shape, num_devices)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
+  return data * fsdp
+
+
+def _validate_dpo(config, need, num, choice):
+  from rlhf_jax.losses.dpo import LOSS_TYPES
+  p = config.dpo
+  choice("dpo.loss_type", LOSS_TYPES)
+  if p.loss_type != "orpo":
+    num("dpo.beta", 0.0, lo_open=True)
+  ls = num("dpo.label_smoothing", 0.0)
+  if p.loss_type == "sigmoid":
+    need(ls <= 0.5, "dpo.label_smoothing", f"must be in [0, 0.5] for loss_type 'sigmoid', got {ls}")
+  elif p.loss_type == "robust":
+    need(ls < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5) for loss_type 'robust', got {ls}")
+  else:
+    need(ls == 0.0, "dpo.label_smoothing",
+         f"applies only to loss_type 'sigmoid' or 'robust', not {p.loss_type!r} (got {ls})")
+  num("dpo.orpo_lambda", 0.0)
+  num("dpo.kto_desirable_weight", 0.0)
+  num("dpo.kto_undesirable_weight", 0.0)
+  num("dpo.simpo_gamma")
+
+
+def _validate_online_rl(config, model, dp_rows, need, num, choice):
+  from rlhf_jax.losses.kl import KL_KINDS
+  from rlhf_jax.losses.ppo import AGGREGATIONS
+  r = config.rollout
+  for key in ("prompts_per_step", "group_size", "max_new_tokens", "generate_micro_batch",
+              "logprob_micro_batch"):
+    num(f"rollout.{key}", 1, integer=True)
+  num("rollout.train_micro_batch", 0, integer=True)
+  num("rollout.temperature", 0.0)
+  num("rollout.top_k", 0, integer=True)
+  num("rollout.top_p", 0.0, 1.0, lo_open=True)
+  B = r.prompts_per_step * r.group_size
+  for key in ("generate_micro_batch", "logprob_micro_batch"):
+    micro = r[key]
+    need(micro >= B or B % micro == 0, f"rollout.{key}={micro}",
+         f"must divide prompts_per_step * group_size = {B} (or be >= it)")
+  if model is not None:
+    need(config.data.max_prompt_len + r.max_new_tokens <= model.max_seq_len,
+         "rollout.max_new_tokens",
+         f"data.max_prompt_len + rollout.max_new_tokens = "
+         f"{config.data.max_prompt_len + r.max_new_tokens} exceeds model.max_seq_len="
+         f"{model.max_seq_len}")
+  if "grpo" in config:
+    from rlhf_jax.losses.grpo import IMPORTANCE_LEVELS
+    from rlhf_jax.trainers.grpo import resolve
+    g = config.grpo
+    algo = resolve(g)  # the variant's values for knobs left at auto
+    for key, options in (("advantage", ("group_std", "group", "rloo", "reinforce_pp")),
+                         ("aggregation", AGGREGATIONS), ("importance", IMPORTANCE_LEVELS),
+                         ("kl_mode", ("loss", "reward", "none")), ("kl_estimator", KL_KINDS)):
+      if algo[key] not in options:
+        raise ConfigError(f"config.grpo.{key}={algo[key]!r}: expected one of "
+                          f"{'|'.join(options)}")
+    for key, lo, hi in (("clip_eps_low", 0.0, 1.0), ("clip_eps_high", 0.0, None),
+                        ("kl_coef", 0.0, None)):
+      need(_is_num(algo[key]) and algo[key] >= lo and (hi is None or algo[key] < hi),
+           f"grpo.{key}", f"must be >= {lo}" + (f" and < {hi}" if hi else "")
+           + f" (or -1 = the variant's value), got {algo[key]}")
+    need(algo["dynamic_sampling"] in (0, 1), "grpo.dynamic_sampling",
+         f"expected 0 or 1 (or -1 = the variant's value), got {algo['dynamic_sampling']}")
+    num("grpo.epochs", 1, integer=True)
+    num("grpo.minibatches", 1, integer=True)
+    num("grpo.std_eps", 0.0)
+    num("grpo.max_refill_rounds", 0, integer=True)
+    num("grpo.overlong_cache", 0, integer=True)
+    need(g.overlong_cache <= r.max_new_tokens, f"grpo.overlong_cache={g.overlong_cache}",
+         f"the overlong window must fit in rollout.max_new_tokens={r.max_new_tokens}")
+    adv = algo["advantage"]
+    if adv in ("group_std", "group", "rloo"):
+      if r.group_size < 2:
+        raise ConfigError(
+            f"config.rollout.group_size={r.group_size}: grpo.advantage={adv!r} (variant "
+            f"{g.variant!r}) compares the completions of a prompt with each other and needs "
+            f"group_size >= 2")
+      if r.temperature <= 0:
+        raise ConfigError(
+            f"config.rollout.temperature={r.temperature}: greedy decoding gives every "
+            f"completion of a prompt the same text, so grpo.advantage={adv!r} would be 0; "
+            f"sample with temperature > 0")
+    _check_minibatches(config, "grpo", B, dp_rows, need)
+  if "ppo" in config:
+    p = config.ppo
+    choice("ppo.critic", ("separate", "shared"))
+    need(not (p.critic_init and p.critic == "shared"), "ppo.critic_init",
+         "a reward model to initialise the critic needs ppo.critic='separate' (a shared "
+         "critic is a head on the policy)")
+    num("ppo.gamma", 0.0, 1.0)
+    num("ppo.lam", 0.0, 1.0)
+    num("ppo.clip_eps", 0.0, 1.0, lo_open=True, hi_open=True)
+    need(p.clip_eps_high == -1 or (_is_num(p.clip_eps_high) and p.clip_eps_high >= 0),
+         "ppo.clip_eps_high", f"must be >= 0 (or -1 = clip_eps), got {p.clip_eps_high}")
+    need(p.dual_clip == -1 or (_is_num(p.dual_clip) and p.dual_clip > 1), "ppo.dual_clip",
+         f"must be > 1 (or -1 = off), got {p.dual_clip}")
+    need(p.value_clip_eps == -1 or (_is_num(p.value_clip_eps) and p.value_clip_eps > 0),
+         "ppo.value_clip_eps", f"must be > 0 (or -1 = off), got {p.value_clip_eps}")
+    num("ppo.vf_coef", 0.0)
+    num("ppo.entropy_coef", 0.0)
+    num("ppo.kl_coef", 0.0)
+    choice("ppo.aggregation", AGGREGATIONS)
+    choice("ppo.kl_estimator", KL_KINDS)
+    if p.adaptive_kl:
+      num("ppo.kl_target", 0.0, lo_open=True)
+      num("ppo.kl_horizon", 0, lo_open=True)
+    num("ppo.epochs", 1, integer=True)
+    num("ppo.minibatches", 1, integer=True)
+    _check_minibatches(config, "ppo", B, dp_rows, need)
+
+
+def _check_minibatches(config, algo: str, B: int, dp_rows: int, need):
+  mb = config[algo].minibatches
+  need(B % mb == 0, f"{algo}.minibatches={mb}",
+       f"must divide prompts_per_step * group_size = {B}")
+  rows = B // mb
+  micro = config.rollout.train_micro_batch
+  need(micro <= 0 or micro >= rows or rows % micro == 0, f"rollout.train_micro_batch={micro}",
+       f"must divide the minibatch of {rows} rows (prompts_per_step * group_size / "
+       f"{algo}.minibatches)")
+  need(rows % dp_rows == 0, f"{algo}.minibatches",
+       f"a minibatch of {rows} rows (prompts_per_step * group_size / {algo}.minibatches) is "
+       f"not divisible by the data-parallel size {dp_rows} (mesh.shape data * fsdp)")
 
 
 def model_config(config: ConfigDict, vocab_size: int | None = None, **overrides) -> ModelConfig:

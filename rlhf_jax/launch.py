@@ -59,20 +59,30 @@ def _config_arg(argv):
 
 def load_config(spec: str):
   """`path/to/file.py[:preset]` -> ConfigDict (clear errors for bad paths/presets)."""
+  from ml_collections import ConfigDict
   path, _, preset = spec.partition(":")
-  if not os.path.exists(path):
+  if not os.path.isfile(path):
     _die(f"--config: file not found: {path}")
-  module = runpy.run_path(path)
+  try:
+    module = runpy.run_path(path)
+  except Exception as e:  # the config file is user code: name it, not our traceback
+    _die(f"--config: cannot load {path}: {type(e).__name__}: {e}")
   if "get_config" not in module:
     _die(f"--config: {path} defines no get_config()")
   try:
-    return module["get_config"](preset) if preset else module["get_config"]()
+    config = module["get_config"](preset) if preset else module["get_config"]()
   except ValueError as e:
     _die(f"--config={spec}: {e}")
+  except Exception as e:
+    _die(f"--config={spec}: get_config() raised {type(e).__name__}: {e}")
+  if not isinstance(config, ConfigDict):
+    _die(f"--config={spec}: get_config() returned {type(config).__name__}, expected an "
+         f"ml_collections ConfigDict")
+  return config
 
 
 def train_command(argv):
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
 
   from rlhf_jax import config as config_lib
@@ -80,45 +90,64 @@ def train_command(argv):
   spec = _config_arg(argv)
   if spec is None:
     _die("train needs --config=configs/<algo>.py[:preset]")
+  config = load_config(spec)
   try:
-    config_lib.check_overrides(argv, load_config(spec))
+    config_lib.check_overrides(argv, config)
   except config_lib.ConfigError as e:
     _die(str(e))
 
-  config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].")
-  flags.DEFINE_string("workdir", None, "Output directory (created; resumed if it has checkpoints).")
-  flags.mark_flags_as_required(["config", "workdir"])
+  # A fresh flag registry per call (not absl's global FLAGS): the command can run more
+  # than once in one process (tests), and overrides are found in `argv`, not sys.argv.
+  fv = flags.FlagValues()
+  full = ["rlhf-jax train"] + list(argv)
+  config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].",
+                                  flag_values=fv, sys_argv=full)
+  flags.DEFINE_string("workdir", None, "Output directory (created; resumed if it has "
+                      "checkpoints).", flag_values=fv)
+  try:
+    rest = fv(full)
+  except flags.Error as e:
+    _die(config_lib.explain_flag_error(str(e), config))
+  if len(rest) > 1:
+    _die(f"train: unexpected argument {rest[1]!r}; every setting is a --config.KEY=VALUE flag")
+  if not fv.workdir:
+    _die("train needs --workdir=DIR")
+  if os.path.exists(fv.workdir) and not os.path.isdir(fv.workdir):
+    _die(f"--workdir={fv.workdir}: exists and is not a directory")
+  if not flags.FLAGS.is_parsed():  # libraries that read absl flags see the defaults
+    flags.FLAGS.mark_as_parsed()
+  _train(fv.config, fv.workdir)
 
-  def main(_):
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    import jax
-    from rlhf_jax import parallel
-    cfg = flags.FLAGS.config
-    try:
-      parallel.initialize_distributed(cfg.distributed)  # before anything touches a device
-    except ValueError as e:
-      _die(str(e))
-    try:
-      trainer = importlib.import_module(f"rlhf_jax.trainers.{cfg.trainer}")
-    except ModuleNotFoundError:
-      _die(f"config.trainer={cfg.trainer!r}: no module rlhf_jax/trainers/{cfg.trainer}.py")
-    print(f"rlhf-jax train: trainer={cfg.trainer} workdir={flags.FLAGS.workdir} "
-          f"devices={jax.device_count()}x{jax.devices()[0].platform}"
-          + (f" process={jax.process_index()}/{jax.process_count()}"
-             if jax.process_count() > 1 else ""), flush=True)
-    try:
-      result = trainer.run(cfg, flags.FLAGS.workdir)
-    except _user_errors() as e:
-      if os.environ.get("RLHF_JAX_DEBUG"):
-        raise
-      _die(str(e), 1)
-    print("done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in result.items()), flush=True)
-    if result.get("preempted"):  # stopped by SIGTERM before num_steps, checkpoint saved
-      sys.exit(EXIT_PREEMPTED)
 
-  app.run(main, argv=["rlhf-jax train"] + argv)
+def _train(cfg, workdir: str):
+  from absl import logging as absl_logging
+  absl_logging.use_absl_handler()
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  import jax
+  from rlhf_jax import parallel
+  from rlhf_jax.config import ConfigError
+  try:
+    parallel.initialize_distributed(cfg.distributed)  # before anything touches a device
+  except ValueError as e:
+    _die(str(e))
+  try:
+    trainer = importlib.import_module(f"rlhf_jax.trainers.{cfg.trainer}")
+  except ModuleNotFoundError:
+    _die(f"config.trainer={cfg.trainer!r}: no module rlhf_jax/trainers/{cfg.trainer}.py")
+  print(f"rlhf-jax train: trainer={cfg.trainer} workdir={workdir} "
+        f"devices={jax.device_count()}x{jax.devices()[0].platform}"
+        + (f" process={jax.process_index()}/{jax.process_count()}"
+           if jax.process_count() > 1 else ""), flush=True)
+  try:
+    result = trainer.run(cfg, workdir)
+  except _user_errors() as e:
+    if os.environ.get("RLHF_JAX_DEBUG"):
+      raise
+    _die(str(e), 2 if isinstance(e, ConfigError) else 1)
+  print("done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in result.items()), flush=True)
+  if result.get("preempted"):  # stopped by SIGTERM before num_steps, checkpoint saved
+    sys.exit(EXIT_PREEMPTED)
 
 
 def _user_errors():
@@ -199,7 +228,8 @@ def cli(argv=None):
     return
   command = COMMANDS.get(argv[0])
   if command is None:
-    _die(f"unknown command {argv[0]!r}; expected one of {sorted(COMMANDS)}\n{USAGE}")
+    _die(f"unknown command {argv[0]!r}; expected one of {sorted(COMMANDS)} "
+         f"(`rlhf-jax --help` describes them)")
   if argv[0] != "train" or threading.current_thread() is not threading.main_thread():
     return command(argv[1:])
   # `train`: a SIGTERM before the training loop takes over (imports, data, compilation) or

@@ -124,11 +124,12 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if num_devices % known:
-      raise ValueError(f"mesh.shape={shape}: {num_devices} devices not divisible by {known}")
+      raise ValueError(f"mesh.shape={shape}: the {num_devices} available device(s) are not "
+                       f"divisible by {known}")
     shape[shape.index(-1)] = num_devices // known
   if math.prod(shape) != num_devices:
     raise ValueError(f"mesh.shape={shape} needs {math.prod(shape)} devices, "
-                     f"but {num_devices} are available")
+                     f"but {num_devices} device(s) are available")
   return tuple(shape)
 
 

@@ -20,8 +20,9 @@ JSONL rows (`jsonl_preferences`; one object per line, `.jsonl` or `.jsonl.gz`):
     {"prompt": "text" | [{"role", "content"}, ...], "chosen": str, "rejected": str,
      "margin": number (optional)}
 
-A string prompt is one user turn. Malformed rows raise `DataError` naming
-file:line, or with `skip_malformed=True` are skipped and counted (see
+A string prompt is one user turn (it may be empty); `chosen` and `rejected` must be
+non-empty and differ (after stripping whitespace). Malformed rows raise `DataError`
+naming file:line, or with `skip_malformed=True` are skipped and counted (see
 `preference_stats`).
 
 Tokenization (`tokenize_preferences`): for each side (chosen / rejected)
@@ -46,18 +47,18 @@ the same global batch and keeps its own rows with `host_slice`.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import math
 import os
 import string
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import grain
 import numpy as np
 
-from rlhf_jax.data.sft import DataError, batched, encode_prompt  # noqa: F401 (re-exported)
+from rlhf_jax.data.sft import (DataError, batched, encode_prompt, iter_jsonl,  # noqa: F401
+                               nonempty_text, open_text)  # (re-exported)
 
 PAIR_KEYS = ("tokens", "segment_ids", "loss_mask")
 CORRUPTIONS = ("swap", "random")
@@ -66,41 +67,6 @@ CORRUPTIONS = ("swap", "random")
 # ----------------------------------------------------------------------------
 # Reading rows
 # ----------------------------------------------------------------------------
-
-def open_text(path: str):
-  """Binary file object of a .jsonl or .jsonl.gz file."""
-  return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
-
-
-def iter_jsonl(path: str, display: str | None = None) -> Iterator[tuple[str, dict | DataError]]:
-  """("file:line", row) for every non-empty line; a DataError in place of a bad row.
-
-  Bad rows are returned, not raised, so a caller can skip and count them.
-  `display` names the file in messages (default: `path`).
-  """
-  name = display or str(path)
-  if not os.path.exists(path):
-    raise DataError(f"data file not found: {path}")
-  with open_text(path) as f:
-    for lineno, raw in enumerate(f, start=1):
-      where = f"{name}:{lineno}"
-      try:
-        line = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        yield where, DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})")
-        continue
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        yield where, DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
-        continue
-      if not isinstance(row, dict):
-        yield where, DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        continue
-      yield where, row
-
 
 def _check_messages(where: str, msgs) -> list[dict]:
   if (not isinstance(msgs, list) or not msgs or
@@ -126,6 +92,10 @@ def parse_preference_row(where: str, row: dict) -> dict:
   for key in ("chosen", "rejected"):
     if not isinstance(row[key], str):
       raise DataError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
+    nonempty_text(where, key, row[key])
+  if row["chosen"].strip() == row["rejected"].strip():
+    raise DataError(f"{where}: 'chosen' and 'rejected' are identical ({row['chosen'][:60]!r}); "
+                    f"a pair must prefer one reply over a different one")
   margin = row.get("margin")
   if margin is None:
     margin = 0.0

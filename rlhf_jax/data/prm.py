@@ -50,7 +50,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from rlhf_jax.data.sft import DataError, encode_prompt
+from rlhf_jax.data.preferences import _check_messages
+from rlhf_jax.data.sft import DataError, encode_prompt, iter_jsonl
 
 ANNOTATION = re.compile(r"<<([^<>]*)>>")
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
@@ -263,25 +264,24 @@ def write_prm_jsonl(path: str, rows: Sequence[dict]) -> None:
 def read_prm_jsonl(path: str) -> list[dict]:
   """Rows of a PRM JSONL file, checked: DataError with file:line for a malformed row."""
   rows = []
-  with open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        r = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-      if not isinstance(r, dict) or not isinstance(r.get("prompt"), (str, list)):
-        raise DataError(f"{where}: expected an object with 'prompt' (str or messages)")
-      steps, labels = r.get("steps"), r.get("labels")
-      if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
-        raise DataError(f"{where}: 'steps' must be a non-empty list of strings")
-      if not isinstance(labels, list) or len(labels) != len(steps) or not all(
-          x in (0, 1) and not isinstance(x, float) for x in labels):
-        raise DataError(f"{where}: 'labels' must be a list of 0/1, one per step "
-                        f"({len(steps)} steps)")
-      rows.append(r)
+  for where, r in iter_jsonl(path):
+    if isinstance(r, DataError):
+      raise r
+    if not isinstance(r.get("prompt"), (str, list)):
+      raise DataError(f"{where}: expected an object with 'prompt' (str or messages); keys "
+                      f"present: {sorted(r)}")
+    if isinstance(r["prompt"], list):
+      _check_messages(where, r["prompt"])
+    steps, labels = r.get("steps"), r.get("labels")
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
+      raise DataError(f"{where}: 'steps' must be a non-empty list of strings")
+    if not isinstance(labels, list) or len(labels) != len(steps) or not all(
+        x in (0, 1) and not isinstance(x, float) for x in labels):
+      raise DataError(f"{where}: 'labels' must be a list of 0/1, one per step "
+                      f"({len(steps)} steps)")
+    rows.append(r)
+  if not rows:
+    raise DataError(f"{path}: no examples (empty file)")
   return rows
 
 

@@ -58,7 +58,7 @@ import numpy as np
 from rlhf_jax.data.preferences import (  # noqa: F401 (DataError re-exported)
     DataError, PreferenceSource, _builder, _check_messages, _text, preference_stats,
     truncate_prompt)
-from rlhf_jax.data.sft import encode_prompt
+from rlhf_jax.data.sft import encode_prompt, nonempty_text
 
 _ANNOTATION = re.compile(r"<<[^<>]*>>")
 
@@ -105,8 +105,8 @@ def parse_prompt_row(where: str, row: dict) -> dict:
     raise DataError(f"{where}: missing key 'prompt'; expected {{'prompt': str | [messages], "
                     f"'answer'?: str, 'solution'?: str}} (keys present: {sorted(row)})")
   prompt = row["prompt"]
-  messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
-              else _check_messages(where, prompt))
+  messages = ([{"role": "user", "content": nonempty_text(where, "prompt", prompt)}]
+              if isinstance(prompt, str) else _check_messages(where, prompt))
   answer = row.get("answer")
   if answer is None:
     answer = ""

@@ -19,9 +19,10 @@ batches an uninterrupted run would.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import grain
 import numpy as np
@@ -33,28 +34,72 @@ class DataError(ValueError):
   """Bad data: the message names the file:line and what was expected."""
 
 
-def read_jsonl_rows(path: str, required: Sequence[str] = ()) -> list[tuple[int, dict]]:
-  """(line_number, row) for every non-empty line; clear errors for bad rows."""
+def open_text(path: str):
+  """Binary file object of a .jsonl or .jsonl.gz file."""
+  return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
+
+
+def iter_jsonl(path: str, display: str | None = None) -> Iterator[tuple[str, dict | DataError]]:
+  """("file:line", row) for every non-empty line; a DataError in place of a bad row.
+
+  The one JSONL reader of every data set. Bad rows (not UTF-8, not JSON, not an
+  object) are returned, not raised, so a caller can skip and count them; a file that
+  cannot be read at all raises. A UTF-8 byte-order mark on the first line is ignored.
+  `display` names the file in messages (default: `path`).
+  """
+  name = display or str(path)
   if not os.path.exists(path):
     raise DataError(f"data file not found: {path}")
+  if os.path.isdir(path):
+    raise DataError(f"{path}: is a directory; expected a JSONL file")
+  try:
+    with open_text(path) as f:
+      for lineno, raw in enumerate(f, start=1):
+        where = f"{name}:{lineno}"
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+          raw = raw[3:]
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          yield where, DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})")
+          continue
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError as e:
+          yield where, DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+          continue
+        if not isinstance(row, dict):
+          yield where, DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+          continue
+        yield where, row
+  except (OSError, EOFError) as e:  # unreadable, or a corrupt / truncated .gz
+    raise DataError(f"{name}: cannot read the file ({type(e).__name__}: {e}); expected "
+                    f"UTF-8 JSONL{', gzip-compressed' if str(path).endswith('.gz') else ''}"
+                    ) from None
+
+
+def read_jsonl_rows(path: str, required: Sequence[str] = ()) -> list[tuple[int, dict]]:
+  """(line_number, row) for every non-empty line; clear errors for bad rows."""
   rows = []
-  with open(path) as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(row, dict):
-        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-      for key in required:
-        if key not in row:
-          raise DataError(f"{path}:{lineno}: missing key {key!r} (keys present: {sorted(row)})")
-      rows.append((lineno, row))
+  for where, row in iter_jsonl(path):
+    if isinstance(row, DataError):
+      raise row
+    for key in required:
+      if key not in row:
+        raise DataError(f"{where}: missing key {key!r} (keys present: {sorted(row)})")
+    rows.append((int(where.rpartition(":")[2]), row))
   if not rows:
     raise DataError(f"{path}: no examples (empty file)")
   return rows
+
+
+def nonempty_text(where: str, key: str, text: str) -> str:
+  """`text` unless it is empty or only whitespace (DataError naming where and key)."""
+  if not text.strip():
+    raise DataError(f"{where}: {key!r} is empty; expected some text")
+  return text
 
 
 def write_jsonl_rows(path: str, rows) -> str:
@@ -81,14 +126,15 @@ def row_to_messages(path: str, lineno: int, row: dict) -> tuple[list[dict], str]
     if msgs[-1]["role"] != "assistant":
       raise DataError(f"{where}: the last message must have role 'assistant', "
                       f"got {msgs[-1]['role']!r}")
-    return msgs[:-1], msgs[-1]["content"]
+    return msgs[:-1], nonempty_text(where, "completion", msgs[-1]["content"])
   for key in ("prompt", "completion"):
     if key not in row:
       raise DataError(f"{where}: missing key {key!r}; expected {{'prompt': str, "
                       f"'completion': str}} or {{'messages': [...]}} (keys present: {sorted(row)})")
     if not isinstance(row[key], str):
       raise DataError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
-  return [{"role": "user", "content": row["prompt"]}], row["completion"]
+  return [{"role": "user", "content": row["prompt"]}], nonempty_text(where, "completion",
+                                                                    row["completion"])
 
 
 def encode_prompt(tokenizer, messages) -> list[int]:
@@ -178,14 +224,19 @@ def pack_examples(examples, max_seq_len: int, pad_id: int, seed: int) -> dict[st
   return out
 
 
+def require_rows(n: int, batch_size: int, what: str = "rows of data") -> None:
+  """DataError unless there are at least `batch_size` rows (a batch never repeats a row)."""
+  if n < batch_size:
+    raise DataError(f"only {n} {what} but batch_size={batch_size}")
+
+
 def batched(arrays: dict[str, np.ndarray], batch_size: int, seed: int, shuffle: bool = True):
   """Infinite grain MapDataset of batches: dataset[step] -> dict of [batch, T] arrays.
 
   Random access by step makes the data order reproducible across restarts.
   """
   n = len(next(iter(arrays.values())))
-  if n < batch_size:
-    raise DataError(f"only {n} rows of data but batch_size={batch_size}")
+  require_rows(n, batch_size)
   ds = grain.MapDataset.source([{k: v[i] for k, v in arrays.items()} for i in range(n)])
   if shuffle:
     ds = ds.shuffle(seed=seed)

@@ -70,6 +70,7 @@ _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM
                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                      "gemma": "GemmaForCausalLM"}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")  # weights are read as float32
 
 
 # ----------------------------------------------------------------------------
@@ -219,6 +220,10 @@ def _params_from_hf(c: ModelConfig, src: "_Source", where: str, model_type: str)
       raise ValueError(f"{where}: missing tensor {name!r} (expected shape {list(shape)} for "
                        f"model_type={model_type}, {c.n_layers} layers)")
     got = tuple(src.shape(name))
+    dtype = src.dtype(name)
+    if dtype is not None and dtype not in _FLOAT_DTYPES:
+      raise ValueError(f"{where}: tensor {name!r} has dtype {dtype}, expected a float type "
+                       f"({', '.join(_FLOAT_DTYPES)})")
     if got != tuple(shape):
       raise ValueError(f"{where}: tensor {name!r} has shape {list(got)}, expected "
                        f"{list(shape)} (from the model config: d_model={c.d_model}, "
@@ -305,6 +310,10 @@ class _Source:
   def shape(self, name):
     raise NotImplementedError
 
+  def dtype(self, name) -> str | None:
+    """The stored dtype's name, None when the format decides (GGUF quantisations)."""
+    return None
+
   def get(self, name) -> np.ndarray:
     raise NotImplementedError
 
@@ -330,6 +339,13 @@ class _SafetensorsSource(_Source):
   def shape(self, name):
     return tuple(self._files[self._index[name]].get_slice(name).get_shape())
 
+  def dtype(self, name):
+    d = str(self._files[self._index[name]].get_slice(name).get_dtype()).upper()  # e.g. BF16
+    for prefix, kind in (("BF", "bfloat"), ("F", "float"), ("I", "int"), ("U", "uint")):
+      if d.startswith(prefix) and d[len(prefix):].isdigit():
+        return kind + d[len(prefix):]
+    return d.lower()
+
   def get(self, name):
     return np.asarray(self._files[self._index[name]].get_tensor(name), np.float32)
 
@@ -338,14 +354,20 @@ def _load_hf(path: Path):
   cfg_file = path / "config.json"
   try:
     hf = json.loads(cfg_file.read_text())
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{cfg_file}: not valid JSON: {e}") from None
+  if not isinstance(hf, dict):
+    raise ValueError(f"{cfg_file}: expected a JSON object (a Hugging Face config), got "
+                     f"{type(hf).__name__}")
   config = _config_from_hf(hf, str(cfg_file))
   single, index_file = path / "model.safetensors", path / "model.safetensors.index.json"
   if single.is_file():
     from safetensors import safe_open
-    with safe_open(str(single), framework="numpy") as f:
-      index = {k: single for k in f.keys()}
+    try:
+      with safe_open(str(single), framework="numpy") as f:
+        index = {k: single for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+      raise ValueError(f"{single}: cannot read safetensors file: {e}") from None
   elif index_file.is_file():
     try:
       weight_map = json.loads(index_file.read_text())["weight_map"]
@@ -369,10 +391,18 @@ def _config_from_hf(hf: dict, where: str) -> ModelConfig:
   if mt not in HF_SUPPORTED:
     raise ValueError(f"{where}: model_type={mt!r} is not supported; expected one of "
                      f"{list(HF_SUPPORTED)}")
+  archs = hf.get("architectures") or []
+  if not isinstance(archs, list) or any(
+      not (isinstance(a, str) and a.endswith("ForCausalLM")) for a in archs):
+    raise ValueError(f"{where}: architectures={archs!r}: only causal language models "
+                     f"(e.g. {_HF_ARCHITECTURES[mt]!r}) are supported; a classification / "
+                     f"other head has no language-model output to import")
 
   def req(key):
     if hf.get(key) is None:
       raise ValueError(f"{where}: missing key {key!r} (model_type={mt})")
+    if not isinstance(hf[key], int) or isinstance(hf[key], bool) or hf[key] <= 0:
+      raise ValueError(f"{where}: {key}={hf[key]!r}: expected a positive integer")
     return hf[key]
 
   D, H = int(req("hidden_size")), int(req("num_attention_heads"))
@@ -398,18 +428,24 @@ def _config_from_hf(hf: dict, where: str) -> ModelConfig:
   if window and uses_window:
     warnings.warn(f"{where}: sliding_window={window} is not modelled; the imported model is "
                   f"exact only for sequences of at most {window} tokens")
-  return ModelConfig(
-      vocab_size=int(req("vocab_size")), d_model=D, n_layers=int(req("num_hidden_layers")),
-      n_heads=H, n_kv_heads=int(hf.get("num_key_value_heads") or H),
-      head_dim=int(hf.get("head_dim") or D // H), d_ff=int(req("intermediate_size")),
-      rope_theta=float(theta), rope_scaling=_rope_scaling_from_hf(scaling, where),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      norm_offset=1.0 if mt == "gemma" else 0.0, embed_scale=mt == "gemma",
-      tie_embeddings=bool(hf.get("tie_word_embeddings", mt == "gemma")),
-      attn_bias=True if mt == "qwen2" else bool(hf.get("attention_bias", False)),
-      mlp_bias=bool(hf.get("mlp_bias", False)) if mt == "llama" else False,
-      qk_norm=mt == "qwen3", activation=activation,
-      max_seq_len=int(hf.get("max_position_embeddings", 2048)))
+  vocab, layers, d_ff = int(req("vocab_size")), int(req("num_hidden_layers")), int(
+      req("intermediate_size"))
+  rope_scaling = _rope_scaling_from_hf(scaling, where)
+  try:
+    return ModelConfig(
+        vocab_size=vocab, d_model=D, n_layers=layers,
+        n_heads=H, n_kv_heads=int(hf.get("num_key_value_heads") or H),
+        head_dim=int(hf.get("head_dim") or D // H), d_ff=d_ff,
+        rope_theta=float(theta), rope_scaling=rope_scaling,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        norm_offset=1.0 if mt == "gemma" else 0.0, embed_scale=mt == "gemma",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", mt == "gemma")),
+        attn_bias=True if mt == "qwen2" else bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)) if mt == "llama" else False,
+        qk_norm=mt == "qwen3", activation=activation,
+        max_seq_len=int(hf.get("max_position_embeddings", 2048)))
+  except (TypeError, ValueError) as e:  # e.g. heads not a multiple of kv heads
+    raise ValueError(f"{where}: {e}") from None
 
 
 def _rope_scaling_from_hf(scaling, where):
@@ -693,12 +729,12 @@ def _load_ours(path: Path):
   target = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
       jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))))
+  from rlhf_jax.checkpoint import orbax_read
   ckptr = ocp.StandardCheckpointer()
-  try:
-    restored = ckptr.restore(params_dir, target)
-  except Exception as e:  # orbax raises assorted errors for tree/shape mismatch
-    raise ValueError(f"{params_dir}: cannot restore parameters for the config in "
-                     f"{cfg_file}: {e}") from None
+  try:  # orbax raises assorted errors for tree/shape mismatch: one ValueError
+    restored = orbax_read(lambda: ckptr.restore(params_dir, target),
+                          f"{params_dir}: cannot restore parameters for the config in "
+                          f"{cfg_file}", ValueError)
   finally:
     ckptr.close()
   return config, jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), restored)

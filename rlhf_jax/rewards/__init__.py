@@ -92,8 +92,8 @@ def _entries(spec) -> list[dict]:
                    f"of them")
 
 
-def build_reward_fn(entry: Mapping) -> RewardFn:
-  """One reward function from {"name": ..., **options} (weight/label ignored)."""
+def _checked(entry: Mapping):
+  """(factory, options) of one spec entry; ValueError for an unknown name or option."""
   entry = dict(_plain(entry))
   if "name" not in entry:
     raise ValueError(f"reward spec {entry!r}: missing 'name'; valid names: "
@@ -116,16 +116,41 @@ def build_reward_fn(entry: Mapping) -> RewardFn:
                and p.name not in options]
     if missing:
       raise ValueError(f"reward {name!r}: missing required option(s) {missing}")
+  weight = entry.get("weight", 1.0)
+  if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+    raise ValueError(f"reward {name!r}: weight must be a number, got {weight!r}")
+  return factory, options
+
+
+def build_reward_fn(entry: Mapping) -> RewardFn:
+  """One reward function from {"name": ..., **options} (weight/label ignored)."""
+  factory, options = _checked(entry)
   return factory(**options)
+
+
+def parse_spec(spec):
+  """A spec as given in a config: a name, or JSON text of an entry / a list of entries."""
+  if isinstance(spec, str) and spec.strip()[:1] in ("[", "{"):
+    import json
+    try:
+      return json.loads(spec)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"reward spec is not valid JSON ({e.msg} at column {e.colno}): "
+                       f"{spec!r}") from None
+  return spec
+
+
+def check_reward_spec(spec) -> None:
+  """Raise ValueError for a spec `make_reward_fn` would refuse (unknown name, option or
+  bad weight, invalid JSON), without building anything (no reward model is loaded)."""
+  for e in _entries(parse_spec(spec)):
+    _checked(e)
 
 
 def make_reward_fn(spec) -> CombinedReward:
   """A `CombinedReward` from a spec (see the module docstring)."""
   components = []
-  for e in _entries(spec):
+  for e in _entries(parse_spec(spec)):
     fn = build_reward_fn(e)
-    weight = e.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-      raise ValueError(f"reward {e['name']!r}: weight must be a number, got {weight!r}")
-    components.append((e.get("label", e["name"]), fn, float(weight)))
+    components.append((e.get("label", e["name"]), fn, float(e.get("weight", 1.0))))
   return CombinedReward(components)

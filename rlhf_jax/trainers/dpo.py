@@ -90,7 +90,7 @@ def make_train_step(model, tx, d, frozen=None):
 def reference_logps(model, names, ref_params, arrays, batch_size, mesh, cache_path, fingerprint):
   """{ref_<side>_logps: [N]} for every row, cached in `cache_path` under `fingerprint`."""
   if os.path.exists(cache_path):
-    cached = np.load(cache_path)
+    cached = np.load(cache_path, allow_pickle=False)  # our own cache: arrays only
     if str(cached["fingerprint"]) == fingerprint:
       return {k: cached[k] for k in cached.files if k != "fingerprint"}
   f = jax.jit(make_sequence_logps(model, names))
@@ -121,6 +121,7 @@ def run(config, workdir: str) -> dict:
   train_src, eval_src, data_stats = pairs.load_pairs(config, workdir)
   tokenizer = common.build_tokenizer(config, workdir, lambda: pairs.corpus(train_src))
   train_arrays, tok_stats = pairs.tokenize(config, tokenizer, train_src)
+  sft_data.require_rows(len(train_arrays["margin"]), B, "preference pairs")
   eval_arrays = pairs.tokenize(config, tokenizer, eval_src)[0] if eval_src is not None else None
   if d.loss_type == "kto":
     train_arrays.update(pairs.mismatched_rows(train_arrays, tokenizer.pad_id))
@@ -157,6 +158,9 @@ def run(config, workdir: str) -> dict:
       ref_params = None  # no longer needed: free the memory
   train_ds = sft_data.batched(train_arrays, B, config.seed)
 
+  policy_eval = evaluation.from_config(config, model_config=mcfg, tokenizer=tokenizer,
+                                       ref_params=eval_ref, workdir=workdir)
+
   checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
                                                tokenizer)
 
@@ -168,9 +172,6 @@ def run(config, workdir: str) -> dict:
                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
   eval_fn = jax.jit(make_loss_fn(model, d),
                     in_shardings=(model_sharding, ref_sharding, batch_sharding))
-
-  policy_eval = evaluation.from_config(config, model_config=mcfg, tokenizer=tokenizer,
-                                       ref_params=eval_ref, workdir=workdir)
 
   def evaluate(params, step):
     params = frozen.full(params)  # LoRA: adapters merged into the base

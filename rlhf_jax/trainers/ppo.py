@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import config as config_lib
 from rlhf_jax import parallel, rollout
 from rlhf_jax.losses import advantages as adv_lib
@@ -92,11 +93,6 @@ def run(config, workdir: str) -> dict:
   p, r = config.ppo, config.rollout
   G, N = r.group_size, r.prompts_per_step
   B = N * G
-  if p.critic not in ("separate", "shared"):
-    raise config_lib.ConfigError(f"config.ppo.critic={p.critic!r}: expected separate|shared")
-  if B % p.minibatches:
-    raise config_lib.ConfigError(f"config.ppo.minibatches={p.minibatches} must divide "
-                                 f"prompts_per_step * group_size = {B}")
   mesh = parallel.make_mesh(config.mesh.shape)
 
   # Data, tokenizer, reward.
@@ -116,7 +112,11 @@ def run(config, workdir: str) -> dict:
     value = fresh["value"]
     if p.critic == "separate":
       if p.critic_init:  # e.g. a reward model's workdir: its backbone and head
-        _, critic = common.load_init(p.critic_init, config.model.dtype, config.model.remat)
+        try:
+          _, critic = common.load_init(p.critic_init, config.model.dtype, config.model.remat,
+                                       families=common.LM_OR_RM[1:])
+        except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
+          raise ckpt_lib.CheckpointError(f"config.ppo.critic_init={p.critic_init}: {e}") from None
         value = {"backbone": critic["backbone"], "head": critic["head"]}
       else:
         value = {"backbone": backbone_params_from_lm(lm_params), "head": fresh["value"]["head"]}
@@ -132,6 +132,7 @@ def run(config, workdir: str) -> dict:
   state["kl_ctl"] = kl_lib.kl_controller_init(p.kl_coef)
   shardings["kl_ctl"] = jax.tree.map(lambda _: parallel.replicated(mesh), state["kl_ctl"])
   ref_params = frozen.initial(state["params"], "policy")
+  policy_eval = prompt_sets.policy_eval(config, mcfg, tokenizer, eval_src, workdir, ref_params)
   checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
                                                tokenizer)
 
@@ -203,8 +204,6 @@ def run(config, workdir: str) -> dict:
     if "math" in ro.reward_parts:
       stats["accuracy"] = float(np.mean(ro.reward_parts["math"]))
     return state, {**jax.device_get(m), **stats}
-
-  policy_eval = prompt_sets.policy_eval(config, mcfg, tokenizer, eval_src, workdir, ref_params)
 
   def evaluate(params, step):
     return policy_eval(frozen.full(params)["policy"], step)

@@ -144,7 +144,7 @@ def run(config, workdir: str) -> dict:
 
   rng_init = jax.random.PRNGKey(config.seed)
   init_params = None
-  mcfg, lm_params = common.policy_init(config, tokenizer)
+  mcfg, lm_params = common.policy_init(config, tokenizer, common.LM_OR_RM)
   if mcfg.max_seq_len < d.max_len:
     raise config_lib.ConfigError(f"config.data.max_len={d.max_len} exceeds the model's "
                                  f"max_seq_len={mcfg.max_seq_len}")

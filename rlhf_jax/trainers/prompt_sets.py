@@ -71,6 +71,9 @@ def corpus(source):
 def batches(config, tokenizer, source, prompts_per_step: int, seed: int):
   """(grain dataset: ds[step] -> {"tokens" [N, P], "mask" [N, P], "index" [N]},
   metadata(index [N]) -> {"answer": [...]} for the reward functions)."""
+  if len(source) < prompts_per_step:
+    raise DataError(f"{source!r}: {len(source)} prompts, fewer than "
+                    f"rollout.prompts_per_step={prompts_per_step}")
   tokens, mask = prompt_data.tokenize_prompts(source, tokenizer, config.data.max_prompt_len)
   arrays = {"tokens": tokens, "mask": mask, "index": np.arange(len(tokens), dtype=np.int32)}
   answers = [ex["answer"] for ex in source]
@@ -83,15 +86,7 @@ def batches(config, tokenizer, source, prompts_per_step: int, seed: int):
 
 def make_reward_from_spec(spec: str):
   """The CombinedReward of a reward spec string: a name, or a JSON list/dict of entries."""
-  import json
-
   from rlhf_jax.rewards import make_reward_fn
-  if spec.strip()[:1] in "[{":
-    try:
-      spec = json.loads(spec)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"reward spec is not valid JSON ({e.msg} at column {e.colno}): "
-                       f"{spec!r}") from None
   return make_reward_fn(spec)
 
 

@@ -28,7 +28,6 @@ from rlhf_jax import config as config_lib
 from rlhf_jax import parallel
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.losses.reward import bradley_terry_loss
-from rlhf_jax.models import ModelConfig
 from rlhf_jax.models.heads import ScalarModel, backbone_params_from_lm, last_token_score
 from rlhf_jax.trainers import common, pairs
 
@@ -78,12 +77,11 @@ def pair_accuracy(eval_step, params, arrays, batch_size, mesh):
 def load_reward_model(workdir: str):
   """(ModelConfig, params, tokenizer) of a trained reward model's workdir."""
   from rlhf_jax import tokenizer as tok_lib
-  with open(os.path.join(workdir, "model_config.json")) as f:
-    mcfg = ModelConfig.from_dict(json.load(f))
-  _, params = common.read_workdir_params(workdir)  # a LoRA run's adapters merged
-  if set(params) != {"backbone", "head"}:
-    raise ckpt_lib.CheckpointError(f"{workdir}: not a reward model (params have "
-                                   f"{sorted(params)}, expected backbone and head)")
+  if not common.is_workdir(workdir):
+    raise ckpt_lib.CheckpointError(f"{workdir}: not a reward model's run directory (expected "
+                                   f"model_config.json and checkpoints/ from rlhf-jax train)")
+  # A LoRA run's adapters merged; checked: a reward model with the shapes of its config.
+  mcfg, params = common.read_workdir_model(workdir, families=common.LM_OR_RM[1:])
   return mcfg, params, tok_lib.load_tokenizer(workdir)
 
 
@@ -147,7 +145,7 @@ def run(config, workdir: str) -> dict:
   # Model: backbone from init_from (an LM, an SFT run, or a reward model), fresh head.
   rng_init = jax.random.PRNGKey(config.seed)
   init_params = None
-  mcfg, lm_params = common.policy_init(config, tokenizer)
+  mcfg, lm_params = common.policy_init(config, tokenizer, common.LM_OR_RM)
   model = ScalarModel(mcfg)
   dummy = jnp.zeros((1, 2), jnp.int32)
   if lm_params is not None:

@@ -156,6 +156,9 @@ def run(config, workdir: str) -> dict:
       workdir=workdir)
   eval_ref = (frozen.initial(state["params"]) if evaluation.needs_reference(config)
               else None)  # the initial policy, for eval_kl
+  policy_eval = evaluation.from_config(config, model_config=mcfg, tokenizer=tokenizer,
+                                       ref_params=eval_ref, workdir=workdir)
+
   checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
                                                tokenizer)
 
@@ -176,9 +179,6 @@ def run(config, workdir: str) -> dict:
   sample_rows = sft_data.read_jsonl_rows(eval_path)[:config.sample.num_prompts] if eval_path else []
   sample_prompts, sample_refs = zip(*[sft_data.row_to_messages(eval_path, n, r)
                                       for n, r in sample_rows]) if sample_rows else ((), ())
-
-  policy_eval = evaluation.from_config(config, model_config=mcfg, tokenizer=tokenizer,
-                                       ref_params=eval_ref, workdir=workdir)
 
   def evaluate(params, step):
     params = frozen.full(params)  # LoRA: adapters merged into the base
