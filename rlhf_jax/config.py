@@ -322,8 +322,11 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
   """Every check that needs only the config (and the device count): value ranges,
   choices and combinations of keys, for all trainers. Raises ConfigError naming the key.
 
-  Trainers call it first, before anything is read or written; `num_devices` (default
-  `jax.device_count()`) is what `mesh.shape` must fit.
+  Trainers call it first, before anything is read or written, with `num_devices` =
+  jax.device_count(): mesh.shape must fit them and every batch split evenly over its
+  data-parallel devices. num_devices=None checks the config alone: no device checks, and
+  data paths a run needs may still be unset (e.g. a size preset for other hardware, before
+  --config.data.train_path is given).
   """
   def need(ok, key, msg):
     if not ok:
@@ -418,10 +421,10 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
       raise ConfigError(str(e) if str(e).startswith("config.") else f"config.lora: {e}") from None
 
   # Data.
-  _validate_data(config, model, need, num, choice)
+  _validate_data(config, model, need, num, choice, for_run=num_devices is not None)
 
   # Algorithms.
-  rows = _validate_mesh(config, num_devices, need)
+  rows = _validate_mesh(config, num_devices, need)  # 1 when num_devices is None
   if "dpo" in config:
     _validate_dpo(config, need, num, choice)
   if "rm" in config:
@@ -462,7 +465,7 @@ def _validate_model(config, need, num):
     raise ConfigError(msg.replace("config.model: model.", "config.model.")) from None
 
 
-def _validate_data(config, model, need, num, choice):
+def _validate_data(config, model, need, num, choice, for_run: bool):
   d = config.data
   max_len = model.max_seq_len if model is not None else None
   if config.trainer == "sft":
@@ -485,7 +488,7 @@ def _validate_data(config, model, need, num, choice):
   if sources is None or "source" not in d:
     return
   choice("data.source", sources)
-  if d.source != "synthetic":
+  if d.source != "synthetic" and for_run:
     need(d.train_path, "data.train_path", f"required when data.source={d.source!r}")
   if config.trainer == "prm":
     num("data.max_prompt_len", 1, integer=True)
@@ -519,9 +522,10 @@ def _validate_mesh(config, num_devices, need) -> int:
   need(isinstance(shape, (tuple, list)) and len(shape) == 3
        and all(isinstance(s, int) and not isinstance(s, bool) for s in shape), "mesh.shape",
        f"expected 3 integers (data, fsdp, tensor), -1 = fill; got {shape!r}")
+  need(list(shape).count(-1) <= 1 and all(s == -1 or s > 0 for s in shape), "mesh.shape",
+       f"entries must be positive, with at most one -1 (= fill); got {tuple(shape)}")
   if num_devices is None:
-    import jax
-    num_devices = jax.device_count()
+    return 1
   try:
     data, fsdp, _ = parallel.mesh_shape(shape, num_devices)
   except ValueError as e:

@@ -20,8 +20,9 @@ JSONL rows (`jsonl_preferences`; one object per line, `.jsonl` or `.jsonl.gz`):
     {"prompt": "text" | [{"role", "content"}, ...], "chosen": str, "rejected": str,
      "margin": number (optional)}
 
-A string prompt is one user turn (it may be empty); `chosen` and `rejected` must be
-non-empty and differ (after stripping whitespace). Malformed rows raise `DataError`
+A string prompt is one user turn. `chosen` and `rejected` must differ (after stripping
+whitespace; one of them may be empty: silence can be the better or the worse reply).
+Malformed rows raise `DataError`
 naming file:line, or with `skip_malformed=True` are skipped and counted (see
 `preference_stats`).
 
@@ -58,7 +59,7 @@ import grain
 import numpy as np
 
 from rlhf_jax.data.sft import (DataError, batched, encode_prompt, iter_jsonl,  # noqa: F401
-                               nonempty_text, open_text)  # (re-exported)
+                               open_text)  # (re-exported)
 
 PAIR_KEYS = ("tokens", "segment_ids", "loss_mask")
 CORRUPTIONS = ("swap", "random")
@@ -92,7 +93,6 @@ def parse_preference_row(where: str, row: dict) -> dict:
   for key in ("chosen", "rejected"):
     if not isinstance(row[key], str):
       raise DataError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
-    nonempty_text(where, key, row[key])
   if row["chosen"].strip() == row["rejected"].strip():
     raise DataError(f"{where}: 'chosen' and 'rejected' are identical ({row['chosen'][:60]!r}); "
                     f"a pair must prefer one reply over a different one")

@@ -111,7 +111,7 @@ def reference_logps(model, names, ref_params, arrays, batch_size, mesh, cache_pa
 
 
 def run(config, workdir: str) -> dict:
-  config_lib.validate(config)
+  config_lib.validate(config, jax.device_count())
   d = config.dpo
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh(config.mesh.shape)

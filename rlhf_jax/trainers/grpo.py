@@ -152,7 +152,7 @@ def micro_batches_of(rows: int, micro: int) -> int:
 
 
 def run(config, workdir: str) -> dict:
-  config_lib.validate(config)
+  config_lib.validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   algo = resolve(config.grpo)
   r = config.rollout

@@ -88,7 +88,7 @@ def make_update(model, tx, p, P, temperature, max_len, micro_batches=1, frozen=N
 
 
 def run(config, workdir: str) -> dict:
-  config_lib.validate(config)
+  config_lib.validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   p, r = config.ppo, config.rollout
   G, N = r.group_size, r.prompts_per_step

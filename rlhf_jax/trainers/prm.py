@@ -126,7 +126,7 @@ def step_metrics(logits_NT, arrays) -> dict:
 
 
 def run(config, workdir: str) -> dict:
-  config_lib.validate(config)
+  config_lib.validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh(config.mesh.shape)
   d = config.data

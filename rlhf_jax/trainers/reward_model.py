@@ -130,7 +130,7 @@ def evaluate_reward_model(workdir: str, data_path: str, source: str = "jsonl",
 
 
 def run(config, workdir: str) -> dict:
-  config_lib.validate(config)
+  config_lib.validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh(config.mesh.shape)
 

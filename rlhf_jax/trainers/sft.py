@@ -118,7 +118,7 @@ def corpus_lines(path):
 # ----------------------------------------------------------------------------
 
 def run(config, workdir: str) -> dict:
-  config_lib.validate(config)
+  config_lib.validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh(config.mesh.shape)
   T, B = config.data.max_seq_len, config.batch_size
