@@ -492,7 +492,7 @@ def _validate_data(config, model, need, num, choice, for_run: bool):
     need(d.train_path, "data.train_path", f"required when data.source={d.source!r}")
   if config.trainer == "prm":
     num("data.max_prompt_len", 1, integer=True)
-    num("data.max_len", d.max_prompt_len + 1, integer=True)
+    num("data.max_len", 2, integer=True)
     if max_len is not None:
       need(d.max_len <= max_len, f"data.max_len={d.max_len}",
            f"exceeds model.max_seq_len={max_len}")

@@ -280,7 +280,7 @@ for trainer, args, expect in [
     ("ppo", ["ppo.epochs=0"], "config.ppo.epochs"),
     ("ppo", ["ppo.adaptive_kl=True", "--config.ppo.kl_target=0.0"], "config.ppo.kl_target"),
     ("prm", ["data.source=csv"], "config.data.source='csv'"),
-    ("prm", ["data.max_len=2"], "config.data.max_len"),
+    ("prm", ["data.max_len=1"], "config.data.max_len: must be >= 2"),
 ]:
   args = [f"--config.{a}" for a in args[:1]] + list(args[1:])
   add("config", "out of range", f"{trainer}:{' '.join(a[9:] for a in args)}",

@@ -126,15 +126,14 @@ def row_to_messages(path: str, lineno: int, row: dict) -> tuple[list[dict], str]
     if msgs[-1]["role"] != "assistant":
       raise DataError(f"{where}: the last message must have role 'assistant', "
                       f"got {msgs[-1]['role']!r}")
-    return msgs[:-1], nonempty_text(where, "completion", msgs[-1]["content"])
+    return msgs[:-1], msgs[-1]["content"]
   for key in ("prompt", "completion"):
     if key not in row:
       raise DataError(f"{where}: missing key {key!r}; expected {{'prompt': str, "
                       f"'completion': str}} or {{'messages': [...]}} (keys present: {sorted(row)})")
     if not isinstance(row[key], str):
       raise DataError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
-  return [{"role": "user", "content": row["prompt"]}], nonempty_text(where, "completion",
-                                                                    row["completion"])
+  return [{"role": "user", "content": row["prompt"]}], row["completion"]
 
 
 def encode_prompt(tokenizer, messages) -> list[int]:
@@ -161,6 +160,7 @@ def tokenize_sft_file(path: str, tokenizer, max_seq_len: int, overlength: str = 
   examples = []
   for lineno, row in read_jsonl_rows(path):
     prompt_msgs, completion = row_to_messages(path, lineno, row)
+    nonempty_text(f"{path}:{lineno}", "completion", completion)  # nothing to learn but EOS
     prompt_ids = encode_prompt(tokenizer, prompt_msgs)
     completion_ids = tokenizer.encode(completion) + [tokenizer.eos_id]
     tokens = np.asarray(prompt_ids + completion_ids, np.int32)
