@@ -262,62 +262,80 @@ def timings(workdir: str, wall: float) -> tuple[float, float]:
   return max(wall - loop, 0.5), loop / max(rows[-1]["step"], 1)
 
 
-def kill_chain(trainer: str, root: str, ref: str, startup_s: float, step_s: float,
-               kills: int, rng, say=print) -> dict:
-  """Kill a run `kills` times at random (the first during its start-up) and once during a
-  checkpoint write, resuming it each time until it finishes; compare with `ref`."""
-  wd = os.path.join(root, "killed")
+def _chain(trainer: str, root: str, name: str, startup_s: float, step_s: float,
+           kills: int, save_kill: bool, rng, say) -> tuple[str, list[dict]]:
+  """One workdir killed and relaunched until it finishes: at a random moment of its
+  start-up, (save_kill) during a checkpoint write, then after random delays until `kills`
+  random kills (or until a launch finishes before its kill); a last launch to the end."""
+  wd = os.path.join(root, name)
   shutil.rmtree(wd, ignore_errors=True)
   os.makedirs(wd)
   c = overrides(trainer)
   n_steps, every = c["num_steps"], c["checkpoint.every"]
   events = []
+  log = lambda n: os.path.join(root, f"{name}-launch-{n:02d}.log")
 
   def log_kill(n, e):
-    say(f"[{trainer}] launch {n}: " + (f"SIGKILL after {e['delay_s']:.1f} s during "
-                                        f"{e['phase']}; checkpoints {e['checkpoints_after']}"
-                                        if e["killed"] else f"finished first (rc {e['rc']})"))
+    say(f"[{trainer}] {name} launch {n}: " + (
+        f"SIGKILL after {e['delay_s']:.1f} s during {e['phase']}; checkpoints "
+        f"{e['checkpoints_after']}" if e["killed"] else f"finished first (rc {e['rc']})"))
 
-  e = kill_at(trainer, wd, float(rng.uniform(0.2, 1.0)) * startup_s,
-              os.path.join(root, "launch-00.log"))
+  e = kill_at(trainer, wd, float(rng.uniform(0.2, 1.0)) * startup_s, log(0))
   events.append(e)
   log_kill(0, e)
-  save_step = int(rng.choice([every, 2 * every] if 2 * every < n_steps else [every]))
-  e = kill_during_save(trainer, wd, save_step, os.path.join(root, "launch-01.log"))
-  events.append(e)
-  say(f"[{trainer}] launch 1: SIGKILL during the write of checkpoint {save_step}: "
-      f"{'killed' if e['killed'] else 'NOT killed (rc %s)' % e['rc']}, "
-      f"{'unfinished temporary directory left' if e['mid_write'] else 'write had finished'}; "
-      f"finished checkpoints {e['checkpoints_after']}")
-  n = 2
-  while sum(x["killed"] and x["kind"] == "random" for x in events) < kills and n < 4 * kills:
+  n = 1
+  if save_kill:
+    save_step = int(rng.choice([every, 2 * every] if 2 * every < n_steps else [every]))
+    e = kill_during_save(trainer, wd, save_step, log(n))
+    events.append(e)
+    say(f"[{trainer}] {name} launch {n}: SIGKILL during the write of checkpoint {save_step}: "
+        f"{'killed' if e['killed'] else 'NOT killed (rc %s)' % e['rc']}, "
+        f"{'unfinished temporary directory left' if e['mid_write'] else 'write had finished'}"
+        f"; finished checkpoints {e['checkpoints_after']}")
+    n += 1
+  while events[-1]["killed"] and sum(
+      x["killed"] and x["kind"] == "random" for x in events) < kills and n < 4 * kills + 2:
     done = (_finished_steps(wd) or [0])[-1]
     # (a resumed launch starts faster than a fresh one: no data, tokenizer, TFDS to build)
     delay = float(rng.uniform(0.3 * startup_s, 0.7 * startup_s + 0.9 * (n_steps - done) * step_s))
-    e = kill_at(trainer, wd, delay, os.path.join(root, f"launch-{n:02d}.log"))
+    e = kill_at(trainer, wd, delay, log(n))
     events.append(e)
     log_kill(n, e)
     n += 1
-    if not e["killed"]:
-      break
   if events[-1]["killed"] or events[-1]["rc"] != 0:
-    rc, wall = run_to_end(trainer, wd, os.path.join(root, f"launch-{n:02d}.log"))
+    rc, wall = run_to_end(trainer, wd, log(n))
     events.append({"kind": "final", "rc": rc, "killed": False, "wall_s": round(wall, 2)})
-    say(f"[{trainer}] launch {n}: resumed to the end (rc {rc}, {wall:.1f} s)")
+    say(f"[{trainer}] {name} launch {n}: resumed to the end (rc {rc}, {wall:.1f} s)")
+  return wd, events
+
+
+def kill_chain(trainer: str, root: str, ref: str, startup_s: float, step_s: float,
+               kills: int, rng, say=print) -> dict:
+  """`kills` random SIGKILLs (each chain's first during its start-up) and one during a
+  checkpoint write, each followed by a relaunch of the same command; every finished
+  workdir compared with `ref`. When a launch finishes before its kill, the next kills go
+  to a new workdir (at most 3)."""
+  chains, events = [], []
+  while len(chains) < 3 and (not chains or sum(
+      e["killed"] and e["kind"] == "random" for e in events) < kills):
+    left = kills - sum(e["killed"] and e["kind"] == "random" for e in events)
+    wd, ev = _chain(trainer, root, "killed" if not chains else f"killed{len(chains) + 1}",
+                    startup_s, step_s, left, not chains, rng, say)
+    events += ev
+    chain = {"workdir": wd, "launches": len(ev), "finished": ev[-1]["rc"] == 0}
+    chain.update(compare(ref, wd) if chain["finished"] else {"ok": False})
+    chains.append(chain)
   killed = [e for e in events if e["killed"]]
-  result = {"events": events, "kills": len(killed),
+  result = {"events": events, "chains": chains, "kills": len(killed),
             "mid_write_kills": sum(e.get("mid_write", False) for e in events),
             "phases": {
                 "start-up": sum(e.get("phase", "").startswith("start-up") for e in killed),
                 "training": sum(e.get("phase", "").startswith("training") for e in killed),
                 "checkpoint write": sum(e.get("mid_write", False)
                                         or e.get("phase", "").startswith("the write")
-                                        for e in killed)},
-            "finished": events[-1]["rc"] == 0}
-  if result["finished"]:
-    result.update(compare(ref, wd))
-  else:
-    result["ok"] = False
+                                        for e in killed)}}
+  for k in ("finished", "ok", "bitwise_params", "steps_ok", "metrics_rows_ok", "samples_ok"):
+    result[k] = all(c.get(k, False) for c in chains)
   result["survived"] = result["kills"] if result["ok"] else 0
   return result
 
