@@ -44,6 +44,7 @@ class Case:
   code: int                     # expected exit status
   setup: Callable | None = None  # setup(tmp, env): writes the bad input, may add to env
   workdir: str = "prior"        # prior: a fake earlier run's files; run: a copy of a real run
+  devices: int = 1              # > 1: run only as a process with that many CPU devices
 
   @property
   def id(self):
@@ -56,10 +57,10 @@ PRESETS = {"sft": "configs/sft.py:tiny", "rm": "configs/rm.py:tiny", "dpo": "con
            "prm": "configs/prm.py:tiny"}
 
 
-def add(category, group, name, argv, expect, code, setup=None, workdir="prior"):
+def add(category, group, name, argv, expect, code, setup=None, workdir="prior", devices=1):
   CASES.append(Case(category, group, name, tuple(argv),
                     (expect,) if isinstance(expect, str) else tuple(expect), code, setup,
-                    workdir))
+                    workdir, devices))
 
 
 def train(trainer, *args):
@@ -329,6 +330,14 @@ for trainer, args, expect in [
   args = [f"--config.{a}" for a in args[:1]] + list(args[1:])
   add("config", "incompatible", f"{trainer}:{' '.join(a[9:] for a in args)}",
       train(trainer, *args), expect, 2)
+
+# Mesh vs devices: these need 8 devices, so they run as processes (test_exit_status).
+add("config", "incompatible", "sft:batch_size=12 on a (8,1,1) mesh",
+    train("sft", "--config.mesh.shape=(8,1,1)", "--config.batch_size=12"),
+    ["config.batch_size", "12 is not divisible by the data-parallel size 8"], 2, devices=8)
+add("config", "incompatible", "sft:mesh.shape=(3,1,1) on 8 devices",
+    train("sft", "--config.mesh.shape=(3,1,1)"),
+    ["config.mesh.shape=[3, 1, 1] needs 3 devices", "8 device(s) are available"], 2, devices=8)
 
 # ============================================================================
 # config: the config file and the command line itself
@@ -1067,7 +1076,10 @@ def prepare(case, tmp_path, assets):
   return env
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+IN_PROCESS = [c for c in CASES if c.devices == 1]
+
+
+@pytest.mark.parametrize("case", IN_PROCESS, ids=[c.id for c in IN_PROCESS])
 def test_bad_input(case, tmp_path, assets, capsys, caplog, monkeypatch):
   from rlhf_jax.trainers import common
   monkeypatch.delenv("RLHF_JAX_DEBUG", raising=False)
@@ -1089,6 +1101,31 @@ def test_bad_input(case, tmp_path, assets, capsys, caplog, monkeypatch):
   assert {k: after.get(k) for k in before} == before, "workdir files changed"
   new = sorted(k for k in set(after) - set(before) if not k.startswith("tfds/"))
   assert not new, f"new files: {new}"
+
+
+# A few cases again as real processes: the exit status a shell sees, stderr as printed
+# (absl / orbax logging included), and the cases that need 8 devices.
+AS_PROCESS = ["config/wrong type/sft:num_steps=abc", "data/SFT JSONL/non-UTF-8 bytes",
+              "checkpoint/resume/array data deleted"] + [c.id for c in CASES if c.devices > 1]
+
+
+@pytest.mark.parametrize("case_id", AS_PROCESS)
+def test_exit_status(case_id, tmp_path, assets):
+  case = next(c for c in CASES if c.id == case_id)
+  env = prepare(case, tmp_path, assets)
+  before = snapshot(env["wd"])
+  penv = {k: v for k, v in os.environ.items() if k not in ("RLHF_JAX_DEBUG", "RLHF_JAX_FAULT")}
+  penv.update(JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={case.devices}")
+  out = subprocess.run([sys.executable, "-m", "rlhf_jax.launch", *[fill(a, env) for a in case.argv]],
+                       cwd=REPO, env=penv, capture_output=True, text=True, timeout=300)
+  assert out.returncode == case.code, out.stderr[-3000:]
+  errors = [line for line in out.stderr.splitlines() if "error:" in line.lower()]
+  assert len(errors) == 1 and errors[0].startswith("error: "), out.stderr[-3000:]
+  for want in case.expect:
+    assert fill(want, env) in errors[0], errors[0]
+  assert "Traceback" not in out.stderr + out.stdout, out.stderr[-3000:]
+  assert snapshot(env["wd"]) == before
 
 
 def test_corpus_size():
