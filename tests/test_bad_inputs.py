@@ -676,6 +676,11 @@ for name, extra, setup, expect in [
   add("checkpoint", "resume", name, RESUME + tuple(extra), expect, code, setup, workdir="run")
 
 
+add("checkpoint", "resume", "WORKDIR/lora holds a file rlhf-jax did not write",
+    train("sft", *SMALL, *SFT_OK, "--config.lora.rank=4"),
+    ["{wd}/lora", "did not write", "notes.md"], 1, write_file("lora/notes.md", "mine\n"))
+
+
 def init_from_copy(mutate=None):
   """setup: env['src'] = a copy of the real run (then mutated), the init_from source."""
   def setup(tmp, env):

@@ -390,9 +390,8 @@ def _write_lora_base(workdir, frozen: Frozen, counts: dict) -> None:
     return
   d = os.path.abspath(os.path.join(workdir, LORA_DIR))
   if parallel.is_primary():  # multi-host: one process manages the directory ...
-    if os.path.exists(d):
-      shutil.rmtree(d)
-    os.makedirs(d)
+    _remove_own_lora_files(d)
+    os.makedirs(d, exist_ok=True)
   parallel.sync("lora_base_dir")
   ckptr = ocp.StandardCheckpointer()  # ... orbax writes the (sharded) base collectively
   ckptr.save(os.path.join(d, "base"), frozen.params)
@@ -402,6 +401,24 @@ def _write_lora_base(workdir, frozen: Frozen, counts: dict) -> None:
     save_json(os.path.join(d, "config.json"),
               {**frozen.lora.to_dict(), "scale": frozen.lora.scale, **counts})
   parallel.sync("lora_base")
+
+
+def _remove_own_lora_files(d: str) -> None:
+  """Delete a previous launch's WORKDIR/lora/{base/, config.json} (and our temporary files
+  there), and nothing else: a directory holding anything we did not write is refused."""
+  if not os.path.exists(d):
+    return
+  names = os.listdir(d)
+  ours = lambda n: n in ("base", "config.json") or n.startswith(("base.orbax-checkpoint-tmp",
+                                                                 "config.json.tmp"))
+  foreign = sorted(n for n in names if not ours(n))
+  if foreign:
+    raise ckpt_lib.CheckpointError(
+        f"{d}: holds files rlhf-jax did not write ({foreign[:5]}); it would replace this "
+        f"directory's LoRA base weights. Move them, or use a new --workdir")
+  for n in names:
+    p = os.path.join(d, n)
+    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 
 
 def _read_lora_config(workdir: str) -> "lora_lib.LoraConfig":
