@@ -1133,6 +1133,37 @@ def test_exit_status(case_id, tmp_path, assets):
   assert snapshot(env["wd"]) == before
 
 
+def test_no_pickle_and_no_deletion_of_user_files():
+  """Issue #9, safe loading: nothing in the package unpickles (np.load always with
+  allow_pickle=False; no pickle / torch.load / cloudpickle), and the only deletions are of
+  files the program wrote itself (listed here; a new one must be added knowingly)."""
+  root = os.path.join(REPO, "rlhf_jax")
+  unsafe = re.compile(r"\bimport (cloud)?pickle\b|\bfrom (cloud)?pickle\b|torch\.load\(|"
+                      r"pickle\.loads?\(|dill\.")
+  delete = re.compile(r"shutil\.rmtree\(|os\.remove\(|os\.unlink\(|\.unlink\(|os\.rmdir\(|"
+                      r"\.rmdir\(")
+  deletions = []
+  for d, _, files in os.walk(root):
+    for name in sorted(f for f in files if f.endswith(".py")):
+      path = os.path.join(d, name)
+      rel = os.path.relpath(path, REPO)
+      for lineno, line in enumerate(open(path, encoding="utf-8"), 1):
+        code = line.split("#")[0]
+        assert not unsafe.search(code), f"{rel}:{lineno}: {line.strip()}"
+        if "np.load(" in code:
+          assert "allow_pickle=False" in code, f"{rel}:{lineno}: np.load without allow_pickle=False"
+        if delete.search(code):
+          deletions.append((rel, code.strip()))
+  assert sorted(deletions) == [
+      # export --overwrite: a stale shard index in the output directory it was told to replace
+      ("rlhf_jax/models/pretrained.py",
+       '(path / "model.safetensors.index.json").unlink(missing_ok=True)'),
+      # _remove_own_lora_files: WORKDIR/lora/{base,config.json} of an earlier launch that
+      # never checkpointed (a lora/ dir with anything else is refused)
+      ("rlhf_jax/trainers/common.py", "shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)"),
+  ], deletions
+
+
 def test_corpus_size():
   """The issue asks for >= 200 cases; the README's Troubleshooting section lists them."""
   assert len(CASES) >= 200, len(CASES)
