@@ -87,6 +87,9 @@ def train_command(argv):
 
   from rlhf_jax import config as config_lib
 
+  if any(a in ("-h", "--help", "--helpfull") for a in argv):
+    print(USAGE)
+    return
   spec = _config_arg(argv)
   if spec is None:
     _die("train needs --config=configs/<algo>.py[:preset]")
