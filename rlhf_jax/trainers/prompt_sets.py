@@ -72,7 +72,8 @@ def batches(config, tokenizer, source, prompts_per_step: int, seed: int):
   """(grain dataset: ds[step] -> {"tokens" [N, P], "mask" [N, P], "index" [N]},
   metadata(index [N]) -> {"answer": [...]} for the reward functions)."""
   if len(source) < prompts_per_step:
-    raise DataError(f"{source!r}: {len(source)} prompts, fewer than "
+    name = getattr(source, "name", "") or "the training prompts"
+    raise DataError(f"{name}: {len(source)} prompts, fewer than "
                     f"rollout.prompts_per_step={prompts_per_step}")
   tokens, mask = prompt_data.tokenize_prompts(source, tokenizer, config.data.max_prompt_len)
   arrays = {"tokens": tokens, "mask": mask, "index": np.arange(len(tokens), dtype=np.int32)}
