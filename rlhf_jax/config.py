@@ -593,6 +593,8 @@ def _validate_online_rl(config, model, dp_rows, need, num, choice):
            + f" (or -1 = the variant's value), got {algo[key]}")
     need(algo["dynamic_sampling"] in (0, 1), "grpo.dynamic_sampling",
          f"expected 0 or 1 (or -1 = the variant's value), got {algo['dynamic_sampling']}")
+    need(g.get("old_logps", "auto") in ("auto", "recompute"), "grpo.old_logps",
+         f"expected auto or recompute, got {g.get('old_logps')!r}")
     num("grpo.epochs", 1, integer=True)
     num("grpo.minibatches", 1, integer=True)
     num("grpo.std_eps", 0.0)

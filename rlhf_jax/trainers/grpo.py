@@ -193,9 +193,6 @@ def run(config, workdir: str) -> dict:
   # One update per rollout: the old policy IS the current one; skip the old-log-prob
   # forward pass (rollouts then carry the sampler's log-probs as old_logps, for stats and
   # KL-in-reward). grpo.old_logps="recompute" always runs the pass.
-  if config.grpo.old_logps not in ("auto", "recompute"):
-    raise config_lib.ConfigError(f"config.grpo.old_logps={config.grpo.old_logps!r}: expected "
-                                 f"auto or recompute")
   on_policy = updates_per_step == 1 and config.grpo.old_logps == "auto"
   update = make_update(model, tx, algo, P, temperature, r.max_new_tokens,
                        micro_batches_of(B // algo["minibatches"], r.train_micro_batch), frozen,
