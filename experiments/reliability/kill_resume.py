@@ -248,7 +248,7 @@ def kill_at(trainer: str, workdir: str, delay: float, log: str) -> dict:
   writing = [n.split(".")[0] for n, m in _tmp_dirs(workdir).items() if tmp_before.get(n) != m]
   phase = (f"the write of checkpoint {writing[0]}" if writing else
            "start-up (metrics.jsonl untouched)" if _mtime(metrics) == written else
-           f"training (last metrics row: step {_last_row_step(workdir)})")
+           f"the training loop (last metrics row: step {_last_row_step(workdir)})")
   return {"kind": "random", "delay_s": round(delay, 2), "rc": p.returncode, "killed": killed,
           "wall_s": round(time.time() - t0, 2), "phase": phase if killed else "finished",
           "checkpoints_after": _finished_steps(workdir)}
@@ -330,7 +330,7 @@ def kill_chain(trainer: str, root: str, ref: str, startup_s: float, step_s: floa
             "mid_write_kills": sum(e.get("mid_write", False) for e in events),
             "phases": {
                 "start-up": sum(e.get("phase", "").startswith("start-up") for e in killed),
-                "training": sum(e.get("phase", "").startswith("training") for e in killed),
+                "training": sum(e.get("phase", "").startswith("the training") for e in killed),
                 "checkpoint write": sum(e.get("mid_write", False)
                                         or e.get("phase", "").startswith("the write")
                                         for e in killed)}}
@@ -486,7 +486,7 @@ def main(argv=None) -> int:
   total_kills = sum(r["kill"]["kills"] for r in results.values())
   survived = sum(r["kill"]["survived"] for r in results.values())
   print("\nKill and resume (SIGKILL, then the same command again):")
-  print(table(kill_rows, ["trainer", "kills", "in start-up", "in training",
+  print(table(kill_rows, ["trainer", "kills", "in start-up", "in the training loop",
                           "in a checkpoint write", "survived", "bitwise params",
                           "metrics rows ok", "samples ok"]))
   print(f"total: {survived}/{total_kills} kills survived")
