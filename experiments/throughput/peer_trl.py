@@ -15,8 +15,6 @@ wall clock in a TrainerCallback; the median over the timed steps (after warm-up)
 reported. One JSON line on stdout (prefixed `PEER_RESULT `) and --out.
 """
 
-import argparse
-import json
 import os
 import platform
 import statistics
@@ -261,18 +259,7 @@ def run(workload, steps, warmup, seed=0):
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--workload", required=True, choices=sorted(spec.WORKLOADS))
-  ap.add_argument("--steps", type=int, default=spec.TIMED_STEPS)
-  ap.add_argument("--warmup", type=int, default=spec.WARMUP_STEPS)
-  ap.add_argument("--out", default=None)
-  a = ap.parse_args()
-  res = run(a.workload, a.steps, a.warmup)
-  line = json.dumps(res)
-  if a.out:
-    with open(a.out, "w") as f:
-      f.write(line + "\n")
-  print("PEER_RESULT " + line, flush=True)
+  spec.peer_main(run, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -49,3 +49,22 @@ def train_flops(tokens: int, seq_len: int, m=MODEL) -> float:
 
 def forward_flops(tokens: int, seq_len: int, m=MODEL) -> float:
   return train_flops(tokens, seq_len, m) / 3
+
+
+def peer_main(run, description: str) -> None:
+  """The peer scripts' command line (peer_trl.py, peer_tunix.py; each in its own venv):
+  --workload/--steps/--warmup/--out; run(workload, steps, warmup) -> dict, printed as one
+  `PEER_RESULT {json}` line (what peers.py reads) and written to --out."""
+  import argparse
+  import json
+  ap = argparse.ArgumentParser(description=description)
+  ap.add_argument("--workload", required=True, choices=sorted(WORKLOADS))
+  ap.add_argument("--steps", type=int, default=TIMED_STEPS)
+  ap.add_argument("--warmup", type=int, default=WARMUP_STEPS, help=">= 1")
+  ap.add_argument("--out", default=None)
+  a = ap.parse_args()
+  line = json.dumps(run(a.workload, a.steps, a.warmup))
+  if a.out:
+    with open(a.out, "w") as f:
+      f.write(line + "\n")
+  print("PEER_RESULT " + line, flush=True)
