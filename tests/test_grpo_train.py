@@ -110,11 +110,9 @@ def test_kill_and_resume_is_bitwise_identical(sft_add_run, tfds_data_dir, tmp_pa
   assert [r["reward_mean"] for r in rows(ref)] == [r["reward_mean"] for r in rows(killed)]
 
 
-@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean",
-                                         "seq_mean_token_sum_norm"])
-def test_train_micro_batches_give_the_whole_batch_gradient(aggregation):
-  """rollout.train_micro_batch: exact gradient accumulation over ragged micro-batches.
-  With SGD at lr 1 the parameter change *is* the gradient."""
+def _sgd_policy(seed: int, B: int, C: int):
+  """A 1-layer policy, its SGD(lr 1) train state (the parameter change IS the gradient),
+  a numpy rng and a ragged completion mask [B, C]."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -122,14 +120,25 @@ def test_train_micro_batches_give_the_whole_batch_gradient(aggregation):
   from rlhf_jax.models import ModelConfig, Transformer, init_params
   mcfg = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
                      head_dim=8, d_ff=32)
-  model = Transformer(mcfg)
-  params = init_params(mcfg, jax.random.PRNGKey(0))
+  params = init_params(mcfg, jax.random.PRNGKey(seed))
   state = {"step": jnp.zeros((), jnp.int32), "params": params,
            "opt_state": optax.sgd(1.0).init(params)}
-  rng = np.random.default_rng(0)
-  B, P, C = 8, 4, 6
-  lengths = rng.integers(1, C + 1, size=B)  # ragged completions: micro-batches differ
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(1, C + 1, size=B)  # ragged completions
   mask = (np.arange(C)[None] < lengths[:, None]).astype(np.int32)
+  return Transformer(mcfg), params, state, rng, mask
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean",
+                                         "seq_mean_token_sum_norm"])
+def test_train_micro_batches_give_the_whole_batch_gradient(aggregation):
+  """rollout.train_micro_batch: exact gradient accumulation over ragged micro-batches.
+  With SGD at lr 1 the parameter change *is* the gradient."""
+  import jax
+  import optax
+
+  B, P, C = 8, 4, 6
+  model, params, state, rng, mask = _sgd_policy(0, B, C)  # ragged: micro-batches differ
   mb = {"sequences": rng.integers(0, 32, size=(B, P + C)).astype(np.int32),
         "segment_ids": np.concatenate([np.ones((B, P), np.int32), mask], 1),
         "mask": mask, "old_logps": (rng.normal(size=(B, C)) * 0.1 - 3.0).astype(np.float32)
@@ -151,21 +160,11 @@ def test_on_policy_update_equals_update_with_recomputed_old_logps():
   the same update as feeding the recomputed old log-probs (the skipped forward pass),
   and differs from an update with stale old log-probs (the test can fail)."""
   import jax
-  import jax.numpy as jnp
   import optax
 
   from rlhf_jax.losses.logprobs import token_logprobs
-  from rlhf_jax.models import ModelConfig, Transformer, init_params
-  mcfg = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
-                     head_dim=8, d_ff=32)
-  model = Transformer(mcfg)
-  params = init_params(mcfg, jax.random.PRNGKey(1))
-  state = {"step": jnp.zeros((), jnp.int32), "params": params,
-           "opt_state": optax.sgd(1.0).init(params)}
-  rng = np.random.default_rng(1)
   B, P, C, T = 8, 4, 6, 0.7
-  lengths = rng.integers(1, C + 1, size=B)
-  mask = (np.arange(C)[None] < lengths[:, None]).astype(np.int32)
+  model, params, state, rng, mask = _sgd_policy(1, B, C)
   seq = rng.integers(0, 32, size=(B, P + C)).astype(np.int32)
   seg = np.concatenate([np.ones((B, P), np.int32), mask], 1)
   logits = model.apply({"params": params}, seq, seg)[0][:, P - 1:-1]
