@@ -91,7 +91,8 @@ def test_saved_activations_per_layer_match_the_formula(dtype):
 
 
 def test_estimate_is_close_to_the_compiled_train_step():
-  """memory.train_step_bytes vs XLA's peak (arguments + temporaries) of a real AdamW step."""
+  """memory.train_step_bytes vs XLA's peak (arguments + temporaries) of a real AdamW step:
+  an upper bound, within 35%."""
   m = ModelConfig(vocab_size=512, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2,
                   head_dim=16, d_ff=192)
   B, T = 8, 64
@@ -114,7 +115,10 @@ def test_estimate_is_close_to_the_compiled_train_step():
     ma = jax.jit(step, donate_argnums=0).lower(state, batch).compile().memory_analysis()
     measured = ma.argument_size_in_bytes + ma.temp_size_in_bytes
     est = memory.train_step_bytes(cfg, rows=B, seq_len=T)["total"]
-    assert est == pytest.approx(measured, rel=0.2), (policy, est, measured)
+    # The estimate is a planning bound: never below XLA's figure, at most 35% above it
+    # (its 12 V bytes/token of float32 logits buffers are an upper bound; XLA:CPU fuses
+    # the log-softmax into the 2-D unembedding and shares small buffers).
+    assert measured <= est <= 1.35 * measured, (policy, est, measured)
 
 
 def common_opt():
