@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 DEMO_DIR ?= runs/demo
 PARALLEL ?= 2
 
-.PHONY: install demo demo-sft test test-fast clean-demo
+.PHONY: install demo demo-sft test test-fast reliability throughput clean-demo
 
 install: $(STAMP)
 
@@ -41,6 +41,20 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow" $(XDIST) tests
+
+# Issue #9 in full (~8 min): every trainer SIGKILLed >= 5 times and resumed, NaN
+# injections, determinism (experiments/reliability), then the bad-input corpus and the
+# reliability tests; figures in $(RELIABILITY_DIR)/results.json and on stdout.
+RELIABILITY_DIR ?= runs/reliability
+reliability: $(STAMP)
+	$(BIN)/python experiments/reliability/kill_resume.py --out=$(RELIABILITY_DIR)
+	$(BIN)/python tests/test_bad_inputs.py
+	$(BIN)/python -m pytest -q tests/test_bad_inputs.py tests/test_reliability.py
+
+# Issue #7: ours vs TRL vs Tunix, side by side (installs the peers' own venvs first).
+throughput: $(STAMP)
+	bash experiments/throughput/setup_peers.sh
+	$(BIN)/python experiments/throughput/compare.py --tcmalloc
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

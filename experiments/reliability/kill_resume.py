@@ -442,7 +442,14 @@ def main(argv=None) -> int:
   if unknown:
     p.error(f"--trainers: unknown {unknown}; expected some of {list(TRAINERS)}")
   rng = np.random.default_rng(args.seed)
+  # This harness deletes and re-creates its own sub-directories of --out: refuse a
+  # non-empty directory it did not make (never delete a user's files).
+  marker = os.path.join(args.out, ".kill_resume_harness")
+  if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.exists(marker):
+    p.error(f"--out={args.out} is a non-empty directory not made by this harness; "
+            f"choose a new or empty directory")
   os.makedirs(args.out, exist_ok=True)
+  open(marker, "w").close()
   t_all = time.time()
   results = {}
   for t in trainers:
