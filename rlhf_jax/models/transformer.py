@@ -167,16 +167,20 @@ def segment_causal_mask(segment_ids_BT: Array) -> Array:
   return causal[None] & same & (segment_ids_BT[:, None, :] > 0)
 
 
-def cache_mask(kv_mask_BS: Array, cache_index: Array, T: int) -> Array:
-  """bool [B, T, S] for queries in cache slots cache_index..cache_index+T-1.
+def cache_masks(kv_mask_BS: Array, cache_index: Array, T: int):
+  """(old_BTS, new_BTT) for T new tokens going into slots cache_index..+T-1.
 
-  A query sees a slot iff the slot holds a real token (kv_mask_BS) and is not
-  in its future.
+  old_BTS: a query sees cache slot s iff s < cache_index and the slot holds a real
+  token (kv_mask_BS); new_BTT: new token t sees new token u iff u <= t and u is real.
+  The cached attention reads the old slots and the new keys separately, so the cache
+  is only written once per call (after all layers) and never copied per layer.
   """
   S = kv_mask_BS.shape[1]
-  q_slot = cache_index + jnp.arange(T)
-  causal = jnp.arange(S)[None, :] <= q_slot[:, None]
-  return causal[None] & kv_mask_BS[:, None, :].astype(bool)
+  kv = kv_mask_BS.astype(bool)
+  old = (jnp.arange(S) < cache_index)[None, None, :] & kv[:, None, :]
+  new_real_BT = jax.lax.dynamic_slice_in_dim(kv, cache_index, T, axis=1)
+  new = jnp.tril(jnp.ones((T, T), bool))[None] & new_real_BT[:, None, :]
+  return jnp.broadcast_to(old, (kv.shape[0], T, S)), new
 
 
 # ----------------------------------------------------------------------------
@@ -270,24 +274,32 @@ class Block(nn.Module):
     k_BTKd = checkpoint_name(apply_rope(k_BTKd, positions_BT, inv_freq), "key_proj")
     v_BTKd = checkpoint_name(v_BTKd, "value_proj")  # names: identity ops for remat policies
 
-    new_cache = None
-    if layer_cache is not None:
-      k_cache, v_cache = layer_cache
-      k_cache = jax.lax.dynamic_update_slice(k_cache, k_BTKd.astype(k_cache.dtype),
-                                             (0, cache_index, 0, 0))
-      v_cache = jax.lax.dynamic_update_slice(v_cache, v_BTKd.astype(v_cache.dtype),
-                                             (0, cache_index, 0, 0))
-      new_cache = (k_cache, v_cache)
-      k_BSKd, v_BSKd = k_cache.astype(dt), v_cache.astype(dt)
-    else:
-      k_BSKd, v_BSKd = k_BTKd, v_BTKd
-
     q_BTKGd = q_BTHd.reshape(B, T, K, H // K, Dh)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, k_BSKd,
-                        preferred_element_type=jnp.float32) / math.sqrt(Dh)
-    logits = jnp.where(mask_BTS[:, None, None], logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    attn_NHd = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKd).reshape(B * T, H, Dh)
+    scale = 1.0 / math.sqrt(Dh)
+    if layer_cache is None:
+      new_cache = None
+      logits = jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, k_BTKd,
+                          preferred_element_type=jnp.float32) * scale
+      logits = jnp.where(mask_BTS[:, None, None], logits, NEG_INF)
+      probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+      attn_BTKGd = jnp.einsum("bkgts,bskd->btkgd", probs, v_BTKd)
+    else:
+      # Cached: attend to the cache (read only) and to the T new keys; the caller
+      # writes the returned new K/V into the cache (no per-layer copy of the cache).
+      k_BSKd, v_BSKd = (x.astype(dt) for x in layer_cache)
+      new_cache = (k_BTKd.astype(layer_cache[0].dtype), v_BTKd.astype(layer_cache[1].dtype))
+      old_mask_BTS, new_mask_BTT = mask_BTS
+      lo = jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, k_BSKd,
+                      preferred_element_type=jnp.float32) * scale
+      ln = jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, k_BTKd,
+                      preferred_element_type=jnp.float32) * scale
+      lo = jnp.where(old_mask_BTS[:, None, None], lo, NEG_INF)
+      ln = jnp.where(new_mask_BTT[:, None, None], ln, NEG_INF)
+      probs = jax.nn.softmax(jnp.concatenate([lo, ln], axis=-1), axis=-1).astype(dt)
+      S = k_BSKd.shape[1]
+      attn_BTKGd = (jnp.einsum("bkgts,bskd->btkgd", probs[..., :S], v_BSKd)
+                    + jnp.einsum("bkgts,bskd->btkgd", probs[..., S:], v_BTKd))
+    attn_NHd = attn_BTKGd.reshape(B * T, H, Dh)
     out_ND = nn.DenseGeneral(D, axis=(-2, -1), use_bias=False, dtype=dt,
                              param_dtype=jnp.float32, name="o",
                              kernel_init=_init(std, ("heads", "head_dim", "embed")))(attn_NHd)
@@ -355,12 +367,16 @@ class Transformer(nn.Module):
     else:
       if positions_BT is None or kv_mask_BS is None or cache_index is None:
         raise ValueError("cached call needs positions_BT, kv_mask_BS and cache_index")
-      mask_BTS = cache_mask(kv_mask_BS, cache_index, T)
+      mask_BTS = cache_masks(kv_mask_BS, cache_index, T)
 
     x = self.embed(tokens_BT).astype(c.compute_dtype)
     if c.embed_scale:
       x = x * jnp.asarray(math.sqrt(c.d_model), c.compute_dtype)
-    x, new_cache = self.layers(x, cache, positions_BT, mask_BTS, cache_index)
+    x, new_kv = self.layers(x, cache, positions_BT, mask_BTS, cache_index)
+    new_cache = None
+    if cache is not None:  # the layers return the new tokens' K/V; write them once here
+      new_cache = tuple(jax.lax.dynamic_update_slice(c_, n_, (0, 0, cache_index, 0, 0))
+                        for c_, n_ in zip(cache, new_kv))
     h = self.final_norm(x)
     if output == "hidden":
       return h, new_cache
