@@ -44,6 +44,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
       kto_undesirable_weight=1.0,  # KTO lambda_U (rejected replies)
       reference_free=False,    # treat log pi_ref as 0 (sigmoid/robust/ipo/hinge/kto)
       precompute_reference=True,  # reference log-probs once, cached in the workdir
+      share_prompt=True,       # chosen + rejected as one packed row: the prompt runs once
   ))
   c.num_steps = 300
   c.optimizer.warmup_steps = 30

@@ -59,6 +59,9 @@ def get_config(preset: str = "tiny") -> ConfigDict:
       old_logps="auto",        # auto: with one update per rollout (epochs = minibatches = 1)
                                # log pi_old = stop_gradient(log pi), no old-log-prob forward
                                # pass (ratio exactly 1); recompute: always run that pass
+      share_prompt=True,       # a group's G completions as one packed row [prompt | c1 | ...
+                               # | cG]: the prompt runs once (update and log-prob passes);
+                               # minibatches then hold whole groups
       epochs=1,                # passes over each rollout batch
       minibatches=1,           # optimizer steps per pass
   ))

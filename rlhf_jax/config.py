@@ -551,6 +551,8 @@ def _validate_dpo(config, need, num, choice):
   num("dpo.kto_desirable_weight", 0.0)
   num("dpo.kto_undesirable_weight", 0.0)
   num("dpo.simpo_gamma")
+  need(isinstance(p.get("share_prompt", True), bool), "dpo.share_prompt",
+       f"expected True or False, got {p.get('share_prompt')!r}")
 
 
 def _validate_online_rl(config, model, dp_rows, need, num, choice):
@@ -595,6 +597,8 @@ def _validate_online_rl(config, model, dp_rows, need, num, choice):
          f"expected 0 or 1 (or -1 = the variant's value), got {algo['dynamic_sampling']}")
     need(g.get("old_logps", "auto") in ("auto", "recompute"), "grpo.old_logps",
          f"expected auto or recompute, got {g.get('old_logps')!r}")
+    need(isinstance(g.get("share_prompt", True), bool), "grpo.share_prompt",
+         f"expected True or False, got {g.get('share_prompt')!r}")
     num("grpo.epochs", 1, integer=True)
     num("grpo.minibatches", 1, integer=True)
     num("grpo.std_eps", 0.0)

@@ -21,11 +21,13 @@ import time
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import parallel, sampling
 from rlhf_jax.losses.logprobs import token_logprobs
 from rlhf_jax.models import Transformer
+from rlhf_jax.models.api import window_logits
 
 
 class Rollout(NamedTuple):
@@ -45,16 +47,23 @@ class Rollout(NamedTuple):
   timings: dict                    # seconds: generate, reward, logprobs
 
 
-def completion_logps_fn(model_config, prompt_len: int, temperature: float):
+def completion_logps_fn(model_config, prompt_len: int, temperature: float,
+                        group_size: int = 1):
   """jitted f(params, sequences_BS, segment_ids_BS) -> log-probs [B, C] of the completion
-  tokens (positions P..S-1) under softmax(logits / temperature)."""
+  tokens (positions P..S-1) under softmax(logits / temperature).
+
+  Only completion positions are unembedded; with group_size G > 1 every G consecutive
+  rows must share their prompt (a GRPO group) and run as one packed row, the prompt
+  once (`models.api.window_logits`); the batch passed in must then hold whole groups."""
   model = Transformer(model_config)
 
   @jax.jit
   def f(params, sequences_BS, segment_ids_BS):
-    logits, _ = model.apply({"params": params}, sequences_BS, segment_ids_BS)
-    logits_BCV = logits[:, prompt_len - 1:-1]
-    return token_logprobs(logits_BCV, sequences_BS[:, prompt_len:], temperature)
+    B, S = sequences_BS.shape
+    logits_BCV, packed = window_logits(
+        model, params, sequences_BS, segment_ids_BS, jnp.full((B,), prompt_len, jnp.int32),
+        group_size=group_size, window=S - prompt_len)
+    return token_logprobs(logits_BCV, packed.targets_BW, temperature)
   return f
 
 

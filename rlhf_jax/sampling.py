@@ -96,8 +96,19 @@ def filter_logits(scaled_BV: Array, top_k: int = 0, top_p: Array | float | None 
   return out
 
 
-def _choose(logits_BV, rng, temperature, top_p, *, greedy, top_k, use_top_p):
-  """(token_B int32, logprob_B float32) from float32 next-token logits."""
+def gumbel_from_bits(bits_BV: Array) -> Array:
+  """Standard Gumbel noise -log(-log u) from uniform uint32 bits (u in [2^-23, 1): the
+  23 high bits as a float32 mantissa, as `jax.random.uniform` does)."""
+  one = jnp.array(1.0, jnp.float32).view(jnp.uint32)
+  u = jax.lax.bitcast_convert_type((bits_BV >> 9) | one, jnp.float32) - 1.0
+  u = jnp.maximum(u, jnp.float32(2.0 ** -23))
+  return -jnp.log(-jnp.log(u))
+
+
+def _choose(logits_BV, bits_BV, temperature, top_p, *, greedy, top_k, use_top_p):
+  """(token_B int32, logprob_B float32) from float32 next-token logits and uint32 random
+  bits of the same shape: the Gumbel-max trick, argmax(filtered logits + Gumbel noise),
+  samples from softmax(filtered logits) (Gumbel 1954; as `jax.random.categorical`)."""
   logits_BV = logits_BV.astype(jnp.float32)
   if greedy:
     token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
@@ -106,7 +117,7 @@ def _choose(logits_BV, rng, temperature, top_p, *, greedy, top_k, use_top_p):
     scaled_BV = logits_BV / temperature
     logp_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
     filtered_BV = filter_logits(scaled_BV, top_k, top_p if use_top_p else None)
-    token_B = jax.random.categorical(rng, filtered_BV, axis=-1).astype(jnp.int32)
+    token_B = jnp.argmax(filtered_BV + gumbel_from_bits(bits_BV), axis=-1).astype(jnp.int32)
   logprob_B = jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
   return token_B, logprob_B
 
@@ -186,7 +197,8 @@ def generate(config: ModelConfig, params, prompt_tokens_BP, prompt_mask_BP, rng,
     params: LM parameters (plain pytree, as from `init_params`).
     prompt_tokens_BP: int [B, P] left-padded prompts.
     prompt_mask_BP: [B, P] 1 on real prompt tokens (0...0 1...1 per row).
-    rng: PRNG key; step t uses fold_in(rng, t), so same key -> same samples.
+    rng: PRNG key; it seeds the per-step sampling noise (XLA RngBitGenerator), so the
+      same key gives the same samples (on one backend).
     max_new_tokens: N, completion length budget (static).
     temperature: > 0; logits are divided by it before sampling and logprobs.
     top_k: keep the k most likely tokens (0 = off; static).
@@ -253,29 +265,36 @@ def _generate(config, params, prompt_BP, prompt_mask_BP, rng, temperature, top_p
     done_B = done_B | is_stop(token_B)
     return tokens_BN, logprobs_BN, done_B, lengths_B
 
-  token_B, logprob_B = choose(logits_BV, jax.random.fold_in(rng, 0))
+  # Sampling noise: XLA's counter-based RngBitGenerator, its state seeded once from `rng`
+  # and carried through the loop (threefry, jax.random's default, lowers to a rolled
+  # loop on CPU; one inside every decode step cost more than the step's sampling work).
+  def noise(rbg_state):
+    return jax.lax.rng_bit_generator(rbg_state, (B, config.vocab_size), jnp.uint32)
+  rbg_state, bits_BV = noise(jax.random.bits(rng, (4,), jnp.uint32))
+  token_B, logprob_B = choose(logits_BV, bits_BV)
   state = record(0, token_B, logprob_B, jnp.full((B, N), pad_id, jnp.int32),
                  jnp.zeros((B, N), jnp.float32), jnp.zeros((B,), bool),
                  jnp.zeros((B,), jnp.int32))
-  state = (jnp.int32(1), cache, token_B) + state
+  state = (jnp.int32(1), cache, token_B, rbg_state) + state
 
   def cond(state):
-    step, done_B = state[0], state[5]
+    step, done_B = state[0], state[6]
     return (step < N) & ~jnp.all(done_B)
 
   def body(state):
-    step, cache, prev_B, tokens_BN, logprobs_BN, done_B, lengths_B = state
+    step, cache, prev_B, rbg_state, tokens_BN, logprobs_BN, done_B, lengths_B = state
     # Feed token step-1 into slot P+step-1 at position n_b+step-1; sample token `step`.
     logits_B1V, cache = model.apply(
         variables, prev_B[:, None], positions_BT=(n_B + step - 1)[:, None], cache=cache,
         cache_index=P + step - 1, kv_mask_BS=kv_mask_BS)
-    token_B, logprob_B = choose(logits_B1V[:, 0], jax.random.fold_in(rng, step))
+    rbg_state, bits_BV = noise(rbg_state)
+    token_B, logprob_B = choose(logits_B1V[:, 0], bits_BV)
     rec = record(step, token_B, logprob_B, tokens_BN, logprobs_BN, done_B, lengths_B)
-    return (step + 1, cache, token_B) + rec
+    return (step + 1, cache, token_B, rbg_state) + rec
 
   if N > 1:
     state = jax.lax.while_loop(cond, body, state)
-  _, _, _, tokens_BN, logprobs_BN, _, lengths_B = state
+  _, _, _, _, tokens_BN, logprobs_BN, _, lengths_B = state
   mask_BN = (jnp.arange(N)[None, :] < lengths_B[:, None]).astype(jnp.int32)
   return SampleOutput(
       tokens_BN=tokens_BN, logprobs_BN=logprobs_BN, mask_BN=mask_BN, lengths_B=lengths_B,

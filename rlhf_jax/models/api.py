@@ -6,7 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.models.transformer import ModelConfig, Transformer
+from rlhf_jax.models.transformer import ModelConfig, Transformer, pack_shared_prefix
 
 
 def lm_logits(config: ModelConfig, params, tokens_BT, segment_ids_BT=None) -> jax.Array:
@@ -24,3 +24,26 @@ def lm_logits(config: ModelConfig, params, tokens_BT, segment_ids_BT=None) -> ja
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(config, params, tokens_BT, segment_ids_BT):
   return Transformer(config).apply({"params": params}, tokens_BT, segment_ids_BT)
+
+
+def window_logits(model: Transformer, params, tokens_BT, segment_ids_BT, start_B, *,
+                  group_size: int, window: int, pad_id: int = 0):
+  """Logits predicting each row's `window` tokens from slot start_b on, with the shared
+  prompt of every group of `group_size` rows run once (`pack_shared_prefix`) and only
+  the window positions unembedded.
+
+  Returns (logits_BWV float32, packed: PackedPrefix): logits_BWV[b, w] are the
+  model's logits for token tokens_BT[b, start_b + w] = packed.targets_BW[b, w] given
+  the tokens before it in row b; rows whose window token is padding or past T have
+  packed.valid_BW False. Equal (to float tolerance) to the unpacked forward pass's
+  logits[b, start_b + w - 1].
+  """
+  packed = pack_shared_prefix(tokens_BT, segment_ids_BT, start_B, group_size, window, pad_id)
+  h_NLD, _ = model.apply({"params": params}, packed.tokens_NL, packed.segment_ids_NL,
+                         packed.positions_NL, shared_prefix=True, output="hidden")
+  N = h_NLD.shape[0]
+  B, W = packed.predict_BW.shape
+  idx_NK = packed.predict_BW.reshape(N, -1)                  # K = G * W
+  h_NKD = jnp.take_along_axis(h_NLD, idx_NK[..., None], axis=1)
+  logits_NKV = model.apply({"params": params}, h_NKD, method=Transformer.unembed)
+  return logits_NKV.reshape(B, W, -1), packed

@@ -30,8 +30,9 @@ from rlhf_jax import evaluation
 from rlhf_jax import parallel
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.losses.dpo import kto_reference_point, preference_loss
-from rlhf_jax.losses.logprobs import sequence_logprobs
+from rlhf_jax.losses.logprobs import sequence_logprobs, token_logprobs
 from rlhf_jax.models import Transformer
+from rlhf_jax.models.api import window_logits
 from rlhf_jax.trainers import common, pairs
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_kl_logps")
@@ -45,8 +46,35 @@ def sides(d) -> tuple[str, ...]:
   return ("chosen", "rejected", "kl") if d.loss_type == "kto" else ("chosen", "rejected")
 
 
-def make_sequence_logps(model, names):
-  """f(params, batch) -> (logps, lengths), each a tuple over `names` of [B] arrays."""
+def shares_prompt(d) -> bool:
+  """Chosen and rejected run as one packed row (prompt once; `dpo.share_prompt`)."""
+  return bool(d.get("share_prompt", True)) and sides(d) == ("chosen", "rejected")
+
+
+def make_sequence_logps(model, names, window: int = 0):
+  """f(params, batch) -> (logps, lengths), each a tuple over `names` of [B] arrays.
+
+  window > 0 (`dpo.share_prompt`, names = chosen, rejected): each pair runs as one
+  packed row [prompt | chosen reply | rejected reply] (`models.api.window_logits`:
+  the shared prompt once, only reply positions unembedded); the replies must fit in
+  `window` tokens (data.max_completion_len) -- `check_shared_prompts`. Otherwise the
+  2B rows run separately. Same log-probs to float tolerance (tests/test_dpo_train.py).
+  """
+  if window:
+    def packed(params, batch):
+      inter = lambda key: jnp.stack([batch[f"{n}_{key}"] for n in names], 1).reshape(
+          -1, batch[f"{names[0]}_{key}"].shape[1])                 # rows: c0 r0 c1 r1 ...
+      mask_BT = inter("loss_mask")
+      start_B = jnp.argmax(mask_BT > 0, axis=1)                    # first reply token
+      logits_BWV, pk = window_logits(model, params, inter("tokens"), inter("segment_ids"),
+                                     start_B, group_size=len(names), window=window)
+      m_BW = jnp.take_along_axis(mask_BT, pk.slots_BW, axis=1) * pk.valid_BW
+      logps_BW = token_logprobs(logits_BWV, pk.targets_BW)
+      total = jnp.sum(jnp.where(m_BW > 0, logps_BW, 0.0), axis=1).reshape(-1, len(names))
+      count = jnp.sum(m_BW, axis=1).astype(jnp.float32).reshape(-1, len(names))
+      return tuple(total.T), tuple(count.T)
+    return packed
+
   def f(params, batch):
     cat = lambda key: jnp.concatenate([batch[f"{n}_{key}"] for n in names])
     logits, _ = model.apply({"params": params}, cat("tokens"), cat("segment_ids"))
@@ -55,9 +83,28 @@ def make_sequence_logps(model, names):
   return f
 
 
-def make_loss_fn(model, d):
+def check_shared_prompts(arrays, window: int, where: str) -> None:
+  """Packed pairs need chosen and rejected to share the prompt tokens before the first
+  reply token and every reply to fit in `window` tokens (true of `pairs.tokenize`)."""
+  cm, rm = arrays["chosen_loss_mask"] > 0, arrays["rejected_loss_mask"] > 0
+  T = cm.shape[1]
+  start_c, start_r = cm.argmax(1), rm.argmax(1)
+  slot = np.arange(T)[None]
+  bad = start_c != start_r
+  bad |= ((slot < start_c[:, None]) & (arrays["chosen_tokens"] != arrays["rejected_tokens"])).any(1)
+  for m, s in ((cm, start_c), (rm, start_r)):
+    bad |= (m & (slot >= s[:, None] + window)).any(1)
+  if bad.any():
+    i = int(np.flatnonzero(bad)[0])
+    raise sft_data.DataError(
+        f"{where} pair {i}: chosen and rejected do not share their prompt tokens or a reply "
+        f"is longer than data.max_completion_len={window}; set dpo.share_prompt=False to "
+        f"score them as separate rows")
+
+
+def make_loss_fn(model, d, window: int = 0):
   names = sides(d)
-  logps_fn = make_sequence_logps(model, names)
+  logps_fn = make_sequence_logps(model, names, window)
 
   def loss_fn(params, ref_params, batch):
     (pc, pr, *pk), (nc, nr, *_) = logps_fn(params, batch)
@@ -81,19 +128,20 @@ def make_loss_fn(model, d):
   return loss_fn
 
 
-def make_train_step(model, tx, d, frozen=None):
+def make_train_step(model, tx, d, frozen=None, window: int = 0):
   """train_step(state, [base,] ref_params, batch) -> (state, metrics); `base` is the
   frozen LoRA base (only with LoRA, see `common.Frozen`)."""
-  return common.make_update(make_loss_fn(model, d), tx, frozen=frozen)
+  return common.make_update(make_loss_fn(model, d, window), tx, frozen=frozen)
 
 
-def reference_logps(model, names, ref_params, arrays, batch_size, mesh, cache_path, fingerprint):
+def reference_logps(model, names, ref_params, arrays, batch_size, mesh, cache_path, fingerprint,
+                    window: int = 0):
   """{ref_<side>_logps: [N]} for every row, cached in `cache_path` under `fingerprint`."""
   if os.path.exists(cache_path):
     cached = np.load(cache_path, allow_pickle=False)  # our own cache: arrays only
     if str(cached["fingerprint"]) == fingerprint:
       return {k: cached[k] for k in cached.files if k != "fingerprint"}
-  f = jax.jit(make_sequence_logps(model, names))
+  f = jax.jit(make_sequence_logps(model, names, window))
   n = len(arrays["margin"])
   out = {n_: np.zeros((n,), np.float32) for n_ in names}
   keys = [k for k in arrays if k.split("_")[0] in names]
@@ -128,6 +176,13 @@ def run(config, workdir: str) -> dict:
     if eval_arrays is not None:
       eval_arrays.update(pairs.mismatched_rows(eval_arrays, tokenizer.pad_id))
 
+  # Pairs as packed rows [prompt | chosen | rejected] (dpo.share_prompt).
+  window = config.data.max_completion_len if shares_prompt(d) else 0
+  if window:
+    check_shared_prompts(train_arrays, window, "training data")
+    if eval_arrays is not None:
+      check_shared_prompts(eval_arrays, window, "eval data")
+
   # Policy (and reference = the initial policy).
   rng_init, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed))
   mcfg, init_params = common.policy_init(config, tokenizer)
@@ -150,11 +205,12 @@ def run(config, workdir: str) -> dict:
                                      for v in train_arrays.values())).hexdigest()
       names = sides(d)
       train_arrays.update(reference_logps(model, names, ref_params, train_arrays, B, mesh,
-                                          os.path.join(workdir, "reference_logps_train.npz"), fp))
+                                          os.path.join(workdir, "reference_logps_train.npz"), fp,
+                                          window))
       if eval_arrays is not None:
         eval_arrays.update(reference_logps(model, names, ref_params, eval_arrays, B, mesh,
                                            os.path.join(workdir, "reference_logps_eval.npz"),
-                                           fp))
+                                           fp, window))
       ref_params = None  # no longer needed: free the memory
   train_ds = sft_data.batched(train_arrays, B, config.seed)
 
@@ -167,10 +223,10 @@ def run(config, workdir: str) -> dict:
   batch_sharding = parallel.batch_sharding(mesh)
   model_sharding = frozen.model_shardings(shardings)
   ref_sharding = model_sharding if ref_params is not None else None
-  step_fn = jax.jit(make_train_step(model, tx, d, frozen),
+  step_fn = jax.jit(make_train_step(model, tx, d, frozen, window),
                     in_shardings=(shardings, *frozen.in_shardings, ref_sharding, batch_sharding),
                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
-  eval_fn = jax.jit(make_loss_fn(model, d),
+  eval_fn = jax.jit(make_loss_fn(model, d, window),
                     in_shardings=(model_sharding, ref_sharding, batch_sharding))
 
   def evaluate(params, step):

@@ -42,6 +42,7 @@ from rlhf_jax.losses import kl as kl_lib
 from rlhf_jax.losses.grpo import grpo_loss
 from rlhf_jax.losses.logprobs import token_logprobs
 from rlhf_jax.models import Transformer
+from rlhf_jax.models.api import window_logits
 from rlhf_jax.trainers import common, prompt_sets
 
 VARIANTS = {
@@ -108,19 +109,25 @@ def advantages(algo, ro: rollout.Rollout, group_size: int) -> np.ndarray:
 
 
 def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: int,
-                micro_batches: int = 1, frozen=None, on_policy: bool = False):
+                micro_batches: int = 1, frozen=None, on_policy: bool = False,
+                group_size: int = 1):
   """update(state, minibatch) -> (state, metrics): one jitted clipped-policy step
   (gradients accumulated exactly over `micro_batches` parts). With LoRA (`frozen`, see
   `common.Frozen`) the frozen base is passed to the compiled step as an argument.
   on_policy: the parameters are those that sampled the batch (one update per
   rollout), so log pi_old = stop_gradient(log pi): the ratio is exactly 1 and the
-  minibatch's old_logps are not read (no old-log-prob pass is needed)."""
+  minibatch's old_logps are not read (no old-log-prob pass is needed).
+  group_size G > 1: every G consecutive rows of a (micro-)batch are one prompt's group
+  and run as one packed row, the prompt once (`grpo.share_prompt`)."""
   use_ref = algo["kl_mode"] == "loss" and algo["kl_coef"] > 0
 
   def loss_fn(params, mb):
-    logits, _ = model.apply({"params": params}, mb["sequences"], mb["segment_ids"])
-    logits = logits[:, prompt_len - 1:-1] / temperature
-    logp = token_logprobs(logits, mb["sequences"][:, prompt_len:])
+    B, S = mb["sequences"].shape
+    logits, packed = window_logits(
+        model, params, mb["sequences"], mb["segment_ids"], jnp.full((B,), prompt_len, jnp.int32),
+        group_size=group_size, window=S - prompt_len)  # completion positions only
+    logits = logits / temperature
+    logp = token_logprobs(logits, packed.targets_BW)
     old = jax.lax.stop_gradient(logp) if on_policy else mb["old_logps"]
     loss, metrics = grpo_loss(
         logp, old, mb["advantages"], mb["mask"],
@@ -188,15 +195,23 @@ def run(config, workdir: str) -> dict:
 
   P = train_ds[0]["tokens"].shape[1]
   temperature = r.temperature if r.temperature > 0 else 1.0
-  logps_fn = rollout.completion_logps_fn(mcfg, P, temperature)
   B = N * G
+  # grpo.share_prompt: a group's G completions run as one packed row, the prompt once
+  # (update, old and reference log-prob passes); minibatches then hold whole groups.
+  share = G if config.grpo.get("share_prompt", True) and N % algo["minibatches"] == 0 else 1
+  mb_rows = B // algo["minibatches"]
+  micro_rows = mb_rows // micro_batches_of(mb_rows, r.train_micro_batch)
+  lp_rows = min(r.logprob_micro_batch, B)
+  logps_fn = rollout.completion_logps_fn(mcfg, P, temperature,
+                                         share if lp_rows % share == 0 else 1)
   # One update per rollout: the old policy IS the current one; skip the old-log-prob
   # forward pass (rollouts then carry the sampler's log-probs as old_logps, for stats and
   # KL-in-reward). grpo.old_logps="recompute" always runs the pass.
   on_policy = updates_per_step == 1 and config.grpo.old_logps == "auto"
   update = make_update(model, tx, algo, P, temperature, r.max_new_tokens,
-                       micro_batches_of(B // algo["minibatches"], r.train_micro_batch), frozen,
-                       on_policy=on_policy)
+                       micro_batches_of(mb_rows, r.train_micro_batch), frozen,
+                       on_policy=on_policy,
+                       group_size=share if micro_rows % share == 0 else 1)
 
   def sample(params, batch, key):
     return rollout.generate_rollout(
@@ -228,7 +243,8 @@ def run(config, workdir: str) -> dict:
     perm_key = np.random.default_rng([config.seed, step])
     mb_size = B // algo["minibatches"]
     for _ in range(algo["epochs"]):
-      perm = perm_key.permutation(B)
+      perm = (perm_key.permutation(B) if share == 1 else  # whole groups, in random order
+              (perm_key.permutation(N)[:, None] * G + np.arange(G)).reshape(-1))
       for i in range(algo["minibatches"]):
         idx = perm[i * mb_size:(i + 1) * mb_size]
         state, m = update(state, parallel.shard_batch({k: v[idx] for k, v in arrays.items()},
