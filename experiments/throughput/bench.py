@@ -242,26 +242,34 @@ TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
 
 
 def allocator_env(name: str) -> dict:
-  """Environment for the worker: {} (glibc malloc) or LD_PRELOAD of tcmalloc."""
-  if name == "default":
-    return {}
+  """Environment for the worker: "library" = what `rlhf-jax` sets for itself (glibc malloc
+  tuned, rlhf_jax/allocator.py; {} where it does not apply), "system" = glibc's
+  defaults, "tcmalloc" = LD_PRELOAD of tcmalloc."""
+  if name == "library":
+    sys.path.insert(0, REPO)
+    from rlhf_jax import allocator
+    env = allocator.tuned_env({k: v for k, v in os.environ.items() if k not in allocator.TUNED})
+    return {k: env[k] for k in allocator.TUNED} if env else {}
+  if name == "system":
+    return {"RLHF_JAX_MALLOC": "system"}
   if name == "tcmalloc":
     for path in TCMALLOC_PATHS:
       if os.path.exists(path):
         return {"LD_PRELOAD": path}
     raise SystemExit("--allocator=tcmalloc: no libtcmalloc found (Debian/Ubuntu: apt install "
                      f"libtcmalloc-minimal4); looked in {', '.join(TCMALLOC_PATHS)}")
-  raise SystemExit(f"--allocator={name!r}: expected default or tcmalloc")
+  raise SystemExit(f"--allocator={name!r}: expected library, system or tcmalloc")
 
 
 def run_ours(workload: str, steps: int, warmup: int, env: dict | None = None,
              overrides: dict | None = None) -> dict:
   """One workload in a fresh subprocess (its own peak RSS); the result dict, or
   {"workload", "error"} when it failed."""
+  base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
   p = subprocess.run([sys.executable, os.path.abspath(__file__), f"--one={workload}",
                       f"--steps={steps}", f"--warmup={warmup}",
                       f"--set={json.dumps(overrides or {})}"], capture_output=True,
-                     text=True, cwd=REPO, env={**os.environ, **(env or {})})
+                     text=True, cwd=REPO, env={**base, **(env or {})})
   lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
   if p.returncode or not lines:
     return dict(workload=workload, error=f"exit {p.returncode}: {p.stderr[-1500:]}")
@@ -276,8 +284,9 @@ def main(argv=None):
   ap.add_argument("--out", default="")
   ap.add_argument("--set", default="{}", help='JSON config overrides, e.g. '
                   '\'{"model.d_model": 512}\' (applied after the spec)')
-  ap.add_argument("--allocator", default="default", choices=("default", "tcmalloc"),
-                  help="tcmalloc: LD_PRELOAD libtcmalloc_minimal (fewer page faults; NOTES.md)")
+  ap.add_argument("--allocator", default="library", choices=("library", "system", "tcmalloc"),
+                  help="library: glibc malloc tuned as `rlhf-jax` runs (rlhf_jax/allocator.py); "
+                  "system: glibc defaults; tcmalloc: LD_PRELOAD libtcmalloc_minimal (NOTES.md)")
   ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # worker mode
   args = ap.parse_args(argv)
   if args.warmup < 1:

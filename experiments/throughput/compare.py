@@ -48,21 +48,28 @@ def main(argv=None):
   ap.add_argument("--out", default=os.path.join(ROOT, "runs", "throughput"))
   ap.add_argument("--tcmalloc", action="store_true",
                   help="also measure ours with LD_PRELOAD=libtcmalloc (row ours+tcmalloc)")
+  ap.add_argument("--system_malloc", action="store_true",
+                  help="also measure ours with glibc's default malloc settings (row "
+                  "ours+system-malloc; `ours` runs as `rlhf-jax` does, rlhf_jax/allocator.py)")
   args = ap.parse_args(argv)
   workloads = args.workloads.split(",")
   peer_names = [p for p in args.peers.split(",") if p]
   for w in workloads:
     if w not in spec.WORKLOADS:
       raise SystemExit(f"--workloads: unknown {w!r}; expected some of {', '.join(spec.WORKLOADS)}")
+  extra = (["ours+tcmalloc"] if args.tcmalloc else []) + (
+      ["ours+system-malloc"] if args.system_malloc else [])
   runs = []  # (round, library, workload, result)
   for rnd in range(args.rounds):
     for w in workloads:
-      for lib in ["ours"] + (["ours+tcmalloc"] if args.tcmalloc else []) + peer_names:
+      for lib in ["ours"] + extra + peer_names:
         load = os.getloadavg()[0]
         if lib == "ours":
-          r = bench.run_ours(w, args.steps, args.warmup)
+          r = bench.run_ours(w, args.steps, args.warmup, env=bench.allocator_env("library"))
         elif lib == "ours+tcmalloc":
           r = bench.run_ours(w, args.steps, args.warmup, env=bench.allocator_env("tcmalloc"))
+        elif lib == "ours+system-malloc":
+          r = bench.run_ours(w, args.steps, args.warmup, env=bench.allocator_env("system"))
         else:
           r = peers.run_one(lib, w, args.steps, args.warmup, args.peers_dir, args.timeout)
         r["load_before"] = load
@@ -77,7 +84,6 @@ def main(argv=None):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
 
-  extra = ["ours+tcmalloc"] if args.tcmalloc else []
   head = ["workload", "ours s/step", "ours tok/s"] + [f"{e} s/step" for e in extra] + sum(
       ([f"{p} s/step", f"speed-up vs {p} (target {TARGETS.get(p, 1):.1f}x)"]
        for p in peer_names), [])
