@@ -22,8 +22,10 @@ KL_COEFS = (0.0, 0.02, 0.1)
 
 
 def get_sweep(preset="tiny"):
+  if preset == "long":
+    return long_sweep()
   if preset != "tiny":
-    raise ValueError(f"unknown preset {preset!r}; expected 'tiny'")
+    raise ValueError(f"unknown preset {preset!r}; expected 'tiny' or 'long'")
   p = dict(FLAGSHIP["TINY"], rm_steps=600, rl_steps=120, eval_every=10)
   prep = {c["name"]: c for c in FLAGSHIP["tiny"]()}
   rm = dict(prep["rm"], overrides={**prep["rm"]["overrides"], "num_steps": p["rm_steps"]})
@@ -41,6 +43,46 @@ def get_sweep(preset="tiny"):
       report=dict(
           title="Over-optimisation of a proxy reward model (GRPO, 2 seeds per KL coefficient)",
           exclude=["data", "pretrain", "sft", "pairs", "rm"],
+          gold="eval_sampled_reward/gold", proxy="eval_sampled_reward/proxy", kl="eval_kl",
+          metrics=["eval_sampled_reward/gold", "eval_sampled_reward/proxy", "eval_kl",
+                   "eval_reward/gold", "eval_length"]),
+  )
+
+
+def long_sweep():
+  """Slower optimisation for longer, to resolve the early *rise* of the gold reward:
+  GRPO without a KL penalty at lr 1e-4 for 300 steps against two proxies -- the
+  flagship's 500-step RM ("weak", 0.90 held-out pairwise accuracy; at lr 3e-4 it is
+  exploited within 20 steps) and the 600-step RM ("strong", ~0.99) -- 3 seeds each,
+  evaluated every 15 steps on 8 samples per prompt (800 gold / proxy samples per point).
+  ~35 min on 2 cores with --parallel=2."""
+  p = dict(FLAGSHIP["TINY"], rl_steps=300, eval_every=15)
+  prep = {c["name"]: c for c in FLAGSHIP["tiny"]()}
+  rms = {"weak": 500, "strong": 600}
+  cells = [prep["data"], prep["pretrain"], prep["sft"], prep["pairs"]]
+  grid = []
+  for tag, steps in rms.items():
+    cells.append(dict(prep["rm"], name=f"rm_{tag}",
+                      overrides={**prep["rm"]["overrides"], "num_steps": steps}))
+    base = dict(prep["grpo_rm"])
+    base["name"] = f"grpo_{tag}_rm"
+    proxy = FLAGSHIP["PROXY"].replace("{cell:rm}", f"{{cell:rm_{tag}}}")
+    gold_proxy = FLAGSHIP["GOLD_PROXY"].replace("{cell:rm}", f"{{cell:rm_{tag}}}")
+    base["depends"] = [f"rm_{tag}"]
+    base["overrides"] = {**base["overrides"], "reward.spec": proxy,
+                         "eval_reward_spec": gold_proxy, "num_steps": p["rl_steps"],
+                         "eval_every": p["eval_every"], "checkpoint.every": 60,
+                         "optimizer.lr": 1e-4, "capability.path": "", "eval_samples": 8}
+    grid.append(dict(base=base, axes={"grpo.kl_coef": [0.0]}))
+  return dict(
+      name="overoptimization_long",
+      seeds=[0, 1, 2],
+      cells=cells,
+      grid=grid,
+      report=dict(
+          title="Over-optimisation, slow and long: GRPO (lr 1e-4, no KL penalty) against a "
+                "weak and a strong proxy RM, 3 seeds",
+          exclude=["data", "pretrain", "sft", "pairs", "rm_weak", "rm_strong"],
           gold="eval_sampled_reward/gold", proxy="eval_sampled_reward/proxy", kl="eval_kl",
           metrics=["eval_sampled_reward/gold", "eval_sampled_reward/proxy", "eval_kl",
                    "eval_reward/gold", "eval_length"]),
