@@ -54,7 +54,7 @@ reliability: $(STAMP)
 # Issue #7: ours vs TRL vs Tunix, side by side (installs the peers' own venvs first).
 throughput: $(STAMP)
 	bash experiments/throughput/setup_peers.sh
-	$(BIN)/python experiments/throughput/compare.py --tcmalloc
+	$(BIN)/python experiments/throughput/compare.py --system_malloc
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
