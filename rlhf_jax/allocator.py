@@ -17,12 +17,16 @@ page faults 85k -> 1-9k per step -- the gain of preloading tcmalloc, with nothin
 install. The cost: the process keeps its peak heap (RSS does not shrink after a peak)
 and threads share one arena lock.
 
-glibc reads these once, when the process starts, so `rlhf-jax` re-executes itself with
-them (Linux + glibc only) unless RLHF_JAX_MALLOC=system, one of them is already set, or
-LD_PRELOAD loads another allocator (tcmalloc, jemalloc, ...).
+glibc reads these once, when the process starts, so `rlhf-jax` (the console script or
+`python -m rlhf_jax.launch`) re-executes itself once with them -- Linux + glibc only, and
+not when RLHF_JAX_MALLOC=system, one of them is already set, LD_PRELOAD loads another
+allocator (tcmalloc, jemalloc, ...), or the host has a GPU/TPU device node and
+JAX_PLATFORMS does not say cpu (there the host does not run the model's math). A marker
+variable stops a second re-exec even where the loader drops MALLOC_* (setuid).
 """
 from __future__ import annotations
 
+import glob
 import os
 import platform
 import sys
@@ -30,30 +34,52 @@ import sys
 TUNED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 40),
          "MALLOC_ARENA_MAX": "1"}
 OPT_OUT = "RLHF_JAX_MALLOC"  # "system": keep glibc's defaults
+MARKER = "RLHF_JAX_MALLOC_REEXEC"  # set in the re-executed process
 
 
-def tuned_env(environ=None, libc: str | None = None, system: str | None = None):
+def accelerator_present() -> bool:
+  """A GPU or TPU device node exists on this host (NVIDIA, or /dev/accel* TPUs)."""
+  return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel[0-9]*"))
+
+
+def tuned_env(environ=None, libc: str | None = None, system: str | None = None,
+              accelerator: bool | None = None):
   """The environment with TUNED added, or None when it does not apply (not Linux/glibc,
-  opted out, already tuned or set by the user, another allocator preloaded)."""
+  opted out, re-executed already, set by the user, another allocator preloaded, an
+  accelerator host not forced onto the CPU)."""
   environ = dict(os.environ if environ is None else environ)
   libc = platform.libc_ver()[0] if libc is None else libc
   system = sys.platform if system is None else system
   if system != "linux" or libc != "glibc":
     return None
-  if environ.get(OPT_OUT, "").lower() == "system":
+  if environ.get(OPT_OUT, "").lower() == "system" or MARKER in environ:
     return None
   if any(k in environ for k in TUNED) or "malloc" in environ.get("LD_PRELOAD", ""):
     return None
-  return {**environ, **TUNED}
+  accelerator = accelerator_present() if accelerator is None else accelerator
+  if accelerator and environ.get("JAX_PLATFORMS", "").strip().lower() != "cpu":
+    return None
+  return {**environ, **TUNED, MARKER: "1"}
+
+
+def _is_cli_process(orig_argv) -> bool:
+  """Started as the `rlhf-jax` console script or as `python -m rlhf_jax.launch`."""
+  args = list(orig_argv[1:])
+  if len(args) >= 2 and args[0] == "-m" and args[1] == "rlhf_jax.launch":
+    return True
+  return bool(args) and os.path.basename(args[0]) == "rlhf-jax"
 
 
 def reexec_with_tuned_malloc() -> None:
   """Replace this process by the same command line with TUNED set (see module doc); a
-  no-op when `tuned_env` does not apply. Call before anything heavy is imported."""
+  no-op when `tuned_env` does not apply or the process is not the CLI itself (a script
+  or `python -c` code calling `cli()` is not re-run). Call before anything heavy is
+  imported."""
+  orig = list(getattr(sys, "orig_argv", [sys.executable] + sys.argv))
   env = tuned_env()
-  if env is None:
+  if env is None or not _is_cli_process(orig):
     return
-  argv = [sys.executable] + list(getattr(sys, "orig_argv", [sys.executable] + sys.argv)[1:])
+  argv = [sys.executable] + orig[1:]
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, argv, env)

@@ -269,6 +269,8 @@ def _generate(config, params, prompt_BP, prompt_mask_BP, rng, temperature, top_p
   # and carried through the loop (threefry, jax.random's default, lowers to a rolled
   # loop on CPU; one inside every decode step cost more than the step's sampling work).
   def noise(rbg_state):
+    if greedy:  # no noise needed: no random-bit generator in the loop
+      return rbg_state, None
     return jax.lax.rng_bit_generator(rbg_state, (B, config.vocab_size), jnp.uint32)
   rbg_state, bits_BV = noise(jax.random.bits(rng, (4,), jnp.uint32))
   token_B, logprob_B = choose(logits_BV, bits_BV)

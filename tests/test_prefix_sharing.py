@@ -87,6 +87,42 @@ def test_window_logits_equal_the_per_row_forward(params, G, W):
   assert checked >= len(tokens)  # not vacuous
 
 
+def test_windows_past_the_row_end_are_invalid_and_give_finite_gradients(params):
+  """Windows that run past T (start_b + W > T + 1) index no packed position beyond the
+  row: their slots are invalid, and logits and gradients stay finite."""
+  rng = np.random.default_rng(7)
+  T, W = 10, 6
+  tokens, seg, start = grouped_rows(rng, 4, 1, T, 3)
+  start[:] = [8, 9, 10, 3]
+  seg[:, :] = 1
+  model = Transformer(CFG)
+
+  def loss(p):
+    logits, pk = window_logits(model, p, jnp.asarray(tokens), jnp.asarray(seg),
+                               jnp.asarray(start), group_size=1, window=W)
+    lp = jax.nn.log_softmax(logits)
+    picked = jnp.take_along_axis(lp, pk.targets_BW[..., None], -1)[..., 0]
+    return jnp.sum(jnp.where(pk.valid_BW, picked, 0.0)), (logits, pk)
+  (value, (logits, pk)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  valid = np.asarray(pk.valid_BW)
+  want = (start[:, None] + np.arange(W)[None]) < T
+  np.testing.assert_array_equal(valid, want)
+  assert np.isfinite(np.asarray(logits)).all() and np.isfinite(float(value))
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_prefix_sharing_is_skipped_when_it_costs_flops():
+  from rlhf_jax.models.api import prefix_sharing_saves_flops
+  big = ModelConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                    head_dim=64, d_ff=1536)
+  bench = ModelConfig(vocab_size=1024, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
+                      head_dim=64, d_ff=1024)
+  assert prefix_sharing_saves_flops(bench, 32, 64, 4)        # the CPU benchmark's GRPO
+  assert prefix_sharing_saves_flops(bench, 64, 64, 2)        # ... and DPO shapes
+  assert not prefix_sharing_saves_flops(big, 256, 512, 8)    # GSM8K: 8 x 512-token replies
+  assert prefix_sharing_saves_flops(big, 256, 512, 1)
+
+
 def test_pack_rejects_partial_groups():
   x = jnp.zeros((5, 8), jnp.int32)
   with pytest.raises(ValueError, match="whole groups of 2"):

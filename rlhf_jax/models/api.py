@@ -47,3 +47,24 @@ def window_logits(model: Transformer, params, tokens_BT, segment_ids_BT, start_B
   h_NKD = jnp.take_along_axis(h_NLD, idx_NK[..., None], axis=1)
   logits_NKV = model.apply({"params": params}, h_NKD, method=Transformer.unembed)
   return logits_NKV.reshape(B, W, -1), packed
+
+
+def prefix_sharing_saves_flops(config: ModelConfig, prefix_len: int, window: int,
+                               group_size: int) -> bool:
+  """Whether packing groups of `group_size` rows of [prefix_len | window] tokens into one
+  row (`window_logits`) costs fewer forward FLOPs than running the rows separately.
+
+  Matmuls scale with tokens (P + G W packed vs G (P + W)), but the dense attention with
+  the square of the row length ((P + G W)^2 vs G (P + W)^2, the masked blocks between
+  continuations included), so long continuations or large groups can make packing a loss.
+  """
+  P, W, G = prefix_len, window, group_size
+  if G <= 1:
+    return True
+  c = config
+  per_token = 2 * (c.d_model * c.head_dim * (c.n_heads + 2 * c.n_kv_heads)
+                   + c.n_heads * c.head_dim * c.d_model + 3 * c.d_model * c.d_ff) * c.n_layers
+  attn = 4 * c.n_layers * c.n_heads * c.head_dim  # QK^T and PV per (query, key) pair
+  packed = (P + G * W) * per_token + attn * (P + G * W) ** 2
+  separate = G * (P + W) * per_token + attn * G * (P + W) ** 2
+  return packed < separate

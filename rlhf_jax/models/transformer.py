@@ -238,7 +238,8 @@ def pack_shared_prefix(tokens_BT: Array, segment_ids_BT: Array, start_B: Array,
   predict_BW = jnp.where((g_B[:, None] == 0) | (w_W == 0), slot_BW - 1, own_BW)
   valid_BW = real_BW & (slot_BW >= 1)
   return PackedPrefix(tokens_NL.astype(jnp.int32), segment_ids_NL.astype(jnp.int32),
-                      positions_NL, jnp.maximum(predict_BW, 0), targets_BW.astype(jnp.int32),
+                      positions_NL, jnp.clip(predict_BW, 0, tokens_NL.shape[1] - 1),
+                      targets_BW.astype(jnp.int32),
                       valid_BW, slots_BW)
 
 
@@ -397,7 +398,8 @@ class Transformer(nn.Module):
   """Decoder LM.
 
   __call__(tokens_BT, segment_ids_BT=None, positions_BT=None, *, cache=None,
-           cache_index=None, kv_mask_BS=None, output="logits") -> (out, cache)
+           cache_index=None, kv_mask_BS=None, output="logits", shared_prefix=False)
+      -> (out, cache)
 
   * Training / scoring (cache=None): `segment_ids_BT` (int, 0 = padding,
     default all ones) defines padding and packed sequences; positions default to

@@ -32,7 +32,7 @@ from rlhf_jax.data import sft as sft_data
 from rlhf_jax.losses.dpo import kto_reference_point, preference_loss
 from rlhf_jax.losses.logprobs import sequence_logprobs, token_logprobs
 from rlhf_jax.models import Transformer
-from rlhf_jax.models.api import window_logits
+from rlhf_jax.models.api import prefix_sharing_saves_flops, window_logits
 from rlhf_jax.trainers import common, pairs
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_kl_logps")
@@ -176,16 +176,18 @@ def run(config, workdir: str) -> dict:
     if eval_arrays is not None:
       eval_arrays.update(pairs.mismatched_rows(eval_arrays, tokenizer.pad_id))
 
-  # Pairs as packed rows [prompt | chosen | rejected] (dpo.share_prompt).
-  window = config.data.max_completion_len if shares_prompt(d) else 0
+  # Policy (and reference = the initial policy).
+  rng_init, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed))
+  mcfg, init_params = common.policy_init(config, tokenizer)
+
+  # Pairs as packed rows [prompt | chosen | rejected] (dpo.share_prompt), when that saves
+  # FLOPs at these lengths.
+  window = config.data.max_completion_len if shares_prompt(d) and prefix_sharing_saves_flops(
+      mcfg, config.data.max_prompt_len, config.data.max_completion_len, 2) else 0
   if window:
     check_shared_prompts(train_arrays, window, "training data")
     if eval_arrays is not None:
       check_shared_prompts(eval_arrays, window, "eval data")
-
-  # Policy (and reference = the initial policy).
-  rng_init, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed))
-  mcfg, init_params = common.policy_init(config, tokenizer)
   model = Transformer(mcfg)
   dummy = jnp.zeros((1, 2), jnp.int32)
   tx, schedule = common.make_optimizer(config.optimizer, config.num_steps)

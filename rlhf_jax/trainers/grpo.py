@@ -42,7 +42,7 @@ from rlhf_jax.losses import kl as kl_lib
 from rlhf_jax.losses.grpo import grpo_loss
 from rlhf_jax.losses.logprobs import token_logprobs
 from rlhf_jax.models import Transformer
-from rlhf_jax.models.api import window_logits
+from rlhf_jax.models.api import prefix_sharing_saves_flops, window_logits
 from rlhf_jax.trainers import common, prompt_sets
 
 VARIANTS = {
@@ -197,8 +197,10 @@ def run(config, workdir: str) -> dict:
   temperature = r.temperature if r.temperature > 0 else 1.0
   B = N * G
   # grpo.share_prompt: a group's G completions run as one packed row, the prompt once
-  # (update, old and reference log-prob passes); minibatches then hold whole groups.
-  share = G if config.grpo.get("share_prompt", True) and N % algo["minibatches"] == 0 else 1
+  # (update, old and reference log-prob passes); minibatches then hold whole groups. Off
+  # when minibatches would split groups or packing costs more FLOPs (long completions).
+  share = G if (config.grpo.get("share_prompt", True) and N % algo["minibatches"] == 0
+                and prefix_sharing_saves_flops(mcfg, P, r.max_new_tokens, G)) else 1
   mb_rows = B // algo["minibatches"]
   micro_rows = mb_rows // micro_batches_of(mb_rows, r.train_micro_batch)
   lp_rows = min(r.logprob_micro_batch, B)
