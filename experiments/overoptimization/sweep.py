@@ -50,29 +50,35 @@ def get_sweep(preset="tiny"):
 
 
 def long_sweep():
-  """Slower optimisation for longer, to resolve the early *rise* of the gold reward:
-  GRPO without a KL penalty at lr 1e-4 for 300 steps against two proxies -- the
-  flagship's 500-step RM ("weak", 0.90 held-out pairwise accuracy; at lr 3e-4 it is
-  exploited within 20 steps) and the 600-step RM ("strong", ~0.99) -- 3 seeds each,
-  evaluated every 15 steps on 8 samples per prompt (800 gold / proxy samples per point).
-  ~35 min on 2 cores with --parallel=2."""
-  p = dict(FLAGSHIP["TINY"], rl_steps=300, eval_every=15)
+  """Slower optimisation for longer, to resolve the early *rise* of the gold reward and
+  the fall after it: GRPO without a KL penalty at lr 1e-4 against three proxies trained
+  on the same pairs for 500 ("weak", ~0.90 held-out pairwise accuracy), 550 ("medium")
+  and 600 steps ("strong", ~0.99) -- 3 seeds each, evaluated on 8 samples per prompt
+  (800 gold / proxy samples per point). The weak proxy is exploited at once (300 steps
+  suffice); the others run 1500 steps, and the medium one also 3000 steps at lr 3e-4.
+  ~32 min on 2 cores with --parallel=2."""
   prep = {c["name"]: c for c in FLAGSHIP["tiny"]()}
-  rms = {"weak": 500, "strong": 600}
+  rms = {"weak": (500, 300, 15), "medium": (550, 1500, 50), "strong": (600, 1500, 50)}
   cells = [prep["data"], prep["pretrain"], prep["sft"], prep["pairs"]]
-  grid = []
-  for tag, steps in rms.items():
+  for tag, (rm_steps, _, _) in rms.items():
     cells.append(dict(prep["rm"], name=f"rm_{tag}",
-                      overrides={**prep["rm"]["overrides"], "num_steps": steps}))
+                      overrides={**prep["rm"]["overrides"], "num_steps": rm_steps}))
+  # (arm name, proxy, lr, steps, eval every): the medium proxy once more at 3x the lr and
+  # 2x the steps, to push the policy further from SFT than lr 1e-4 does in 1500 steps.
+  arms = [(f"grpo_{tag}_rm", tag, 1e-4, rl_steps, every)
+          for tag, (_, rl_steps, every) in rms.items()]
+  arms.append(("grpo_medium_rm_lr3e-4", "medium", 3e-4, 3000, 100))
+  grid = []
+  for name, tag, lr, rl_steps, every in arms:
     base = dict(prep["grpo_rm"])
-    base["name"] = f"grpo_{tag}_rm"
+    base["name"] = name
     proxy = FLAGSHIP["PROXY"].replace("{cell:rm}", f"{{cell:rm_{tag}}}")
     gold_proxy = FLAGSHIP["GOLD_PROXY"].replace("{cell:rm}", f"{{cell:rm_{tag}}}")
     base["depends"] = [f"rm_{tag}"]
     base["overrides"] = {**base["overrides"], "reward.spec": proxy,
-                         "eval_reward_spec": gold_proxy, "num_steps": p["rl_steps"],
-                         "eval_every": p["eval_every"], "checkpoint.every": 60,
-                         "optimizer.lr": 1e-4, "capability.path": "", "eval_samples": 8}
+                         "eval_reward_spec": gold_proxy, "num_steps": rl_steps,
+                         "eval_every": every, "checkpoint.every": 5 * every,
+                         "optimizer.lr": lr, "capability.path": "", "eval_samples": 8}
     grid.append(dict(base=base, axes={"grpo.kl_coef": [0.0]}))
   return dict(
       name="overoptimization_long",
@@ -81,8 +87,8 @@ def long_sweep():
       grid=grid,
       report=dict(
           title="Over-optimisation, slow and long: GRPO (lr 1e-4, no KL penalty) against a "
-                "weak and a strong proxy RM, 3 seeds",
-          exclude=["data", "pretrain", "sft", "pairs", "rm_weak", "rm_strong"],
+                "weak, a medium and a strong proxy RM, 3 seeds",
+          exclude=["data", "pretrain", "sft", "pairs", "rm_weak", "rm_medium", "rm_strong"],
           gold="eval_sampled_reward/gold", proxy="eval_sampled_reward/proxy", kl="eval_kl",
           metrics=["eval_sampled_reward/gold", "eval_sampled_reward/proxy", "eval_kl",
                    "eval_reward/gold", "eval_length"]),
