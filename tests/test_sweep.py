@@ -367,6 +367,7 @@ def test_lock_file_blocks_a_second_sweep(env):
 @pytest.mark.parametrize("spec", ["experiments/ppo_vs_grpo_vs_dpo/sweep.py:tiny",
                                   "experiments/ppo_vs_grpo_vs_dpo/sweep.py:full",
                                   "experiments/overoptimization/sweep.py:tiny",
+                                  "experiments/overoptimization/sweep.py:long",
                                   "experiments/ai_feedback/sweep.py:tiny"])
 def test_shipped_experiment_sweeps_validate(spec, tmp_path, capsys):
   """The experiments' sweep definitions load and every override key exists (dry run)."""
