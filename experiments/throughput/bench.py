@@ -265,6 +265,8 @@ def run_ours(workload: str, steps: int, warmup: int, env: dict | None = None,
              overrides: dict | None = None) -> dict:
   """One workload in a fresh subprocess (its own peak RSS); the result dict, or
   {"workload", "error"} when it failed."""
+  if env is None:  # ours as `rlhf-jax` runs it
+    env = allocator_env("library")
   base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
   p = subprocess.run([sys.executable, os.path.abspath(__file__), f"--one={workload}",
                       f"--steps={steps}", f"--warmup={warmup}",
