@@ -261,6 +261,8 @@ for trainer, args, expect in [
     ("grpo", ["grpo.std_eps=-1.0"], "config.grpo.std_eps"),
     ("grpo", ["grpo.dynamic_sampling=2"], "config.grpo.dynamic_sampling"),
     ("grpo", ["grpo.old_logps=sampler"], "config.grpo.old_logps"),
+    ("grpo", ["grpo.share_prompt=maybe"], "config.grpo.share_prompt"),
+    ("dpo", ["dpo.share_prompt=2"], "config.dpo.share_prompt"),
     ("grpo", ["grpo.max_refill_rounds=-1"], "config.grpo.max_refill_rounds"),
     ("grpo", ["reward.spec=nosuch"], ["config.reward.spec", "unknown reward function 'nosuch'"]),
     ("grpo", ['reward.spec=[{"name": "math", "wieght": 1}]'], ["config.reward.spec", "wieght"]),
