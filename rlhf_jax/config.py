@@ -449,7 +449,8 @@ def _validate_model(config, need, num):
   num("model.vocab_size", 0, integer=True)
   if config.init_from:
     try:  # the run-time fields still matter
-      ModelConfig(dtype=m.dtype, remat_policy=m.remat_policy)
+      ModelConfig(dtype=m.dtype, remat_policy=m.remat_policy, attention=m.attention,
+                  logits_chunk=m.logits_chunk)
     except ValueError as e:
       raise ConfigError(f"config.{e}") from None
     return None

@@ -61,7 +61,7 @@ OUR_PARAMS_DIR = "params"
 HF_SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 GGUF_SUPPORTED = ("llama", "qwen2", "qwen3")
 # Config fields that are run-time choices, not part of the weights.
-RUNTIME_FIELDS = ("dtype", "remat", "remat_policy", "max_seq_len")
+RUNTIME_FIELDS = ("dtype", "remat", "remat_policy", "max_seq_len", "attention", "logits_chunk")
 # Tokenizer files copied along by import_checkpoint from a directory source.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "generation_config.json", "vocab.json",

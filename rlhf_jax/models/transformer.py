@@ -97,6 +97,12 @@ class ModelConfig:
   dtype: str = "float32"        # compute dtype: "float32" or "bfloat16"
   remat: bool = False           # legacy switch: True = remat_policy "full"
   remat_policy: str = ""        # "" = from `remat`; else one of REMAT_POLICIES (wins over remat)
+  # Attention backend (rlhf_jax/models/attention.py: BACKENDS): "auto" | "dense" |
+  # "chunked" | "cudnn" | "splash". Every backend computes the same function.
+  attention: str = "auto"
+  # Tokens per chunk of the unembed -> log-softmax -> target gather in log-prob passes
+  # (rlhf_jax/losses/logprobs.py: chunked_token_logprobs); 0 = whole [B, T, V] at once.
+  logits_chunk: int = 0
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -111,6 +117,13 @@ class ModelConfig:
     if self.remat_policy not in ("",) + REMAT_POLICIES:
       raise ValueError(f"model.remat_policy={self.remat_policy!r}: expected one of "
                        f"{', '.join(REMAT_POLICIES)} (or '' = from model.remat)")
+    from rlhf_jax.models.attention import BACKENDS  # pylint: disable=g-import-not-at-top
+    if self.attention not in BACKENDS:
+      raise ValueError(f"model.attention={self.attention!r}: expected one of "
+                       f"{', '.join(BACKENDS)}")
+    if not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
+      raise ValueError(f"model.logits_chunk={self.logits_chunk!r}: expected an int >= 0 "
+                       f"(tokens per chunk; 0 = off)")
     if self.rope_scaling is not None:
       object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
 

@@ -609,7 +609,7 @@ def _check_tree(params, expected, where: str) -> None:
 
 
 def load_init(init_from: str, dtype: str, remat: bool, remat_policy: str = "",
-              families=("language model",)):
+              families=("language model",), *, attention: str = "auto", logits_chunk: int = 0):
   """(ModelConfig, params) to start from: a run workdir (latest checkpoint's params, e.g.
   an SFT run feeding a reward model or DPO; a LoRA run's adapters merged into its base),
   or anything `load_pretrained` reads."""
@@ -618,7 +618,8 @@ def load_init(init_from: str, dtype: str, remat: bool, remat_policy: str = "",
     mcfg, params = read_workdir_model(init_from, families=families)
   else:
     mcfg, params = load_pretrained(init_from)
-  return dataclasses.replace(mcfg, dtype=dtype, remat=remat, remat_policy=remat_policy), params
+  return dataclasses.replace(mcfg, dtype=dtype, remat=remat, remat_policy=remat_policy,
+                             attention=attention, logits_chunk=logits_chunk), params
 
 
 def build_tokenizer(config, workdir: str, examples: Callable[[], Iterable]):
@@ -690,7 +691,9 @@ def policy_init(config, tokenizer, families=("language model",)):
   tokenizer's vocabulary (random init)."""
   if config.init_from:
     mcfg, params = load_init(config.init_from, config.model.dtype, config.model.remat,
-                             config.model.remat_policy, families)
+                             config.model.remat_policy, families,
+                             attention=config.model.attention,
+                             logits_chunk=config.model.logits_chunk)
   else:
     mcfg, params = config_lib.model_config(config, vocab_size=tokenizer.vocab_size), None
   if mcfg.vocab_size < tokenizer.vocab_size:

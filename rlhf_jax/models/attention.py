@@ -1,0 +1,2 @@
+"""Attention backends behind one function (skeleton; filled in below)."""
+BACKENDS = ("auto", "dense", "chunked", "cudnn", "splash")
