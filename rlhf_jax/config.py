@@ -413,6 +413,7 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
 
   # Model (its architecture counts only without init_from) and LoRA.
   model = _validate_model(config, need, num)
+  _validate_attention(config, need, platform_known=num_devices is not None)
   if config.get("lora") is not None and config.lora.rank:
     from rlhf_jax.models.lora import LoraConfig
     try:
@@ -435,6 +436,42 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     need(config.batch_size % rows == 0, "batch_size",
          f"{config.batch_size} is not divisible by the data-parallel size {rows} "
          f"(mesh.shape data * fsdp); every device needs the same number of rows")
+
+
+def attention_mask_kinds(config: ConfigDict) -> set[str]:
+  """The attention mask kinds a run uses (`rlhf_jax.models.attention.MASK_KINDS`):
+  causal always, cached decoding (every trainer can write samples; GRPO/PPO sample),
+  the shared prefix where dpo.share_prompt / grpo.share_prompt packs rows."""
+  kinds = {"causal", "cached"}
+  for key in ("dpo", "grpo"):
+    if key in config and config[key].get("share_prompt", False):
+      kinds.add("shared_prefix")
+  return kinds
+
+
+def _validate_attention(config, need, platform_known: bool):
+  """model.attention: a backend that expresses every mask kind the run uses, and (when
+  the devices are known) runs on them."""
+  from rlhf_jax.models import attention
+  backend = config.model.get("attention", "auto")
+  need(backend in attention.BACKENDS, "model.attention",
+       f"expected one of {'|'.join(attention.BACKENDS)}, got {backend!r}")
+  chunk = config.model.get("logits_chunk", 0)
+  need(isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0,
+       "model.logits_chunk", f"expected an int >= 0 (tokens per chunk; 0 = off), got {chunk!r}")
+  for kind in sorted(attention_mask_kinds(config)):
+    if not attention.supports(backend, kind):
+      share = "dpo" if "dpo" in config else "grpo"
+      raise ConfigError(
+          f"config.model.attention={backend!r} cannot express the {kind} attention mask "
+          f"that {share}.share_prompt=True uses; set --config.{share}.share_prompt=False "
+          f"or --config.model.attention=auto (splash for the causal passes, another backend "
+          f"for the shared prefix)")
+  if platform_known and backend != "auto":
+    import jax
+    need(attention.available(backend), "model.attention",
+         f"{backend!r} does not run on this {jax.default_backend()!r} backend (cudnn: GPU, "
+         f"splash: TPU); use 'auto', 'chunked' or 'dense'")
 
 
 def _validate_model(config, need, num):

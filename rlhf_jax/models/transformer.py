@@ -41,8 +41,10 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from rlhf_jax.models import attention
+
 Array = jax.Array
-NEG_INF = -1e30  # large finite negative: fully masked rows give a uniform (not NaN) softmax
+NEG_INF = attention.NEG_INF
 
 # What each block keeps for the backward pass (`ModelConfig.remat_policy`). Per layer
 # and token, with D model width, F MLP width, H/K query/kv heads of size Dh, S keys:
@@ -117,10 +119,9 @@ class ModelConfig:
     if self.remat_policy not in ("",) + REMAT_POLICIES:
       raise ValueError(f"model.remat_policy={self.remat_policy!r}: expected one of "
                        f"{', '.join(REMAT_POLICIES)} (or '' = from model.remat)")
-    from rlhf_jax.models.attention import BACKENDS  # pylint: disable=g-import-not-at-top
-    if self.attention not in BACKENDS:
+    if self.attention not in attention.BACKENDS:
       raise ValueError(f"model.attention={self.attention!r}: expected one of "
-                       f"{', '.join(BACKENDS)}")
+                       f"{', '.join(attention.BACKENDS)}")
     if not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
       raise ValueError(f"model.logits_chunk={self.logits_chunk!r}: expected an int >= 0 "
                        f"(tokens per chunk; 0 = off)")
@@ -173,11 +174,9 @@ def positions_from_segments(segment_ids_BT: Array) -> Array:
 
 
 def segment_causal_mask(segment_ids_BT: Array) -> Array:
-  """bool [B, T, T]: query t sees key s iff s <= t, same segment, key not padding."""
-  T = segment_ids_BT.shape[1]
-  causal = jnp.tril(jnp.ones((T, T), bool))
-  same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-  return causal[None] & same & (segment_ids_BT[:, None, :] > 0)
+  """bool [B, T, T]: query t sees key s iff s <= t, same segment, key not padding
+  (`attention.causal_mask`'s rule as a matrix)."""
+  return attention.causal_mask(segment_ids_BT).dense_matrix()
 
 
 def shared_prefix_mask(segment_ids_BT: Array) -> Array:
@@ -185,11 +184,9 @@ def shared_prefix_mask(segment_ids_BT: Array) -> Array:
   segment 1 is a prefix that every later segment continues. Query t sees key s iff
   s <= t, the key is not padding, and the key is in the query's segment or in segment 1.
   Each continuation then gets exactly the attention it would get alone after the prefix
-  (prefix sharing: DPO's chosen and rejected replies, a GRPO group's completions)."""
-  T = segment_ids_BT.shape[1]
-  causal = jnp.tril(jnp.ones((T, T), bool))
-  q, k = segment_ids_BT[:, :, None], segment_ids_BT[:, None, :]
-  return causal[None] & ((q == k) | (k == 1)) & (k > 0)
+  (prefix sharing: DPO's chosen and rejected replies, a GRPO group's completions).
+  (`attention.shared_prefix_mask`'s rule as a matrix.)"""
+  return attention.shared_prefix_mask(segment_ids_BT).dense_matrix()
 
 
 class PackedPrefix(NamedTuple):
@@ -256,22 +253,6 @@ def pack_shared_prefix(tokens_BT: Array, segment_ids_BT: Array, start_B: Array,
                       valid_BW, slots_BW)
 
 
-def cache_masks(kv_mask_BS: Array, cache_index: Array, T: int):
-  """(old_BTS, new_BTT) for T new tokens going into slots cache_index..+T-1.
-
-  old_BTS: a query sees cache slot s iff s < cache_index and the slot holds a real
-  token (kv_mask_BS); new_BTT: new token t sees new token u iff u <= t and u is real.
-  The cached attention reads the old slots and the new keys separately, so the cache
-  is only written once per call (after all layers) and never copied per layer.
-  """
-  S = kv_mask_BS.shape[1]
-  kv = kv_mask_BS.astype(bool)
-  old = (jnp.arange(S) < cache_index)[None, None, :] & kv[:, None, :]
-  new_real_BT = jax.lax.dynamic_slice_in_dim(kv, cache_index, T, axis=1)
-  new = jnp.tril(jnp.ones((T, T), bool))[None] & new_real_BT[:, None, :]
-  return jnp.broadcast_to(old, (kv.shape[0], T, S)), new
-
-
 # ----------------------------------------------------------------------------
 # RoPE
 # ----------------------------------------------------------------------------
@@ -335,7 +316,7 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, layer_cache, positions_BT, mask_BTS, cache_index):
+  def __call__(self, x_BTD, layer_cache, positions_BT, mask, cache_index):
     c = self.config
     dt = c.compute_dtype
     H, K, Dh, D = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
@@ -363,32 +344,17 @@ class Block(nn.Module):
     k_BTKd = checkpoint_name(apply_rope(k_BTKd, positions_BT, inv_freq), "key_proj")
     v_BTKd = checkpoint_name(v_BTKd, "value_proj")  # names: identity ops for remat policies
 
-    q_BTKGd = q_BTHd.reshape(B, T, K, H // K, Dh)
-    scale = 1.0 / math.sqrt(Dh)
     if layer_cache is None:
       new_cache = None
-      logits = jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, k_BTKd,
-                          preferred_element_type=jnp.float32) * scale
-      logits = jnp.where(mask_BTS[:, None, None], logits, NEG_INF)
-      probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-      attn_BTKGd = jnp.einsum("bkgts,bskd->btkgd", probs, v_BTKd)
+      attn_BTHd = attention.attend(q_BTHd, k_BTKd, v_BTKd, mask, backend=c.attention)
     else:
       # Cached: attend to the cache (read only) and to the T new keys; the caller
       # writes the returned new K/V into the cache (no per-layer copy of the cache).
       k_BSKd, v_BSKd = (x.astype(dt) for x in layer_cache)
       new_cache = (k_BTKd.astype(layer_cache[0].dtype), v_BTKd.astype(layer_cache[1].dtype))
-      old_mask_BTS, new_mask_BTT = mask_BTS
-      lo = jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, k_BSKd,
-                      preferred_element_type=jnp.float32) * scale
-      ln = jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, k_BTKd,
-                      preferred_element_type=jnp.float32) * scale
-      lo = jnp.where(old_mask_BTS[:, None, None], lo, NEG_INF)
-      ln = jnp.where(new_mask_BTT[:, None, None], ln, NEG_INF)
-      probs = jax.nn.softmax(jnp.concatenate([lo, ln], axis=-1), axis=-1).astype(dt)
-      S = k_BSKd.shape[1]
-      attn_BTKGd = (jnp.einsum("bkgts,bskd->btkgd", probs[..., :S], v_BSKd)
-                    + jnp.einsum("bkgts,bskd->btkgd", probs[..., S:], v_BTKd))
-    attn_NHd = attn_BTKGd.reshape(B * T, H, Dh)
+      attn_BTHd = attention.attend(q_BTHd, k_BSKd, v_BSKd, mask, backend=c.attention,
+                                   new_k_BTKd=k_BTKd, new_v_BTKd=v_BTKd)
+    attn_NHd = attn_BTHd.reshape(B * T, H, Dh)
     out_ND = nn.DenseGeneral(D, axis=(-2, -1), use_bias=False, dtype=dt,
                              param_dtype=jnp.float32, name="o",
                              kernel_init=_init(std, ("heads", "head_dim", "embed")))(attn_NHd)
@@ -452,24 +418,26 @@ class Transformer(nn.Module):
     if shared_prefix:
       if cache is not None or segment_ids_BT is None or positions_BT is None:
         raise ValueError("shared_prefix=True needs segment_ids_BT and positions_BT, no cache")
-      mask_BTS = shared_prefix_mask(segment_ids_BT)
+      mask = attention.shared_prefix_mask(segment_ids_BT)
       cache_index = 0
     elif cache is None:
       if segment_ids_BT is None:
         segment_ids_BT = jnp.ones((B, T), jnp.int32)
       if positions_BT is None:
         positions_BT = positions_from_segments(segment_ids_BT)
-      mask_BTS = segment_causal_mask(segment_ids_BT)
+      mask = attention.causal_mask(segment_ids_BT)
       cache_index = 0
     else:
       if positions_BT is None or kv_mask_BS is None or cache_index is None:
         raise ValueError("cached call needs positions_BT, kv_mask_BS and cache_index")
-      mask_BTS = cache_masks(kv_mask_BS, cache_index, T)
-
+      mask = attention.cached_mask(kv_mask_BS, cache_index, T)
+    S = mask.kv_segment_BS.shape[1]
+    if attention.resolve(c.attention, mask.kind, kv_len=S) == "dense":
+      mask = mask.with_dense()  # the [B, T, S] matrix once, not once per layer
     x = self.embed(tokens_BT).astype(c.compute_dtype)
     if c.embed_scale:
       x = x * jnp.asarray(math.sqrt(c.d_model), c.compute_dtype)
-    x, new_kv = self.layers(x, cache, positions_BT, mask_BTS, cache_index)
+    x, new_kv = self.layers(x, cache, positions_BT, mask, cache_index)
     new_cache = None
     if cache is not None:  # the layers return the new tokens' K/V; write them once here
       new_cache = tuple(jax.lax.dynamic_update_slice(c_, n_, (0, 0, cache_index, 0, 0))
