@@ -276,7 +276,8 @@ def _block_live(q_seg_nBq, q_idx_nBq, kv_seg_mBk, kv_idx_mBk):
   last query index of i). Blocks that are not live are skipped (causal: ~half)."""
   big = jnp.iinfo(jnp.int32).max
   kv_min = jnp.min(jnp.where(kv_seg_mBk > 0, kv_idx_mBk, big), axis=(1, 2))
-  q_max = jnp.max(jnp.where(q_seg_nBq > 0, q_idx_nBq, -1), axis=(1, 2))
+  del q_seg_nBq  # a padding query may see keys too (the shared prefix): the rule decides
+  q_max = jnp.max(q_idx_nBq, axis=(1, 2))
   return kv_min[None, :] <= q_max[:, None]
 
 
