@@ -467,6 +467,9 @@ def _validate_attention(config, need, platform_known: bool):
           f"that {share}.share_prompt=True uses; set --config.{share}.share_prompt=False "
           f"or --config.model.attention=auto (splash for the causal passes, another backend "
           f"for the shared prefix)")
+  need(backend != "cudnn" or config.model.dtype in ("bfloat16", "float16"), "model.attention",
+       f"'cudnn' needs bfloat16 or float16 compute (cuDNN has no float32 flash attention), "
+       f"got model.dtype={config.model.dtype!r}; use 'auto' or 'chunked'")
   if platform_known and backend != "auto":
     import jax
     need(attention.available(backend), "model.attention",

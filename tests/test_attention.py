@@ -186,7 +186,10 @@ def test_chunked_memory_is_linear_in_length():
 def test_resolve_auto_and_refusals():
   assert A.resolve("auto", "causal", "cpu", kv_len=64) == "dense"
   assert A.resolve("auto", "causal", "cpu", kv_len=32768) == "chunked"
-  assert A.resolve("auto", "causal", "gpu", kv_len=64) == "cudnn"
+  assert A.resolve("auto", "causal", "gpu", kv_len=64, dtype=jnp.bfloat16) == "cudnn"
+  assert A.resolve("auto", "causal", "gpu", kv_len=64, dtype=jnp.float32) == "dense"
+  with pytest.raises(ValueError, match="needs bfloat16 or float16"):
+    A.resolve("cudnn", "causal", "gpu", dtype=jnp.float32)
   assert A.resolve("auto", "causal", "tpu", kv_len=64) == "splash"
   assert A.resolve("auto", "shared_prefix", "tpu", kv_len=32768) == "chunked"
   with pytest.raises(ValueError, match="model.attention='splash' cannot express"):
@@ -211,6 +214,10 @@ def test_config_validation_refuses_a_mask_the_backend_cannot_express():
     config_lib.validate(c)                       # fine without a device check
     with pytest.raises(ConfigError, match="does not run on this 'cpu'"):
       config_lib.validate(c, num_devices=1)
+  c = dpo.get_config("tiny")
+  c.model.attention = "cudnn"
+  with pytest.raises(ConfigError, match="'cudnn' needs bfloat16"):
+    config_lib.validate(c)
   c = dpo.get_config("tiny")
   c.model.logits_chunk = -1
   with pytest.raises(ConfigError, match="model.logits_chunk"):

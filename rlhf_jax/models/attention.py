@@ -161,10 +161,11 @@ def available(backend: str, platform: str | None = None) -> bool:
 
 
 def resolve(backend: str, kind: str, platform: str | None = None,
-            kv_len: int | None = None) -> str:
+            kv_len: int | None = None, dtype=None) -> str:
   """The concrete backend that runs attention of `kind` with `kv_len` keys.
 
-  auto: TPU -> splash where it expresses the kind; GPU -> cudnn; otherwise (CPU, and TPU
+  auto: TPU -> splash where it expresses the kind; GPU -> cudnn for bfloat16 / float16
+  compute (`dtype`; cuDNN has no float32 flash attention); otherwise (CPU, and TPU
   for shared-prefix / cached masks) dense up to AUTO_DENSE_MAX_KEYS keys (the fastest
   on XLA:CPU at short lengths; results bitwise as before), chunked above. An explicit backend that cannot
   express `kind` or run on `platform` raises ValueError (validated before any run by
@@ -173,7 +174,7 @@ def resolve(backend: str, kind: str, platform: str | None = None,
   if backend == "auto":
     if platform == "tpu" and supports("splash", kind):
       return "splash"
-    if platform == "gpu" and supports("cudnn", kind):
+    if platform == "gpu" and supports("cudnn", kind) and _half(dtype):
       return "cudnn"
     return "dense" if kv_len is not None and kv_len <= AUTO_DENSE_MAX_KEYS else "chunked"
   if backend not in SUPPORTS:
@@ -185,7 +186,15 @@ def resolve(backend: str, kind: str, platform: str | None = None,
   if not available(backend, platform):
     raise ValueError(f"model.attention={backend!r} does not run on {platform!r} "
                      f"(cudnn: GPU only, splash: TPU only); use 'auto' or 'chunked'")
+  if backend == "cudnn" and dtype is not None and not _half(dtype):
+    raise ValueError(f"model.attention='cudnn' needs bfloat16 or float16 compute, got "
+                     f"model.dtype={jnp.dtype(dtype).name}; use 'auto' or 'chunked'")
   return backend
+
+
+def _half(dtype) -> bool:
+  """bfloat16 / float16 (None: unknown, taken as yes)."""
+  return dtype is None or jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def check_config(backend: str, kinds, platform: str | None = None) -> None:
@@ -215,7 +224,7 @@ def attend(q_BTHd: Array, k_BSKd: Array, v_BSKd: Array, mask: AttentionMask, *,
   scale = 1.0 / math.sqrt(Dh) if scale is None else scale
   if (mask.kind == "cached") != (new_k_BTKd is not None):
     raise ValueError("attend: new_k_BTKd / new_v_BTKd go with (and only with) a cached mask")
-  name = resolve(backend, mask.kind, kv_len=k_BSKd.shape[1])
+  name = resolve(backend, mask.kind, kv_len=k_BSKd.shape[1], dtype=v_BSKd.dtype)
   if name == "dense":
     return _dense(q_BTHd, k_BSKd, v_BSKd, mask, scale, new_k_BTKd, new_v_BTKd)
   if name == "chunked":

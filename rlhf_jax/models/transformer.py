@@ -432,7 +432,7 @@ class Transformer(nn.Module):
         raise ValueError("cached call needs positions_BT, kv_mask_BS and cache_index")
       mask = attention.cached_mask(kv_mask_BS, cache_index, T)
     S = mask.kv_segment_BS.shape[1]
-    if attention.resolve(c.attention, mask.kind, kv_len=S) == "dense":
+    if attention.resolve(c.attention, mask.kind, kv_len=S, dtype=c.compute_dtype) == "dense":
       mask = mask.with_dense()  # the [B, T, S] matrix once, not once per layer
     x = self.embed(tokens_BT).astype(c.compute_dtype)
     if c.embed_scale:
