@@ -302,8 +302,10 @@ def _scores(mask, q_i, k_j, seg_q, idx_q, seg_k, idx_k, inrange_k, scale):
 def _flash_forward(mask, q_nBqKGd, qseg_nBq, qidx_nBq, keysets, scale):
   """Online-softmax forward over query blocks (lax.map) x key blocks (lax.scan), with
   several key sets in turn (the cache, then the new tokens). Returns the output
-  [n, B, bq, K, G, Dh] in float32 and the row log-sum-exp [n, B, K, G, bq] (+inf for a
-  row that saw no key block; its output is 0)."""
+  [n, B, bq, K, G, Dh] in float32 and each row's softmax statistics (max m, 1 / sum l),
+  each [n, B, K, G, bq]. A row that sees no key gets the uniform average over the key
+  blocks it shares with visible rows (dense: over all keys), or 0 when every block was
+  skipped (1/l = 0); such rows are padding, never read."""
   n, B, bq, K, G, Dh = q_nBqKGd.shape
 
   def one_query_block(args):
@@ -332,10 +334,10 @@ def _flash_forward(mask, q_nBqKGd, qseg_nBq, qidx_nBq, keysets, scale):
 
       carry, _ = jax.lax.scan(step, carry, (k_mBkKd, v_mBkKd, seg_k, idx_k, inr_k, live_i))
     m, l, acc = carry
-    seen = l > 0
-    out = acc / jnp.where(seen, l, 1.0)[..., None]
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
-    return jnp.moveaxis(out, 3, 1), lse           # out [B, bq, K, G, Dh]
+    inv_l = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)
+    # The softmax statistics are kept as (m, 1/l), not as log-sum-exp m + log l: for a
+    # row that sees no key m = NEG_INF absorbs log l in float32.
+    return jnp.moveaxis(acc * inv_l[..., None], 3, 1), (m, inv_l)  # out [B, bq, K, G, Dh]
 
   live = [ks[5] for ks in keysets]                 # each [n, m]: row i goes with block i
   return jax.lax.map(lambda a: one_query_block((a[0], a[1], a[2], a[3:])),
@@ -399,16 +401,16 @@ def _flash_fwd(q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, kin
   B, T, H, Dh = q_BTHd.shape
   mask, q, qseg, qidx, ks, n, bq = _prepare(q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT,
                                             kvseg_BS, kvidx_BS, kind, block_q, block_k)
-  out32, lse = _flash_forward(mask, q, qseg, qidx, [ks], scale)
+  out32, stats = _flash_forward(mask, q, qseg, qidx, [ks], scale)
   out = jnp.moveaxis(out32, 0, 1).reshape(B, n * bq, H, Dh)[:, :T].astype(v_BSKd.dtype)
-  res = (q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, out, lse)
+  res = (q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, out, stats)
   return out, res
 
 
 def _flash_bwd(kind, scale, block_q, block_k, res, dout_BTHd):
-  """FlashAttention-2 backward (Dao 2023): per block pair, P = exp(S - lse),
+  """FlashAttention-2 backward (Dao 2023): per block pair, P = exp(S - m) / l,
   dV += P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO * O)), dQ += dS K, dK += dS^T Q."""
-  q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, out_BTHd, lse = res
+  q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, out_BTHd, (m, inv_l) = res
   B, T, H, Dh = q_BTHd.shape
   K = k_BSKd.shape[2]
   G = H // K
@@ -426,12 +428,12 @@ def _flash_bwd(kind, scale, block_q, block_k, res, dout_BTHd):
 
     def query_block(carry, ys):
       dq, dk, dv = carry
-      i, q_i, do_i, seg_q, idx_q, lse_i, d_i, live = ys
+      i, q_i, do_i, seg_q, idx_q, m_i, inv_l_i, d_i, live = ys
 
       def compute(carry):
         dq, dk, dv = carry
         s, vis = _scores(mask, q_i, k_j, seg_q, idx_q, seg_kj, idx_kj, inr_kj, scale)
-        p = jnp.exp(s - lse_i[..., None])                             # [B, K, G, bq, bk]
+        p = jnp.exp(s - m_i[..., None]) * inv_l_i[..., None]         # [B, K, G, bq, bk]
         dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(do_i.dtype), do_i,
                              preferred_element_type=jnp.float32)
         dp = jnp.einsum("bqkgd,bskd->bkgqs", do_i, v_j, preferred_element_type=jnp.float32)
@@ -445,7 +447,7 @@ def _flash_bwd(kind, scale, block_q, block_k, res, dout_BTHd):
     dk0 = jnp.zeros((B, bk, K, Dh), jnp.float32)
     (dq, dk, dv), _ = jax.lax.scan(
         query_block, (dq, dk0, dk0),
-        (jnp.arange(n), q, do, qseg, qidx, lse, d_rows, live_j))
+        (jnp.arange(n), q, do, qseg, qidx, m, inv_l, d_rows, live_j))
     return dq, (dk, dv)
 
   dq, (dk, dv) = jax.lax.scan(key_block, dq0, (k_m, v_m, seg_k, idx_k, inr_k, live.T))
