@@ -111,7 +111,13 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
+    ("cache_seq", None),
 )
+
+# Logical axes of one KV-cache array (k or v), [layers, batch, slots, kv heads, head_dim]
+# (`models.transformer.init_cache`): rows over ("data", "fsdp") like every batch, kv heads
+# over "tensor" like the k/v projections that fill them, slots and head_dim whole.
+KV_CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 
 
 def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
@@ -167,6 +173,48 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def fitted_spec(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int],
+                rules=LOGICAL_RULES) -> P:
+  """The PartitionSpec of an array of `shape` with `logical_axes`, each dimension split
+  only as far as its size allows: a dimension mapped to mesh axes (a0, a1, ...) keeps the
+  longest prefix whose device count divides its size (the rest replicated), e.g. 2 cache
+  rows on ("data", "fsdp") = (2, 2) are split over "data" only."""
+  if len(logical_axes) != len(shape):
+    raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
+  spec = nn.logical_to_mesh_axes(tuple(logical_axes), list(rules))
+  out = []
+  for axes, size in zip(tuple(spec) + (None,) * (len(shape) - len(spec)), shape):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    keep = []
+    for name in names:
+      if size % (math.prod(mesh.shape[a] for a in keep) * mesh.shape[name]):
+        break
+      keep.append(name)
+    out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+  return P(*out)
+
+
+def kv_cache_sharding(mesh: Mesh, shape: Sequence[int], rules=LOGICAL_RULES) -> NamedSharding:
+  """Sharding of one KV-cache array [L, B, S, K, Dh] (`KV_CACHE_AXES`) on `mesh`: rows
+  over ("data", "fsdp"), kv heads over "tensor", each as far as the sizes divide
+  (`fitted_spec`)."""
+  return NamedSharding(mesh, fitted_spec(mesh, KV_CACHE_AXES, shape, rules))
+
+
+def mesh_of(tree) -> Mesh | None:
+  """The mesh the arrays of `tree` live on: that of its first leaf placed with a
+  NamedSharding on more than one device; None when there is none (host arrays,
+  tracers, a single device)."""
+  for leaf in jax.tree.leaves(tree):
+    if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
+      continue
+    sharding = leaf.sharding
+    if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, Mesh) and (
+        sharding.mesh.size > 1):
+      return sharding.mesh
+  return None
 
 
 def local_rows(global_rows: int, mesh: Mesh) -> np.ndarray:

@@ -13,7 +13,10 @@ sampler's own (to float tolerance) and PPO/GRPO ratios start at 1.
 
 Micro-batch sizes are separate for generation (`rollout.generate_micro_batch`)
 and log-prob passes (`rollout.logprob_micro_batch`); every micro-batch has a
-fixed shape, so each function compiles once.
+fixed shape, so each function compiles once. When the generation micro-batch
+holds whole groups (a multiple of G, or >= B), the sampler prefills each prompt
+once per group (`sampling.generate(group_size=G)`) instead of once per row; the
+samples are the same either way (`generate_group_size`).
 """
 from __future__ import annotations
 
@@ -67,6 +70,14 @@ def completion_logps_fn(model_config, prompt_len: int, temperature: float,
   return f
 
 
+def generate_group_size(group_size: int, micro: int, rows: int) -> int:
+  """The sampler's `group_size` for `rows` = N * G rollout rows generated `micro` rows per
+  call: G (each group's prompt prefilled once) when every call holds whole groups, i.e.
+  min(micro, rows) is a multiple of G; else 1 (per-row prefill: same samples, more
+  prefill compute)."""
+  return group_size if min(micro, rows) % group_size == 0 else 1
+
+
 def micro_batched(fn: Callable, micro: int, *arrays):
   """Apply fn(*chunks) over leading-axis chunks of size `micro` (>= B: one chunk);
   concatenate on host."""
@@ -98,13 +109,14 @@ def generate_rollout(*, model_config, params, ref_params, prompt_tokens_NP, prom
 
   t0 = time.perf_counter()
   chunks = []
-  for i in range(0, B, r.generate_micro_batch):
+  micro = r.generate_micro_batch
+  for i in range(0, B, micro):
     out = sampling.generate(
-        model_config, params, tokens[i:i + r.generate_micro_batch],
-        pmask[i:i + r.generate_micro_batch], jax.random.fold_in(rng, i),
-        max_new_tokens=r.max_new_tokens, greedy=greedy,
+        model_config, params, tokens[i:i + micro], pmask[i:i + micro],
+        jax.random.fold_in(rng, i), max_new_tokens=r.max_new_tokens, greedy=greedy,
         temperature=1.0 if greedy else r.temperature, top_k=r.top_k, top_p=r.top_p,
-        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+        group_size=generate_group_size(G, micro, B))
     chunks.append(out)
   host = parallel.to_host  # multi-host: the sampler's outputs may be sharded over processes
   comp = np.concatenate([host(o.tokens_BN) for o in chunks])

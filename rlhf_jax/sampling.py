@@ -4,12 +4,37 @@
     step t:   x_t ~ pi(. | prompt, x_<t),  cache <- K/V of x_t   (t = 0..N-1)
 
 The whole of `generate` is one jitted function; it compiles once per
-(prompt shape, model config, max_new_tokens, top_k, greedy, stop ids, pad id).
-Temperature and top_p are traced scalars, so changing their values does not
-recompile (whether top-p is on at all, top_p < 1, is static; top_p must be a
-Python float, temperature may itself be traced when `generate` is called
-inside another jit). The cache is allocated once, in the compute dtype, with
+(prompt shape, model config, max_new_tokens, top_k, greedy, stop ids, pad id,
+group size, cache dtype, mesh). Temperature and top_p are traced scalars, so
+changing their values does not recompile (whether top-p is on at all, top_p < 1,
+is static; top_p must be a Python float, temperature may itself be traced when
+`generate` is called inside another jit). The cache is allocated once, with
 P + N - 1 slots (the last sampled token is never fed back).
+
+Decoding at scale (three switches of `generate`, none of which changes what is
+sampled beyond float rounding):
+
+* Shared prefill for groups (`group_size=G`): GRPO/PPO sample G completions per
+  prompt, passed as B = N*G rows where every G consecutive rows hold the same
+  prompt (row b belongs to group b // G, the `rollout` layout). The prompt is
+  prefilled once per group (N rows), then the cache and the last-position logits
+  are repeated to the B rows before decoding. The sampling noise is drawn per row
+  as always, so the samples equal those of per-row prefill for the same rng
+  (tokens exactly, log-probs to float rounding: the prefill's matmuls run on N
+  instead of B rows). Rows of a group must be equal (checked when the prompts are
+  concrete; under an outer jit each group's first row is used for the whole group).
+* KV-cache dtype (`kv_cache_dtype`): "auto" (default) stores K/V in bfloat16 on
+  GPU/TPU when the compute dtype is float32 (half the cache memory and decode
+  bandwidth), and in the compute dtype otherwise -- on CPU always, so CPU results
+  are unchanged; or name one: "float32" | "bfloat16" | "float16". Attention reads
+  the cache back in the compute dtype; the token being fed attends to its own K/V
+  unrounded.
+* Sharded KV cache (`mesh`): on a mesh the cache [L, B, S, K, Dh] is constrained
+  to `parallel.kv_cache_sharding` -- rows over ("data", "fsdp"), kv heads over
+  "tensor" (each as far as the sizes divide) -- at allocation, after the prefill
+  and in every decode step, so no device holds the whole cache. The default
+  mesh="auto" takes the mesh of the parameters (`parallel.mesh_of`: a
+  NamedSharding on > 1 device); single-device / host parameters: no constraint.
 
 Prompts are a left-padded batch `prompt_tokens_BP` with `prompt_mask_BP`
 (1 = real token). Row b with n_b real tokens gets positions 0..n_b-1 on its
@@ -43,6 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import parallel
 from rlhf_jax.models.transformer import ModelConfig, Transformer, init_cache
 
 Array = jax.Array
@@ -186,10 +212,55 @@ def _validate(config, prompt_tokens_BP, prompt_mask_BP, max_new_tokens, temperat
   return eos_ids
 
 
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_kv_cache_dtype(config: ModelConfig, kv_cache_dtype="auto") -> str:
+  """The KV-cache dtype name for `kv_cache_dtype` (see the module docstring): "auto" is
+  bfloat16 on GPU/TPU when the compute dtype is float32, else the compute dtype."""
+  name = kv_cache_dtype if isinstance(kv_cache_dtype, str) else None
+  if name is None:
+    try:
+      name = jnp.dtype(kv_cache_dtype).name
+    except TypeError:
+      name = repr(kv_cache_dtype)
+  if name not in KV_CACHE_DTYPES:
+    raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: expected one of "
+                     f"{', '.join(KV_CACHE_DTYPES)}")
+  if name != "auto":
+    return name
+  if config.dtype == "float32" and jax.default_backend() in ("gpu", "tpu"):
+    return "bfloat16"
+  return config.dtype
+
+
+def _validate_groups(prompt_tokens_BP, prompt_mask_BP, group_size):
+  """ValueError unless the B rows are whole groups of `group_size` equal prompts (the
+  equality is checked where the prompts are concrete)."""
+  if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool) or (
+      group_size < 1):
+    raise ValueError(f"group_size={group_size!r}: expected an int >= 1")
+  B = prompt_tokens_BP.shape[0]
+  if B % group_size:
+    raise ValueError(f"group_size={group_size}: the {B} prompt rows are not whole groups "
+                     f"(B must be a multiple of group_size; rows b*G .. b*G+G-1 share a prompt)")
+  if group_size == 1 or not (_is_concrete(prompt_mask_BP) and _is_concrete(prompt_tokens_BP)):
+    return
+  m_NGP = np.asarray(prompt_mask_BP).astype(bool).reshape(B // group_size, group_size, -1)
+  t_NGP = np.where(m_NGP, np.asarray(prompt_tokens_BP).reshape(m_NGP.shape), 0)
+  bad_NG = (m_NGP != m_NGP[:, :1]).any(-1) | (t_NGP != t_NGP[:, :1]).any(-1)
+  if bad_NG.any():
+    n, g = (int(i) for i in np.argwhere(bad_NG)[0])
+    raise ValueError(f"group_size={group_size}: prompt row {n * group_size + g} differs from "
+                     f"row {n * group_size}, the first row of its group {n}; every "
+                     f"{group_size} consecutive rows must hold the same prompt")
+
+
 def generate(config: ModelConfig, params, prompt_tokens_BP, prompt_mask_BP, rng, *,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, greedy: bool = False,
-             eos_id: int | Sequence[int] | None, pad_id: int) -> SampleOutput:
+             eos_id: int | Sequence[int] | None, pad_id: int, group_size: int = 1,
+             kv_cache_dtype: str = "auto", mesh="auto") -> SampleOutput:
   """Sample up to `max_new_tokens` tokens after each left-padded prompt.
 
   Args:
@@ -206,6 +277,13 @@ def generate(config: ModelConfig, params, prompt_tokens_BP, prompt_mask_BP, rng,
     greedy: argmax decoding; temperature/top-k/top-p are ignored.
     eos_id: stop id or ids (None: never stop early).
     pad_id: id written after the stop token and on prompt padding.
+    group_size: G (static): every G consecutive rows hold the same prompt, which is
+      prefilled once per group (module docstring); B must be a multiple of G.
+    kv_cache_dtype: "auto" | "float32" | "bfloat16" | "float16" (static; module
+      docstring; `resolve_kv_cache_dtype`).
+    mesh: "auto" (the mesh of `params`, if any), a `jax.sharding.Mesh` to shard the KV
+      cache over (`parallel.kv_cache_sharding`), or None (no constraint). Pass the mesh
+      explicitly when calling `generate` inside another jit (tracers carry no mesh).
 
   Returns:
     SampleOutput (see its docstring and the module docstring for the logprob
@@ -216,26 +294,48 @@ def generate(config: ModelConfig, params, prompt_tokens_BP, prompt_mask_BP, rng,
                     else np.asarray(prompt_mask_BP))
   eos_ids = _validate(config, prompt_tokens_BP, prompt_mask_BP, max_new_tokens, temperature,
                       top_k, top_p, greedy, eos_id, pad_id)
+  _validate_groups(prompt_tokens_BP, prompt_mask_BP, group_size)
+  cache_dtype = resolve_kv_cache_dtype(config, kv_cache_dtype)
+  if isinstance(mesh, str):
+    if mesh != "auto":
+      raise ValueError(f"mesh={mesh!r}: expected 'auto', a jax.sharding.Mesh or None")
+    mesh = parallel.mesh_of(params)
+  elif mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+    raise ValueError(f"mesh={mesh!r}: expected 'auto', a jax.sharding.Mesh or None")
+  if mesh is not None and mesh.size == 1:
+    mesh = None
   return _generate(
       config, params, prompt_tokens_BP.astype(jnp.int32),
       jnp.asarray(prompt_mask_BP).astype(jnp.int32), rng,
       jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p),
       max_new_tokens=int(max_new_tokens), top_k=0 if greedy else int(top_k),
       use_top_p=(not greedy) and top_p < 1.0, greedy=bool(greedy), eos_ids=eos_ids,
-      pad_id=int(pad_id))
+      pad_id=int(pad_id), group_size=int(group_size), kv_cache_dtype=cache_dtype, mesh=mesh)
+
+
+def _shard_cache(cache, mesh):
+  """The KV cache constrained to `parallel.kv_cache_sharding` (no-op without a mesh)."""
+  if mesh is None:
+    return cache
+  return tuple(jax.lax.with_sharding_constraint(c, parallel.kv_cache_sharding(mesh, c.shape))
+               for c in cache)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "top_k", "use_top_p",
-                                             "greedy", "eos_ids", "pad_id"))
+                                             "greedy", "eos_ids", "pad_id", "group_size",
+                                             "kv_cache_dtype", "mesh"))
 def _generate(config, params, prompt_BP, prompt_mask_BP, rng, temperature, top_p, *,
-              max_new_tokens, top_k, use_top_p, greedy, eos_ids, pad_id):
+              max_new_tokens, top_k, use_top_p, greedy, eos_ids, pad_id, group_size=1,
+              kv_cache_dtype=None, mesh=None):
   model = Transformer(config)
   variables = {"params": params}
   B, P = prompt_BP.shape
   N = max_new_tokens
+  G = group_size
   S = P + N - 1                      # the last sampled token is never fed back
   choose = functools.partial(_choose, temperature=temperature, top_p=top_p, greedy=greedy,
                              top_k=top_k, use_top_p=use_top_p)
+  shard = functools.partial(_shard_cache, mesh=mesh)
 
   # Pad slots get a valid id (out-of-range ids would embed as NaN) and are masked.
   prompt_BP = jnp.where(prompt_mask_BP > 0, prompt_BP, pad_id)
@@ -243,12 +343,19 @@ def _generate(config, params, prompt_BP, prompt_mask_BP, rng, temperature, top_p
   positions_BP = jnp.maximum(jnp.cumsum(prompt_mask_BP, axis=1) - 1, 0).astype(jnp.int32)
   kv_mask_BS = jnp.concatenate([prompt_mask_BP, jnp.ones((B, S - P), jnp.int32)], axis=1)
 
-  # Prefill: the whole prompt in one call; unembed only the last position.
-  cache = init_cache(config, B, S)
-  h_BPD, cache = model.apply(variables, prompt_BP, positions_BT=positions_BP, cache=cache,
-                             cache_index=0, kv_mask_BS=kv_mask_BS, output="hidden")
-  logits_BV = model.apply(variables, h_BPD[:, -1:], method=Transformer.unembed)[:, 0]
-
+  # Prefill: the whole prompt in one call, once per group (rows 0, G, 2G, ...: R = B / G
+  # rows); unembed only the last position. Then repeat cache and logits to the B rows.
+  first = (lambda x: x) if G == 1 else (lambda x: x[::G])
+  expand = (lambda x, axis: x) if G == 1 else (lambda x, axis: jnp.repeat(x, G, axis=axis))
+  cache = shard(init_cache(config, B // G, S, kv_cache_dtype))
+  h_RPD, cache = model.apply(variables, first(prompt_BP), positions_BT=first(positions_BP),
+                             cache=cache, cache_index=0, kv_mask_BS=first(kv_mask_BS),
+                             output="hidden")
+  logits_RV = model.apply(variables, h_RPD[:, -1:], method=Transformer.unembed)[:, 0]
+  cache = shard(cache)
+  if G > 1:
+    cache = shard(tuple(expand(c_LRSKd, 1) for c_LRSKd in cache))
+  logits_BV = expand(logits_RV, 0)
   def is_stop(token_B):
     stop_B = jnp.zeros(token_B.shape, bool)
     for e in eos_ids:
@@ -289,6 +396,7 @@ def _generate(config, params, prompt_BP, prompt_mask_BP, rng, temperature, top_p
     logits_B1V, cache = model.apply(
         variables, prev_B[:, None], positions_BT=(n_B + step - 1)[:, None], cache=cache,
         cache_index=P + step - 1, kv_mask_BS=kv_mask_BS)
+    cache = shard(cache)
     rbg_state, bits_BV = noise(rbg_state)
     token_B, logprob_B = choose(logits_B1V[:, 0], bits_BV)
     rec = record(step, token_B, logprob_B, tokens_BN, logprobs_BN, done_B, lengths_B)
