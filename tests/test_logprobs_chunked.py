@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from rlhf_jax import memory
 from rlhf_jax.losses.logprobs import chunked_token_logprobs, token_entropy, token_logprobs
 from rlhf_jax.models import ModelConfig, Transformer, init_params
 from rlhf_jax.models.api import token_logprobs_from_hidden, window_logprobs
@@ -120,6 +121,11 @@ def test_chunked_loss_compiles_to_a_fraction_of_the_temporary_memory():
   assert temp[128] * 4 < temp[0], temp            # measured: 54 MiB
   assert temp[128] < 0.5 * full_logits, temp      # less than one [T, V] buffer
   print({k: f"{v / MiB:.0f} MiB" for k, v in temp.items()})
+  # The planning estimate (rlhf_jax/memory.py) counts one chunk of logits per row.
+  est = {c: memory.train_step_bytes(chunked(base, c), rows=B, seq_len=T)["logits"]
+         for c in (0, 128, 4096)}
+  assert est[0] == est[4096] == 12 * B * T * base.vocab_size
+  assert est[128] == 12 * B * 128 * base.vocab_size
 
 
 # ----------------------------------------------------------------------------
