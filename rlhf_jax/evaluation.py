@@ -47,8 +47,9 @@ from rlhf_jax import parallel, rollout, sampling
 from rlhf_jax.data import prompts as prompt_data
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.losses.logprobs import shift_for_next_token
-from rlhf_jax.losses.sft import sft_loss_sums
+from rlhf_jax.losses.sft import sft_loss_sums, sft_loss_sums_from_logps
 from rlhf_jax.models import Transformer
+from rlhf_jax.models.api import token_logprobs_from_hidden
 
 MICRO = 128  # rows per generate / log-prob call
 
@@ -181,8 +182,15 @@ def make_capability_eval(*, model_config, tokenizer, path: str, num_examples: in
   arrays = sft_data.pad_examples(_padded(examples, micro), T, tokenizer.pad_id)
   model = Transformer(model_config)
 
+  chunk = model_config.logits_chunk
+
   @jax.jit
   def nll_sums(params, tokens, seg, loss_mask):
+    if chunk:  # model.logits_chunk: no [B, T, V] logits (`token_logprobs_from_hidden`)
+      h, _ = model.apply({"params": params}, tokens, seg, output="hidden")
+      h, targets, mask = shift_for_next_token(h, tokens, loss_mask)
+      return sft_loss_sums_from_logps(
+          token_logprobs_from_hidden(model, params, h, targets, chunk=chunk), mask)
     logits, _ = model.apply({"params": params}, tokens, seg)
     return sft_loss_sums(*shift_for_next_token(logits, tokens, loss_mask))
 

@@ -28,7 +28,9 @@ H/K query/kv heads of size Dh, S = seq_len keys; head/MLP terms divided by t):
 
 `working` is one layer's `none` activations (the layer being recomputed in the
 backward pass; 0 without remat) and `logits` = 12 V / t bytes per token (three
-float32 [T, V] buffers: logits, log-softmax, their gradient). The (4 + c) H S term
+float32 [T, V] buffers: logits, log-softmax, their gradient), counted for only
+min(logits_chunk, S) tokens per row with `model.logits_chunk` > 0 (chunked log-probs,
+`losses.logprobs.chunked_token_logprobs`). The (4 + c) H S term
 is the materialised attention (float32 scores and softmax, compute-dtype probs):
 quadratic in the sequence length, it dominates without remat at S >= 2048.
 
@@ -150,9 +152,16 @@ def train_step_bytes(m: ModelConfig, *, rows: int, seq_len: int, mesh=(1, 1, 1),
   per_layer = saved_bytes_per_token_layer(m, policy, seq_len, t, dtype)
   working = saved_bytes_per_token_layer(m, "none", seq_len, t, dtype) if policy != "none" else 0
   out["activations"] = tokens * (m.n_layers * per_layer + working) * trained_models
-  out["logits"] = tokens * 12 * m.vocab_size / t if logits else 0.0
+  out["logits"] = _logit_tokens(m, rows, seq_len, d * f) * 12 * m.vocab_size / t if logits else 0.0
   out["total"] = sum(out.values())
   return out
+
+
+def _logit_tokens(m: ModelConfig, rows: float, seq_len: int, row_shards: int) -> float:
+  """Tokens per device whose float32 logits are alive at once: every token, or with
+  model.logits_chunk > 0 one chunk of each row (`chunked_token_logprobs`)."""
+  per_row = min(m.logits_chunk, seq_len) if m.logits_chunk else seq_len
+  return rows * per_row / row_shards
 
 
 def generation_bytes(m: ModelConfig, *, rows: int, length: int, mesh=(1, 1, 1)) -> float:
@@ -217,8 +226,8 @@ def config_estimate(config, devices: int) -> dict[str, float]:
     static = out["params"] + out["adam"] + out["extra_params"]
     kv = generation_bytes(m, rows=r.generate_micro_batch, length=seq, mesh=mesh)
     lp_tokens = r.logprob_micro_batch * seq / (d * f)
-    logprob = lp_tokens * (12 * m.vocab_size / t
-                           + saved_bytes_per_token_layer(m, "none", seq, t))
+    logprob = (_logit_tokens(m, r.logprob_micro_batch, seq, d * f) * 12 * m.vocab_size / t
+               + lp_tokens * saved_bytes_per_token_layer(m, "none", seq, t))
     out["kv_cache"], out["logprob_pass"] = kv, logprob
     out["total"] = max(out["total"], static + kv, static + logprob)
   return out

@@ -28,9 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import parallel, sampling
-from rlhf_jax.losses.logprobs import token_logprobs
 from rlhf_jax.models import Transformer
-from rlhf_jax.models.api import window_logits
+from rlhf_jax.models.api import window_logprobs
 
 
 class Rollout(NamedTuple):
@@ -55,18 +54,20 @@ def completion_logps_fn(model_config, prompt_len: int, temperature: float,
   """jitted f(params, sequences_BS, segment_ids_BS) -> log-probs [B, C] of the completion
   tokens (positions P..S-1) under softmax(logits / temperature).
 
-  Only completion positions are unembedded; with group_size G > 1 every G consecutive
+  Only completion positions are unembedded, model_config.logits_chunk of them at a time
+  when > 0 (no [B, C, V] logits); with group_size G > 1 every G consecutive
   rows must share their prompt (a GRPO group) and run as one packed row, the prompt
-  once (`models.api.window_logits`); the batch passed in must then hold whole groups."""
+  once (`models.api.window_logprobs`); the batch passed in must then hold whole groups."""
   model = Transformer(model_config)
 
   @jax.jit
   def f(params, sequences_BS, segment_ids_BS):
     B, S = sequences_BS.shape
-    logits_BCV, packed = window_logits(
+    logp_BC, _, _ = window_logprobs(
         model, params, sequences_BS, segment_ids_BS, jnp.full((B,), prompt_len, jnp.int32),
-        group_size=group_size, window=S - prompt_len)
-    return token_logprobs(logits_BCV, packed.targets_BW, temperature)
+        group_size=group_size, window=S - prompt_len, chunk=model_config.logits_chunk,
+        temperature=temperature)
+    return logp_BC
   return f
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses.kl import k3_from_log_ratio
+from rlhf_jax.losses.logprobs import token_entropy
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
@@ -269,14 +270,10 @@ def entropy_from_logits(logits_BTV, temperature=1.0):
 
   Logits aligned like `logprobs.token_logprobs` (position t predicts token
   t + 1); reduce with the completion mask (`token_mean` / `aggregate`).
+  The formula lives in `logprobs.token_entropy` (shared with the chunked path,
+  `logprobs.chunked_token_logprobs`).
   """
-  z = _f32(logits_BTV)
-  if temperature != 1.0:
-    z = z / temperature
-  logp = jax.nn.log_softmax(z, axis=-1)
-  # -sum p log p: a sum of non-negative terms (no cancellation for peaked p).
-  # Banned (-inf) logits have p = 0 and contribute 0 (not 0 * -inf = NaN).
-  return -jnp.sum(jnp.exp(logp) * jnp.where(jnp.isfinite(logp), logp, 0.0), axis=-1)
+  return token_entropy(logits_BTV, temperature)
 
 
 def ppo_loss(logp_BT, old_logp_BT, advantages_BT, values_BT, old_values_BT, returns_BT, mask_BT,

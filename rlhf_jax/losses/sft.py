@@ -22,6 +22,13 @@ def sft_loss_sums(logits_BTV, targets_BT, loss_mask_BT):
   return nll_sum, jnp.sum(mask)
 
 
+def sft_loss_sums_from_logps(logp_BT, loss_mask_BT):
+  """`sft_loss_sums` from the target log-probs log p(y_bt | y_<bt) instead of the logits
+  (e.g. chunked ones, `models.api.token_logprobs_from_hidden`): (nll_sum, n)."""
+  mask = loss_mask_BT.astype(jnp.float32)
+  return -jnp.sum(logp_BT * mask), jnp.sum(mask)
+
+
 def sft_loss(logits_BTV, targets_BT, loss_mask_BT):
   """Token-mean NLL over completion tokens: (loss, metrics)."""
   nll_sum, n = sft_loss_sums(logits_BTV, targets_BT, loss_mask_BT)

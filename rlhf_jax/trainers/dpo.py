@@ -30,9 +30,11 @@ from rlhf_jax import evaluation
 from rlhf_jax import parallel
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.losses.dpo import kto_reference_point, preference_loss
-from rlhf_jax.losses.logprobs import sequence_logprobs, token_logprobs
+from rlhf_jax.losses.logprobs import (sequence_logprobs, sequence_logprobs_from_token_logps,
+                                      shift_for_next_token)
 from rlhf_jax.models import Transformer
-from rlhf_jax.models.api import prefix_sharing_saves_flops, window_logits
+from rlhf_jax.models.api import (prefix_sharing_saves_flops, token_logprobs_from_hidden,
+                                 window_logprobs)
 from rlhf_jax.trainers import common, pairs
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_kl_logps")
@@ -59,17 +61,21 @@ def make_sequence_logps(model, names, window: int = 0):
   the shared prompt once, only reply positions unembedded); the replies must fit in
   `window` tokens (data.max_completion_len) -- `check_shared_prompts`. Otherwise the
   2B rows run separately. Same log-probs to float tolerance (tests/test_dpo_train.py).
+  model.config.logits_chunk > 0: the log-probs come from the hidden states, that many
+  positions unembedded at a time (`models.api.window_logprobs` /
+  `token_logprobs_from_hidden`), never the whole [rows, T, V] logits.
   """
+  chunk = model.config.logits_chunk
   if window:
     def packed(params, batch):
       inter = lambda key: jnp.stack([batch[f"{n}_{key}"] for n in names], 1).reshape(
           -1, batch[f"{names[0]}_{key}"].shape[1])                 # rows: c0 r0 c1 r1 ...
       mask_BT = inter("loss_mask")
       start_B = jnp.argmax(mask_BT > 0, axis=1)                    # first reply token
-      logits_BWV, pk = window_logits(model, params, inter("tokens"), inter("segment_ids"),
-                                     start_B, group_size=len(names), window=window)
+      logps_BW, _, pk = window_logprobs(model, params, inter("tokens"), inter("segment_ids"),
+                                        start_B, group_size=len(names), window=window,
+                                        chunk=chunk)
       m_BW = jnp.take_along_axis(mask_BT, pk.slots_BW, axis=1) * pk.valid_BW
-      logps_BW = token_logprobs(logits_BWV, pk.targets_BW)
       total = jnp.sum(jnp.where(m_BW > 0, logps_BW, 0.0), axis=1).reshape(-1, len(names))
       count = jnp.sum(m_BW, axis=1).astype(jnp.float32).reshape(-1, len(names))
       return tuple(total.T), tuple(count.T)
@@ -77,8 +83,15 @@ def make_sequence_logps(model, names, window: int = 0):
 
   def f(params, batch):
     cat = lambda key: jnp.concatenate([batch[f"{n}_{key}"] for n in names])
-    logits, _ = model.apply({"params": params}, cat("tokens"), cat("segment_ids"))
-    total, _, count = sequence_logprobs(logits, cat("tokens"), cat("loss_mask"))
+    if chunk:
+      h_BTD, _ = model.apply({"params": params}, cat("tokens"), cat("segment_ids"),
+                             output="hidden")
+      h_BSD, targets_BS, mask_BS = shift_for_next_token(h_BTD, cat("tokens"), cat("loss_mask"))
+      logps_BS = token_logprobs_from_hidden(model, params, h_BSD, targets_BS, chunk=chunk)
+      total, _, count = sequence_logprobs_from_token_logps(logps_BS, mask_BS)
+    else:
+      logits, _ = model.apply({"params": params}, cat("tokens"), cat("segment_ids"))
+      total, _, count = sequence_logprobs(logits, cat("tokens"), cat("loss_mask"))
     return jnp.split(total, len(names)), jnp.split(count, len(names))
   return f
 

@@ -42,7 +42,7 @@ from rlhf_jax.losses import kl as kl_lib
 from rlhf_jax.losses.grpo import grpo_loss
 from rlhf_jax.losses.logprobs import token_logprobs
 from rlhf_jax.models import Transformer
-from rlhf_jax.models.api import prefix_sharing_saves_flops, window_logits
+from rlhf_jax.models.api import prefix_sharing_saves_flops, window_logits, window_logprobs
 from rlhf_jax.trainers import common, prompt_sets
 
 VARIANTS = {
@@ -117,17 +117,29 @@ def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: i
   on_policy: the parameters are those that sampled the batch (one update per
   rollout), so log pi_old = stop_gradient(log pi): the ratio is exactly 1 and the
   minibatch's old_logps are not read (no old-log-prob pass is needed).
+  model.config.logits_chunk > 0: log-probs and entropies from the hidden states, that
+  many completion positions unembedded at a time (`models.api.window_logprobs`).
   group_size G > 1: every G consecutive rows of a (micro-)batch are one prompt's group
   and run as one packed row, the prompt once (`grpo.share_prompt`)."""
   use_ref = algo["kl_mode"] == "loss" and algo["kl_coef"] > 0
 
+  chunk = model.config.logits_chunk
+
   def loss_fn(params, mb):
     B, S = mb["sequences"].shape
-    logits, packed = window_logits(
-        model, params, mb["sequences"], mb["segment_ids"], jnp.full((B,), prompt_len, jnp.int32),
-        group_size=group_size, window=S - prompt_len)  # completion positions only
-    logits = logits / temperature
-    logp = token_logprobs(logits, packed.targets_BW)
+    start_B = jnp.full((B,), prompt_len, jnp.int32)
+    if chunk:  # model.logits_chunk: `chunk` completion positions unembedded at a time
+      logp, ent, _ = window_logprobs(
+          model, params, mb["sequences"], mb["segment_ids"], start_B, group_size=group_size,
+          window=S - prompt_len, chunk=chunk, temperature=temperature, entropy=True)
+    else:
+      logits, packed = window_logits(
+          model, params, mb["sequences"], mb["segment_ids"], start_B,
+          group_size=group_size, window=S - prompt_len)  # completion positions only
+      logits = logits / temperature
+      logp = token_logprobs(logits, packed.targets_BW)
+      probs = jax.nn.softmax(logits)
+      ent = -jnp.sum(probs * jax.nn.log_softmax(logits), -1)
     old = jax.lax.stop_gradient(logp) if on_policy else mb["old_logps"]
     loss, metrics = grpo_loss(
         logp, old, mb["advantages"], mb["mask"],
@@ -135,8 +147,6 @@ def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: i
         max_len=max_len, clip_eps_low=algo["clip_eps_low"], clip_eps_high=algo["clip_eps_high"],
         importance=algo["importance"], kl_beta=algo["kl_coef"] if use_ref else 0.0,
         kl_kind=algo["kl_estimator"])
-    probs = jax.nn.softmax(logits)
-    ent = -jnp.sum(probs * jax.nn.log_softmax(logits), -1)
     m = mb["mask"].astype(jnp.float32)
     metrics["entropy"] = jnp.sum(ent * m) / jnp.maximum(m.sum(), 1.0)
     return loss, metrics

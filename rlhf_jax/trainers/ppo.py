@@ -38,24 +38,28 @@ from rlhf_jax.losses import advantages as adv_lib
 from rlhf_jax.losses import kl as kl_lib
 from rlhf_jax.losses.ppo import entropy_from_logits, explained_variance, ppo_loss
 from rlhf_jax.models import Transformer
+from rlhf_jax.models.api import token_logprobs_from_hidden
 from rlhf_jax.models.heads import ScalarHead, ScalarModel, backbone_params_from_lm
 from rlhf_jax.trainers import common, prompt_sets
 from rlhf_jax.trainers.grpo import micro_batches_of
 
 
 class PolicyValue(nn.Module):
-  """Policy logits [B, S, V] and values [B, S] from {"policy", "value"} params."""
+  """Policy logits [B, S, V] and values [B, S] from {"policy", "value"} params.
+
+  output="hidden": the policy's final hidden states [B, S, D] instead of its logits
+  (`make_update` unembeds them a chunk at a time when model.logits_chunk > 0)."""
   config: object
   critic: str = "separate"
 
   @nn.compact
-  def __call__(self, tokens_BS, segment_ids_BS):
+  def __call__(self, tokens_BS, segment_ids_BS, output="logits"):
     lm = Transformer(self.config, name="policy")
     if self.critic == "shared":
       h, _ = lm(tokens_BS, segment_ids_BS, output="hidden")
-      return lm.unembed(h), ScalarHead(name="value")(h)
-    logits, _ = lm(tokens_BS, segment_ids_BS)
-    return logits, ScalarModel(self.config, name="value")(tokens_BS, segment_ids_BS)
+      return h if output == "hidden" else lm.unembed(h), ScalarHead(name="value")(h)
+    out, _ = lm(tokens_BS, segment_ids_BS, output=output)
+    return out, ScalarModel(self.config, name="value")(tokens_BS, segment_ids_BS)
 
 
 def completion_slice(x_BS, P):
@@ -65,13 +69,26 @@ def completion_slice(x_BS, P):
 
 def make_update(model, tx, p, P, temperature, max_len, micro_batches=1, frozen=None):
   """update(state, minibatch) -> (state, metrics): one jitted PPO step (policy + critic);
-  with LoRA (`frozen`, `common.Frozen`) the frozen base is an argument of the step."""
+  with LoRA (`frozen`, `common.Frozen`) the frozen base is an argument of the step.
+  model.config.logits_chunk > 0: the policy's log-probs and entropies come from its
+  hidden states, that many completion positions unembedded at a time
+  (`models.api.token_logprobs_from_hidden`); the value head is unchanged."""
+  chunk = model.config.logits_chunk
+  lm = Transformer(model.config)
+
   def loss_fn(params, mb):
-    logits, values = model.apply({"params": params}, mb["sequences"], mb["segment_ids"])
-    logits = completion_slice(logits, P) / temperature
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), mb["sequences"][:, P:, None],
-                               axis=-1)[..., 0]
-    ent = entropy_from_logits(logits)  # logged always; in the loss when entropy_coef > 0
+    if chunk:  # model.logits_chunk: `chunk` completion positions unembedded at a time
+      h, values = model.apply({"params": params}, mb["sequences"], mb["segment_ids"],
+                              output="hidden")
+      logp, ent = token_logprobs_from_hidden(
+          lm, params["policy"], completion_slice(h, P), mb["sequences"][:, P:], chunk=chunk,
+          temperature=temperature, entropy=True)
+    else:
+      logits, values = model.apply({"params": params}, mb["sequences"], mb["segment_ids"])
+      logits = completion_slice(logits, P) / temperature
+      logp = jnp.take_along_axis(jax.nn.log_softmax(logits), mb["sequences"][:, P:, None],
+                                 axis=-1)[..., 0]
+      ent = entropy_from_logits(logits)  # logged always; in the loss when entropy_coef > 0
     return ppo_loss(logp, mb["old_logps"], mb["advantages"], completion_slice(values, P),
                     mb["old_values"], mb["returns"], mb["mask"], clip_eps=p.clip_eps,
                     clip_eps_high=p.clip_eps_high if p.clip_eps_high > 0 else None,

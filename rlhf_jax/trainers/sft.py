@@ -4,9 +4,11 @@ Reads top to bottom: data -> tokenizer -> model -> sharded state (or resume)
 -> jitted train step -> loop with logging, eval, samples, checkpoints.
 
 Loss: token-mean next-token NLL over completion tokens only (prompt and
-padding masked), see `rlhf_jax.losses.sft`. With grad_accum_steps = A the
-batch is split into A micro-batches whose summed NLL and token counts are
-accumulated before dividing, so the update equals the un-accumulated one.
+padding masked), see `rlhf_jax.losses.sft`; with model.logits_chunk > 0 it is
+computed from the hidden states a chunk of tokens at a time (no [B, T, V] logits).
+With grad_accum_steps = A the batch is split into A micro-batches whose summed NLL
+and token counts are accumulated before dividing, so the update equals the
+un-accumulated one.
 With config.lora.rank > 0 only LoRA adapters train on the frozen base
 (`common.create_train_state`, `rlhf_jax.models.lora`).
 """
@@ -24,8 +26,9 @@ from rlhf_jax import parallel
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.data import synthetic
 from rlhf_jax.losses.logprobs import shift_for_next_token
-from rlhf_jax.losses.sft import sft_loss_sums
+from rlhf_jax.losses.sft import sft_loss_sums, sft_loss_sums_from_logps
 from rlhf_jax.models import Transformer
+from rlhf_jax.models.api import token_logprobs_from_hidden
 from rlhf_jax.trainers import common
 
 
@@ -34,7 +37,21 @@ from rlhf_jax.trainers import common
 # ----------------------------------------------------------------------------
 
 def make_loss_sums(model):
+  """loss_sums(params, batch) -> (summed NLL, token count) of the completion tokens.
+
+  model.config.logits_chunk > 0: from the final hidden states, `logits_chunk` tokens
+  unembedded at a time (`models.api.token_logprobs_from_hidden`), never the [B, T, V]
+  logits; 0: from the full logits."""
+  chunk = model.config.logits_chunk
+
   def loss_sums(params, batch):
+    if chunk:
+      h_BTD, _ = model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
+                             output="hidden")
+      h_BSD, targets_BS, mask_BS = shift_for_next_token(h_BTD, batch["tokens"],
+                                                        batch["loss_mask"])
+      logp_BS = token_logprobs_from_hidden(model, params, h_BSD, targets_BS, chunk=chunk)
+      return sft_loss_sums_from_logps(logp_BS, mask_BS)
     logits_BTV, _ = model.apply({"params": params}, batch["tokens"], batch["segment_ids"])
     return sft_loss_sums(*shift_for_next_token(logits_BTV, batch["tokens"], batch["loss_mask"]))
   return loss_sums
