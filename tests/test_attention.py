@@ -188,6 +188,8 @@ def test_resolve_auto_and_refusals():
   assert A.resolve("auto", "causal", "cpu", kv_len=32768) == "chunked"
   assert A.resolve("auto", "causal", "gpu", kv_len=64, dtype=jnp.bfloat16) == "cudnn"
   assert A.resolve("auto", "causal", "gpu", kv_len=64, dtype=jnp.float32) == "dense"
+  assert A.resolve("auto", "cached", "gpu", kv_len=64, dtype=jnp.bfloat16) == "chunked"
+  assert A.resolve("auto", "cached", "cpu", kv_len=64) == "dense"
   with pytest.raises(ValueError, match="needs bfloat16 or float16"):
     A.resolve("cudnn", "causal", "gpu", dtype=jnp.float32)
   assert A.resolve("auto", "causal", "tpu", kv_len=64) == "splash"

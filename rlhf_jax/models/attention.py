@@ -165,7 +165,9 @@ def resolve(backend: str, kind: str, platform: str | None = None,
   """The concrete backend that runs attention of `kind` with `kv_len` keys.
 
   auto: TPU -> splash where it expresses the kind; GPU -> cudnn for bfloat16 / float16
-  compute (`dtype`; cuDNN has no float32 flash attention); otherwise (CPU, and TPU
+  compute (`dtype`; cuDNN has no float32 flash attention) except for decoding; decoding
+  on GPU/TPU -> chunked (it reads the cache in place and skips unfilled blocks, where
+  cudnn would copy the cache per layer); otherwise (CPU, and TPU
   for shared-prefix / cached masks) dense up to AUTO_DENSE_MAX_KEYS keys (the fastest
   on XLA:CPU at short lengths; results bitwise as before), chunked above. An explicit backend that cannot
   express `kind` or run on `platform` raises ValueError (validated before any run by
@@ -174,8 +176,10 @@ def resolve(backend: str, kind: str, platform: str | None = None,
   if backend == "auto":
     if platform == "tpu" and supports("splash", kind):
       return "splash"
-    if platform == "gpu" and supports("cudnn", kind) and _half(dtype):
+    if platform == "gpu" and kind != "cached" and _half(dtype):
       return "cudnn"
+    if kind == "cached" and platform in ("gpu", "tpu"):
+      return "chunked"  # reads the cache in place and skips its unfilled blocks
     return "dense" if kv_len is not None and kv_len <= AUTO_DENSE_MAX_KEYS else "chunked"
   if backend not in SUPPORTS:
     raise ValueError(f"model.attention={backend!r}: expected one of {', '.join(BACKENDS)}")
