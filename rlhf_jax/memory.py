@@ -14,35 +14,65 @@ checked against XLA's compiled memory on CPU in `benchmarks/memory.py` and
                                         next, prefetched) in the compute dtype
   weight copies          2N / (f t)     bf16 without remat: every layer's bf16 weights
                                         are kept for the backward pass
-  activations            tokens * (L * saved(policy) + working + logits)
+  activations            tokens * (L * saved(policy) + working)
+  logits                 the float32 unembedding buffers (below)
 
 with tokens = micro-batch rows * seq_len / (d f) per device, c the compute-dtype
 bytes (4 float32, 2 bfloat16), and per token and layer (D width, F MLP width,
 H/K query/kv heads of size Dh, S = seq_len keys; head/MLP terms divided by t):
 
-  none           (16 + 2c) D + c ((H + 2K) Dh + H Dh + 6F) + (4 + c) H S
+  none           (16 + 2c) D + c ((H + 2K) Dh + H Dh + 6F) + attn
   full           c D
   dots           2c D + c ((H + 2K) Dh + H Dh + 2F) + 4 H S
   dots_no_batch  2c D + c ((H + 2K) Dh + 2F)
   qkv_proj       c D + c (H + 2K) Dh
 
-`working` is one layer's `none` activations (the layer being recomputed in the
-backward pass; 0 without remat) and `logits` = 12 V / t bytes per token (three
-float32 [T, V] buffers: logits, log-softmax, their gradient), counted for only
-min(logits_chunk, S) tokens per row with `model.logits_chunk` > 0 (chunked log-probs,
-`losses.logprobs.chunked_token_logprobs`). The (4 + c) H S term
-is the materialised attention (float32 scores and softmax, compute-dtype probs):
-quadratic in the sequence length, it dominates without remat at S >= 2048.
+attn is what the attention backend (`model.attention`, rlhf_jax/models/attention.py,
+resolved per platform and mask kind as the model resolves it) keeps:
+
+  dense          (4 + c) H S     the float32 scores and softmax and the compute-dtype
+                                 probabilities: quadratic in the sequence length; it
+                                 dominates without remat at S >= 2048
+  chunked, splash, cudnn (memory-efficient: blockwise, online softmax, recomputing
+  backward)      c H Dh + 8 H + 24   the output copy, the float32 row max and 1 / row sum
+                                 and the per-token mask ids; plus, while the layer's backward
+                                 runs, a float32 dq accumulator (4 H Dh per token) and one
+                                 block pair's scores (O(rows H block^2), `attention`)
+
+`dots` keeps every matmul output, the attention scores included, under every backend
+(the chunked backend's per-block scores are matmul outputs too): 4 H S.
+
+`working` is the layer whose backward runs: with remat (the layer recomputed) the
+larger of its `none` activations (while its MLP's backward runs) and its attention
+residuals plus their gradients (dense: 8 H S more per token; memory-efficient: a
+float32 dq, 4 H Dh); without remat only that transient.
+`logits` = 8 V / t bytes per unembedded token of a step with gradients (two float32
+[T, V] buffers, the logits and their cotangent: XLA fuses the log-softmax and the
+target gather into them; 4 V in a no-grad log-prob pass); with `model.logits_chunk`
+= C > 0 (the unembed -> log-softmax -> gather runs per chunk of C tokens,
+rematerialised, `losses.logprobs.chunked_token_logprobs`) only one [rows, C, V] chunk's
+buffers are live: 8 V C / t per row.
+
+The step's peak is the larger of two phases: the backward pass (gradients 4N/(f t),
+activations, logits, the attention scratch) and the optimizer update, for which XLA
+plans 12N/(f t) bytes of temporaries (the new params, mu and nu next to the old ones:
+`apply_gradients` keeps the old state when a gradient is not finite). A step that
+does not donate its state (the GRPO/PPO updates) also holds the new state next to
+the old one (`state_copy`, 12N/(f t)); XLA then computes the gradients in those output
+buffers, and there is no separate update phase.
 
 The `none`/`full`/... coefficients are what JAX saves for this model's backward
 pass (counted with `saved_residuals` on the real module, tests/test_memory.py);
-the 16 D of `none` are the two RMSNorms' float32 internals.
+the 16 D of `none` are the two RMSNorms' float32 internals. The whole is checked
+against XLA's compiled memory of the real steps at real sizes (`rlhf_jax.memory_aot`,
+`benchmarks/memory.py --aot`, docs/memory.md, tests/test_memory_aot.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 
+from rlhf_jax.models import attention as attention_lib
 from rlhf_jax.models.transformer import ModelConfig
 
 GiB = 1024 ** 3
@@ -57,6 +87,7 @@ class Hardware:
   hosts: int
   mesh: tuple[int, int, int]   # default (data, fsdp, tensor) for models that need sharding
   note: str
+  platform: str = "tpu"        # jax.default_backend() there: which attention "auto" picks
 
 
 # Default meshes: FSDP over every device. AdamW training keeps 16 bytes per parameter
@@ -76,7 +107,7 @@ HARDWARE: dict[str, Hardware] = {
              "4 hosts, one ICI slice, 95 GiB HBM each: FSDP over all 16"),
     "8xH100": Hardware(
         "8xH100", devices=8, hbm_bytes=80 * GiB, hosts=1, mesh=(1, 8, 1),
-        note="8 NVIDIA H100 80GB on NVLink (1 host): FSDP over all 8"),
+        note="8 NVIDIA H100 80GB on NVLink (1 host): FSDP over all 8", platform="gpu"),
 }
 
 # A step is planned to fit when its estimate is at most this share of HBM: headroom
@@ -102,15 +133,34 @@ def num_params(m: ModelConfig) -> int:
           * (1 if m.tie_embeddings else 2) + m.d_model)
 
 
+def attention_backend(m: ModelConfig, kind: str = "causal", kv_len: int | None = None,
+                      platform: str | None = None) -> str:
+  """The attention backend `m` runs for a mask `kind` over kv_len keys on `platform`
+  (None: this process's), as the model resolves it (`attention.resolve`): "auto" picks
+  per platform; an explicit backend counts as itself even where it cannot run."""
+  if m.attention != "auto":
+    return m.attention
+  return attention_lib.resolve("auto", kind, platform, kv_len)
+
+
+def memory_efficient(backend: str) -> bool:
+  """Whether `backend` keeps O(T) attention memory (all but the dense reference)."""
+  return backend != "dense"
+
+
 def saved_bytes_per_token_layer(m: ModelConfig, policy: str, seq_len: int,
-                                tensor: int = 1, dtype: str | None = None) -> float:
-  """Bytes one layer keeps for the backward pass, per token (see the module docstring)."""
+                                tensor: int = 1, dtype: str | None = None,
+                                attention: str | None = None) -> float:
+  """Bytes one layer keeps for the backward pass, per token (see the module docstring).
+  attention: the resolved backend (default: `attention_backend(m)` for seq_len keys)."""
   D, F, H, K, Dh, _, _ = _dims(m)
   c = 4 if (dtype or m.dtype) == "float32" else 2
   t, S = tensor, seq_len
   qkv = (H + 2 * K) * Dh
+  backend = attention or attention_backend(m, kv_len=seq_len)
+  attn = attention_residual_per_token(m, seq_len, backend, t, dtype)
   if policy == "none":
-    return (16 + 2 * c) * D + c * (qkv + H * Dh + 6 * F) / t + (4 + c) * H * S / t
+    return (16 + 2 * c) * D + c * (qkv + H * Dh + 6 * F) / t + attn
   if policy == "full":
     return c * D
   if policy == "dots":
@@ -122,20 +172,93 @@ def saved_bytes_per_token_layer(m: ModelConfig, policy: str, seq_len: int,
   raise ValueError(f"model.remat_policy={policy!r}: unknown")
 
 
+def attention_residual_per_token(m: ModelConfig, seq_len: int, backend: str, tensor: int = 1,
+                                 dtype: str | None = None) -> float:
+  """What attention itself keeps per token and layer for the backward pass (beyond q, k,
+  v and its output): dense (4 + c) H S (float32 scores and softmax, compute-dtype
+  probabilities); a memory-efficient backend c H Dh + 8 H + 24 (its own output copy, the
+  float32 row max and 1 / row sum of the online softmax, the per-token mask ids)."""
+  H, Dh = m.n_heads, m.head_dim
+  c = 4 if (dtype or m.dtype) == "float32" else 2
+  if memory_efficient(backend):
+    return (c * H * Dh + 8 * H + 24) / tensor
+  return (4 + c) * H * seq_len / tensor
+
+
+def logits_bytes(m: ModelConfig, rows: float, length: float, tensor: int = 1,
+                 grad: bool = True) -> float:
+  """Bytes of the float32 unembedding buffers of `rows` rows per device that unembed
+  `length` tokens each: 8 V per token with a gradient (the logits and their cotangent;
+  XLA fuses the log-softmax and the gather into them), 4 V without (a no-grad log-prob
+  pass). With model.logits_chunk = C > 0 (`losses.logprobs.chunked_token_logprobs`: one
+  [rows, C, V] chunk at a time, rematerialised) only min(C, length) tokens of every row."""
+  live = min(length, m.logits_chunk) if m.logits_chunk else length
+  return rows * live * (8 if grad else 4) * m.vocab_size / tensor
+
+
+def backward_transient_per_token(m: ModelConfig, seq_len: int, backend: str,
+                                 tensor: int = 1) -> float:
+  """Bytes per token that one layer's backward pass adds while it runs: dense attention's
+  float32 gradients of the probabilities and scores (8 H S); a memory-efficient
+  backend's float32 dq accumulator (4 H Dh)."""
+  if memory_efficient(backend):
+    return 4 * m.n_heads * m.head_dim / tensor
+  return 8 * m.n_heads * seq_len / tensor
+
+
+def forward_transient_per_token(m: ModelConfig, seq_len: int, backend: str, tensor: int = 1,
+                                dtype: str | None = None) -> float:
+  """Bytes per token of one layer's no-grad forward pass (log-prob passes, prefill): the
+  normed input and the residual, q/k/v and the attention output, one MLP intermediate
+  (XLA fuses act(gate) * up into the down projection's input), and dense attention's
+  scores and probabilities ((4 + c) H S)."""
+  D, F, H, K, Dh, _, _ = _dims(m)
+  c = 4 if (dtype or m.dtype) == "float32" else 2
+  attn = 0 if memory_efficient(backend) else (4 + c) * H * seq_len
+  return c * (2 * D + ((H + 2 * K) * Dh + H * Dh + F) / tensor) + attn / tensor
+
+
+def _activation_dtype(dtype: str, platform: str | None) -> str:
+  """XLA:CPU computes bfloat16 through float32 copies: its plan keeps float32 activations
+  (platform="cpu" models that, to check the formula against compiled CPU numbers)."""
+  return "float32" if platform == "cpu" else dtype
+
+
+def attention_scratch_bytes(m: ModelConfig, rows: float, seq_len: int, backend: str,
+                            tensor: int = 1) -> float:
+  """A memory-efficient backend's per-block scratch (two float32 [block_q, block_k] tiles
+  per row and head: the scores / probabilities and their gradient); 0 for dense (its
+  scores are counted per token)."""
+  if not memory_efficient(backend):
+    return 0.0
+  b = min(attention_lib.DEFAULT_BLOCK_Q, seq_len) * min(attention_lib.DEFAULT_BLOCK_K, seq_len)
+  return 2 * 4 * rows * m.n_heads * b / tensor
+
+
 def train_step_bytes(m: ModelConfig, *, rows: int, seq_len: int, mesh=(1, 1, 1),
                      policy: str | None = None, dtype: str | None = None,
                      grad_accum: int = 1, extra_param_copies: int = 0,
-                     trained_models: int = 1, logits: bool = True) -> dict[str, float]:
-  """Per-device bytes of one training step, by component.
+                     trained_models: int = 1, logits: bool = True,
+                     logit_tokens: float | None = None, attention: str | None = None,
+                     mask_kind: str = "causal", platform: str | None = None,
+                     donated: bool = True) -> dict[str, float]:
+  """Per-device bytes of one training step, by component ("total": the step's peak).
 
   rows: the micro-batch's global rows (batch_size / grad_accum; DPO/RM count chosen
   and rejected rows); trained_models: 2 for PPO's separate critic (its own params,
-  grads, AdamW state and activations, no logits); logits=False for scalar-head models.
+  grads, AdamW state and activations, no logits); logits=False for scalar-head models;
+  logit_tokens: the global tokens the step unembeds (default rows * seq_len; GRPO and
+  packed DPO unembed only the completions). attention: the resolved backend (default:
+  model.attention resolved for `mask_kind` and seq_len keys on `platform`, None = this
+  process's). donated=False: the step does not donate its state (the GRPO/PPO updates),
+  so the new state sits next to the old one.
   """
   d, f, t = mesh
   policy = policy or m.resolved_remat_policy
   dtype = dtype or m.dtype
   c = 4 if dtype == "float32" else 2
+  act = _activation_dtype(dtype, platform)
+  backend = attention or attention_backend(m, mask_kind, seq_len, platform)
   N = num_params(m) * trained_models
   shard = f * t
   tokens = rows * seq_len / (d * f)
@@ -145,30 +268,86 @@ def train_step_bytes(m: ModelConfig, *, rows: int, seq_len: int, mesh=(1, 1, 1),
       "adam": 8 * N / shard,
       "accumulator": 4 * N / shard if grad_accum > 1 else 0.0,
       "extra_params": 4 * num_params(m) * extra_param_copies / shard,
+      "state_copy": 0.0 if donated else 12 * N / shard,
       "gathered_layer": 2 * c * layer_params(m) / t if f > 1 else 0.0,
       # without remat the backward keeps every layer's compute-dtype weight copy
       "weight_copies": 2 * N / shard if policy == "none" and dtype != "float32" else 0.0,
   }
-  per_layer = saved_bytes_per_token_layer(m, policy, seq_len, t, dtype)
-  working = saved_bytes_per_token_layer(m, "none", seq_len, t, dtype) if policy != "none" else 0
+  per_layer = saved_bytes_per_token_layer(m, policy, seq_len, t, act, backend)
+  # The layer whose backward runs: recomputed (with remat) it keeps all of `none` while
+  # its MLP's backward runs; during its attention's backward, the attention residuals
+  # and their gradients (`backward_transient_per_token`) -- whichever is larger.
+  attn = attention_residual_per_token(m, seq_len, backend, t, act)
+  grad_attn = attn + backward_transient_per_token(m, seq_len, backend, t)
+  if policy == "none":
+    working = grad_attn - attn
+  else:
+    none = saved_bytes_per_token_layer(m, "none", seq_len, t, act, backend)
+    working = max(none - attn, grad_attn)
   out["activations"] = tokens * (m.n_layers * per_layer + working) * trained_models
-  out["logits"] = _logit_tokens(m, rows, seq_len, d * f) * 12 * m.vocab_size / t if logits else 0.0
-  out["total"] = sum(out.values())
+  per_row = seq_len if logit_tokens is None else logit_tokens / rows
+  out["logits"] = logits_bytes(m, rows / (d * f), per_row, t) if logits else 0.0
+  out["attention"] = attention_scratch_bytes(m, rows / (d * f), seq_len, backend, t)
+  static = ("params", "adam", "accumulator", "extra_params", "state_copy")
+  backward = ("grads", "gathered_layer", "weight_copies", "activations", "logits", "attention")
+  if not donated:  # XLA computes the gradients in the new state's (output) buffers
+    backward = backward[1:]
+  # the optimizer update: new params, mu, nu beside the old ones (the non-finite guard);
+  # an undonated step writes them to its outputs (state_copy) instead
+  out["update"] = 12 * N / shard if donated else 0.0
+  out["total"] = (sum(out[k] for k in static)
+                  + max(sum(out[k] for k in backward), out["update"]))
   return out
 
 
-def _logit_tokens(m: ModelConfig, rows: float, seq_len: int, row_shards: int) -> float:
-  """Tokens per device whose float32 logits are alive at once: every token, or with
-  model.logits_chunk > 0 one chunk of each row (`chunked_token_logprobs`)."""
-  per_row = min(m.logits_chunk, seq_len) if m.logits_chunk else seq_len
-  return rows * per_row / row_shards
-
-
-def generation_bytes(m: ModelConfig, *, rows: int, length: int, mesh=(1, 1, 1)) -> float:
-  """Per-device KV cache of the sampler: 2 (k, v) x L x rows x length x K x Dh x c."""
+def generation_bytes(m: ModelConfig, *, rows: int, length: int, mesh=(1, 1, 1),
+                     cache_dtype: str | None = None) -> float:
+  """Per-device KV cache of the sampler: 2 (k, v) x L x rows x length x K x Dh x bytes of
+  the cache dtype (default: the compute dtype; `sampling.resolve_kv_cache_dtype` stores a
+  float32 model's cache in bfloat16 on GPU/TPU). Rows are sharded over data x fsdp, kv
+  heads over tensor (`parallel.kv_cache_sharding`)."""
   d, f, t = mesh
-  c = 4 if m.dtype == "float32" else 2
+  c = 4 if (cache_dtype or m.dtype) == "float32" else 2
   return 2 * m.n_layers * rows / (d * f) * length * m.n_kv_heads / t * m.head_dim * c
+
+
+def generation_phase_bytes(m: ModelConfig, *, rows: int, prompt_len: int, length: int,
+                           mesh=(1, 1, 1), platform: str | None = None,
+                           group_size: int = 1) -> dict[str, float]:
+  """Per-device bytes of `sampling.generate` beyond the float32 parameters, for `rows`
+  global prompts of prompt_len tokens and a cache of `length` slots (prompt + new), each
+  group of `group_size` rows prefilled once (`rollout.generate_group_size`).
+
+  kv_cache: `generation_bytes` in the cache dtype the sampler picks on `platform`
+  (+ the once-per-group prefill's cache while it is repeated to every row; on "cpu"
+  XLA:CPU's float32 shadow of a bf16 cache it updates in place); weights: the
+  compute-dtype copy of the unembedding (sharded like the parameters) and of the layer in
+  use (gathered under FSDP); prefill: one layer's forward over the prompts at a time
+  (`forward_transient_per_token`: dense attention's scores over every cache slot, or a
+  memory-efficient backend's block); sampling: the float32 [rows, V] logits,
+  log-softmax, filtered copy and Gumbel noise of one decode step. "total".
+  """
+  d, f, t = mesh
+  D, F, H, K, Dh, V, _ = _dims(m)
+  act = _activation_dtype(m.dtype, platform)
+  c = 4 if act == "float32" else 2
+  r = rows / (d * f)
+  backend = attention_backend(m, "cached", length, platform)
+  cache_dtype = "bfloat16" if m.dtype == "float32" and platform in ("gpu", "tpu") else m.dtype
+  kv = generation_bytes(m, rows=rows, length=length, mesh=mesh, cache_dtype=cache_dtype)
+  if group_size > 1:
+    kv *= 1 + 1 / group_size
+  if platform == "cpu" and cache_dtype != "float32":
+    kv *= 3  # + a float32 copy of k and v
+  prefill_rows = r / group_size
+  out = {"kv_cache": kv,
+         "weights": c * (V * D / (f * t) + layer_params(m) / t),
+         "prefill": (prefill_rows * prompt_len
+                     * forward_transient_per_token(m, length, backend, t, act)
+                     + attention_scratch_bytes(m, prefill_rows, length, backend, t)),
+         "sampling": 6 * 4 * r * V / t}
+  out["total"] = sum(out.values())
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -183,15 +362,19 @@ def resolve_mesh(shape, devices: int) -> tuple[int, int, int]:
   return tuple(shape)
 
 
-def config_estimate(config, devices: int) -> dict[str, float]:
-  """Per-device bytes of the largest phase of `config`'s trainer on `devices` devices.
+def config_estimate(config, devices: int, platform: str | None = None) -> dict[str, float]:
+  """Per-device bytes of the largest phase of `config`'s trainer on `devices` devices of
+  `platform` ("tpu", "gpu", "cpu"; None: this process's), which decides what
+  model.attention="auto" runs.
 
-  Phases: the train step (every trainer), plus for online RL the sampler's KV
-  cache and the no-grad log-prob passes; static state (params, AdamW, reference
-  copies) is counted in each phase. Keys: the train-step breakdown, "kv_cache",
-  "logprob_pass", "total".
+  Phases: the train step (every trainer), plus for online RL the sampler (KV cache,
+  prefill, sampling) and the no-grad log-prob passes; what the trainer holds throughout
+  (params, AdamW state, reference copies) is counted in each phase. Keys: the train-step
+  breakdown, "train_step" (its total), "kv_cache", "generate" and "logprob_pass" (those
+  phases' totals, 0 for offline trainers), "total" (the largest).
   """
   from rlhf_jax import config as config_lib
+  from rlhf_jax.models.api import prefix_sharing_saves_flops
   m = config_lib.model_config(config, vocab_size=config.tokenizer.vocab_size)
   mesh = resolve_mesh(config.mesh.shape, devices)
   d, f, t = mesh
@@ -211,32 +394,58 @@ def config_estimate(config, devices: int) -> dict[str, float]:
     kw = dict(logits=trainer == "dpo")
     if trainer == "dpo" and not config.dpo.precompute_reference:
       extra += 1
+    if trainer == "dpo" and per_pair == 2 and config.dpo.get("share_prompt", True) \
+        and prefix_sharing_saves_flops(m, config.data.max_prompt_len,
+                                       config.data.max_completion_len, 2):
+      kw.update(mask_kind="shared_prefix",  # packed [prompt | chosen | rejected]
+                logit_tokens=rows * config.data.max_completion_len)
   elif trainer in ("grpo", "ppo"):
     r = config.rollout
     minibatches = config[trainer].minibatches
     rows = r.train_micro_batch or r.prompts_per_step * r.group_size // minibatches
-    seq = config.data.max_prompt_len + r.max_new_tokens
+    P = config.data.max_prompt_len
+    seq = P + r.max_new_tokens
     extra += 1  # the reference policy
-    kw = dict(trained_models=2 if trainer == "ppo" and config.ppo.critic == "separate" else 1)
+    # (the update step is jitted without donating the state: the new one comes beside it)
+    kw = dict(trained_models=2 if trainer == "ppo" and config.ppo.critic == "separate" else 1,
+              logit_tokens=rows * r.max_new_tokens, donated=False)
+    G, W = r.group_size, r.max_new_tokens
+    if (trainer == "grpo" and G > 1 and config.grpo.get("share_prompt", True)
+        and r.prompts_per_step % minibatches == 0 and rows % G == 0
+        and prefix_sharing_saves_flops(m, P, W, G)):
+      rows, seq = rows // G, P + G * W  # a group's completions packed after one prompt
+      kw["mask_kind"] = "shared_prefix"
   else:
     raise ValueError(f"config.trainer={trainer!r}: no memory model")
-  out = train_step_bytes(m, rows=rows, seq_len=seq, mesh=mesh, extra_param_copies=extra, **kw)
-  out["kv_cache"] = out["logprob_pass"] = 0.0
+  out = train_step_bytes(m, rows=rows, seq_len=seq, mesh=mesh, extra_param_copies=extra,
+                         platform=platform, **kw)
+  out["train_step"] = out["total"]
+  out["kv_cache"] = out["generate"] = out["logprob_pass"] = 0.0
   if trainer in ("grpo", "ppo"):
     static = out["params"] + out["adam"] + out["extra_params"]
-    kv = generation_bytes(m, rows=r.generate_micro_batch, length=seq, mesh=mesh)
-    lp_tokens = r.logprob_micro_batch * seq / (d * f)
-    logprob = (_logit_tokens(m, r.logprob_micro_batch, seq, d * f) * 12 * m.vocab_size / t
-               + lp_tokens * saved_bytes_per_token_layer(m, "none", seq, t))
-    out["kv_cache"], out["logprob_pass"] = kv, logprob
-    out["total"] = max(out["total"], static + kv, static + logprob)
+    from rlhf_jax.rollout import generate_group_size
+    B = r.prompts_per_step * r.group_size
+    gen = generation_phase_bytes(
+        m, rows=min(r.generate_micro_batch, B), prompt_len=P, length=seq, mesh=mesh,
+        platform=platform, group_size=generate_group_size(r.group_size, r.generate_micro_batch, B))
+    lp_rows = r.logprob_micro_batch / (d * f)
+    backend = attention_backend(m, "causal", seq, platform)
+    act = _activation_dtype(m.dtype, platform)
+    logprob = (lp_rows * seq * forward_transient_per_token(m, seq, backend, t, act)
+               + logits_bytes(m, lp_rows, r.max_new_tokens, t, grad=False)
+               + attention_scratch_bytes(m, lp_rows, seq, backend, t))
+    out["kv_cache"] = gen["kv_cache"]
+    out["generate"] = static + gen["total"]
+    out["logprob_pass"] = static + logprob
+    out["total"] = max(out["train_step"], out["generate"], out["logprob_pass"])
   return out
 
 
 def fits(config, hardware: str | Hardware) -> tuple[bool, float, float]:
-  """(fits, estimated bytes per device, budget = HEADROOM x HBM) for `config` on `hardware`."""
+  """(fits, estimated bytes per device, budget = HEADROOM x HBM) for `config` on `hardware`
+  (its platform decides what model.attention="auto" runs)."""
   hw = HARDWARE[hardware] if isinstance(hardware, str) else hardware
-  est = config_estimate(config, hw.devices)["total"]
+  est = config_estimate(config, hw.devices, platform=hw.platform)["total"]
   budget = HEADROOM * hw.hbm_bytes
   return est <= budget, est, budget
 
