@@ -13,7 +13,9 @@ Real model sizes (rlhf_jax/presets.py) on GSM8K (prompts 256 + completions 512 t
 64 prompts x 8 samples per step, gradients accumulated over micro-batches of
 rollout.train_micro_batch rows), each with its planned hardware and (data, fsdp, tensor)
 mesh; the per-device memory estimate of the largest phase (train step, sampler KV
-cache, log-prob pass; rlhf_jax/memory.py, docs/memory.md) fits 80% of its HBM.
+cache, log-prob pass; rlhf_jax/memory.py, docs/memory.md) fits 80% of its HBM. Log-probs
+are chunked (model.logits_chunk=512), which lets gsm8k run with
+--config.rollout.max_new_tokens=4096 --config.model.max_seq_len=4352 on v5e-8.
   smollm2_135m  SmolLM2-135M, v5e-8, mesh (8, 1, 1) data parallel.
   llama3_2_1b   Llama-3.2-1B, v5e-8, mesh (1, 8, 1) FSDP.
   qwen2_5_1_5b  Qwen2.5-1.5B, 8xH100, mesh (1, 8, 1) FSDP.
@@ -76,6 +78,9 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.rollout.update(prompts_per_step=64, group_size=8, max_new_tokens=512,
                      generate_micro_batch=64, logprob_micro_batch=32,
                      train_micro_batch=32)
+    # Chunked log-probs: 512 completion positions of a row unembedded at a time, so that
+    # long completions fit (e.g. max_new_tokens=4096 on v5e-8: docs/memory.md).
+    c.model.logits_chunk = 512
     c.num_steps = 500
     c.optimizer.update(lr=1e-6)
     c.eval_every = 50
