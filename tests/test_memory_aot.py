@@ -89,9 +89,6 @@ def test_grpo_update_estimate_agrees_with_compiled():
   assert _within(est, c.peak), (est / 2**20, c.peak / 2**20)
 
 
-@pytest.mark.xfail(reason="models/attention.py: under the layer scan JAX hoists the chunked "
-                          "backend's mask-only block work out of the loop and stacks it over "
-                          "all block pairs (O(T S) again); docs/memory.md", strict=False)
 def test_chunked_attention_keeps_no_quadratic_scratch_under_the_layer_scan():
   T2 = 2048  # 4 x 4 blocks of 512
   temp = {}

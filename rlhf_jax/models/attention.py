@@ -389,6 +389,11 @@ def _flash(q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, kind, s
 
 def _prepare(q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, kind, block_q,
              block_k):
+  # An identity that XLA may not look through: without it, inside the model's layer scan
+  # the mask-only work of every block pair (visibility, liveness) is hoisted out of the
+  # loops and stacked over all block pairs -- O(T S) memory again (docs/memory.md).
+  q_BTHd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS = jax.lax.optimization_barrier(
+      (q_BTHd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS))
   B, T, H, Dh = q_BTHd.shape
   K = k_BSKd.shape[2]
   mask = AttentionMask(qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, kind=kind)
