@@ -118,7 +118,7 @@ def _cached_case(seed=0, S=40, T=3, index=21):
 
 
 @pytest.mark.parametrize("backend", [b for b, kind in CASES if kind == "cached"])
-@pytest.mark.parametrize("T,index", [(1, 0), (1, 17), (3, 21)])
+@pytest.mark.parametrize("T,index", [(1, 0), (3, 21)])
 def test_cached_decoding_equals_dense(backend, T, index):
   mask, q, k, v, nk, nv = _cached_case(T=T, index=index)
   out = _run(backend, q, k, v, mask, nk, nv)
