@@ -73,6 +73,18 @@ def test_chunked_logprobs_and_entropy_equal_unchunked_with_gradients(tie):
   logits = model.apply({"params": p}, h, method=Transformer.unembed)
   np.testing.assert_allclose(logp0, token_logprobs(logits, targets, 0.7), rtol=1e-6)
   np.testing.assert_allclose(ent0, token_entropy(logits, 0.7), rtol=1e-6)
+  # Independent float64 reference from the formulas: z = h W / tau,
+  # log p(y) = z_y - log sum_v exp z_v,  H = -sum_v p_v log p_v.
+  pp = jax.tree.map(lambda x: np.asarray(x, np.float64), p)
+  w_DV = pp["embed"]["embedding"].T if tie else pp["lm_head"]
+  z = np.einsum("btd,dv->btv", np.asarray(h, np.float64), w_DV) / 0.7
+  z -= z.max(-1, keepdims=True)
+  logsm = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  want_logp = np.take_along_axis(logsm, np.asarray(targets)[..., None], -1)[..., 0]
+  want_ent = -(np.exp(logsm) * logsm).sum(-1)
+  for c in chunks:
+    np.testing.assert_allclose(out[c][0][1][0], want_logp, rtol=1e-5, atol=1e-5, err_msg=str(c))
+    np.testing.assert_allclose(out[c][0][1][1], want_ent, rtol=1e-5, atol=1e-5, err_msg=str(c))
   assert logp0.shape == ent0.shape == (B, T)
   for c in chunks[1:]:
     (loss, (logp, ent)), grads = out[c]
