@@ -592,6 +592,9 @@ def _validate_dpo(config, need, num, choice):
   num("dpo.kto_desirable_weight", 0.0)
   num("dpo.kto_undesirable_weight", 0.0)
   num("dpo.simpo_gamma")
+  need(p.loss_type != "kto" or config.get("grad_accum_steps", 1) == 1, "grad_accum_steps",
+       f"must be 1 with dpo.loss_type 'kto' (its reference point z0 is a statistic of the "
+       f"whole batch, which micro-batches would change), got {config.get('grad_accum_steps')}")
   need(isinstance(p.get("share_prompt", True), bool), "dpo.share_prompt",
        f"expected True or False, got {p.get('share_prompt')!r}")
 

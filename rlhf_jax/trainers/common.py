@@ -174,24 +174,31 @@ def aggregation_weight(aggregation: str):
 
 
 def make_accumulating_update(loss_fn, tx, micro_batches: int, weight_fn, count_step=True,
-                             frozen: "Frozen | None" = None):
-  """Like `make_update` (update(state, [base,] batch)), with the batch split into
-  `micro_batches` equal parts whose gradients are summed with weights
+                             frozen: "Frozen | None" = None, metric_weights=None,
+                             summed_metrics=()):
+  """Like `make_update` (update(state, [base,] *consts, batch)), with the batch (the last
+  argument; `consts` such as reference parameters are passed whole to every part) split
+  into `micro_batches` equal parts along axis 0 whose gradients are summed with weights
   weight_fn(part) / sum(weights) (lax.scan, one part in memory at a time). For a loss
-  that is a weighted mean over the batch (token or sequence means; `aggregation_weight`),
-  the update equals the whole-batch update. Metrics are the same weighted means over the
-  parts (so ratio_min/max are averages). LoRA dropout uses one mask for all parts.
+  that is a weighted mean over the batch (rows, tokens or sequences;
+  `aggregation_weight`), the update equals the whole-batch update. Metrics are the same
+  weighted means over the parts (so ratio_min/max are averages), unless
+  metric_weights(part) -> {name: weight} gives a metric its own (unnormalised) weight,
+  e.g. the count its ratio is taken over, so that the combined value is the whole-batch
+  one; metrics named in `summed_metrics` (counts) are added up. LoRA dropout uses one
+  mask for all parts.
   """
   if micro_batches == 1:
     return make_update(loss_fn, tx, count_step, frozen)
   frozen = frozen or Frozen()
 
   def update(state, *args):
-    base, (batch,) = frozen.split_args(args)
+    base, args = frozen.split_args(args)
+    *consts, batch = args
     rng, carry = dropout_rng(state)
 
     def loss(trained, part):
-      value, metrics = loss_fn(frozen.merge(base, trained, rng), part)
+      value, metrics = loss_fn(frozen.merge(base, trained, rng), *consts, part)
       return inject_nonfinite(value, state), metrics
     grad_fn = jax.value_and_grad(loss, has_aux=True)
     parts = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
@@ -201,17 +208,45 @@ def make_accumulating_update(loss_fn, tx, micro_batches: int, weight_fn, count_s
     _, m_shape = jax.eval_shape(loss, state["params"], first)
     zeros = (jax.tree.map(jnp.zeros_like, state["params"]),
              jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), m_shape))
+    if metric_weights is None and not summed_metrics:
+      def body(acc, xs):
+        part, wi = xs
+        (_, m), g = grad_fn(state["params"], part)
+        return jax.tree.map(lambda a, b: a + wi * b, acc, (g, m)), None
 
-    def body(acc, xs):
-      part, wi = xs
-      (_, m), g = grad_fn(state["params"], part)
-      return jax.tree.map(lambda a, b: a + wi * b, acc, (g, m)), None
+      (grads, metrics), _ = jax.lax.scan(body, zeros, (parts, w))
+    else:
+      # Per-metric weights: accumulate sum_i w_ik m_ik and sum_i w_ik, divide at the end.
+      own = metric_weights or (lambda part: {})
 
-    (grads, metrics), _ = jax.lax.scan(body, zeros, (parts, w))
+      def weights_of(part, wi):
+        mw = own(part)
+        return {k: (jnp.float32(1.0) if k in summed_metrics else
+                    jnp.asarray(mw[k], jnp.float32) if k in mw else wi) for k in m_shape}
+
+      def body(acc, xs):
+        part, wi = xs
+        (_, m), g = grad_fn(state["params"], part)
+        g_acc, m_acc, w_acc = acc
+        mw = weights_of(part, wi)
+        return (jax.tree.map(lambda a, b: a + wi * b, g_acc, g),
+                {k: m_acc[k] + mw[k] * m[k] for k in m_acc},
+                {k: w_acc[k] + mw[k] for k in w_acc}), None
+
+      w_zeros = {k: jnp.float32(0.0) for k in m_shape}
+      (grads, m_sum, w_sum), _ = jax.lax.scan(body, (*zeros, w_zeros), (parts, w))
+      metrics = {k: m_sum[k] if k in summed_metrics else
+                 jnp.where(w_sum[k] > 0, m_sum[k] / jnp.maximum(w_sum[k], 1e-30), 0.0)
+                 for k in m_sum}
     return ({**apply_gradients(state, grads, tx, count_step), **carry},
             {**metrics, "grad_norm": optax.tree.norm(grads),
              "skipped_update": skipped_metric(grads)})
   return update
+
+
+def rows_weight(part) -> jax.Array:
+  """weight_fn of `make_accumulating_update` for a loss that is a mean over batch rows."""
+  return jnp.float32(jax.tree.leaves(part)[0].shape[0])
 
 
 # ----------------------------------------------------------------------------

@@ -141,10 +141,15 @@ def make_loss_fn(model, d, window: int = 0):
   return loss_fn
 
 
-def make_train_step(model, tx, d, frozen=None, window: int = 0):
+def make_train_step(model, tx, d, frozen=None, window: int = 0, grad_accum_steps: int = 1):
   """train_step(state, [base,] ref_params, batch) -> (state, metrics); `base` is the
-  frozen LoRA base (only with LoRA, see `common.Frozen`)."""
-  return common.make_update(make_loss_fn(model, d, window), tx, frozen=frozen)
+  frozen LoRA base (only with LoRA, see `common.Frozen`). With grad_accum_steps = A > 1
+  the pairs are split into A equal micro-batches whose gradients and metrics are
+  averaged: every loss type but kto is a mean over pairs, so the update is the
+  whole-batch one (kto's reference point z0 is a whole-batch statistic: refused by
+  config validation)."""
+  return common.make_accumulating_update(make_loss_fn(model, d, window), tx,
+                                         grad_accum_steps, common.rows_weight, frozen=frozen)
 
 
 def reference_logps(model, names, ref_params, arrays, batch_size, mesh, cache_path, fingerprint,
@@ -238,7 +243,7 @@ def run(config, workdir: str) -> dict:
   batch_sharding = parallel.batch_sharding(mesh)
   model_sharding = frozen.model_shardings(shardings)
   ref_sharding = model_sharding if ref_params is not None else None
-  step_fn = jax.jit(make_train_step(model, tx, d, frozen, window),
+  step_fn = jax.jit(make_train_step(model, tx, d, frozen, window, config.grad_accum_steps),
                     in_shardings=(shardings, *frozen.in_shardings, ref_sharding, batch_sharding),
                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
   eval_fn = jax.jit(make_loss_fn(model, d, window),

@@ -86,11 +86,33 @@ def step_logits(model, params, batch):
   return model.apply({"params": params}, batch["tokens"], batch["segment_ids"])
 
 
-def make_train_step(model, tx, negative_weight: float, frozen=None):
+def make_train_step(model, tx, negative_weight: float, frozen=None, grad_accum_steps: int = 1):
+  """train_step(state, [base,] batch) -> (state, metrics). With grad_accum_steps = A > 1
+  the rows are split into A micro-batches; each part's gradient is weighted by its share
+  of sum w (the loss's denominator) and each metric by the count it is a ratio of, so the
+  update and the metrics equal the whole-batch ones (`common.make_accumulating_update`)."""
   def loss_fn(params, batch):
     return prm_step_loss(step_logits(model, params, batch), batch["step_mask"],
                          batch["step_labels"], negative_weight)
-  return common.make_update(loss_fn, tx, frozen=frozen)
+
+  def counts(part):
+    m = (part["step_mask"] != 0).astype(jnp.float32)
+    y = (part["step_labels"] != 0).astype(jnp.float32)
+    return m, y
+
+  def loss_weight(part):  # sum_bt w_bt of the module formula
+    m, y = counts(part)
+    return jnp.sum(m * (y + negative_weight * (1 - y)))
+
+  def metric_weights(part):
+    m, y = counts(part)
+    n = jnp.sum(m)
+    return {"step_accuracy": n, "positive_frac": n, "accuracy_correct": jnp.sum(m * y),
+            "accuracy_wrong": jnp.sum(m * (1 - y))}
+
+  return common.make_accumulating_update(loss_fn, tx, grad_accum_steps, loss_weight,
+                                         frozen=frozen, metric_weights=metric_weights,
+                                         summed_metrics=("num_steps",))
 
 
 def step_metrics(logits_NT, arrays) -> dict:
@@ -164,7 +186,8 @@ def run(config, workdir: str) -> dict:
                                                tokenizer)
 
   batch_sharding = parallel.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(model, tx, config.prm.negative_weight, frozen),
+  train_step = jax.jit(make_train_step(model, tx, config.prm.negative_weight, frozen,
+                                       config.grad_accum_steps),
                        in_shardings=(shardings, *frozen.in_shardings, batch_sharding),
                        out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
   logits_fn = jax.jit(lambda p, b: step_logits(model, p, b),

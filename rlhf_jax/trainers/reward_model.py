@@ -40,14 +40,19 @@ def pair_scores(model, params, batch):
   return jnp.split(r_2B, 2)
 
 
-def make_train_step(model, tx, center_coef: float, use_margin: bool, frozen=None):
-  """train_step(state, [base,] batch) -> (state, metrics) (`common.make_update`)."""
+def make_train_step(model, tx, center_coef: float, use_margin: bool, frozen=None,
+                    grad_accum_steps: int = 1):
+  """train_step(state, [base,] batch) -> (state, metrics) (`common.make_update`); with
+  grad_accum_steps = A > 1 the pairs are split into A equal micro-batches whose
+  gradients and metrics are averaged (the loss is a mean over pairs, so the update is
+  the whole-batch one; `common.make_accumulating_update`)."""
   def loss_fn(params, batch):
     r_c, r_r = pair_scores(model, params, batch)
     margin = batch["margin"] if use_margin else None
     return bradley_terry_loss(r_c, r_r, margin, center_coef)
 
-  return common.make_update(loss_fn, tx, frozen=frozen)
+  return common.make_accumulating_update(loss_fn, tx, grad_accum_steps, common.rows_weight,
+                                         frozen=frozen)
 
 
 def make_eval_step(model):
@@ -165,7 +170,7 @@ def run(config, workdir: str) -> dict:
 
   batch_sharding = parallel.batch_sharding(mesh)
   train_step = jax.jit(make_train_step(model, tx, config.rm.center_coef, config.rm.use_margin,
-                                       frozen),
+                                       frozen, config.grad_accum_steps),
                        in_shardings=(shardings, *frozen.in_shardings, batch_sharding),
                        out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model),
