@@ -21,7 +21,8 @@ policy's start and the frozen reference).
 from ml_collections import ConfigDict
 
 from rlhf_jax import presets
-from rlhf_jax.config import base_config, use_llama_1b
+from rlhf_jax.config import base_config
+from rlhf_jax.presets import use_llama_1b
 
 # size preset -> planned hardware, batch size in pairs
 SIZES = {

@@ -30,7 +30,8 @@ resolved values are written to WORKDIR/resolved_algorithm.json.
 from ml_collections import ConfigDict
 
 from rlhf_jax import presets
-from rlhf_jax.config import base_config, use_llama_1b
+from rlhf_jax.config import base_config
+from rlhf_jax.presets import use_llama_1b
 
 # size preset -> planned hardware
 SIZES = {

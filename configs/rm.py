@@ -18,7 +18,8 @@ comes from the checkpoint) and --config.data.train_path=HH_RLHF_DIR.
 from ml_collections import ConfigDict
 
 from rlhf_jax import presets
-from rlhf_jax.config import base_config, use_llama_1b
+from rlhf_jax.config import base_config
+from rlhf_jax.presets import use_llama_1b
 
 # size preset -> planned hardware, peak lr
 SIZES = {

@@ -11,7 +11,9 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
+import runpy
 from typing import Iterable
 
 from ml_collections import ConfigDict
@@ -21,6 +23,30 @@ from rlhf_jax.models.transformer import ModelConfig
 
 class ConfigError(ValueError):
   """A config key or value that cannot work; the message names it."""
+
+
+def load_config(spec: str) -> ConfigDict:
+  """`path/to/file.py[:preset]` -> the ConfigDict of the file's get_config(preset);
+  ConfigError naming the file / preset when it cannot be loaded."""
+  path, _, preset = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config: file not found: {path}")
+  try:
+    module = runpy.run_path(path)
+  except Exception as e:  # the config file is user code: name it, not our traceback
+    raise ConfigError(f"--config: cannot load {path}: {type(e).__name__}: {e}") from None
+  if "get_config" not in module:
+    raise ConfigError(f"--config: {path} defines no get_config()")
+  try:
+    config = module["get_config"](preset) if preset else module["get_config"]()
+  except ValueError as e:
+    raise ConfigError(f"--config={spec}: {e}") from None
+  except Exception as e:
+    raise ConfigError(f"--config={spec}: get_config() raised {type(e).__name__}: {e}") from None
+  if not isinstance(config, ConfigDict):
+    raise ConfigError(f"--config={spec}: get_config() returned {type(config).__name__}, "
+                      f"expected an ml_collections ConfigDict")
+  return config
 
 
 def base_config(trainer: str) -> ConfigDict:
@@ -150,13 +176,6 @@ def base_config(trainer: str) -> ConfigDict:
     if trainer in ("grpo", "ppo"):
       c.sample.num_prompts = 8
   return c
-
-
-def use_llama_1b(c: ConfigDict) -> ConfigDict:
-  """Shared "1b" preset: Llama-3.2-1B (rlhf_jax/presets.py: llama3_2_1b), bf16 compute,
-  remat, an FSDP mesh over however many devices there are."""
-  from rlhf_jax import presets
-  return presets.apply(c, "llama3_2_1b", hardware=None)
 
 
 def sft_data_config() -> ConfigDict:
@@ -623,9 +642,12 @@ def _validate_online_rl(config, model, dp_rows, need, num, choice):
          f"{model.max_seq_len}")
   if "grpo" in config:
     from rlhf_jax.losses.grpo import IMPORTANCE_LEVELS
-    from rlhf_jax.trainers.grpo import resolve
+    from rlhf_jax.losses.grpo import resolve
     g = config.grpo
-    algo = resolve(g)  # the variant's values for knobs left at auto
+    try:
+      algo = resolve(g)  # the variant's values for knobs left at auto
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
     for key, options in (("advantage", ("group_std", "group", "rloo", "reinforce_pp")),
                          ("aggregation", AGGREGATIONS), ("importance", IMPORTANCE_LEVELS),
                          ("kl_mode", ("loss", "reward", "none")), ("kl_estimator", KL_KINDS)):

@@ -230,7 +230,7 @@ def from_config(config, *, model_config, tokenizer, ref_params, workdir, prompt_
   RL trainers pass their held-out prompts and reward spec; SFT/DPO read
   config.prompt_eval (path, num_prompts, max_prompt_len, max_new_tokens).
   """
-  from rlhf_jax.trainers.prompt_sets import make_reward_from_spec
+  from rlhf_jax.rewards import make_reward_fn
   parts = []
   num_samples = config.sample.num_prompts if prompt_examples and "sample" in config else 0
   pe = config.get("prompt_eval")
@@ -242,7 +242,7 @@ def from_config(config, *, model_config, tokenizer, ref_params, workdir, prompt_
     parts.append(make_prompt_eval(
         model_config=model_config, tokenizer=tokenizer, examples=prompt_examples,
         max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
-        reward_fn=make_reward_from_spec(spec), ref_params=ref_params,
+        reward_fn=make_reward_fn(spec), ref_params=ref_params,
         kl=config.get("eval_kl", True), workdir=workdir, num_samples=num_samples,
         samples=config.get("eval_samples", 1)))
   cap = config.get("capability")

@@ -180,7 +180,7 @@ def load_rubric(path: str | None) -> str:
   if not os.path.isfile(path):
     raise JudgeError(f"--rubric: file not found: {path}")
   if path.endswith((".json", ".jsonl")):
-    from rlhf_jax.ai_feedback import load_constitution
+    from rlhf_jax.constitution import load_constitution
     principles = load_constitution(path)
     lines = [f"- {p.get('preference') or p['critique']}" for p in principles]
     return DEFAULT_RUBRIC + "\nJudge the answers by these principles:\n" + "\n".join(lines)

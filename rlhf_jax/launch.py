@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import runpy
 import signal
 import sys
 import threading
@@ -61,27 +60,13 @@ def _config_arg(argv):
 
 
 def load_config(spec: str):
-  """`path/to/file.py[:preset]` -> ConfigDict (clear errors for bad paths/presets)."""
-  from ml_collections import ConfigDict
-  path, _, preset = spec.partition(":")
-  if not os.path.isfile(path):
-    _die(f"--config: file not found: {path}")
+  """`path/to/file.py[:preset]` -> ConfigDict (`config.load_config`); on the command line
+  a bad path or preset prints its one-line error and exits with status 2."""
+  from rlhf_jax import config as config_lib
   try:
-    module = runpy.run_path(path)
-  except Exception as e:  # the config file is user code: name it, not our traceback
-    _die(f"--config: cannot load {path}: {type(e).__name__}: {e}")
-  if "get_config" not in module:
-    _die(f"--config: {path} defines no get_config()")
-  try:
-    config = module["get_config"](preset) if preset else module["get_config"]()
-  except ValueError as e:
-    _die(f"--config={spec}: {e}")
-  except Exception as e:
-    _die(f"--config={spec}: get_config() raised {type(e).__name__}: {e}")
-  if not isinstance(config, ConfigDict):
-    _die(f"--config={spec}: get_config() returned {type(config).__name__}, expected an "
-         f"ml_collections ConfigDict")
-  return config
+    return config_lib.load_config(spec)
+  except config_lib.ConfigError as e:
+    _die(str(e))
 
 
 def train_command(argv):

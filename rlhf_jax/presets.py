@@ -115,3 +115,9 @@ def _hardware(name: str) -> Hardware:
   if name not in HARDWARE:
     raise ValueError(f"unknown hardware {name!r}; expected one of {', '.join(HARDWARE)}")
   return HARDWARE[name]
+
+
+def use_llama_1b(c: ConfigDict) -> ConfigDict:
+  """Shared "1b" preset: Llama-3.2-1B (`llama3_2_1b`), bf16 compute, remat, an FSDP mesh
+  over however many devices there are."""
+  return apply(c, "llama3_2_1b", hardware=None)

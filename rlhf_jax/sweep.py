@@ -217,7 +217,6 @@ def _check_config_keys(cells):
   if all(c["config"] is None for c in cells):
     return  # command cells only: no need to import the library (and jax)
   from rlhf_jax import config as config_lib
-  from rlhf_jax.launch import load_config
   loaded = {}
   for c in cells:
     if c["config"] is None:
@@ -227,9 +226,9 @@ def _check_config_keys(cells):
       if not os.path.isfile(spec.partition(":")[0]):
         raise SweepError(f"cell {c['name']!r}: config file not found: {spec.partition(':')[0]}")
       try:
-        loaded[spec] = load_config(spec)
-      except (SystemExit, Exception) as e:  # load_config printed the reason if SystemExit
-        raise SweepError(f"cell {c['name']!r}: cannot load config {spec} ({e!r})") from None
+        loaded[spec] = config_lib.load_config(spec)
+      except Exception as e:
+        raise SweepError(f"cell {c['name']!r}: cannot load config {spec} ({e})") from None
     for key in c["overrides"]:
       try:
         config_lib.check_key(loaded[spec], key)

@@ -45,6 +45,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from rlhf_jax import gguf_file
+
 CHAT_STYLES = ("chatml", "llama3", "plain")
 TOKENIZER_CONFIG = "tokenizer_config.json"
 # Our SentencePiece models: special ids fixed and distinct.
@@ -420,10 +422,9 @@ def _load_gguf(path: Path, chat_style) -> Tokenizer:
   """Rebuild a GGUF's gpt2-style byte-level BPE vocabulary as a `tokenizers.Tokenizer`."""
   import tokenizers
   from tokenizers import AddedToken, decoders, models
-  from rlhf_jax.models.pretrained import _gguf_reader, gguf_field
   where = str(path)
-  reader = _gguf_reader(path)
-  field = lambda key, default=...: gguf_field(reader, key, default, where)
+  reader = gguf_file.reader(path)
+  field = lambda key, default=...: gguf_file.field(reader, key, default, where)
   kind = field("tokenizer.ggml.model", None)
   if kind is None:
     raise ValueError(f"{where}: GGUF file carries no tokenizer (no tokenizer.ggml.model)")

@@ -48,7 +48,7 @@ def cells(steps: int) -> dict:
   out = {
       "sft": ("configs/sft.py:tiny", {**sup, "sample.every": steps, "eval_kl": False}),
       "rm": ("configs/rm.py:tiny", sup),
-      "prm": ("configs/prm.py:tiny", {**short, "eval_every": steps,
+      "prm": ("configs/prm.py:tiny", {**short, "eval_every": steps, "optimizer.warmup_steps": 1,
                                      "data.max_train_examples": 64,
                                      "data.max_eval_examples": 16}),
       "ppo": ("configs/ppo.py:tiny", rl),

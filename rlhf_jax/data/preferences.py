@@ -48,9 +48,7 @@ the same global batch and keeps its own rows with `host_slice`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import string
 from typing import Any, Iterable, Sequence
@@ -58,61 +56,12 @@ from typing import Any, Iterable, Sequence
 import grain
 import numpy as np
 
+from rlhf_jax.data.rows import file_digest, parse_preference_row  # noqa: F401 (re-exported)
 from rlhf_jax.data.sft import (DataError, batched, encode_prompt, iter_jsonl,  # noqa: F401
                                open_text)  # (re-exported)
 
 PAIR_KEYS = ("tokens", "segment_ids", "loss_mask")
 CORRUPTIONS = ("swap", "random")
-
-
-# ----------------------------------------------------------------------------
-# Reading rows
-# ----------------------------------------------------------------------------
-
-def _check_messages(where: str, msgs) -> list[dict]:
-  if (not isinstance(msgs, list) or not msgs or
-      not all(isinstance(m, dict) and isinstance(m.get("role"), str) and
-              isinstance(m.get("content"), str) for m in msgs)):
-    raise DataError(f"{where}: 'prompt' must be a string or a non-empty list of objects with "
-                    f"string 'role' and 'content'")
-  return [{"role": m["role"], "content": m["content"]} for m in msgs]
-
-
-def parse_preference_row(where: str, row: dict) -> dict:
-  """{"prompt": [messages], "chosen", "rejected", "margin"} of one JSONL row, or DataError."""
-  for key in ("prompt", "chosen", "rejected"):
-    if key not in row:
-      raise DataError(f"{where}: missing key {key!r}; expected {{'prompt': str | [messages], "
-                      f"'chosen': str, 'rejected': str, 'margin'?: number}} "
-                      f"(keys present: {sorted(row)})")
-  prompt = row["prompt"]
-  if isinstance(prompt, str):
-    messages = [{"role": "user", "content": prompt}]
-  else:
-    messages = _check_messages(where, prompt)
-  for key in ("chosen", "rejected"):
-    if not isinstance(row[key], str):
-      raise DataError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
-  if row["chosen"].strip() == row["rejected"].strip():
-    raise DataError(f"{where}: 'chosen' and 'rejected' are identical ({row['chosen'][:60]!r}); "
-                    f"a pair must prefer one reply over a different one")
-  margin = row.get("margin")
-  if margin is None:
-    margin = 0.0
-  elif (isinstance(margin, bool) or not isinstance(margin, (int, float)) or
-        not math.isfinite(margin)):
-    raise DataError(f"{where}: 'margin' must be a finite number, got {margin!r}")
-  return {"prompt": messages, "chosen": row["chosen"], "rejected": row["rejected"],
-          "margin": float(margin)}
-
-
-def file_digest(path: str) -> str:
-  """sha256 hex digest of a file's bytes (identifies the source a dataset was built from)."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------

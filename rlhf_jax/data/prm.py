@@ -50,7 +50,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from rlhf_jax.data.preferences import _check_messages
+from rlhf_jax.data.rows import check_messages
 from rlhf_jax.data.sft import DataError, encode_prompt, iter_jsonl
 
 ANNOTATION = re.compile(r"<<([^<>]*)>>")
@@ -271,7 +271,7 @@ def read_prm_jsonl(path: str) -> list[dict]:
       raise DataError(f"{where}: expected an object with 'prompt' (str or messages); keys "
                       f"present: {sorted(r)}")
     if isinstance(r["prompt"], list):
-      _check_messages(where, r["prompt"])
+      check_messages(where, r["prompt"])
     steps, labels = r.get("steps"), r.get("labels")
     if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
       raise DataError(f"{where}: 'steps' must be a non-empty list of strings")

@@ -48,84 +48,17 @@ continues from there:
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 from typing import Iterable
 
 import numpy as np
 
 from rlhf_jax.data.preferences import (  # noqa: F401 (DataError re-exported)
-    DataError, PreferenceSource, _builder, _check_messages, _text, preference_stats,
-    truncate_prompt)
-from rlhf_jax.data.sft import encode_prompt, nonempty_text
+    DataError, PreferenceSource, _builder, _text, preference_stats, truncate_prompt)
+from rlhf_jax.data.rows import (parse_gsm8k_answer, parse_gsm8k_row,  # noqa: F401 (re-exported)
+                                parse_prompt_row, strip_calculator_annotations)
+from rlhf_jax.data.sft import encode_prompt
 
-_ANNOTATION = re.compile(r"<<[^<>]*>>")
-
-
-# ----------------------------------------------------------------------------
-# Parsing rows
-# ----------------------------------------------------------------------------
-
-def strip_calculator_annotations(text: str) -> str:
-  """GSM8K text without its calculator annotations: "48/2 = <<48/2=24>>24" -> "48/2 = 24"."""
-  return _ANNOTATION.sub("", text)
-
-
-def parse_gsm8k_answer(where: str, text: str) -> tuple[str, str]:
-  """(answer, solution) of a GSM8K answer field; DataError when it has no '#### <answer>'.
-
-  answer: the text after the last "####", stripped, thousands commas removed.
-  solution: the text before it, annotations removed, trailing whitespace stripped.
-  """
-  if not isinstance(text, str) or "####" not in text:
-    raise DataError(f"{where}: 'answer' must be a string ending in '#### <number>' "
-                    f"(GSM8K format), got {str(text)[-80:]!r}")
-  head, _, tail = text.rpartition("####")
-  answer = tail.strip().replace(",", "")
-  if not answer:
-    raise DataError(f"{where}: nothing after '####' in 'answer'")
-  return answer, strip_calculator_annotations(head).rstrip()
-
-
-def parse_gsm8k_row(where: str, row: dict) -> dict:
-  """{"prompt": [messages], "answer", "solution"} of one GSM8K row, or DataError."""
-  for key in ("question", "answer"):
-    if not isinstance(row.get(key), str):
-      raise DataError(f"{where}: {key!r} must be a string (expected {{'question': str, "
-                      f"'answer': str}}; keys present: {sorted(row)})")
-  answer, solution = parse_gsm8k_answer(where, row["answer"])
-  return {"prompt": [{"role": "user", "content": row["question"]}], "answer": answer,
-          "solution": solution}
-
-
-def parse_prompt_row(where: str, row: dict) -> dict:
-  """{"prompt": [messages], "answer", "solution"} of one jsonl_prompts row, or DataError."""
-  if "prompt" not in row:
-    raise DataError(f"{where}: missing key 'prompt'; expected {{'prompt': str | [messages], "
-                    f"'answer'?: str, 'solution'?: str}} (keys present: {sorted(row)})")
-  prompt = row["prompt"]
-  messages = ([{"role": "user", "content": nonempty_text(where, "prompt", prompt)}]
-              if isinstance(prompt, str) else _check_messages(where, prompt))
-  answer = row.get("answer")
-  if answer is None:
-    answer = ""
-  elif isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or (
-      isinstance(answer, float) and not math.isfinite(answer)):
-    raise DataError(f"{where}: 'answer' must be a string or a finite number, got {answer!r}")
-  elif not isinstance(answer, str):
-    answer = json.dumps(answer)
-  solution = row.get("solution")
-  if solution is None:
-    solution = ""
-  elif not isinstance(solution, str):
-    raise DataError(f"{where}: 'solution' must be a string, got {type(solution).__name__}")
-  return {"prompt": messages, "answer": answer, "solution": solution}
-
-
-# ----------------------------------------------------------------------------
-# Built datasets: random access without TensorFlow
-# ----------------------------------------------------------------------------
 
 def decode_prompt_example(ex: dict) -> dict:
   """A stored example (bytes strings, JSON prompt) as Python values."""

@@ -34,7 +34,8 @@ tfds.disable_progress_bar()  # building is quick; the trainers show their own pr
 from etils import epath
 
 from rlhf_jax.data import hh_rlhf
-from rlhf_jax.data.preferences import DataError, file_digest, iter_jsonl, parse_preference_row
+from rlhf_jax.data.rows import file_digest, parse_gsm8k_row, parse_preference_row, parse_prompt_row
+from rlhf_jax.data.sft import DataError, iter_jsonl
 
 VERSION = "1.0.0"
 ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD
@@ -402,7 +403,6 @@ class JsonlPrompts(_PromptBuilder):
   DESCRIPTION = "Prompts with optional reference answers from JSONL (see rlhf_jax.data.prompts)."
 
   def _row(self, where, row, stats):
-    from rlhf_jax.data.prompts import parse_prompt_row
     return parse_prompt_row(where, row)
 
 
@@ -436,7 +436,6 @@ class Gsm8k(_PromptBuilder, skip_registration=True):
     return stats
 
   def _row(self, where, row, stats):
-    from rlhf_jax.data.prompts import parse_gsm8k_row
     ex = parse_gsm8k_row(where, row)
     stats["annotations_stripped"] += row["answer"].count("<<")
     return ex

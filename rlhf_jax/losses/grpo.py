@@ -158,3 +158,51 @@ def overlong_penalty(lengths_B, max_len, cache_len):
   start = _f32(max_len) - _f32(cache_len)
   soft = (start - L) / _f32(cache_len)
   return jnp.where(L <= start, 0.0, jnp.where(L <= _f32(max_len), soft, -1.0))
+
+
+# ----------------------------------------------------------------------------
+# The GRPO-family variants: each one's values for the knobs left at auto
+# ----------------------------------------------------------------------------
+
+# Papers: grpo (Shao et al. 2024, DeepSeekMath), dr_grpo (Liu et al. 2025, "Understanding
+# R1-Zero-Like Training"), dapo (Yu et al. 2025), gspo (Zheng et al. 2025), rloo (Ahmadian
+# et al. 2024), reinforce_pp (Hu 2025, REINFORCE++); rlhf_jax/trainers/grpo.py documents
+# each knob.
+VARIANTS = {
+    "grpo": dict(advantage="group_std", aggregation="seq_mean_token_mean", clip_eps_low=0.2,
+                 clip_eps_high=0.2, importance="token", kl_mode="loss", kl_coef=0.04,
+                 kl_estimator="k3", dynamic_sampling=0),
+    "dr_grpo": dict(advantage="group", aggregation="seq_mean_token_sum_norm", clip_eps_low=0.2,
+                    clip_eps_high=0.2, importance="token", kl_mode="none", kl_coef=0.0,
+                    kl_estimator="k3", dynamic_sampling=0),
+    "dapo": dict(advantage="group_std", aggregation="token_mean", clip_eps_low=0.2,
+                 clip_eps_high=0.28, importance="token", kl_mode="none", kl_coef=0.0,
+                 kl_estimator="k3", dynamic_sampling=1),
+    "gspo": dict(advantage="group_std", aggregation="seq_mean_token_mean", clip_eps_low=3e-4,
+                 clip_eps_high=4e-4, importance="sequence", kl_mode="none", kl_coef=0.0,
+                 kl_estimator="k3", dynamic_sampling=0),
+    "rloo": dict(advantage="rloo", aggregation="seq_mean_token_sum", clip_eps_low=0.2,
+                 clip_eps_high=0.2, importance="token", kl_mode="reward", kl_coef=0.05,
+                 kl_estimator="k1", dynamic_sampling=0),
+    "reinforce_pp": dict(advantage="reinforce_pp", aggregation="token_mean", clip_eps_low=0.2,
+                         clip_eps_high=0.2, importance="token", kl_mode="reward", kl_coef=0.01,
+                         kl_estimator="k1", dynamic_sampling=0),
+}
+AUTO = (-1, -1.0, "")
+
+
+def resolve(g) -> dict:
+  """Effective algorithm knobs of config.grpo `g`: the variant's defaults (`VARIANTS`) for
+  every knob left at auto (-1, -1.0 or ""); ValueError naming an unknown variant."""
+  if g.variant not in VARIANTS:
+    raise ValueError(f"config.grpo.variant={g.variant!r}: expected one of "
+                     f"{sorted(VARIANTS)}")
+  out = dict(VARIANTS[g.variant])
+  for k in out:
+    v = g[k]
+    if not (isinstance(v, (int, float, str)) and v in AUTO and not isinstance(v, bool)):
+      out[k] = v
+  out.update(variant=g.variant, epochs=g.epochs, minibatches=g.minibatches,
+             std_eps=g.std_eps, overlong_cache=g.overlong_cache,
+             max_refill_rounds=g.max_refill_rounds)
+  return out

@@ -42,7 +42,6 @@ is exact for sequences no longer than the window (a warning says so).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import shutil
@@ -54,6 +53,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from rlhf_jax import gguf_file
 from rlhf_jax.models.transformer import ModelConfig, init_params
 
 OUR_CONFIG_FILE = "model_config.json"
@@ -92,7 +92,7 @@ def load_pretrained(path, **overrides) -> tuple[ModelConfig, dict]:
         f"(config.json + model.safetensors), a .gguf file, or a directory written by "
         f"import_checkpoint (model_config.json + params/)")
   if path.is_file():
-    if not _is_gguf(path):
+    if not gguf_file.is_gguf(path):
       raise ValueError(f"{path}: not a GGUF file (no 'GGUF' magic); expected a .gguf file or a "
                        f"model directory")
     config, params = _load_gguf(path)
@@ -164,7 +164,7 @@ def import_checkpoint(src, out_dir) -> Path:
     for name in TOKENIZER_FILES:
       if (src / name).is_file():
         shutil.copy2(src / name, out_dir / name)
-  elif _gguf_has_tokenizer(src):
+  elif gguf_file.has_tokenizer(src):
     from rlhf_jax.tokenizer import load_tokenizer
     load_tokenizer(src).save(out_dir)
   return out_dir
@@ -527,44 +527,6 @@ _GGUF_BLOCK = {"attn_norm.weight": "input_layernorm.weight",
                "ffn_up.bias": "mlp.up_proj.bias", "ffn_down.bias": "mlp.down_proj.bias"}
 
 
-def _is_gguf(path: Path) -> bool:
-  with open(path, "rb") as f:
-    return f.read(4) == b"GGUF"
-
-
-def _gguf_reader(path: Path):
-  """A GGUFReader (memory-mapped), reused while the file is unchanged.
-
-  Parsing the metadata of a real model (e.g. 49k vocabulary strings) takes
-  seconds; the model loader, the tokenizer loader and import_checkpoint share it.
-  """
-  st = Path(path).stat()
-  return _cached_gguf_reader(str(Path(path).absolute()), st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=2)
-def _cached_gguf_reader(path: str, inode: int, size: int, mtime_ns: int):
-  import gguf
-  try:
-    return gguf.GGUFReader(path)
-  except Exception as e:  # gguf raises ValueError / struct errors on corrupt files
-    raise ValueError(f"{path}: cannot read GGUF file: {e}") from None
-
-
-def _gguf_has_tokenizer(path: Path) -> bool:
-  return _is_gguf(path) and "tokenizer.ggml.tokens" in _gguf_reader(path).fields
-
-
-def gguf_field(reader, key, default=..., where=""):
-  """Value of a GGUF metadata field (python scalar, str or list); `default` if absent."""
-  f = reader.fields.get(key)
-  if f is None:
-    if default is ...:
-      raise ValueError(f"{where}: missing GGUF metadata key {key!r}")
-    return default
-  return f.contents()
-
-
 def unpermute_llama_qk(w: np.ndarray, n_head: int) -> np.ndarray:
   """Undo llama.cpp's Q/K row permutation (interleaved -> rotate-half RoPE layout).
 
@@ -632,15 +594,15 @@ class _GGUFSource(_Source):
 
 def _load_gguf(path: Path):
   where = str(path)
-  reader = _gguf_reader(path)
-  arch = gguf_field(reader, "general.architecture", where=where)
+  reader = gguf_file.reader(path)
+  arch = gguf_file.field(reader, "general.architecture", where=where)
   if arch not in GGUF_SUPPORTED:
     raise ValueError(f"{where}: GGUF architecture {arch!r} is not supported; expected one of "
                      f"{list(GGUF_SUPPORTED)}")
   tensors = {t.name: t for t in reader.tensors}
 
   def meta(key, default=...):
-    return gguf_field(reader, f"{arch}.{key}", default, where)
+    return gguf_file.field(reader, f"{arch}.{key}", default, where)
 
   D, H = int(meta("embedding_length")), int(meta("attention.head_count"))
   K = meta("attention.head_count_kv", H)

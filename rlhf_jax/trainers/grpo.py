@@ -39,50 +39,11 @@ from rlhf_jax import config as config_lib
 from rlhf_jax import parallel, rollout
 from rlhf_jax.losses import advantages as adv_lib
 from rlhf_jax.losses import kl as kl_lib
-from rlhf_jax.losses.grpo import grpo_loss
+from rlhf_jax.losses.grpo import AUTO, VARIANTS, grpo_loss, resolve  # noqa: F401 (re-exported)
 from rlhf_jax.losses.logprobs import token_logprobs
 from rlhf_jax.models import Transformer
 from rlhf_jax.models.api import prefix_sharing_saves_flops, window_logits, window_logprobs
 from rlhf_jax.trainers import common, prompt_sets
-
-VARIANTS = {
-    "grpo": dict(advantage="group_std", aggregation="seq_mean_token_mean", clip_eps_low=0.2,
-                 clip_eps_high=0.2, importance="token", kl_mode="loss", kl_coef=0.04,
-                 kl_estimator="k3", dynamic_sampling=0),
-    "dr_grpo": dict(advantage="group", aggregation="seq_mean_token_sum_norm", clip_eps_low=0.2,
-                    clip_eps_high=0.2, importance="token", kl_mode="none", kl_coef=0.0,
-                    kl_estimator="k3", dynamic_sampling=0),
-    "dapo": dict(advantage="group_std", aggregation="token_mean", clip_eps_low=0.2,
-                 clip_eps_high=0.28, importance="token", kl_mode="none", kl_coef=0.0,
-                 kl_estimator="k3", dynamic_sampling=1),
-    "gspo": dict(advantage="group_std", aggregation="seq_mean_token_mean", clip_eps_low=3e-4,
-                 clip_eps_high=4e-4, importance="sequence", kl_mode="none", kl_coef=0.0,
-                 kl_estimator="k3", dynamic_sampling=0),
-    "rloo": dict(advantage="rloo", aggregation="seq_mean_token_sum", clip_eps_low=0.2,
-                 clip_eps_high=0.2, importance="token", kl_mode="reward", kl_coef=0.05,
-                 kl_estimator="k1", dynamic_sampling=0),
-    "reinforce_pp": dict(advantage="reinforce_pp", aggregation="token_mean", clip_eps_low=0.2,
-                         clip_eps_high=0.2, importance="token", kl_mode="reward", kl_coef=0.01,
-                         kl_estimator="k1", dynamic_sampling=0),
-}
-AUTO = (-1, -1.0, "")
-
-
-def resolve(g) -> dict:
-  """Effective algorithm knobs: the variant's defaults for every knob left at auto."""
-  if g.variant not in VARIANTS:
-    raise config_lib.ConfigError(f"config.grpo.variant={g.variant!r}: expected one of "
-                                 f"{sorted(VARIANTS)}")
-  out = dict(VARIANTS[g.variant])
-  for k in out:
-    v = g[k]
-    if not (isinstance(v, (int, float, str)) and v in AUTO and not isinstance(v, bool)):
-      out[k] = v
-  out.update(variant=g.variant, epochs=g.epochs, minibatches=g.minibatches,
-             std_eps=g.std_eps, overlong_cache=g.overlong_cache,
-             max_refill_rounds=g.max_refill_rounds)
-  return out
-
 
 def advantages(algo, ro: rollout.Rollout, group_size: int) -> np.ndarray:
   """Per-token advantages [B, C] (constant along a sequence except for REINFORCE++)."""

@@ -85,15 +85,10 @@ def batches(config, tokenizer, source, prompts_per_step: int, seed: int):
   return batched(arrays, prompts_per_step, seed), metadata
 
 
-def make_reward_from_spec(spec: str):
-  """The CombinedReward of a reward spec string: a name, or a JSON list/dict of entries."""
-  from rlhf_jax.rewards import make_reward_fn
-  return make_reward_fn(spec)
-
-
 def reward_fn_from_config(config):
-  """The CombinedReward of config.reward.spec."""
-  return make_reward_from_spec(config.reward.spec)
+  """The CombinedReward of config.reward.spec (a name, or a JSON list/dict of entries)."""
+  from rlhf_jax.rewards import make_reward_fn
+  return make_reward_fn(config.reward.spec)
 
 
 def policy_eval(config, model_config, tokenizer, source, workdir, ref_params):
