@@ -594,25 +594,21 @@ def _validate_mesh(config, num_devices, need) -> int:
 
 
 def _validate_dpo(config, need, num, choice):
-  from rlhf_jax.losses.dpo import LOSS_TYPES
+  from rlhf_jax.losses.dpo import LOSSES, label_smoothing_error, variant
   p = config.dpo
-  choice("dpo.loss_type", LOSS_TYPES)
-  if p.loss_type != "orpo":
+  choice("dpo.loss_type", tuple(LOSSES))
+  v = variant(p.loss_type)
+  if "beta" in v.knobs:
     num("dpo.beta", 0.0, lo_open=True)
   ls = num("dpo.label_smoothing", 0.0)
-  if p.loss_type == "sigmoid":
-    need(ls <= 0.5, "dpo.label_smoothing", f"must be in [0, 0.5] for loss_type 'sigmoid', got {ls}")
-  elif p.loss_type == "robust":
-    need(ls < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5) for loss_type 'robust', got {ls}")
-  else:
-    need(ls == 0.0, "dpo.label_smoothing",
-         f"applies only to loss_type 'sigmoid' or 'robust', not {p.loss_type!r} (got {ls})")
+  why = label_smoothing_error(p.loss_type, ls)
+  need(why is None, "dpo.label_smoothing", why)
   num("dpo.orpo_lambda", 0.0)
   num("dpo.kto_desirable_weight", 0.0)
   num("dpo.kto_undesirable_weight", 0.0)
   num("dpo.simpo_gamma")
-  need(p.loss_type != "kto" or config.get("grad_accum_steps", 1) == 1, "grad_accum_steps",
-       f"must be 1 with dpo.loss_type 'kto' (its reference point z0 is a statistic of the "
+  need(not v.whole_batch or config.get("grad_accum_steps", 1) == 1, "grad_accum_steps",
+       f"must be 1 with dpo.loss_type {p.loss_type!r} (its loss uses a statistic of the "
        f"whole batch, which micro-batches would change), got {config.get('grad_accum_steps')}")
   need(isinstance(p.get("share_prompt", True), bool), "dpo.share_prompt",
        f"expected True or False, got {p.get('share_prompt')!r}")

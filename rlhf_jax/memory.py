@@ -388,7 +388,8 @@ def config_estimate(config, devices: int, platform: str | None = None) -> dict[s
     seq = config.data.max_seq_len
     kw = dict(grad_accum=config.grad_accum_steps)
   elif trainer in ("dpo", "reward_model"):
-    per_pair = 3 if trainer == "dpo" and config.dpo.loss_type == "kto" else 2
+    from rlhf_jax.losses.dpo import variant
+    per_pair = len(variant(config.dpo.loss_type).sides) if trainer == "dpo" else 2
     rows = config.batch_size * per_pair
     seq = config.data.max_prompt_len + config.data.max_completion_len
     kw = dict(logits=trainer == "dpo")

@@ -70,6 +70,8 @@ def run_cell(checkout: str, spec: str, overrides: dict, workdir: str, log: str) 
   env = {k: v for k, v in os.environ.items()
          if k not in ("RLHF_JAX_FAULT", "RLHF_JAX_NAN_STEPS", "XLA_FLAGS")}
   env.update(PYTHONPATH=checkout, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  # real data (PRM: GSM8K) from this repository's ../shared/data, wherever the checkouts are
+  env.setdefault("RLHF_JAX_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
   t0 = time.time()
   with open(log, "w") as f:
     rc = subprocess.run(argv, cwd=checkout, env=env, stdout=f, stderr=subprocess.STDOUT).returncode

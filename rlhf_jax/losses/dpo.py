@@ -17,14 +17,14 @@ All arithmetic is float32; -log sigmoid is always `-jax.nn.log_sigmoid`.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses.reward import pairwise_accuracy, weighted_mean
-
-LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "orpo", "kto")
 
 # ORPO: mean token log-prob is clamped to <= this before log(1 - p), so that
 # p = 1 (odds = inf) cannot produce inf/NaN; log-odds are then <= ~16.1.
@@ -198,29 +198,130 @@ def kto_reference_point(policy_logps_B, ref_logps_B, weights_B=None):
   return jax.lax.stop_gradient(jnp.maximum(weighted_mean(diff_B, weights_B), 0.0))
 
 
+# ----------------------------------------------------------------------------
+# The registry: one entry per loss type
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PairInputs:
+  """What a loss variant may read, all [B] float32: sequence-sum log-probs of the policy,
+  log-ratios to the reference (0 when reference-free), completion lengths, and the
+  optional per-row chosen NLL (ORPO)."""
+  policy_chosen_logps: jax.Array
+  policy_rejected_logps: jax.Array
+  chosen_logratios: jax.Array
+  rejected_logratios: jax.Array
+  chosen_lengths: jax.Array
+  rejected_lengths: jax.Array
+  chosen_nll: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LossVariant:
+  """One DPO-family loss type: how `preference_loss` calls it and what trainers need.
+
+  losses(x: PairInputs, k: dict of knobs) -> (losses_B, chosen_rewards_B,
+  rejected_rewards_B); extra_metrics(x, out, k, weights_B) -> dict of additional
+  metrics. knobs: the config.dpo keys it reads (besides reference_free).
+  uses_reference: reads pi_ref log-probs (unless reference_free). sides: the rows the
+  trainer scores per pair ("kl": KTO's mismatched prompt/completion rows).
+  label_smoothing: (max, max included) of its allowed range [0, max], or None when it
+  takes no label smoothing. whole_batch: the loss uses a statistic of the whole batch
+  (so gradient accumulation over micro-batches would change it).
+  """
+  losses: Callable
+  knobs: tuple[str, ...]
+  uses_reference: bool = True
+  sides: tuple[str, ...] = ("chosen", "rejected")
+  label_smoothing: tuple[float, bool] | None = None
+  whole_batch: bool = False
+  extra_metrics: Callable | None = None
+
+
+def _orpo_metrics(x, out, k, weights_B):
+  nll_B = (-x.policy_chosen_logps / jnp.maximum(x.chosen_lengths, 1.0)
+           if x.chosen_nll is None else x.chosen_nll)
+  return {"nll": weighted_mean(nll_B, weights_B),
+          "log_odds_ratio": weighted_mean(out[1] - out[2], weights_B)}
+
+
+LOSSES = {
+    "sigmoid": LossVariant(
+        lambda x, k: sigmoid_losses(x.chosen_logratios, x.rejected_logratios, k["beta"],
+                                    k["label_smoothing"]),
+        knobs=("beta", "label_smoothing"), label_smoothing=(0.5, True)),
+    "robust": LossVariant(
+        lambda x, k: robust_losses(x.chosen_logratios, x.rejected_logratios, k["beta"],
+                                   k["label_smoothing"]),
+        knobs=("beta", "label_smoothing"), label_smoothing=(0.5, False)),
+    "ipo": LossVariant(
+        lambda x, k: ipo_losses(x.chosen_logratios, x.rejected_logratios, k["beta"]),
+        knobs=("beta",)),
+    "hinge": LossVariant(
+        lambda x, k: hinge_losses(x.chosen_logratios, x.rejected_logratios, k["beta"]),
+        knobs=("beta",)),
+    "simpo": LossVariant(
+        lambda x, k: simpo_losses(x.policy_chosen_logps, x.policy_rejected_logps,
+                                  x.chosen_lengths, x.rejected_lengths, k["beta"],
+                                  k["simpo_gamma"]),
+        knobs=("beta", "simpo_gamma"), uses_reference=False),
+    "orpo": LossVariant(
+        lambda x, k: orpo_losses(x.policy_chosen_logps, x.policy_rejected_logps,
+                                 x.chosen_lengths, x.rejected_lengths, k["orpo_lambda"],
+                                 x.chosen_nll),
+        knobs=("orpo_lambda",), uses_reference=False, extra_metrics=_orpo_metrics),
+    "kto": LossVariant(
+        lambda x, k: kto_losses(x.chosen_logratios, x.rejected_logratios, k["beta"],
+                                k["kto_z0"], k["kto_desirable_weight"],
+                                k["kto_undesirable_weight"]),
+        knobs=("beta", "kto_desirable_weight", "kto_undesirable_weight"),
+        sides=("chosen", "rejected", "kl"), whole_batch=True,
+        extra_metrics=lambda x, out, k, w: {
+            "kto_z0": jnp.maximum(jax.lax.stop_gradient(_f32(k["kto_z0"])), 0.0)}),
+}
+LOSS_TYPES = tuple(LOSSES)
+
+
+def variant(loss_type: str) -> LossVariant:
+  """The registry entry of `loss_type`; ValueError naming the known ones."""
+  if loss_type not in LOSSES:
+    raise ValueError(f"unknown preference loss_type {loss_type!r}; expected one of "
+                     f"{', '.join(LOSS_TYPES)}")
+  return LOSSES[loss_type]
+
+
+def label_smoothing_error(loss_type: str, label_smoothing) -> str | None:
+  """Why `label_smoothing` is not allowed with `loss_type` (None when it is)."""
+  allowed = variant(loss_type).label_smoothing
+  if allowed is None:
+    if label_smoothing != 0.0:
+      return (f"applies only to loss_type {' or '.join(repr(n) for n, v in LOSSES.items() if v.label_smoothing)}, "
+              f"not {loss_type!r} (got {label_smoothing})")
+    return None
+  hi, closed = allowed
+  if not (0.0 <= label_smoothing <= hi if closed else 0.0 <= label_smoothing < hi):
+    return (f"must be in [0, {hi}{']' if closed else ')'} for loss_type {loss_type!r}, "
+            f"got {label_smoothing}")
+  return None
+
+
 def _is_number(x):
   return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _validate(loss_type, beta, label_smoothing, kto_z0, have_ref):
-  if loss_type not in LOSS_TYPES:
-    raise ValueError(f"unknown preference loss_type {loss_type!r}; expected one of "
-                     f"{', '.join(LOSS_TYPES)}")
+  v = variant(loss_type)
   if _is_number(beta) and not beta > 0:
     raise ValueError(f"preference loss: beta must be > 0, got {beta}")
   if _is_number(label_smoothing):
-    if loss_type == "sigmoid" and not 0.0 <= label_smoothing <= 0.5:
-      raise ValueError(f"label_smoothing for 'sigmoid' (cDPO) must be in [0, 0.5], "
-                       f"got {label_smoothing}")
-    if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
-      raise ValueError(f"label_smoothing for 'robust' must be in [0, 0.5), got {label_smoothing}")
-    if loss_type not in ("sigmoid", "robust") and label_smoothing != 0.0:
-      raise ValueError(f"label_smoothing applies only to loss_type 'sigmoid' or 'robust', "
-                       f"not {loss_type!r} (got {label_smoothing})")
-  if loss_type == "kto" and kto_z0 is None:
-    raise ValueError("loss_type 'kto' needs kto_z0: compute it with kto_reference_point() "
-                     "from mismatched prompt/completion pairs (or pass 0.0)")
-  if loss_type in ("sigmoid", "robust", "ipo", "hinge", "kto") and not have_ref:
+    why = label_smoothing_error(loss_type, label_smoothing)
+    if why:
+      raise ValueError(f"label_smoothing {why}")
+  if "kl" in v.sides and kto_z0 is None:
+    raise ValueError(f"loss_type {loss_type!r} needs kto_z0: compute it with "
+                     f"kto_reference_point() from mismatched prompt/completion pairs (or "
+                     f"pass 0.0)")
+  if v.uses_reference and not have_ref:
     raise ValueError(f"loss_type {loss_type!r} needs ref_chosen_logps_B and ref_rejected_logps_B "
                      "(or reference_free=True)")
 
@@ -229,12 +330,15 @@ def preference_loss(loss_type, *, policy_chosen_logps_B, policy_rejected_logps_B
                     ref_chosen_logps_B=None, ref_rejected_logps_B=None, chosen_lengths_B,
                     rejected_lengths_B, chosen_nll_B=None, beta, label_smoothing=0.0,
                     simpo_gamma=0.5, orpo_lambda=0.1, kto_z0=None, kto_desirable_weight=1.0,
-                    kto_undesirable_weight=1.0, reference_free=False, weights_B=None):
+                    kto_undesirable_weight=1.0, reference_free=False, weights_B=None,
+                    **knobs):
   """Pairwise preference loss `loss_type` in LOSS_TYPES: (loss, metrics).
 
       loss = mean_b losses_B[b]           (weighted by weights_B; weight 0 = padding row)
 
-  loss_type -> knobs used (see each *_losses function for formula and paper):
+  The loss type's entry in `LOSSES` says which knobs it reads (a new variant's own
+  knobs arrive through **knobs). loss_type -> knobs used (see each *_losses function
+  for formula and paper):
     sigmoid  DPO / cDPO            beta, label_smoothing
     robust   robust DPO            beta, label_smoothing (< 0.5)
     ipo      IPO                   beta (= tau), sequence-sum log-ratios
@@ -268,27 +372,14 @@ def preference_loss(loss_type, *, policy_chosen_logps_B, policy_rejected_logps_B
   else:
     rc, rr = _f32(ref_chosen_logps_B), _f32(ref_rejected_logps_B)
   chosen_logratios_B, rejected_logratios_B = pc - rc, pr - rr
-  extra = {}
-  if loss_type == "sigmoid":
-    out = sigmoid_losses(chosen_logratios_B, rejected_logratios_B, beta, label_smoothing)
-  elif loss_type == "robust":
-    out = robust_losses(chosen_logratios_B, rejected_logratios_B, beta, label_smoothing)
-  elif loss_type == "ipo":
-    out = ipo_losses(chosen_logratios_B, rejected_logratios_B, beta)
-  elif loss_type == "hinge":
-    out = hinge_losses(chosen_logratios_B, rejected_logratios_B, beta)
-  elif loss_type == "simpo":
-    out = simpo_losses(pc, pr, chosen_lengths_B, rejected_lengths_B, beta, simpo_gamma)
-  elif loss_type == "orpo":
-    out = orpo_losses(pc, pr, chosen_lengths_B, rejected_lengths_B, orpo_lambda, chosen_nll_B)
-    nll_B = (-pc / jnp.maximum(_f32(chosen_lengths_B), 1.0) if chosen_nll_B is None
-             else _f32(chosen_nll_B))
-    extra["nll"] = weighted_mean(nll_B, weights_B)
-    extra["log_odds_ratio"] = weighted_mean(out[1] - out[2], weights_B)
-  else:  # kto
-    out = kto_losses(chosen_logratios_B, rejected_logratios_B, beta, kto_z0,
-                     kto_desirable_weight, kto_undesirable_weight)
-    extra["kto_z0"] = jnp.maximum(jax.lax.stop_gradient(_f32(kto_z0)), 0.0)
+  v = LOSSES[loss_type]
+  x = PairInputs(pc, pr, chosen_logratios_B, rejected_logratios_B, _f32(chosen_lengths_B),
+                 _f32(rejected_lengths_B), None if chosen_nll_B is None else _f32(chosen_nll_B))
+  k = dict(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
+           orpo_lambda=orpo_lambda, kto_z0=kto_z0, kto_desirable_weight=kto_desirable_weight,
+           kto_undesirable_weight=kto_undesirable_weight, **knobs)
+  out = v.losses(x, k)
+  extra = v.extra_metrics(x, out, k, weights_B) if v.extra_metrics else {}
   losses_B, chosen_rewards_B, rejected_rewards_B = out
   loss = weighted_mean(losses_B, weights_B)
   kl_B = chosen_logratios_B / jnp.maximum(_f32(chosen_lengths_B), 1.0)

@@ -29,7 +29,7 @@ from rlhf_jax import config as config_lib
 from rlhf_jax import evaluation
 from rlhf_jax import parallel
 from rlhf_jax.data import sft as sft_data
-from rlhf_jax.losses.dpo import kto_reference_point, preference_loss
+from rlhf_jax.losses.dpo import kto_reference_point, preference_loss, variant
 from rlhf_jax.losses.logprobs import (sequence_logprobs, sequence_logprobs_from_token_logps,
                                       shift_for_next_token)
 from rlhf_jax.models import Transformer
@@ -41,11 +41,12 @@ REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_kl_logps")
 
 
 def uses_reference(d) -> bool:
-  return not d.reference_free and d.loss_type not in ("simpo", "orpo")
+  return not d.reference_free and variant(d.loss_type).uses_reference
 
 
 def sides(d) -> tuple[str, ...]:
-  return ("chosen", "rejected", "kl") if d.loss_type == "kto" else ("chosen", "rejected")
+  """The rows scored per pair (`LossVariant.sides`; "kl": KTO's mismatched rows)."""
+  return variant(d.loss_type).sides
 
 
 def shares_prompt(d) -> bool:
@@ -118,6 +119,8 @@ def check_shared_prompts(arrays, window: int, where: str) -> None:
 def make_loss_fn(model, d, window: int = 0):
   names = sides(d)
   logps_fn = make_sequence_logps(model, names, window)
+  # the config.dpo knobs the loss type's registry entry reads (`losses.dpo.LOSSES`)
+  knobs = {"beta": d.beta, **{n: d[n] for n in variant(d.loss_type).knobs}}
 
   def loss_fn(params, ref_params, batch):
     (pc, pr, *pk), (nc, nr, *_) = logps_fn(params, batch)
@@ -129,14 +132,11 @@ def make_loss_fn(model, d, window: int = 0):
         rk = [batch.get("ref_kl_logps", jnp.zeros_like(pc))]
       else:
         (rc, rr, *rk), _ = logps_fn(jax.lax.stop_gradient(ref_params), batch)
-    z0 = kto_reference_point(pk[0], rk[0]) if d.loss_type == "kto" else None
+    z0 = kto_reference_point(pk[0], rk[0]) if "kl" in names else None
     return preference_loss(
         d.loss_type, policy_chosen_logps_B=pc, policy_rejected_logps_B=pr,
         ref_chosen_logps_B=rc, ref_rejected_logps_B=rr, chosen_lengths_B=nc,
-        rejected_lengths_B=nr, beta=d.beta, label_smoothing=d.label_smoothing,
-        simpo_gamma=d.simpo_gamma, orpo_lambda=d.orpo_lambda, kto_z0=z0,
-        kto_desirable_weight=d.kto_desirable_weight,
-        kto_undesirable_weight=d.kto_undesirable_weight, reference_free=d.reference_free)
+        rejected_lengths_B=nr, kto_z0=z0, reference_free=d.reference_free, **knobs)
 
   return loss_fn
 
@@ -189,7 +189,7 @@ def run(config, workdir: str) -> dict:
   train_arrays, tok_stats = pairs.tokenize(config, tokenizer, train_src)
   sft_data.require_rows(len(train_arrays["margin"]), B, "preference pairs")
   eval_arrays = pairs.tokenize(config, tokenizer, eval_src)[0] if eval_src is not None else None
-  if d.loss_type == "kto":
+  if "kl" in sides(d):
     train_arrays.update(pairs.mismatched_rows(train_arrays, tokenizer.pad_id))
     if eval_arrays is not None:
       eval_arrays.update(pairs.mismatched_rows(eval_arrays, tokenizer.pad_id))
