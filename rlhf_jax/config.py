@@ -637,6 +637,7 @@ def _validate_online_rl(config, model, dp_rows, need, num, choice):
          f"{config.data.max_prompt_len + r.max_new_tokens} exceeds model.max_seq_len="
          f"{model.max_seq_len}")
   if "grpo" in config:
+    from rlhf_jax.losses.advantages import ESTIMATORS
     from rlhf_jax.losses.grpo import IMPORTANCE_LEVELS
     from rlhf_jax.losses.grpo import resolve
     g = config.grpo
@@ -644,7 +645,7 @@ def _validate_online_rl(config, model, dp_rows, need, num, choice):
       algo = resolve(g)  # the variant's values for knobs left at auto
     except ValueError as e:
       raise ConfigError(str(e)) from None
-    for key, options in (("advantage", ("group_std", "group", "rloo", "reinforce_pp")),
+    for key, options in (("advantage", tuple(ESTIMATORS)),
                          ("aggregation", AGGREGATIONS), ("importance", IMPORTANCE_LEVELS),
                          ("kl_mode", ("loss", "reward", "none")), ("kl_estimator", KL_KINDS)):
       if algo[key] not in options:
@@ -669,7 +670,7 @@ def _validate_online_rl(config, model, dp_rows, need, num, choice):
     need(g.overlong_cache <= r.max_new_tokens, f"grpo.overlong_cache={g.overlong_cache}",
          f"the overlong window must fit in rollout.max_new_tokens={r.max_new_tokens}")
     adv = algo["advantage"]
-    if adv in ("group_std", "group", "rloo"):
+    if ESTIMATORS[adv].needs_groups:
       if r.group_size < 2:
         raise ConfigError(
             f"config.rollout.group_size={r.group_size}: grpo.advantage={adv!r} (variant "

@@ -115,3 +115,23 @@ def test_readme_loss_table_lists_every_registered_loss_type():
   table = text[text.index("| loss_type |"):text.index("Also `dpo.reference_free`")]
   listed = re.findall(r"^\| `(\w+)` \|", table, re.M)
   assert listed == list(dpo_losses.LOSS_TYPES)
+
+
+def test_grpo_advantage_estimators_drive_validation():
+  """config.grpo.advantage accepts exactly the registry's names, and group_size=1 is
+  refused exactly for the estimators that need groups."""
+  from rlhf_jax.losses.advantages import ESTIMATORS
+  assert set(ESTIMATORS) == {"group_std", "group", "rloo", "reinforce_pp"}
+  for name, est in ESTIMATORS.items():
+    c = load_config(os.path.join(ROOT, "configs/grpo.py:tiny"))
+    c.grpo.advantage = name
+    c.rollout.group_size = 1
+    c.rollout.train_micro_batch = 0
+    if est.needs_groups:
+      with pytest.raises(config_lib.ConfigError, match="needs group_size >= 2"):
+        config_lib.validate(c, 1)
+    else:
+      config_lib.validate(c, 1)
+  c.grpo.advantage = "nope"
+  with pytest.raises(config_lib.ConfigError, match="config.grpo.advantage='nope'"):
+    config_lib.validate(c, 1)

@@ -13,7 +13,9 @@ returns are targets, not functions of the parameters. All arithmetic is float32.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -213,3 +215,41 @@ def reinforce_plus_plus_advantages(rewards_BT, mask_BT, gamma=1.0, whiten_advant
   returns_BT = discounted_returns(rewards_BT, mask_BT, gamma)
   adv_BT = whiten(returns_BT, mask_BT, shift_mean=True) if whiten_advantages else returns_BT
   return jax.lax.stop_gradient(adv_BT), returns_BT
+
+
+# ----------------------------------------------------------------------------
+# The GRPO family's estimators (`config.grpo.advantage`): one entry each
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class AdvantageEstimator:
+  """An advantage estimator of the critic-free trainers.
+
+  Sequence-level (token_level=False): fn(scores_B, group_size, std_eps) -> [B], one
+  advantage per completion (broadcast over its tokens); scores may already carry a
+  sequence-level KL penalty (grpo.kl_mode="reward").
+  Token-level (token_level=True): fn(rewards_BC, mask_BC) -> [B, C] from per-token rewards
+  (the score at the last token minus the per-token KL penalty,
+  `kl.kl_penalty_rewards`).
+  needs_groups: a baseline from the other completions of the same prompt, so
+  rollout.group_size must be >= 2 (and sampling not greedy).
+  """
+  fn: Callable
+  needs_groups: bool
+  token_level: bool = False
+
+
+ESTIMATORS = {
+    # Shao et al. 2024 (DeepSeekMath): (r - mean_group) / (std_group + eps)
+    "group_std": AdvantageEstimator(
+        lambda r, G, eps: group_advantages(r, G, scale_by_std=True, eps=eps), needs_groups=True),
+    # Liu et al. 2025 (Dr. GRPO): r - mean_group, no std scaling
+    "group": AdvantageEstimator(
+        lambda r, G, eps: group_advantages(r, G, scale_by_std=False, eps=eps), needs_groups=True),
+    # Ahmadian et al. 2024 (RLOO): r - mean of the other G - 1 completions
+    "rloo": AdvantageEstimator(lambda r, G, eps: rloo_advantages(r, G), needs_groups=True),
+    # Hu 2025 (REINFORCE++): returns of per-token KL-penalised rewards, whitened over the batch
+    "reinforce_pp": AdvantageEstimator(
+        lambda rewards_BC, mask_BC: reinforce_plus_plus_advantages(rewards_BC, mask_BC)[0],
+        needs_groups=False, token_level=True),
+}

@@ -45,27 +45,20 @@ from rlhf_jax.models import Transformer
 from rlhf_jax.models.api import prefix_sharing_saves_flops, window_logits, window_logprobs
 from rlhf_jax.trainers import common, prompt_sets
 
+
 def advantages(algo, ro: rollout.Rollout, group_size: int) -> np.ndarray:
   """Per-token advantages [B, C] (constant along a sequence except for REINFORCE++)."""
   mask = ro.completion_mask_BC
   r = ro.rewards_B
-  kind = algo["advantage"]
-  if algo["kl_mode"] == "reward" and kind != "reinforce_pp":  # sequence-level KL penalty
+  est = adv_lib.ESTIMATORS[algo["advantage"]]
+  if algo["kl_mode"] == "reward" and not est.token_level:  # sequence-level KL penalty
     k = np.asarray(kl_lib.kl_estimate(ro.old_logps_BC, ro.ref_logps_BC, algo["kl_estimator"]))
     r = r - algo["kl_coef"] * (k * mask).sum(1)
-  if kind in ("group_std", "group"):
-    a = adv_lib.group_advantages(r, group_size, scale_by_std=kind == "group_std",
-                                 eps=algo["std_eps"])
-  elif kind == "rloo":
-    a = adv_lib.rloo_advantages(r, group_size)
-  elif kind == "reinforce_pp":
+  if est.token_level:
     rewards_BC = kl_lib.kl_penalty_rewards(ro.old_logps_BC, ro.ref_logps_BC, mask,
                                            algo["kl_coef"], algo["kl_estimator"], scores_B=r)
-    a_BC, _ = adv_lib.reinforce_plus_plus_advantages(rewards_BC, mask)
-    return np.asarray(a_BC, np.float32)
-  else:
-    raise config_lib.ConfigError(f"config.grpo.advantage={kind!r}: expected group_std, group, "
-                                 f"rloo or reinforce_pp")
+    return np.asarray(est.fn(rewards_BC, mask), np.float32)
+  a = est.fn(r, group_size, algo["std_eps"])
   return (np.asarray(a, np.float32)[:, None] * mask).astype(np.float32)
 
 
