@@ -128,6 +128,12 @@ def base_config(trainer: str) -> ConfigDict:
   ))
 
   c.log_every = 20             # steps between metrics.jsonl / TensorBoard rows
+  c.logging = ConfigDict(dict(   # optional metric sinks besides metrics.jsonl + TensorBoard
+      wandb_project="",        # Weights & Biases project ("" = off; pip install 'rlhf_jax[wandb]')
+      wandb_entity="",         # W&B entity (team / user); "" = the default one
+      wandb_name="",           # run name; "" = the workdir's name
+      wandb_mode="online",     # online | offline (files under WORKDIR/wandb) | disabled
+  ))
   c.eval_every = 100           # steps between eval loss (and samples); 0 = never
   c.eval_batches = 8           # max eval batches per evaluation
 
@@ -394,6 +400,11 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
 
   # Logging, evaluation, checkpoints, samples.
   need(config.log_every > 0, "log_every", "must be > 0")
+  if "logging" in config:
+    choice("logging.wandb_mode", ("online", "offline", "disabled"))
+    for key in ("wandb_project", "wandb_entity", "wandb_name"):
+      need(isinstance(config.logging[key], str), f"logging.{key}",
+           f"expected a string, got {config.logging[key]!r}")
   num("eval_every", 0, integer=True)
   num("eval_batches", 1, integer=True)
   num("checkpoint.every", 0, integer=True)

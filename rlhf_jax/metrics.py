@@ -1,5 +1,5 @@
-"""Run outputs: metrics.jsonl, TensorBoard events (tensorboardX, no TensorFlow),
-samples.jsonl, and a terminal progress bar with ETA (tqdm).
+"""Run outputs: metrics.jsonl, TensorBoard events (tensorboardX, no TensorFlow), optional
+Weights & Biases, samples.jsonl, and a terminal progress bar with ETA (tqdm).
 
 metrics.jsonl holds one JSON object per logged step (`step` first). When a run
 resumes from step S, lines with step > S (logged after the checkpoint the run
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import time
 
 import numpy as np
@@ -82,38 +83,119 @@ def append_jsonl(path: str, step: int, rows: list[dict]) -> None:
       f.write(json.dumps({"step": int(step), **r}) + "\n")
 
 
-class MetricsWriter:
-  """Writes scalars to metrics.jsonl and TensorBoard (and trims samples.jsonl on resume)."""
+class JsonlSink:
+  """metrics.jsonl: one JSON object per logged step (the run's record)."""
 
-  def __init__(self, workdir: str, start_step: int = 0, enabled: bool = True):
+  def __init__(self, path: str):
+    self.path = path
+
+  def write(self, step: int, row: dict) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+  def close(self) -> None:
+    pass
+
+
+class TensorBoardSink:
+  """TensorBoard event files (tensorboardX) under WORKDIR/events; numeric values only."""
+
+  def __init__(self, logdir: str, purge_step: int = 0):
+    self._tb = SummaryWriter(logdir, purge_step=purge_step)
+
+  def write(self, step: int, row: dict) -> None:
+    for k, v in row.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    self._tb.flush()
+    self._tb.close()
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+class WandbSink:
+  """Weights & Biases (optional: `pip install 'rlhf_jax[wandb]'`): numeric values of every
+  row, logged at their step. One W&B run per workdir: its id is kept in
+  WORKDIR/wandb_run_id and a resumed run continues it (W&B keeps the first value of a
+  step that a killed run had already logged; metrics.jsonl stays the record).
+  mode: "online", "offline" (files under WORKDIR/wandb, `wandb sync` later) or
+  "disabled"; the WANDB_* environment variables apply as usual."""
+
+  def __init__(self, workdir: str, project: str, entity: str = "", name: str = "",
+               mode: str = "online", config: dict | None = None):
+    try:
+      import wandb
+    except ImportError:
+      raise RuntimeError(f"logging.wandb_project={project!r} needs the wandb package: pip "
+                         f"install 'rlhf_jax[wandb]' (or set logging.wandb_project='')") from None
+    id_path = os.path.join(workdir, WANDB_ID_FILE)
+    if os.path.exists(id_path):
+      with open(id_path) as f:
+        run_id = f.read().strip()
+    else:
+      run_id = secrets.token_hex(6)  # W&B run ids: lowercase letters and digits
+      with open(id_path, "w") as f:
+        f.write(run_id + "\n")
+    self.run_id = run_id
+    self._run = wandb.init(project=project, entity=entity or None,
+                           name=name or os.path.basename(os.path.abspath(workdir)), id=run_id,
+                           resume="allow", dir=workdir, mode=mode, config=config)
+
+  def write(self, step: int, row: dict) -> None:
+    self._run.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))},
+                  step=step)
+
+  def close(self) -> None:
+    self._run.finish()
+
+
+def config_sinks(config, workdir: str) -> list:
+  """The optional sinks a run's config asks for (config.logging): W&B when
+  logging.wandb_project is set."""
+  lg = config.get("logging")
+  if lg is None or not lg.get("wandb_project"):
+    return []
+  return [WandbSink(workdir, lg.wandb_project, lg.get("wandb_entity", ""),
+                    lg.get("wandb_name", ""), lg.get("wandb_mode", "online"),
+                    config=config.to_dict())]
+
+
+class MetricsWriter:
+  """Writes each logged row to its sinks: metrics.jsonl and TensorBoard always, plus
+  `extra_sinks` (e.g. `WandbSink`, see `config_sinks`); trims samples.jsonl on resume.
+  A sink is any object with write(step, row) and close()."""
+
+  def __init__(self, workdir: str, start_step: int = 0, enabled: bool = True,
+               extra_sinks=()):
     """enabled=False (processes other than 0 in a multi-host run): write nothing."""
     self.workdir, self.enabled = workdir, enabled
     self.metrics_path = os.path.join(workdir, "metrics.jsonl")
     self.samples_path = os.path.join(workdir, "samples.jsonl")
-    self.prior_elapsed, self._tb = 0.0, None
+    self.prior_elapsed, self.sinks = 0.0, []
     if not enabled:
       return
     for p in (self.metrics_path, self.samples_path):  # rows after the resumed checkpoint
       _truncate_jsonl(p, start_step if start_step else -1)  # (from scratch: all of them)
     self.prior_elapsed = _last_value(self.metrics_path, "elapsed_s") if start_step else 0.0
-    self._tb = SummaryWriter(os.path.join(workdir, "events"), purge_step=start_step)
+    self.sinks = [JsonlSink(self.metrics_path),
+                  TensorBoardSink(os.path.join(workdir, "events"), purge_step=start_step),
+                  *extra_sinks]
 
   def write(self, step: int, metrics: dict) -> dict:
     row = {"step": int(step)}
     row.update({k: _to_python(v) for k, v in metrics.items()})
     if not self.enabled:
       return row
-    with open(self.metrics_path, "a") as f:
-      f.write(json.dumps(row) + "\n")
-    for k, v in row.items():
-      if k != "step" and isinstance(v, (int, float)):
-        self._tb.add_scalar(k, v, step)
+    for sink in self.sinks:
+      sink.write(step, row)
     return row
 
   def close(self):
-    if self._tb is not None:
-      self._tb.flush()
-      self._tb.close()
+    for sink in self.sinks:
+      sink.close()
 
 
 class Progress:

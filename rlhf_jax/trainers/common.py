@@ -769,7 +769,9 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
   train_step as they are (online RL: the step samples its own batch).
   """
   primary = parallel.is_primary()  # multi-host: process 0 logs, all processes compute
-  writer = metrics_lib.MetricsWriter(workdir, start, enabled=primary)
+  writer = metrics_lib.MetricsWriter(
+      workdir, start, enabled=primary,
+      extra_sinks=metrics_lib.config_sinks(config, workdir) if primary else ())
   progress = metrics_lib.Progress(start, config.num_steps, desc=desc, enabled=primary)
   throughput = metrics_lib.Throughput()
   t_start = time.perf_counter()
