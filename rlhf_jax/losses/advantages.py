@@ -20,9 +20,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-
-def _f32(x):
-  return jnp.asarray(x, jnp.float32)
+from rlhf_jax.losses.arrays import f32
 
 
 def _check_rows(name, x, ndim):
@@ -39,9 +37,9 @@ def _check_same_shape(**arrays):
 
 def _backward_scan(rewards_BT, values_BT, mask_BT, gamma, lam):
   """GAE recursion backwards over the real tokens of each row: advantages [B, T]."""
-  r_TB = jnp.swapaxes(_f32(rewards_BT), 0, 1)
-  v_TB = jnp.swapaxes(_f32(values_BT), 0, 1)
-  m_TB = jnp.swapaxes(_f32(mask_BT) > 0, 0, 1)
+  r_TB = jnp.swapaxes(f32(rewards_BT), 0, 1)
+  v_TB = jnp.swapaxes(f32(values_BT), 0, 1)
+  m_TB = jnp.swapaxes(f32(mask_BT) > 0, 0, 1)
   B = r_TB.shape[1]
 
   def step(carry, x):
@@ -76,9 +74,9 @@ def gae(rewards_BT, values_BT, mask_BT, gamma=1.0, lam=0.95):
   """
   _check_rows("gae rewards_BT", rewards_BT, 2)
   _check_same_shape(rewards_BT=rewards_BT, values_BT=values_BT, mask_BT=mask_BT)
-  m = _f32(mask_BT) > 0
-  adv_BT = _backward_scan(rewards_BT, values_BT, mask_BT, _f32(gamma), _f32(lam))
-  returns_BT = jnp.where(m, adv_BT + _f32(values_BT), 0.0)
+  m = f32(mask_BT) > 0
+  adv_BT = _backward_scan(rewards_BT, values_BT, mask_BT, f32(gamma), f32(lam))
+  returns_BT = jnp.where(m, adv_BT + f32(values_BT), 0.0)
   return jax.lax.stop_gradient(adv_BT), jax.lax.stop_gradient(returns_BT)
 
 
@@ -89,7 +87,7 @@ def discounted_returns(rewards_BT, mask_BT, gamma=1.0):
   """
   _check_rows("discounted_returns rewards_BT", rewards_BT, 2)
   _check_same_shape(rewards_BT=rewards_BT, mask_BT=mask_BT)
-  ret_BT = _backward_scan(rewards_BT, jnp.zeros_like(_f32(rewards_BT)), mask_BT, _f32(gamma), 1.0)
+  ret_BT = _backward_scan(rewards_BT, jnp.zeros_like(f32(rewards_BT)), mask_BT, f32(gamma), 1.0)
   return jax.lax.stop_gradient(ret_BT)
 
 
@@ -99,8 +97,8 @@ def masked_mean_var(x, mask, unbiased=False):
   var divides by n (unbiased=False) or n - 1 (unbiased=True); n is clamped so
   no mask (n = 0) or a single element gives mean 0 / var 0, never NaN.
   """
-  m = (_f32(mask) > 0).astype(jnp.float32)
-  x = jnp.where(m > 0, _f32(x), 0.0)
+  m = (f32(mask) > 0).astype(jnp.float32)
+  x = jnp.where(m > 0, f32(x), 0.0)
   n = jnp.sum(m)
   mean = jnp.sum(x) / jnp.maximum(n, 1.0)
   sq = jnp.sum(jnp.where(m > 0, jnp.square(x - mean), 0.0))
@@ -124,16 +122,16 @@ def whiten(x, mask, shift_mean=True, unbiased=False, eps=1e-8):
   0 at masked positions. Under jit with a sharded batch the moments are those
   of the global batch. Gradients flow through (use it inside a loss if wanted).
   """
-  m = _f32(mask) > 0
+  m = f32(mask) > 0
   mean, var = masked_mean_var(x, mask, unbiased)
-  y = (_f32(x) - mean) * jax.lax.rsqrt(var + eps)
+  y = (f32(x) - mean) * jax.lax.rsqrt(var + eps)
   if not shift_mean:
     y = y + mean
   return jnp.where(m, y, 0.0)
 
 
 def _grouped(rewards_B, group_size, who):
-  r = _f32(rewards_B)
+  r = f32(rewards_B)
   _check_rows(f"{who} rewards_B", r, 1)
   if not isinstance(group_size, numbers.Integral) or group_size < 1:
     raise ValueError(f"{who}: group_size must be a positive int, got {group_size!r}")

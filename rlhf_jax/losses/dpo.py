@@ -18,21 +18,17 @@ All arithmetic is float32; -log sigmoid is always `-jax.nn.log_sigmoid`.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.reward import pairwise_accuracy, weighted_mean
+from rlhf_jax.losses.arrays import f32, is_number, weighted_mean
+from rlhf_jax.losses.reward import pairwise_accuracy
 
 # ORPO: mean token log-prob is clamped to <= this before log(1 - p), so that
 # p = 1 (odds = inf) cannot produce inf/NaN; log-odds are then <= ~16.1.
 _ORPO_MAX_MEAN_LOGP = -1e-7
-
-
-def _f32(x):
-  return jnp.asarray(x, jnp.float32)
 
 
 def sigmoid_losses(chosen_logratios_B, rejected_logratios_B, beta, label_smoothing=0.0):
@@ -45,7 +41,7 @@ def sigmoid_losses(chosen_logratios_B, rejected_logratios_B, beta, label_smoothi
   With eps > 0 the optimum is at finite h = log((1 - eps) / eps) / beta.
   Rewards: beta * r_w, beta * r_l.
   """
-  c, r = _f32(chosen_logratios_B), _f32(rejected_logratios_B)
+  c, r = f32(chosen_logratios_B), f32(rejected_logratios_B)
   z = beta * (c - r)
   losses = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
   return losses, beta * c, beta * r
@@ -61,7 +57,7 @@ def robust_losses(chosen_logratios_B, rejected_logratios_B, beta, label_smoothin
   the loss can be negative and is unbounded below in h for eps > 0 (it is a
   de-biased estimate, not a likelihood). Rewards: beta * r_w, beta * r_l.
   """
-  c, r = _f32(chosen_logratios_B), _f32(rejected_logratios_B)
+  c, r = f32(chosen_logratios_B), f32(rejected_logratios_B)
   z = beta * (c - r)
   losses = ((1.0 - label_smoothing) * -jax.nn.log_sigmoid(z)
             - label_smoothing * -jax.nn.log_sigmoid(-z)) / (1.0 - 2.0 * label_smoothing)
@@ -80,7 +76,7 @@ def ipo_losses(chosen_logratios_B, rejected_logratios_B, beta):
   unlike DPO, IPO does not push the margin to infinity.
   Rewards: beta * r_w, beta * r_l.
   """
-  c, r = _f32(chosen_logratios_B), _f32(rejected_logratios_B)
+  c, r = f32(chosen_logratios_B), f32(rejected_logratios_B)
   losses = jnp.square((c - r) - 1.0 / (2.0 * beta))
   return losses, beta * c, beta * r
 
@@ -96,7 +92,7 @@ def hinge_losses(chosen_logratios_B, rejected_logratios_B, beta):
   SFT regulariser is not included). Zero once beta h >= 1.
   Rewards: beta * r_w, beta * r_l.
   """
-  c, r = _f32(chosen_logratios_B), _f32(rejected_logratios_B)
+  c, r = f32(chosen_logratios_B), f32(rejected_logratios_B)
   losses = jax.nn.relu(1.0 - beta * (c - r))
   return losses, beta * c, beta * r
 
@@ -113,8 +109,8 @@ def simpo_losses(policy_chosen_logps_B, policy_rejected_logps_B, chosen_lengths_
   configured with gamma_beta_ratio = gamma / beta instead). Lengths are
   clamped to >= 1. Rewards: R(y_w), R(y_l).
   """
-  rw = beta * _f32(policy_chosen_logps_B) / jnp.maximum(_f32(chosen_lengths_B), 1.0)
-  rl = beta * _f32(policy_rejected_logps_B) / jnp.maximum(_f32(rejected_lengths_B), 1.0)
+  rw = beta * f32(policy_chosen_logps_B) / jnp.maximum(f32(chosen_lengths_B), 1.0)
+  rl = beta * f32(policy_rejected_logps_B) / jnp.maximum(f32(rejected_lengths_B), 1.0)
   return -jax.nn.log_sigmoid(rw - rl - gamma), rw, rl
 
 
@@ -123,7 +119,7 @@ def log1mexp(x):
 
   log(-expm1(x)) near 0, log1p(-exp(x)) for x < -log 2. -inf at x = 0.
   """
-  x = _f32(x)
+  x = f32(x)
   near0 = x > -0.6931471805599453
   # Each branch is evaluated at a point where it is finite, so gradients through
   # the where() stay finite.
@@ -148,14 +144,14 @@ def orpo_losses(policy_chosen_logps_B, policy_rejected_logps_B, chosen_lengths_B
   <= -1e-7 before log(1 - P) (P = 1 would give infinite odds).
   Rewards (for metrics): the log-odds of y_w and y_l.
   """
-  mean_w = _f32(policy_chosen_logps_B) / jnp.maximum(_f32(chosen_lengths_B), 1.0)
-  mean_l = _f32(policy_rejected_logps_B) / jnp.maximum(_f32(rejected_lengths_B), 1.0)
+  mean_w = f32(policy_chosen_logps_B) / jnp.maximum(f32(chosen_lengths_B), 1.0)
+  mean_l = f32(policy_rejected_logps_B) / jnp.maximum(f32(rejected_lengths_B), 1.0)
   mean_w = jnp.minimum(mean_w, _ORPO_MAX_MEAN_LOGP)
   mean_l = jnp.minimum(mean_l, _ORPO_MAX_MEAN_LOGP)
   log_odds_w = mean_w - log1mexp(mean_w)
   log_odds_l = mean_l - log1mexp(mean_l)
-  nll_B = (-_f32(policy_chosen_logps_B) / jnp.maximum(_f32(chosen_lengths_B), 1.0)
-           if chosen_nll_B is None else _f32(chosen_nll_B))
+  nll_B = (-f32(policy_chosen_logps_B) / jnp.maximum(f32(chosen_lengths_B), 1.0)
+           if chosen_nll_B is None else f32(chosen_nll_B))
   losses = nll_B - lam * jax.nn.log_sigmoid(log_odds_w - log_odds_l)
   return losses, log_odds_w, log_odds_l
 
@@ -176,8 +172,8 @@ def kto_losses(chosen_logratios_B, rejected_logratios_B, beta, z0, desirable_wei
   z0 should come from `kto_reference_point` on mismatched pairs.
   Rewards: beta * r_w, beta * r_l.
   """
-  c, r = _f32(chosen_logratios_B), _f32(rejected_logratios_B)
-  z0 = jnp.maximum(jax.lax.stop_gradient(_f32(z0)), 0.0)
+  c, r = f32(chosen_logratios_B), f32(rejected_logratios_B)
+  z0 = jnp.maximum(jax.lax.stop_gradient(f32(z0)), 0.0)
   loss_d = jax.nn.sigmoid(-beta * (c - z0))  # = 1 - sigmoid(beta (c - z0))
   loss_u = jax.nn.sigmoid(-beta * (z0 - r))
   losses = 0.5 * (desirable_weight * loss_d + undesirable_weight * loss_u)
@@ -194,7 +190,7 @@ def kto_reference_point(policy_logps_B, ref_logps_B, weights_B=None):
   stop_gradient (no gradient flows through z0), float32 scalar. Under jit
   with a sharded batch the mean is over the global batch.
   """
-  diff_B = _f32(policy_logps_B) - _f32(ref_logps_B)
+  diff_B = f32(policy_logps_B) - f32(ref_logps_B)
   return jax.lax.stop_gradient(jnp.maximum(weighted_mean(diff_B, weights_B), 0.0))
 
 
@@ -277,7 +273,7 @@ LOSSES = {
         knobs=("beta", "kto_desirable_weight", "kto_undesirable_weight"),
         sides=("chosen", "rejected", "kl"), whole_batch=True,
         extra_metrics=lambda x, out, k, w: {
-            "kto_z0": jnp.maximum(jax.lax.stop_gradient(_f32(k["kto_z0"])), 0.0)}),
+            "kto_z0": jnp.maximum(jax.lax.stop_gradient(f32(k["kto_z0"])), 0.0)}),
 }
 LOSS_TYPES = tuple(LOSSES)
 
@@ -305,15 +301,11 @@ def label_smoothing_error(loss_type: str, label_smoothing) -> str | None:
   return None
 
 
-def _is_number(x):
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def _validate(loss_type, beta, label_smoothing, kto_z0, have_ref):
   v = variant(loss_type)
-  if _is_number(beta) and not beta > 0:
+  if is_number(beta) and not beta > 0:
     raise ValueError(f"preference loss: beta must be > 0, got {beta}")
-  if _is_number(label_smoothing):
+  if is_number(label_smoothing):
     why = label_smoothing_error(loss_type, label_smoothing)
     if why:
       raise ValueError(f"label_smoothing {why}")
@@ -365,16 +357,16 @@ def preference_loss(loss_type, *, policy_chosen_logps_B, policy_rejected_logps_B
   """
   have_ref = ref_chosen_logps_B is not None and ref_rejected_logps_B is not None
   _validate(loss_type, beta, label_smoothing, kto_z0, have_ref or reference_free)
-  pc = _f32(policy_chosen_logps_B)
-  pr = _f32(policy_rejected_logps_B)
+  pc = f32(policy_chosen_logps_B)
+  pr = f32(policy_rejected_logps_B)
   if reference_free or not have_ref:
     rc, rr = jnp.zeros_like(pc), jnp.zeros_like(pr)
   else:
-    rc, rr = _f32(ref_chosen_logps_B), _f32(ref_rejected_logps_B)
+    rc, rr = f32(ref_chosen_logps_B), f32(ref_rejected_logps_B)
   chosen_logratios_B, rejected_logratios_B = pc - rc, pr - rr
   v = LOSSES[loss_type]
-  x = PairInputs(pc, pr, chosen_logratios_B, rejected_logratios_B, _f32(chosen_lengths_B),
-                 _f32(rejected_lengths_B), None if chosen_nll_B is None else _f32(chosen_nll_B))
+  x = PairInputs(pc, pr, chosen_logratios_B, rejected_logratios_B, f32(chosen_lengths_B),
+                 f32(rejected_lengths_B), None if chosen_nll_B is None else f32(chosen_nll_B))
   k = dict(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
            orpo_lambda=orpo_lambda, kto_z0=kto_z0, kto_desirable_weight=kto_desirable_weight,
            kto_undesirable_weight=kto_undesirable_weight, **knobs)
@@ -382,7 +374,7 @@ def preference_loss(loss_type, *, policy_chosen_logps_B, policy_rejected_logps_B
   extra = v.extra_metrics(x, out, k, weights_B) if v.extra_metrics else {}
   losses_B, chosen_rewards_B, rejected_rewards_B = out
   loss = weighted_mean(losses_B, weights_B)
-  kl_B = chosen_logratios_B / jnp.maximum(_f32(chosen_lengths_B), 1.0)
+  kl_B = chosen_logratios_B / jnp.maximum(f32(chosen_lengths_B), 1.0)
   sg = jax.lax.stop_gradient
   metrics = {
       "loss": loss,

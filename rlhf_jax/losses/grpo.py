@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses import kl as kl_lib
-from rlhf_jax.losses.ppo import (AGGREGATIONS, _check_clip, _check_shapes, _f32, _is_number,
-                                 _log_ratio, _policy_metrics, aggregate, check_aggregation,
-                                 clipped_surrogate, token_mean)
+from rlhf_jax.losses.arrays import check_shapes, f32, is_number
+from rlhf_jax.losses.ppo import (AGGREGATIONS, aggregate, check_aggregation, check_clip,
+                                 clipped_surrogate, masked_log_ratio, policy_metrics,
+                                 token_mean)
 
 IMPORTANCE_LEVELS = ("token", "sequence")
 
@@ -54,13 +55,13 @@ def importance_log_ratio(logp_BT, old_logp_BT, mask_BT, importance="token"):
   if importance not in IMPORTANCE_LEVELS:
     raise ValueError(f"unknown importance level {importance!r}; expected one of "
                      f"{', '.join(IMPORTANCE_LEVELS)}")
-  log_ratio_BT = _log_ratio(logp_BT, old_logp_BT, mask_BT)
+  log_ratio_BT = masked_log_ratio(logp_BT, old_logp_BT, mask_BT)
   if importance == "token":
     return log_ratio_BT
-  m = _f32(mask_BT) > 0
+  m = f32(mask_BT) > 0
   n_B = jnp.sum(m.astype(jnp.float32), axis=-1)
   log_s_B = jnp.sum(log_ratio_BT, axis=-1) / jnp.maximum(n_B, 1.0)
-  lp = jnp.where(m, _f32(logp_BT), 0.0)
+  lp = jnp.where(m, f32(logp_BT), 0.0)
   sg = jax.lax.stop_gradient
   return jnp.where(m, sg(log_s_B)[:, None] + lp - sg(lp), 0.0)
 
@@ -102,21 +103,21 @@ def grpo_loss(logp_BT, old_logp_BT, advantages, mask_BT, *, ref_logp_BT=None,
   KL(pi_old || pi) from the token ratios); ratio_mean / ratio_min /
   ratio_max over real tokens (w_t; for GSPO each token carries its row's s_i).
   """
-  _check_clip(clip_eps_low, clip_eps_high, dual_clip)
+  check_clip(clip_eps_low, clip_eps_high, dual_clip)
   check_aggregation(aggregation, max_len)
   if kl_kind not in kl_lib.KL_KINDS:
     raise ValueError(f"unknown KL estimator kind {kl_kind!r}; expected one of {', '.join(kl_lib.KL_KINDS)}")
-  if ref_logp_BT is None and not (_is_number(kl_beta) and kl_beta == 0):
+  if ref_logp_BT is None and not (is_number(kl_beta) and kl_beta == 0):
     raise ValueError(f"grpo_loss: kl_beta={kl_beta} needs ref_logp_BT (reference-model log-probs); "
                      "pass kl_beta=0.0 to train without a KL term")
-  if _is_number(kl_beta) and kl_beta < 0:
+  if is_number(kl_beta) and kl_beta < 0:
     raise ValueError(f"grpo_loss: kl_beta must be >= 0, got {kl_beta}")
   if old_logp_BT is None:
     old_logp_BT = jax.lax.stop_gradient(logp_BT)
-  adv = _f32(advantages)
+  adv = f32(advantages)
   if adv.ndim == 1:
     adv = adv[:, None] * jnp.ones(jnp.shape(mask_BT), jnp.float32)
-  _check_shapes(logp_BT=logp_BT, old_logp_BT=old_logp_BT, advantages=adv, mask_BT=mask_BT,
+  check_shapes(logp_BT=logp_BT, old_logp_BT=old_logp_BT, advantages=adv, mask_BT=mask_BT,
                 ref_logp_BT=ref_logp_BT)
   adv = jax.lax.stop_gradient(adv)
 
@@ -130,10 +131,10 @@ def grpo_loss(logp_BT, old_logp_BT, advantages, mask_BT, *, ref_logp_BT=None,
     kl_mean = token_mean(jax.lax.stop_gradient(kl_BT), mask_BT)
   else:
     kl_loss = kl_mean = jnp.zeros((), jnp.float32)
-  loss = policy_loss + _f32(kl_beta) * kl_loss
+  loss = policy_loss + f32(kl_beta) * kl_loss
 
-  token_log_ratio = _log_ratio(logp_BT, old_logp_BT, mask_BT)
-  metrics = _policy_metrics(policy_loss, w, token_log_ratio, low, high, dual, mask_BT, "policy_loss")
+  token_log_ratio = masked_log_ratio(logp_BT, old_logp_BT, mask_BT)
+  metrics = policy_metrics(policy_loss, w, token_log_ratio, low, high, dual, mask_BT, "policy_loss")
   metrics.update(loss=jax.lax.stop_gradient(loss), kl=kl_mean,
                  kl_loss=jax.lax.stop_gradient(kl_loss))
   return loss, metrics
@@ -151,13 +152,13 @@ def overlong_penalty(lengths_B, max_len, cache_len):
   20480 with L_cache = 4096 of a 16384 + 4096 budget). Needs
   0 < cache_len <= max_len.
   """
-  if _is_number(cache_len) and _is_number(max_len) and not 0 < cache_len <= max_len:
+  if is_number(cache_len) and is_number(max_len) and not 0 < cache_len <= max_len:
     raise ValueError(f"overlong_penalty: need 0 < cache_len <= max_len, got cache_len={cache_len}, "
                      f"max_len={max_len}")
-  L = _f32(lengths_B)
-  start = _f32(max_len) - _f32(cache_len)
-  soft = (start - L) / _f32(cache_len)
-  return jnp.where(L <= start, 0.0, jnp.where(L <= _f32(max_len), soft, -1.0))
+  L = f32(lengths_B)
+  start = f32(max_len) - f32(cache_len)
+  soft = (start - L) / f32(cache_len)
+  return jnp.where(L <= start, 0.0, jnp.where(L <= f32(max_len), soft, -1.0))
 
 
 # ----------------------------------------------------------------------------

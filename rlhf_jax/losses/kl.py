@@ -26,11 +26,9 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.losses.arrays import f32
+
 KL_KINDS = ("k1", "k2", "k3")
-
-
-def _f32(x):
-  return jnp.asarray(x, jnp.float32)
 
 
 def _check_kind(kind):
@@ -68,9 +66,9 @@ def kl_estimate(logp_BT, ref_logp_BT, kind="k3", mask_BT=None):
   gradient).
   """
   _check_kind(kind)
-  d = _f32(logp_BT) - _f32(ref_logp_BT)
+  d = f32(logp_BT) - f32(ref_logp_BT)
   if mask_BT is not None:
-    d = jnp.where(_f32(mask_BT) > 0, d, 0.0)
+    d = jnp.where(f32(mask_BT) > 0, d, 0.0)
   if kind == "k1":
     k = d
   elif kind == "k2":
@@ -78,7 +76,7 @@ def kl_estimate(logp_BT, ref_logp_BT, kind="k3", mask_BT=None):
   else:
     k = k3_from_log_ratio(-d)
   if mask_BT is not None:
-    k = jnp.where(_f32(mask_BT) > 0, k, 0.0)
+    k = jnp.where(f32(mask_BT) > 0, k, 0.0)
   return k
 
 
@@ -87,7 +85,7 @@ def last_token_index(mask_BT):
 
   Rows without any real token get index 0 and has_token False.
   """
-  m = _f32(mask_BT) > 0
+  m = f32(mask_BT) > 0
   T = m.shape[-1]
   index_B = (T - 1 - jnp.argmax(m[:, ::-1], axis=-1)).astype(jnp.int32)
   has_B = jnp.any(m, axis=-1)
@@ -110,12 +108,12 @@ def kl_penalty_rewards(logp_BT, ref_logp_BT, mask_BT, beta, kind="k1", scores_B=
   The result is a reward, not a loss: no gradient is meant to flow through it
   (wrap the inputs in stop_gradient, or compute it outside the loss).
   """
-  m = _f32(mask_BT)
-  rewards_BT = -_f32(beta) * kl_estimate(logp_BT, ref_logp_BT, kind, mask_BT=m)
+  m = f32(mask_BT)
+  rewards_BT = -f32(beta) * kl_estimate(logp_BT, ref_logp_BT, kind, mask_BT=m)
   if scores_B is not None:
     index_B, has_B = last_token_index(m)
     onehot_BT = jax.nn.one_hot(index_B, m.shape[-1], dtype=jnp.float32) * has_B[:, None]
-    rewards_BT = rewards_BT + onehot_BT * _f32(scores_B)[:, None]
+    rewards_BT = rewards_BT + onehot_BT * f32(scores_B)[:, None]
   return rewards_BT
 
 
@@ -130,7 +128,7 @@ def kl_controller_init(init_beta):
   """
   if isinstance(init_beta, numbers.Real) and not init_beta >= 0:
     raise ValueError(f"KL controller: init_beta must be >= 0, got {init_beta}")
-  return {"beta": _f32(init_beta)}
+  return {"beta": f32(init_beta)}
 
 
 def kl_controller_update(state, observed_kl, n_steps, target, horizon):
@@ -153,6 +151,6 @@ def kl_controller_update(state, observed_kl, n_steps, target, horizon):
     raise ValueError(f"KL controller: target must be > 0 (or None for a fixed beta), got {target}")
   if isinstance(horizon, numbers.Real) and not horizon > 0:
     raise ValueError(f"KL controller: horizon must be > 0, got {horizon}")
-  error = jnp.clip(_f32(observed_kl) / _f32(target) - 1.0, -0.2, 0.2)
-  beta = state["beta"] * (1.0 + error * _f32(n_steps) / _f32(horizon))
+  error = jnp.clip(f32(observed_kl) / f32(target) - 1.0, -0.2, 0.2)
+  beta = state["beta"] * (1.0 + error * f32(n_steps) / f32(horizon))
   return {**state, "beta": beta.astype(jnp.float32)}

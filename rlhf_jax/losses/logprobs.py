@@ -16,6 +16,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.losses.arrays import masked_mean  # noqa: F401 (re-exported)
+
 
 def shift_for_next_token(logits_BTV, tokens_BT, mask_BT):
   """Align next-token predictions: (logits[:, :-1], tokens[:, 1:], mask[:, 1:])."""
@@ -107,12 +109,6 @@ def chunked_token_logprobs(unembed_fn: Callable[[jax.Array], jax.Array], h_BTD: 
   out = jax.lax.map(jax.checkpoint(one_chunk, prevent_cse=False), (h_NBCD, t_NBC))
   unchunk = lambda x_NBC: x_NBC.swapaxes(0, 1).reshape(B, n * C)[:, :T]
   return jax.tree.map(unchunk, out)
-
-
-def masked_mean(x, mask, axis=None):
-  """sum(x * mask) / max(sum(mask), 1) over `axis` (all axes by default)."""
-  mask = mask.astype(jnp.float32)
-  return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
 
 
 def per_token_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array, mask_BT: jax.Array,

@@ -15,36 +15,22 @@ All arithmetic is float32.
 """
 from __future__ import annotations
 
-import numbers
 
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.losses.arrays import check_shapes, f32, is_number
 from rlhf_jax.losses.kl import k3_from_log_ratio
 from rlhf_jax.losses.logprobs import token_entropy
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
 
-def _f32(x):
-  return jnp.asarray(x, jnp.float32)
-
-
-def _is_number(x):
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _check_shapes(**arrays):
-  shapes = {k: tuple(v.shape) for k, v in arrays.items() if v is not None}
-  if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 2:
-    raise ValueError(f"expected [B, T] arrays of one shape, got {shapes}")
-
-
 def check_aggregation(aggregation, max_len=None):
   if aggregation not in AGGREGATIONS:
     raise ValueError(f"unknown loss aggregation {aggregation!r}; expected one of "
                      f"{', '.join(AGGREGATIONS)}")
-  if max_len is not None and _is_number(max_len) and not max_len > 0:
+  if max_len is not None and is_number(max_len) and not max_len > 0:
     raise ValueError(f"loss aggregation: max_len must be > 0, got {max_len}")
 
 
@@ -69,8 +55,8 @@ def aggregate(loss_BT, mask_BT, aggregation="token_mean", max_len=None):
   positions never reach the result, even if they hold inf/NaN.
   """
   check_aggregation(aggregation, max_len)
-  m = _f32(mask_BT) > 0
-  l_BT = jnp.where(m, _f32(loss_BT), 0.0)
+  m = f32(mask_BT) > 0
+  l_BT = jnp.where(m, f32(loss_BT), 0.0)
   if aggregation == "token_mean":
     return jnp.sum(l_BT) / jnp.maximum(jnp.sum(m.astype(jnp.float32)), 1.0)
   n_B = jnp.sum(m.astype(jnp.float32), axis=-1)
@@ -80,21 +66,21 @@ def aggregate(loss_BT, mask_BT, aggregation="token_mean", max_len=None):
   elif aggregation == "seq_mean_token_sum":
     per_B = sum_B
   else:
-    per_B = sum_B / _f32(mask_BT.shape[-1] if max_len is None else max_len)
+    per_B = sum_B / f32(mask_BT.shape[-1] if max_len is None else max_len)
   has_B = (n_B > 0).astype(jnp.float32)
   return jnp.sum(per_B * has_B) / jnp.maximum(jnp.sum(has_B), 1.0)
 
 
 def token_mean(x_BT, mask_BT):
   """Masked mean over all real tokens (0 if none)."""
-  m = _f32(mask_BT) > 0
-  return jnp.sum(jnp.where(m, _f32(x_BT), 0.0)) / jnp.maximum(jnp.sum(m.astype(jnp.float32)), 1.0)
+  m = f32(mask_BT) > 0
+  return jnp.sum(jnp.where(m, f32(x_BT), 0.0)) / jnp.maximum(jnp.sum(m.astype(jnp.float32)), 1.0)
 
 
 def masked_min_max(x_BT, mask_BT):
   """(min, max) of x over real tokens; (1, 1) when there are none (for ratios)."""
-  m = _f32(mask_BT) > 0
-  x = _f32(x_BT)
+  m = f32(mask_BT) > 0
+  x = f32(x_BT)
   any_ = jnp.any(m)
   lo = jnp.where(any_, jnp.min(jnp.where(m, x, jnp.inf)), 1.0)
   hi = jnp.where(any_, jnp.max(jnp.where(m, x, -jnp.inf)), 1.0)
@@ -117,7 +103,7 @@ def clipped_surrogate(ratio_BT, advantages_BT, clip_eps_low=0.2, clip_eps_high=N
   dual: A < 0 and r > c (only with dual_clip).
   """
   eps_high = clip_eps_low if clip_eps_high is None else clip_eps_high
-  r, a = _f32(ratio_BT), _f32(advantages_BT)
+  r, a = f32(ratio_BT), f32(advantages_BT)
   unclipped = -a * r
   clipped = -a * jnp.clip(r, 1.0 - clip_eps_low, 1.0 + eps_high)
   loss = jnp.maximum(unclipped, clipped)
@@ -126,24 +112,24 @@ def clipped_surrogate(ratio_BT, advantages_BT, clip_eps_low=0.2, clip_eps_high=N
   if dual_clip is None:
     dual = jnp.zeros_like(low)
   else:
-    bound = -_f32(dual_clip) * a
+    bound = -f32(dual_clip) * a
     dual = (a < 0) & (bound < loss)
     loss = jnp.where(a < 0, jnp.minimum(loss, bound), loss)
   return loss, low, high, dual
 
 
-def _check_clip(clip_eps, clip_eps_high, dual_clip):
-  if _is_number(clip_eps) and not 0 <= clip_eps < 1:
+def check_clip(clip_eps, clip_eps_high, dual_clip):
+  if is_number(clip_eps) and not 0 <= clip_eps < 1:
     raise ValueError(f"PPO clip: clip_eps (eps_low) must be in [0, 1), got {clip_eps}")
-  if _is_number(clip_eps_high) and not clip_eps_high >= 0:
+  if is_number(clip_eps_high) and not clip_eps_high >= 0:
     raise ValueError(f"PPO clip: clip_eps_high must be >= 0, got {clip_eps_high}")
-  if _is_number(dual_clip) and not dual_clip > 1:
+  if is_number(dual_clip) and not dual_clip > 1:
     raise ValueError(f"PPO dual clip: dual_clip (c) must be > 1 (Ye et al. 2020), got {dual_clip}")
 
 
-def _log_ratio(logp_BT, old_logp_BT, mask_BT):
-  m = _f32(mask_BT) > 0
-  return jnp.where(m, _f32(logp_BT) - _f32(old_logp_BT), 0.0)
+def masked_log_ratio(logp_BT, old_logp_BT, mask_BT):
+  m = f32(mask_BT) > 0
+  return jnp.where(m, f32(logp_BT) - f32(old_logp_BT), 0.0)
 
 
 def approx_kl_k3(log_ratio_BT, mask_BT):
@@ -169,21 +155,21 @@ def ppo_policy_loss(logp_BT, old_logp_BT, advantages_BT, mask_BT, clip_eps=0.2,
   (k3 estimate of KL(pi_old || pi), Schulman 2020); ratio_mean, ratio_min,
   ratio_max.
   """
-  _check_clip(clip_eps, clip_eps_high, dual_clip)
+  check_clip(clip_eps, clip_eps_high, dual_clip)
   check_aggregation(aggregation, max_len)
-  adv = _f32(advantages_BT)
+  adv = f32(advantages_BT)
   if adv.ndim == 1:
-    adv = adv[:, None] * jnp.ones_like(_f32(mask_BT))
-  _check_shapes(logp_BT=logp_BT, old_logp_BT=old_logp_BT, advantages_BT=adv, mask_BT=mask_BT)
+    adv = adv[:, None] * jnp.ones_like(f32(mask_BT))
+  check_shapes(logp_BT=logp_BT, old_logp_BT=old_logp_BT, advantages_BT=adv, mask_BT=mask_BT)
   adv = jax.lax.stop_gradient(adv)
-  log_ratio = _log_ratio(logp_BT, old_logp_BT, mask_BT)
+  log_ratio = masked_log_ratio(logp_BT, old_logp_BT, mask_BT)
   ratio = jnp.exp(log_ratio)
   loss_BT, low, high, dual = clipped_surrogate(ratio, adv, clip_eps, clip_eps_high, dual_clip)
   loss = aggregate(loss_BT, mask_BT, aggregation, max_len)
-  return loss, _policy_metrics(loss, ratio, log_ratio, low, high, dual, mask_BT, "policy_loss")
+  return loss, policy_metrics(loss, ratio, log_ratio, low, high, dual, mask_BT, "policy_loss")
 
 
-def _policy_metrics(loss, ratio, log_ratio, low, high, dual, mask_BT, loss_name):
+def policy_metrics(loss, ratio, log_ratio, low, high, dual, mask_BT, loss_name):
   sg = jax.lax.stop_gradient
   ratio, log_ratio = sg(ratio), sg(log_ratio)
   frac_low = token_mean(low.astype(jnp.float32), mask_BT)
@@ -217,17 +203,17 @@ def ppo_value_loss(values_BT, old_values_BT, returns_BT, mask_BT, clip_eps=0.2,
   explained_variance (of the values_BT being trained; pass rollout values to
   `explained_variance` for the classic pre-update diagnostic).
   """
-  if _is_number(clip_eps) and not clip_eps > 0:
+  if is_number(clip_eps) and not clip_eps > 0:
     raise ValueError(f"PPO value loss: clip_eps must be > 0 (or None for no clipping), got {clip_eps}")
   check_aggregation(aggregation, max_len)
-  _check_shapes(values_BT=values_BT, old_values_BT=old_values_BT, returns_BT=returns_BT,
+  check_shapes(values_BT=values_BT, old_values_BT=old_values_BT, returns_BT=returns_BT,
                 mask_BT=mask_BT)
-  v, ret = _f32(values_BT), jax.lax.stop_gradient(_f32(returns_BT))
+  v, ret = f32(values_BT), jax.lax.stop_gradient(f32(returns_BT))
   err1 = jnp.square(v - ret)
   if clip_eps is None:
     per_BT, clipped = err1, jnp.zeros(err1.shape, bool)
   else:
-    v_old = jax.lax.stop_gradient(_f32(old_values_BT))
+    v_old = jax.lax.stop_gradient(f32(old_values_BT))
     v_clip = v_old + jnp.clip(v - v_old, -clip_eps, clip_eps)
     err2 = jnp.square(v_clip - ret)
     per_BT, clipped = jnp.maximum(err1, err2), err2 > err1
@@ -250,16 +236,16 @@ def explained_variance(values_BT, returns_BT, mask_BT):
   Undefined when Var[R] = 0 (constant returns, or < 2 real tokens); reported
   as 0 there rather than NaN.
   """
-  m = _f32(mask_BT) > 0
+  m = f32(mask_BT) > 0
   n = jnp.maximum(jnp.sum(m.astype(jnp.float32)), 1.0)
 
   def var(x):
-    x = jnp.where(m, _f32(x), 0.0)
+    x = jnp.where(m, f32(x), 0.0)
     mean = jnp.sum(x) / n
     return jnp.sum(jnp.where(m, jnp.square(x - mean), 0.0)) / n
 
   var_r = var(returns_BT)
-  ev = 1.0 - var(_f32(returns_BT) - _f32(values_BT)) / jnp.where(var_r > 0, var_r, 1.0)
+  ev = 1.0 - var(f32(returns_BT) - f32(values_BT)) / jnp.where(var_r > 0, var_r, 1.0)
   return jnp.where(var_r > 0, ev, 0.0)
 
 

@@ -4,22 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def weighted_mean(x_B, weights_B=None):
-  """sum_b w_b x_b / sum_b w_b (plain mean when weights_B is None; 0 if all weights are 0).
-
-  Rows with weight 0 are ignored (padding rows of a partial batch): they get
-  zero gradient and even a NaN/inf value there does not reach the result
-  (gradients stay finite as long as the ignored inputs are finite).
-  """
-  x_B = x_B.astype(jnp.float32)
-  if weights_B is None:
-    return jnp.mean(x_B)
-  w_B = weights_B.astype(jnp.float32)
-  total = jnp.sum(w_B)
-  safe_total = jnp.where(total > 0, total, 1.0)
-  # where() rather than x * w so a NaN/inf in an ignored row cannot leak in.
-  return jnp.sum(jnp.where(w_B > 0, x_B * w_B, 0.0)) / safe_total
+from rlhf_jax.losses.arrays import weighted_mean  # noqa: F401 (re-exported)
 
 
 def pairwise_accuracy(chosen_B, rejected_B, weights_B=None):
