@@ -5,7 +5,7 @@ compiles the jitted train step once, then times `--steps` steps (blocking on
 each), repeated `--repeats` times. Prints tokens/s (real, non-pad tokens of both
 replies) and pairs/s as medians with the spread, plus the setup.
 
-    .venv/bin/python experiments/benchmarks/reward_model_throughput.py [--preset=tiny]
+    .venv/bin/python benchmarks/reward_model_throughput.py [--preset=tiny]
 """
 import argparse
 import os

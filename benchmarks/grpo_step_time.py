@@ -5,7 +5,7 @@ logging every step, and reports medians over the steps after the first
 `--warmup` (which include compilation): seconds per step and its split
 (generation / reward / old+ref log-probs / update) and rollout tokens/s.
 
-    .venv/bin/python experiments/benchmarks/grpo_step_time.py [--variant=grpo]
+    .venv/bin/python benchmarks/grpo_step_time.py [--variant=grpo]
 """
 import argparse
 import json
