@@ -21,7 +21,7 @@ CFG = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2
 
 @pytest.fixture(scope="module")
 def params():
-  return init_params(CFG, jax.random.PRNGKey(0))
+  return jax.jit(init_params, static_argnums=0)(CFG, jax.random.PRNGKey(0))  # one compile
 
 
 def grouped_rows(rng, N, G, T, W, left_pad=True):
@@ -69,9 +69,13 @@ def test_window_logits_equal_the_per_row_forward(params, G, W):
   if G == 1:
     start[0] = 0  # slot 0 has no predictor: must be invalid
   model = Transformer(CFG)
-  full = np.asarray(model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(seg))[0])
-  logits, pk = window_logits(model, params, jnp.asarray(tokens), jnp.asarray(seg),
-                             jnp.asarray(start), group_size=G, window=W)
+
+  @jax.jit  # both passes in one program: one compilation instead of op-by-op dispatch
+  def forward(params, tokens, seg, start):
+    full = model.apply({"params": params}, tokens, seg)[0]
+    return full, window_logits(model, params, tokens, seg, start, group_size=G, window=W)
+  full, (logits, pk) = forward(params, tokens, seg, start)
+  full = np.asarray(full)
   logits, valid = np.asarray(logits), np.asarray(pk.valid_BW)
   assert pk.tokens_NL.shape == (3, T + (G - 1) * W)
   checked = 0
@@ -103,7 +107,7 @@ def test_windows_past_the_row_end_are_invalid_and_give_finite_gradients(params):
     lp = jax.nn.log_softmax(logits)
     picked = jnp.take_along_axis(lp, pk.targets_BW[..., None], -1)[..., 0]
     return jnp.sum(jnp.where(pk.valid_BW, picked, 0.0)), (logits, pk)
-  (value, (logits, pk)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  (value, (logits, pk)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
   valid = np.asarray(pk.valid_BW)
   want = (start[:, None] + np.arange(W)[None]) < T
   np.testing.assert_array_equal(valid, want)
@@ -154,8 +158,8 @@ def test_dpo_packed_pairs_give_the_separate_rows_logps_and_gradients(params):
   names = ("chosen", "rejected")
   dpo.check_shared_prompts({k: np.asarray(v) for k, v in batch.items()}, C, "test")
   sep, packed = dpo.make_sequence_logps(model, names), dpo.make_sequence_logps(model, names, C)
-  (sc, sr), (nc, nr) = sep(params, batch)
-  (pc, pr), (mc, mr) = packed(params, batch)
+  (sc, sr), (nc, nr) = jax.jit(sep)(params, batch)
+  (pc, pr), (mc, mr) = jax.jit(packed)(params, batch)
   np.testing.assert_allclose(np.asarray(pc), np.asarray(sc), rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(np.asarray(pr), np.asarray(sr), rtol=1e-5, atol=1e-4)
   np.testing.assert_array_equal(np.asarray(mc), np.asarray(nc))
@@ -167,8 +171,8 @@ def test_dpo_packed_pairs_give_the_separate_rows_logps_and_gradients(params):
 
   class D(dict):
     __getattr__ = dict.__getitem__
-  grads = [jax.grad(lambda p: dpo.make_loss_fn(model, D(d), w)(p, None, batch)[0])(params)
-           for w in (0, C)]
+  grads = [jax.jit(jax.grad(lambda p: dpo.make_loss_fn(model, D(d), w)(p, None, batch)[0]))(
+      params) for w in (0, C)]
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[0])) > 1e-4
@@ -216,7 +220,7 @@ def test_completion_logps_shared_equal_separate(params):
   a = np.asarray(completion_logps_fn(CFG, P, 0.8)(params, seq, seg)) * cmask
   b = np.asarray(completion_logps_fn(CFG, P, 0.8, G)(params, seq, seg)) * cmask
   model = Transformer(CFG)
-  logits = np.asarray(model.apply({"params": params}, seq, seg)[0], np.float64)[:, P - 1:-1]
+  logits = np.asarray(jax.jit(model.apply)({"params": params}, seq, seg)[0], np.float64)[:, P - 1:-1]
   z = logits / 0.8
   ref = np.take_along_axis(z, seq[:, P:, None], -1)[..., 0] - np.log(np.exp(z).sum(-1))
   np.testing.assert_allclose(a, ref * cmask, atol=2e-5)
