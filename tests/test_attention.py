@@ -84,6 +84,17 @@ def _run(backend, q, k, v, mask, new_k=None, new_v=None):
   raise ValueError(backend)
 
 
+# Jitted (backend static): one compilation per case instead of op-by-op dispatch.
+_jrun = jax.jit(_run, static_argnums=0)
+
+
+def _jgrad(backend, argnums, *args):
+  """Gradients of sum(_run(backend, q, k, v, mask, new_k, new_v) * w) wrt `argnums`
+  (positions in q, k, v, mask, new_k, new_v), jitted; args = (..., new_k, new_v, w)."""
+  f = lambda *a: jnp.sum(_run(backend, *a[:-1]) * a[-1])
+  return jax.jit(jax.grad(f, argnums=argnums))(*args)
+
+
 CASES = [(b, kind) for b in ("chunked", "cudnn", "splash") for kind in A.MASK_KINDS
          if A.supports(b, kind)]
 
@@ -91,14 +102,13 @@ CASES = [(b, kind) for b in ("chunked", "cudnn", "splash") for kind in A.MASK_KI
 @pytest.mark.parametrize("backend,kind", [c for c in CASES if c[1] != "cached"])
 def test_backend_equals_dense_forward_and_gradients(backend, kind):
   mask, (q, k, v), rows, w = _training_case(kind)
-  out = _run(backend, q, k, v, mask)
-  ref = _run("dense", q, k, v, mask)
+  out = _jrun(backend, q, k, v, mask, None, None)
+  ref = _jrun("dense", q, k, v, mask, None, None)
   assert np.isfinite(np.asarray(out)).all()
   assert _rel(out, ref, rows) <= TOL
 
   def grads(name):
-    return jax.grad(lambda q, k, v: jnp.sum(_run(name, q, k, v, mask) * w),
-                    argnums=(0, 1, 2))(q, k, v)
+    return _jgrad(name, (0, 1, 2), q, k, v, mask, None, None, w)
   for got, want, name in zip(grads(backend), grads("dense"), "qkv"):
     assert np.isfinite(np.asarray(got)).all(), name
     assert _rel(got, want) <= TOL, (name, _rel(got, want))
@@ -143,8 +153,9 @@ def test_dense_and_chunked_equal_a_float64_numpy_reference(kind):
   np.testing.assert_array_equal(np.asarray(mask.dense_matrix()), vis)
   want = _numpy_attention(q, k, v, vis, 0.25)
   sees = vis.any(-1)
-  for got in (A._dense(q, k, v, mask, 0.25, None, None),
-              A._chunked(q, k, v, mask, 0.25, None, None, 8, 8)):
+  for got in jax.jit(lambda q, k, v, mask: (A._dense(q, k, v, mask, 0.25, None, None),
+                                            A._chunked(q, k, v, mask, 0.25, None, None, 8, 8))
+                     )(q, k, v, mask):
     np.testing.assert_allclose(np.asarray(got, np.float64)[sees], want[sees], rtol=1e-5,
                                atol=1e-5)
 
@@ -166,8 +177,8 @@ def _cached_case(seed=0, S=40, T=3, index=21):
 @pytest.mark.parametrize("T,index", [(1, 0), (3, 21)])
 def test_cached_decoding_equals_dense(backend, T, index):
   mask, q, k, v, nk, nv = _cached_case(T=T, index=index)
-  out = _run(backend, q, k, v, mask, nk, nv)
-  ref = _run("dense", q, k, v, mask, nk, nv)
+  out = _jrun(backend, q, k, v, mask, nk, nv)
+  ref = _jrun("dense", q, k, v, mask, nk, nv)
   old, new = mask.dense_matrix()
   rows = np.asarray(old).any(-1) | np.asarray(new).any(-1)
   assert rows.any()
@@ -178,8 +189,7 @@ def test_cached_decoding_equals_dense(backend, T, index):
   # Gradients (nothing differentiates through decoding today, but the path is exact).
   w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
   w = w * rows[:, :, None, None]
-  g = lambda name: jax.grad(lambda q, nk: jnp.sum(_run(name, q, k, v, mask, nk, nv) * w),
-                            argnums=(0, 1))(q, nk)
+  g = lambda name: _jgrad(name, (0, 4), q, k, v, mask, nk, nv, w)
   for got, want in zip(g(backend), g("dense")):
     assert _rel(got, want) <= TOL
 
@@ -202,9 +212,9 @@ def test_chunked_skips_blocks_no_query_can_see():
 def test_chunked_bfloat16_close_to_dense():
   mask, (q, k, v), rows, _ = _training_case("causal", seed=3)
   bf = lambda x: x.astype(jnp.bfloat16)
-  out = _run("chunked", bf(q), bf(k), bf(v), mask)
+  out = _jrun("chunked", bf(q), bf(k), bf(v), mask, None, None)
   assert out.dtype == jnp.bfloat16
-  ref = _run("dense", q, k, v, mask)
+  ref = _jrun("dense", q, k, v, mask, None, None)
   assert _rel(out, ref, rows) <= 2e-2   # bf16 inputs and probabilities: ~3 significant digits
 
 
@@ -296,8 +306,8 @@ def test_model_chunked_equals_dense_logits_and_gradients():
   def loss(cfg, p):
     logits, _ = Transformer(cfg).apply({"params": p}, tokens, jnp.asarray(seg))
     return jnp.sum(jnp.where(real[..., None], jax.nn.log_softmax(logits), 0.0)[..., 0])
-  lc, gc = jax.value_and_grad(functools.partial(loss, CHUNKED))(_params())
-  ld, gd = jax.value_and_grad(functools.partial(loss, CFG))(_params())
+  lc, gc = jax.jit(jax.value_and_grad(functools.partial(loss, CHUNKED)))(_params())
+  ld, gd = jax.jit(jax.value_and_grad(functools.partial(loss, CFG)))(_params())
   assert _rel(lc, ld) <= TOL
   for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gd)):
     assert _rel(a, b) <= 1e-4   # summed over layers and heads: a few float32 roundings more
@@ -312,8 +322,9 @@ def test_model_chunked_shared_prefix_equals_dense():
   pk = pack_shared_prefix(jnp.asarray(tokens), jnp.asarray(seg), jnp.full((G,), P), G, W)
   out = {}
   for cfg in (CFG, CHUNKED):
-    h, _ = Transformer(cfg).apply({"params": _params()}, pk.tokens_NL, pk.segment_ids_NL,
-                                  pk.positions_NL, shared_prefix=True, output="hidden")
+    h, _ = jax.jit(functools.partial(Transformer(cfg).apply, shared_prefix=True,
+                                     output="hidden"))(
+        {"params": _params()}, pk.tokens_NL, pk.segment_ids_NL, pk.positions_NL)
     out[cfg.attention] = np.asarray(h)
   real = np.asarray(pk.segment_ids_NL) > 0
   assert _rel(out["chunked"], out["dense"], real) <= TOL
