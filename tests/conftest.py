@@ -13,6 +13,26 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("RLHF_JAX_DATA", REPO.parent / "shared" / "data"))
 ON_CI = os.environ.get("CI", "").lower() == "true"
 
+# XLA:CPU compiling faster: the suite's time is mostly the compilation of small programs.
+# LLVM's code generation at -O1 instead of XLA's default -O3 (the same HLO optimisation
+# passes; the last bit of a float result can differ, as between two CPUs) takes ~20% less
+# CPU time per trainer test; tests that compare runs bitwise run both under the same flags.
+# (-O0 would save more but rounds differently enough to move a sampler log-prob by 1.7e-4,
+# past test_sampling's 1e-4.) Set before JAX starts its backend; the subprocesses the
+# tests start inherit it (`xla_flags` for those that set their own XLA_FLAGS).
+# RLHF_JAX_TEST_FAST_COMPILE=0 compiles as users do.
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=1"
+                      if os.environ.get("RLHF_JAX_TEST_FAST_COMPILE", "1") != "0" else "")
+if FAST_COMPILE_FLAGS:
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a subprocess with `devices` simulated CPU devices (+ the fast-compile
+  flags)."""
+  return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}".strip()
+
+
 # One persistent XLA compilation cache for the whole suite, its xdist workers and the
 # training subprocesses the tests start: the same tiny-model step compiled by many tests
 # is compiled once (same executable, so results are unchanged). RLHF_JAX_TEST_CACHE=""

@@ -31,6 +31,8 @@ from typing import Callable
 import numpy as np
 import pytest
 
+from conftest import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -1124,7 +1126,7 @@ def test_exit_status(case_id, tmp_path, assets):
   before = snapshot(env["wd"])
   penv = {k: v for k, v in os.environ.items() if k not in ("RLHF_JAX_DEBUG", "RLHF_JAX_FAULT")}
   penv.update(JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={case.devices}")
+              XLA_FLAGS=xla_flags(case.devices))
   out = subprocess.run([sys.executable, "-m", "rlhf_jax.launch", *[fill(a, env) for a in case.argv]],
                        cwd=REPO, env=penv, capture_output=True, text=True, timeout=300)
   assert out.returncode == case.code, out.stderr[-3000:]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax._src.ad_checkpoint import saved_residuals  # not exported; jax is pinned
 
+from conftest import xla_flags
 from rlhf_jax import memory, parallel
 from rlhf_jax.losses.logprobs import shift_for_next_token, token_logprobs
 from rlhf_jax.losses.sft import sft_loss_sums
@@ -138,7 +139,7 @@ def test_old_model_config_without_remat_policy_loads():
 
 
 def test_fsdp_shards_params_and_adam_state_eightfold():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8),
              JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, os.path.join(HERE, "fsdp_memory_check.py")], env=env,
                        capture_output=True, text=True, timeout=300)

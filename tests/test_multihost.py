@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import config as config_lib
 from rlhf_jax import parallel
@@ -36,7 +37,7 @@ def _free_port() -> int:
 
 def _env(devices: int) -> dict:
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "RLHF_JAX_FAULT")}
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = xla_flags(devices)
   env["JAX_PLATFORMS"] = "cpu"
   return env
 

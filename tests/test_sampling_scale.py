@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from rlhf_jax import parallel, rollout, sampling
 from rlhf_jax.models import ModelConfig, init_params
 from rlhf_jax.sampling import generate
@@ -216,7 +217,7 @@ def test_no_mesh_without_sharded_params(params):
 
 @pytest.fixture(scope="module")
 def sharded():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8),
              JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, os.path.join(HERE, "sharded_decode_check.py"),
                         "2,2,2", "4,1,2"], env=env, capture_output=True, text=True, timeout=600)
