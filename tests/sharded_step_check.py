@@ -1,8 +1,10 @@
 """Run by tests/test_sharding.py in its own process with 8 simulated CPU devices.
 
-Usage: sharded_step_check.py ACCUM MESH... (e.g. 1 8,1,1 2,4,1 2,2,2).
-One SFT train step (AdamW lr 1e-3, grad clipping) on (1,1,1) and each MESH;
-prints JSON: per mesh, the max |difference| of loss and of
+Usage: sharded_step_check.py ACCUM MESH... [+ ACCUM MESH...]
+(e.g. 1 8,1,1 2,4,1 2,2,2 + 2 2,2,2: several groups in one process).
+Per group, one SFT train step (AdamW lr 1e-3, grad clipping) with ACCUM gradient-accumulation
+micro-batches on (1,1,1) and each MESH; prints JSON {ACCUM: results}: per mesh, the max
+|difference| of loss and of
 every parameter after the step versus the single-device step, and the mesh
 axes of a few parameters' shardings (to prove they really are sharded).
 """
@@ -22,6 +24,17 @@ from rlhf_jax.trainers import common, sft
 
 def main():
   assert jax.device_count() == 8, f"need 8 devices, got {jax.device_count()}"
+  out, group = {}, []
+  for arg in sys.argv[1:] + ["+"]:
+    if arg != "+":
+      group.append(arg)
+      continue
+    out[group[0]] = run(int(group[0]), group[1:])
+    group = []
+  print(json.dumps(out))
+
+
+def run(accum, mesh_args):
   cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                     head_dim=8, d_ff=64, tie_embeddings=False)
   model = Transformer(cfg)
@@ -35,11 +48,10 @@ def main():
   batch = {"tokens": (rng.integers(0, 64, size=(B, T)) * seg).astype(np.int32),
            "segment_ids": seg,
            "loss_mask": (seg * (np.arange(T)[None] >= 2)).astype(np.int32)}
-  accum = int(sys.argv[1]) if len(sys.argv) > 1 else 1
   dummy = jnp.zeros((1, 2), jnp.int32)
   results = {}
   ref = None
-  meshes = [(1, 1, 1)] + [tuple(int(x) for x in m.split(",")) for m in sys.argv[2:]]
+  meshes = [(1, 1, 1)] + [tuple(int(x) for x in m.split(",")) for m in mesh_args]
   for shape in meshes:
     devices = jax.devices()[:int(np.prod(shape))]
     mesh = parallel.make_mesh(shape, devices)
@@ -69,7 +81,7 @@ def main():
                            "grad_norm": float(metrics["grad_norm"]),
                            "embed_spec": [str(s) for s in emb_spec],
                            "adam_mu_first_leaf_spec": [str(s) for s in mu_spec]}
-  print(json.dumps(results))
+  return results
 
 
 if __name__ == "__main__":

@@ -10,22 +10,29 @@ import sys
 
 import pytest
 
+from conftest import xla_flags
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _run(accum, meshes):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+def _run(*args):
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8),
              JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, os.path.join(HERE, "sharded_step_check.py"), str(accum),
-                        *meshes],
+  out = subprocess.run([sys.executable, os.path.join(HERE, "sharded_step_check.py"), *args],
                        env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def results():
-  return _run(1, ["8,1,1", "2,4,1", "2,2,2"])
+def by_accum():
+  """One process for every check: no accumulation on three meshes, 2 micro-batches on one."""
+  return _run("1", "8,1,1", "2,4,1", "2,2,2", "+", "2", "2,2,2")
+
+
+@pytest.fixture(scope="module")
+def results(by_accum):
+  return by_accum["1"]
 
 
 @pytest.mark.parametrize("mesh", ["(8, 1, 1)", "(2, 4, 1)", "(2, 2, 2)"])
@@ -48,7 +55,7 @@ def test_parameters_are_really_sharded(results):
   assert not results["(2, 2, 2)"]["q_kernel_replicated"]
 
 
-def test_sharded_step_with_gradient_accumulation():
-  r = _run(2, ["2,2,2"])
+def test_sharded_step_with_gradient_accumulation(by_accum):
+  r = by_accum["2"]
   for mesh in ["(2, 2, 2)"]:
     assert r[mesh]["max_param_diff"] <= 1e-5, r[mesh]
