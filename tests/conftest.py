@@ -107,13 +107,25 @@ def override(config, **over):
 @pytest.fixture(scope="session")
 def sft_add_run(tmp_path_factory):
   """A short SFT run on 1-digit addition (~25% greedy accuracy): the starting policy
-  (and reference) of the online-RL tests."""
+  (and reference) of the online-RL tests. Made once per test session: under xdist the
+  first worker that needs it trains it (in this session's shared temporary directory,
+  under a lock) and the others read it; tests only read it."""
+  import fcntl
+
   from rlhf_jax.launch import load_config
   from rlhf_jax.trainers import sft
-  wd = str(tmp_path_factory.mktemp("sft_add"))
-  c = load_config("configs/sft.py:tiny")
-  c.data.update(synthetic_task="add", synthetic_max_len=2)
-  c.update(num_steps=60, eval_every=0)
-  c.checkpoint.async_save = False
-  sft.run(c, wd)
-  return wd
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # .../pytest-N/popen-gwK: share pytest-N
+    root = tmp_path_factory.getbasetemp().parent
+  else:
+    root = tmp_path_factory.mktemp("shared")
+  wd, done = root / "sft_add", root / "sft_add.done"
+  with open(root / "sft_add.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not done.exists():
+      c = load_config("configs/sft.py:tiny")
+      c.data.update(synthetic_task="add", synthetic_max_len=2)
+      c.update(num_steps=60, eval_every=0)
+      c.checkpoint.async_save = False
+      sft.run(c, str(wd))
+      done.touch()
+  return str(wd)
