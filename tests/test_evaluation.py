@@ -24,10 +24,12 @@ class Tok(CharTokenizer):
 
 
 TOK = Tok()
+_init = jax.jit(init_params, static_argnums=0)  # one compilation, not op-by-op dispatch
+_forward = jax.jit(Transformer(CFG).apply)       # (one per sequence length)
 
 
 def params(seed, scale=1.0):
-  p = dict(init_params(CFG, jax.random.PRNGKey(seed)))
+  p = dict(_init(CFG, jax.random.PRNGKey(seed)))
   p["final_norm"] = {"scale": p["final_norm"]["scale"] * scale}  # peakier next-token dists
   return p
 
@@ -40,8 +42,7 @@ def logsoftmax64(x):
 
 def next_token_logp(p, prompt):
   ids = encode_prompt(TOK, [{"role": "user", "content": prompt}])
-  logits, _ = Transformer(CFG).apply({"params": p}, jnp.asarray([ids]),
-                                     jnp.ones((1, len(ids)), jnp.int32))
+  logits, _ = _forward({"params": p}, jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32))
   return logsoftmax64(logits[0, -1])
 
 
@@ -136,8 +137,7 @@ def test_capability_nll_and_exact_match_match_float64_reference(monkeypatch, tmp
     p_ids = encode_prompt(TOK, [{"role": "user", "content": r["prompt"]}])
     c_ids = TOK.encode(r["completion"]) + [TOK.eos_id]
     ids = p_ids + c_ids
-    logits, _ = Transformer(CFG).apply({"params": pol}, jnp.asarray([ids]),
-                                       jnp.ones((1, len(ids)), jnp.int32))
+    logits, _ = _forward({"params": pol}, jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32))
     lp = logsoftmax64(logits[0])
     for j in range(len(p_ids), len(ids)):  # token j predicted from position j - 1
       nll -= lp[j - 1, ids[j]]

@@ -120,7 +120,7 @@ def _sgd_policy(seed: int, B: int, C: int):
   from rlhf_jax.models import ModelConfig, Transformer, init_params
   mcfg = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
                      head_dim=8, d_ff=32)
-  params = init_params(mcfg, jax.random.PRNGKey(seed))
+  params = jax.jit(init_params, static_argnums=0)(mcfg, jax.random.PRNGKey(seed))
   state = {"step": jnp.zeros((), jnp.int32), "params": params,
            "opt_state": optax.sgd(1.0).init(params)}
   rng = np.random.default_rng(seed)
@@ -167,7 +167,7 @@ def test_on_policy_update_equals_update_with_recomputed_old_logps():
   model, params, state, rng, mask = _sgd_policy(1, B, C)
   seq = rng.integers(0, 32, size=(B, P + C)).astype(np.int32)
   seg = np.concatenate([np.ones((B, P), np.int32), mask], 1)
-  logits = model.apply({"params": params}, seq, seg)[0][:, P - 1:-1]
+  logits = jax.jit(model.apply)({"params": params}, seq, seg)[0][:, P - 1:-1]
   old = np.asarray(token_logprobs(logits, seq[:, P:], T)) * mask  # what the pass computes
   mb = {"sequences": seq, "segment_ids": seg, "mask": mask, "old_logps": old,
         "advantages": rng.normal(size=(B, C)).astype(np.float32) * mask,

@@ -29,7 +29,7 @@ def chunked(cfg, chunk=CHUNK):
 
 @pytest.fixture(scope="module")
 def params():
-  return init_params(CFG, jax.random.PRNGKey(0))
+  return jax.jit(init_params, static_argnums=0)(CFG, jax.random.PRNGKey(0))  # one compile
 
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
@@ -53,7 +53,7 @@ def test_chunked_logprobs_and_entropy_equal_unchunked_with_gradients(tie):
   hidden states) equal the all-at-once values; float32, temperature 0.7."""
   cfg = dataclasses.replace(CFG, tie_embeddings=tie)
   model = Transformer(cfg)
-  p = init_params(cfg, jax.random.PRNGKey(1))
+  p = jax.jit(init_params, static_argnums=0)(cfg, jax.random.PRNGKey(1))
   rng = np.random.default_rng(0)
   B, T = 3, 13
   h = jnp.asarray(rng.normal(size=(B, T, cfg.d_model)), jnp.float32)
@@ -240,8 +240,8 @@ def test_ppo_update_equal(critic):
   p = PP(clip_eps=0.2, clip_eps_high=0.0, dual_clip=0.0, value_clip_eps=0.2, vf_coef=0.1,
          entropy_coef=0.05, aggregation="token_mean")
   pv0 = ppo.PolicyValue(CFG, critic)
-  params = nn.meta.unbox(pv0.init(jax.random.PRNGKey(2), jnp.asarray(seq),
-                                  jnp.asarray(seg))["params"])
+  params = nn.meta.unbox(jax.jit(pv0.init)(jax.random.PRNGKey(2), jnp.asarray(seq),
+                                           jnp.asarray(seg))["params"])
   out = {c: ppo.make_update(ppo.PolicyValue(chunked(CFG, c), critic), optax.sgd(1.0), p, P, 0.9,
                             C)(sgd_state(params), mb) for c in (0, CHUNK)}
   assert_trees_close(out[CHUNK][0]["params"], out[0][0]["params"], rtol=1e-5, atol=1e-7)
