@@ -30,7 +30,8 @@ def ppo_config(sft_add_run, tfds_data_dir, **over):
 
 def test_ppo_raises_accuracy_above_the_sft_policy(sft_add_run, tfds_data_dir, tmp_path):
   wd = str(tmp_path / "ppo")
-  ppo.run(ppo_config(sft_add_run, tfds_data_dir, num_steps=60, eval_every=60), wd)
+  # 40 steps are enough: held-out accuracy +0.27 at this seed (+0.12, +0.20 at seeds 1, 2)
+  ppo.run(ppo_config(sft_add_run, tfds_data_dir, num_steps=40, eval_every=40), wd)
   r = rows(wd)
   start, end = r[0]["eval_accuracy"], r[-1]["eval_accuracy"]
   assert end > start + 0.08, (start, end)
