@@ -7,7 +7,7 @@
 
 For every option the real SFT step (`rlhf_jax.trainers.sft.make_train_step`:
 forward, backward, gradient accumulation, AdamW with clipping; LoRA through
-`common.create_train_state`) is jitted with the trainer's shardings and state
+`state_lib.create_train_state`) is jitted with the trainer's shardings and state
 donation, lowered for the shapes of one batch and compiled; nothing runs.
 `compiled.memory_analysis()` gives, per device:
 
@@ -56,7 +56,8 @@ import numpy as np  # noqa: E402
 from rlhf_jax import config as config_lib  # noqa: E402
 from rlhf_jax import memory, parallel  # noqa: E402
 from rlhf_jax.models import ModelConfig, Transformer  # noqa: E402
-from rlhf_jax.trainers import common, sft  # noqa: E402
+from rlhf_jax.trainers import optim, sft
+from rlhf_jax.trainers import state as state_lib  # noqa: E402
 
 # The tiny preset (configs/sft.py:tiny: its 48-token vocabulary, batch 32 x 32 tokens)
 # and a larger model where activations dominate the state.
@@ -100,12 +101,12 @@ def measure(model_cfg: ModelConfig, rows: int, seq: int, opt: Option) -> dict:
   model = Transformer(cfg)
   config = config_lib.base_config("sft")
   config.lora.rank = opt.lora_rank
-  tx, _ = common.make_optimizer(config.optimizer, 100)
+  tx, _ = optim.make_optimizer(config.optimizer, 100)
   devices = jax.devices()[:int(np.prod(opt.mesh))]
   mesh = parallel.make_mesh(opt.mesh, devices)
   dummy = jnp.zeros((1, 2), jnp.int32)
   with contextlib.redirect_stdout(sys.stderr):  # its "parameters: ..." line
-    state, shardings, frozen = common.create_train_state(
+    state, shardings, frozen = state_lib.create_train_state(
         lambda r: model.init(r, dummy)["params"], tx, mesh, jax.random.PRNGKey(0),
         config=config if opt.lora_rank else None)
   bs = parallel.batch_sharding(mesh)

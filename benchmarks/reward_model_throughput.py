@@ -31,20 +31,22 @@ def main():
   from rlhf_jax.data.sft import batched
   from rlhf_jax.launch import load_config
   from rlhf_jax.models.heads import ScalarModel
-  from rlhf_jax.trainers import common, pairs, reward_model
+  from rlhf_jax.data import pairs
+  from rlhf_jax.trainers import optim, reward_model, setup
+  from rlhf_jax.trainers import state as state_lib
 
   config = load_config(f"configs/rm.py:{args.preset}")
   with tempfile.TemporaryDirectory() as wd:
     train_src, _, _ = pairs.load_pairs(config, wd)
-    tok = common.build_tokenizer(config, wd, lambda: pairs.corpus(train_src))
+    tok = setup.build_tokenizer(config, wd, lambda: pairs.corpus(train_src))
     arrays, _ = pairs.tokenize(config, tok, train_src)
   ds = batched(arrays, config.batch_size, config.seed)
   mesh = parallel.make_mesh(config.mesh.shape)
   mcfg = model_config(config, vocab_size=tok.vocab_size)
   model = ScalarModel(mcfg)
-  tx, _ = common.make_optimizer(config.optimizer, config.num_steps)
+  tx, _ = optim.make_optimizer(config.optimizer, config.num_steps)
   dummy = jnp.zeros((1, 2), jnp.int32)
-  state, shardings = common.create_state(lambda r: model.init(r, dummy)["params"], tx, mesh,
+  state, shardings = state_lib.create_state(lambda r: model.init(r, dummy)["params"], tx, mesh,
                                          jax.random.PRNGKey(0))
   step = jax.jit(reward_model.make_train_step(model, tx, 0.0, True),
                  in_shardings=(shardings, parallel.batch_sharding(mesh)),

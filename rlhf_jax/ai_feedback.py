@@ -395,10 +395,10 @@ def run_label(args) -> tuple[dict, dict]:
     candidates = [ex.pop("completions") for ex in examples]
   else:
     from rlhf_jax import tokenizer as tok_lib
-    from rlhf_jax.trainers import common
+    from rlhf_jax import workdir as workdir_lib
     if not os.path.exists(args.policy):
       raise FileNotFoundError(f"--policy: not found: {args.policy}")
-    mcfg, params = common.load_init(args.policy, "float32", False)
+    mcfg, params = workdir_lib.load_init(args.policy, "float32", False)
     tokenizer = tok_lib.load_tokenizer(args.policy)
     if args.max_prompt_len + args.max_new_tokens > mcfg.max_seq_len:
       raise ValueError(f"--max_prompt_len={args.max_prompt_len} + --max_new_tokens="
@@ -520,7 +520,7 @@ def run_constitution(args) -> tuple[list[dict], list[dict], list[dict], dict]:
   """(records, sft rows, pairs, stats) of the constitution pipeline for parsed arguments."""
   from rlhf_jax import judges, labeling
   from rlhf_jax import tokenizer as tok_lib
-  from rlhf_jax.trainers import common
+  from rlhf_jax import workdir as workdir_lib
   t0 = time.time()
   progress = not args.no_progress
   principles = load_constitution(args.constitution)
@@ -528,7 +528,7 @@ def run_constitution(args) -> tuple[list[dict], list[dict], list[dict], dict]:
   judge = _make_judge(args) if args.judge else None
   if not os.path.exists(args.policy):
     raise FileNotFoundError(f"--policy: not found: {args.policy}")
-  mcfg, params = common.load_init(args.policy, "float32", False)
+  mcfg, params = workdir_lib.load_init(args.policy, "float32", False)
   tokenizer = tok_lib.load_tokenizer(args.policy)
   gen_stats = {"prompt_truncated": 0, "unfinished": 0, "generations": 0}
 

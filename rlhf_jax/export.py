@@ -53,7 +53,7 @@ def source_model_type(workdir: str, _depth: int = 0) -> str | None:
   """The Hugging Face model_type (or GGUF architecture) a run started from: its
   config.json's init_from, followed through other run workdirs; None when it started
   from a random init or from something without one."""
-  from rlhf_jax.trainers import common
+  from rlhf_jax import workdir as workdir_lib
   try:
     with open(os.path.join(workdir, "config.json")) as f:
       src = json.load(f).get("init_from") or ""
@@ -61,7 +61,7 @@ def source_model_type(workdir: str, _depth: int = 0) -> str | None:
     return None
   if not src or _depth > 16:
     return None
-  if common.is_workdir(src):
+  if workdir_lib.is_workdir(src):
     return source_model_type(src, _depth + 1)
   cfg = os.path.join(src, "config.json")
   if os.path.isfile(cfg):
@@ -79,12 +79,12 @@ def export(workdir: str, out_dir: str, step: int | None = None, overwrite: bool 
   from rlhf_jax.models import ModelConfig, save_pretrained
   from rlhf_jax.models.pretrained import TOKENIZER_FILES
   from rlhf_jax.tokenizer import load_tokenizer
-  from rlhf_jax.trainers import common
+  from rlhf_jax import workdir as workdir_lib
 
   if not os.path.isdir(workdir):
     raise ExportError(f"{workdir}: no such directory; expected a run workdir "
                       f"(model_config.json + checkpoints/ written by rlhf-jax train)")
-  if not common.is_workdir(workdir):
+  if not workdir_lib.is_workdir(workdir):
     raise ExportError(f"{workdir}: not a run workdir (expected model_config.json and "
                       f"checkpoints/ written by rlhf-jax train)")
   if os.path.abspath(out_dir) == os.path.abspath(workdir):
@@ -103,7 +103,7 @@ def export(workdir: str, out_dir: str, step: int | None = None, overwrite: bool 
   with open(os.path.join(workdir, "model_config.json")) as f:
     mcfg = ModelConfig.from_dict(json.load(f))
 
-  step, params = common.read_workdir_params(workdir, step)
+  step, params = workdir_lib.read_workdir_params(workdir, step)
   notes = []
   if set(params) == {"backbone", "head"}:
     raise ExportError(f"{workdir}: is a reward model (backbone + scalar head); its head "
@@ -138,7 +138,7 @@ def export(workdir: str, out_dir: str, step: int | None = None, overwrite: bool 
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
       f.write(json.dumps({**ids, "do_sample": False}, indent=2) + "\n")
   return {"step": step, "model_type": hf_config["model_type"],
-          "lora_merged": common.is_lora_workdir(workdir), "tokenizer_files": copied,
+          "lora_merged": workdir_lib.is_lora_workdir(workdir), "tokenizer_files": copied,
           "notes": notes}
 
 

@@ -206,14 +206,14 @@ class LMJudge:
     import jax
 
     from rlhf_jax import tokenizer as tok_lib
-    from rlhf_jax.trainers import common
+    from rlhf_jax import workdir as workdir_lib
     if not os.path.exists(path):
       raise JudgeError(f"--judge=lm:{path}: not found (expected a run workdir, a Hugging Face "
                        f"directory or a .gguf file)")
     if batch_size < 1 or max_len < 8:
       raise JudgeError(f"--judge_batch_size={batch_size} must be >= 1 and "
                        f"--judge_max_len={max_len} >= 8")
-    self.model_config, params = common.load_init(path, dtype, False)
+    self.model_config, params = workdir_lib.load_init(path, dtype, False)
     self.params = jax.device_put(params)
     self.tokenizer = tok_lib.load_tokenizer(path)
     self.rubric, self.verdicts = rubric, tuple(verdicts)

@@ -145,7 +145,7 @@ def _user_errors():
   from rlhf_jax.checkpoint import CheckpointError
   from rlhf_jax.config import ConfigError
   from rlhf_jax.data.sft import DataError
-  from rlhf_jax.trainers.common import TrainingError
+  from rlhf_jax.trainers.loop import TrainingError
   # ValueError: bad pretrained files / tokenizers / argument values, which raise it with
   # a message naming the file or key. RLHF_JAX_DEBUG=1 shows the traceback instead.
   return (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError,

@@ -86,13 +86,13 @@ def preset_model(size: str, **overrides) -> ModelConfig:
 def default_optimizer():
   """The trainers' AdamW (+ clipping, schedule): its state is what the step carries."""
   from rlhf_jax import config as config_lib
-  from rlhf_jax.trainers import common
-  return common.make_optimizer(config_lib.base_config("sft").optimizer, 100)[0]
+  from rlhf_jax.trainers import optim
+  return optim.make_optimizer(config_lib.base_config("sft").optimizer, 100)[0]
 
 
 def abstract_state(model: Transformer, tx, mesh):
   """(state, shardings): ShapeDtypeStructs of the train state {"step", "params",
-  "opt_state"} laid out as `common.create_state` lays it out on `mesh`. Nothing is
+  "opt_state"} laid out as `state_lib.create_state` lays it out on `mesh`. Nothing is
   allocated (jax.eval_shape of the init)."""
   dummy = jnp.zeros((1, 2), jnp.int32)
 

@@ -12,7 +12,8 @@ from ml_collections import ConfigDict
 
 from rlhf_jax import parallel
 from rlhf_jax.models import ModelConfig, Transformer
-from rlhf_jax.trainers import common
+from rlhf_jax.trainers import optim
+from rlhf_jax.trainers import state as state_lib
 
 
 def main():
@@ -22,13 +23,13 @@ def main():
   model = Transformer(cfg)
   opt = ConfigDict(dict(lr=1e-3, warmup_steps=0, final_lr_ratio=1.0, b1=0.9, b2=0.95,
                         eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0))
-  tx, _ = common.make_optimizer(opt, 10)
+  tx, _ = optim.make_optimizer(opt, 10)
 
   dummy = jnp.zeros((1, 2), jnp.int32)
   out = {}
   for shape in [(8, 1, 1), (1, 8, 1)]:
     mesh = parallel.make_mesh(shape)
-    state, shardings = common.create_state(lambda r: model.init(r, dummy)["params"], tx,
+    state, shardings = state_lib.create_state(lambda r: model.init(r, dummy)["params"], tx,
                                            mesh, jax.random.PRNGKey(0))
     dev0 = jax.devices()[0]
 

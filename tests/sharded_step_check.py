@@ -19,7 +19,8 @@ from ml_collections import ConfigDict
 
 from rlhf_jax import parallel
 from rlhf_jax.models import ModelConfig, Transformer
-from rlhf_jax.trainers import common, sft
+from rlhf_jax.trainers import optim, sft
+from rlhf_jax.trainers import state as state_lib
 
 
 def main():
@@ -40,7 +41,7 @@ def run(accum, mesh_args):
   model = Transformer(cfg)
   opt = ConfigDict(dict(lr=1e-3, warmup_steps=0, final_lr_ratio=1.0, b1=0.9, b2=0.95,
                         eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0))
-  tx, _ = common.make_optimizer(opt, 10)
+  tx, _ = optim.make_optimizer(opt, 10)
   rng = np.random.default_rng(0)
   B, T = 8, 16
   lengths = rng.integers(4, T + 1, size=B)
@@ -55,7 +56,7 @@ def run(accum, mesh_args):
   for shape in meshes:
     devices = jax.devices()[:int(np.prod(shape))]
     mesh = parallel.make_mesh(shape, devices)
-    state, shardings = common.create_state(lambda r: model.init(r, dummy)["params"], tx, mesh,
+    state, shardings = state_lib.create_state(lambda r: model.init(r, dummy)["params"], tx, mesh,
                                            jax.random.PRNGKey(0))
     step = jax.jit(sft.make_train_step(model, tx, accum),
                    in_shardings=(shardings, parallel.batch_sharding(mesh)),

@@ -225,7 +225,7 @@ def test_gold_label_cli_writes_pairs_records_and_stats(gold_labels, prompts_file
 
 def test_pairs_load_through_the_trainers_preference_pipeline(gold_labels, rm_run, tmp_path):
   from rlhf_jax.launch import load_config
-  from rlhf_jax.trainers import pairs as pairs_lib
+  from rlhf_jax.data import pairs as pairs_lib
   rows = read_jsonl(f"{gold_labels}/pairs.jsonl")
   c = load_config("configs/dpo.py:tiny")
   c.data.update(source="jsonl", train_path=f"{gold_labels}/pairs.jsonl",

@@ -1091,9 +1091,9 @@ IN_PROCESS = [c for c in CASES if c.devices == 1]
 
 @pytest.mark.parametrize("case", IN_PROCESS, ids=[c.id for c in IN_PROCESS])
 def test_bad_input(case, tmp_path, assets, capsys, caplog, monkeypatch):
-  from rlhf_jax.trainers import common
+  from rlhf_jax.trainers import loop
   monkeypatch.delenv("RLHF_JAX_DEBUG", raising=False)
-  monkeypatch.setattr(common, "train_loop", _no_training)
+  monkeypatch.setattr(loop, "train_loop", _no_training)
   env = prepare(case, tmp_path, assets)
   before = snapshot(env["wd"])
   code, out, err = run_cli([fill(a, env) for a in case.argv], capsys)
@@ -1165,7 +1165,7 @@ def test_no_pickle_and_no_deletion_of_user_files():
        '(path / "model.safetensors.index.json").unlink(missing_ok=True)'),
       # _remove_own_lora_files: WORKDIR/lora/{base,config.json} of an earlier launch that
       # never checkpointed (a lora/ dir with anything else is refused)
-      ("rlhf_jax/trainers/common.py", "shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)"),
+      ("rlhf_jax/trainers/state.py", "shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)"),
   ], deletions
 
 

@@ -19,7 +19,7 @@ from rlhf_jax.checkpoint import read_checkpoint
 from rlhf_jax.launch import load_config
 from rlhf_jax.models import ModelConfig, lm_logits, load_pretrained, lora
 from rlhf_jax.tokenizer import load_tokenizer
-from rlhf_jax.trainers import common
+from rlhf_jax import workdir as workdir_lib
 from test_pretrained import reference_logits
 
 
@@ -125,7 +125,7 @@ def test_lora_export_is_the_merged_model(lora_run, tmp_path, capsys):
   assert "LoRA adapters merged" in capsys.readouterr().out
   evals = {r["step"]: r["eval_loss"] for r in read_metrics(lora_run) if "eval_loss" in r}
   assert sorted(evals) == [0, 3] and evals[3] != evals[0]  # evaluation sees the adapters
-  cfg, base = common.read_lora(lora_run)
+  cfg, base = workdir_lib.read_lora(lora_run)
   _, state = read_checkpoint(os.path.join(lora_run, "checkpoints"))
   merged = lora.merge(base, state["params"], cfg)
   c = _model_config(lora_run)

@@ -11,7 +11,8 @@ from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import config as config_lib
 from rlhf_jax import parallel
 from rlhf_jax.metrics import read_jsonl
-from rlhf_jax.trainers import common
+from rlhf_jax.trainers import loop
+from rlhf_jax.trainers import step as step_lib
 
 
 def _state(tx):
@@ -23,7 +24,7 @@ def _state(tx):
 def test_nonfinite_gradient_skips_the_update(bad):
   tx = optax.adamw(0.1)
   state = _state(tx)
-  step = jax.jit(lambda s, g: (common.apply_gradients(s, g, tx), common.skipped_metric(g)))
+  step = jax.jit(lambda s, g: (step_lib.apply_gradients(s, g, tx), step_lib.skipped_metric(g)))
   good = {"w": jnp.full(4, 0.5), "b": jnp.float32(1.0)}
   s1, skipped = step(state, good)
   assert float(skipped) == 0.0 and int(s1["step"]) == 1
@@ -48,7 +49,7 @@ def _loop(tmp_path, pattern, max_bad):
   step_fn = lambda s, batch: ({**s, "step": s["step"] + 1},
                               {"loss": 1.0, "skipped_update": float(pattern[batch])})
   ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), 100, 1, async_save=False)
-  return common.train_loop(config, str(tmp_path), state=state, start=0, train_step=step_fn,
+  return loop.train_loop(config, str(tmp_path), state=state, start=0, train_step=step_fn,
                            get_batch=lambda i: i, mesh=parallel.make_mesh(), checkpointer=ckpt,
                            schedule=lambda s: 0.1, shard_batches=False)
 
@@ -61,7 +62,7 @@ def test_train_loop_counts_intermittent_skips(tmp_path):
 
 
 def test_train_loop_stops_after_max_bad_steps_in_a_row(tmp_path):
-  with pytest.raises(common.TrainingError,
+  with pytest.raises(loop.TrainingError,
                      match=r"3 consecutive non-finite updates \(steps 3-5, "
                            r"config.max_bad_steps=3\)"):
     _loop(tmp_path, [0, 0, 1, 1, 1, 0, 0], max_bad=3)

@@ -22,7 +22,8 @@ from rlhf_jax.checkpoint import read_checkpoint
 from rlhf_jax.launch import load_config
 from rlhf_jax.models import ModelConfig, Transformer, init_params, lm_logits, lora
 from rlhf_jax.models.heads import ScalarModel
-from rlhf_jax.trainers import common
+from rlhf_jax import workdir as workdir_lib
+from rlhf_jax.trainers import state as state_lib
 
 TINY = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4,
                    d_ff=24)
@@ -152,7 +153,7 @@ def test_optimizer_state_holds_only_adapters_and_they_shard_like_the_base(capsys
   model = Transformer(TINY)
   dummy = jnp.zeros((1, 2), jnp.int32)
   tx = optax.adam(1e-3)
-  state, shardings, frozen = common.create_train_state(
+  state, shardings, frozen = state_lib.create_train_state(
       lambda r: model.init(r, dummy)["params"], tx, mesh, jax.random.PRNGKey(0),
       config=_lora_config(target_modules=("q", "o", "down")))
   r = 2
@@ -160,7 +161,7 @@ def test_optimizer_state_holds_only_adapters_and_they_shard_like_the_base(capsys
   assert sorted(x.shape for x in jax.tree.leaves(state["params"])) == want
   moments = [x.shape for x in jax.tree.leaves(state["opt_state"]) if x.ndim]
   assert sorted(moments) == sorted(want * 2)  # Adam mu and nu of the adapters, nothing else
-  full, _ = common.create_state(lambda r: model.init(r, dummy)["params"], tx, mesh,
+  full, _ = state_lib.create_state(lambda r: model.init(r, dummy)["params"], tx, mesh,
                                 jax.random.PRNGKey(0))
   base = full["params"]  # the base is what full fine-tuning would start from, bitwise
   assert jax.tree.structure(frozen.params) == jax.tree.structure(base)
@@ -181,7 +182,7 @@ def test_reward_model_head_is_always_trained_fully():
   from rlhf_jax import parallel
   model = ScalarModel(TINY)
   dummy = jnp.zeros((1, 2), jnp.int32)
-  state, _, frozen = common.create_train_state(
+  state, _, frozen = state_lib.create_train_state(
       lambda r: model.init(r, dummy)["params"], optax.adam(1e-3), parallel.make_mesh((1, 1, 1)),
       jax.random.PRNGKey(0), config=_lora_config(), always_trained=("head",))
   assert set(state["params"]["full"]) == {"head"}
@@ -242,13 +243,13 @@ def test_lora_sft_lowers_the_loss_and_never_touches_the_base(lora_sft, sft_add_r
   assert "lora_rng" in state  # dropout keys are part of the checkpoint
   moments = [x.shape for x in jax.tree.leaves(state["opt_state"]) if x.ndim]
   assert len(moments) == 2 * 10 and all(3 in s for s in moments)  # mu, nu of 5 x (A, B), rank 3
-  cfg, base = common.read_lora(lora_sft)
+  cfg, base = workdir_lib.read_lora(lora_sft)
   assert cfg.rank == 3 and cfg.scale == 2.0
   assert json.load(open(os.path.join(lora_sft, "lora", "config.json")))["trainable_params"] == (
       sum(x.size for x in jax.tree.leaves(state["params"])))
   for x, y in zip(jax.tree.leaves(start), jax.tree.leaves(base)):  # base == the SFT run, bitwise
     np.testing.assert_array_equal(x, y)
-  _, merged = common.read_workdir_params(lora_sft)
+  _, merged = workdir_lib.read_workdir_params(lora_sft)
   for name in ("k", "down", "attn_norm", "mlp_norm"):  # not LoRA targets
     for k in merged["layers"][name]:
       np.testing.assert_array_equal(merged["layers"][name][k], start["layers"][name][k])
@@ -259,7 +260,7 @@ def test_lora_sft_lowers_the_loss_and_never_touches_the_base(lora_sft, sft_add_r
   before, after = _eval_nll(lora_sft, start, mcfg), _eval_nll(lora_sft, merged, mcfg)
   assert after < before - 0.02, (before, after)
   # a LoRA workdir as init_from: load_init returns the merged parameters
-  _, init = common.load_init(lora_sft, "float32", False)
+  _, init = workdir_lib.load_init(lora_sft, "float32", False)
   for x, y in zip(jax.tree.leaves(init), jax.tree.leaves(merged)):
     np.testing.assert_array_equal(x, y)
 
@@ -311,8 +312,8 @@ def test_lora_dpo_from_a_lora_sft_workdir_uses_the_base_as_reference(
   from rlhf_jax.trainers import dpo
   wd = str(tmp_path / "dpo")
   dpo.run(_pair_config("dpo", lora_sft, add_pairs, tfds_data_dir), wd)
-  _, sft_merged = common.read_workdir_params(lora_sft)
-  _, base = common.read_lora(wd)  # the DPO run's frozen base = the merged LoRA SFT policy
+  _, sft_merged = workdir_lib.read_workdir_params(lora_sft)
+  _, base = workdir_lib.read_lora(wd)  # the DPO run's frozen base = the merged LoRA SFT policy
   for x, y in zip(jax.tree.leaves(sft_merged), jax.tree.leaves(base)):
     np.testing.assert_array_equal(x, y)
   rows = read_metrics(wd)
@@ -332,11 +333,11 @@ def test_lora_reward_model_trains_adapters_and_head(lora_sft, add_pairs, tfds_da
   reward_model.run(_pair_config("rm", lora_sft, add_pairs, tfds_data_dir), wd)
   _, state = read_checkpoint(os.path.join(wd, "checkpoints"))
   assert set(state["params"]["full"]) == {"head"}
-  _, base = common.read_lora(wd)
+  _, base = workdir_lib.read_lora(wd)
   assert np.abs(state["params"]["full"]["head"]["dense"]["kernel"]
                 - base["head"]["dense"]["kernel"]).max() > 1e-4
   mcfg, params, _ = reward_model.load_reward_model(wd)  # merged, as the reward function sees it
-  _, sft_merged = common.read_workdir_params(lora_sft)
+  _, sft_merged = workdir_lib.read_workdir_params(lora_sft)
   np.testing.assert_array_equal(params["backbone"]["embed"]["embedding"],
                                 sft_merged["embed"]["embedding"])
   assert np.abs(params["backbone"]["layers"]["q"]["kernel"]
@@ -384,5 +385,5 @@ def test_lora_ppo_trains_policy_adapters_critic_adapters_and_value_head(
   p = state["params"]
   assert set(p["lora"]) == {"policy", "value"} and set(p["lora"]["value"]) == {"backbone"}
   assert set(p["full"]) == {"value"} and set(p["full"]["value"]) == {"head"}
-  _, base = common.read_lora(wd)
+  _, base = workdir_lib.read_lora(wd)
   assert set(base) == {"policy", "value"}

@@ -19,7 +19,10 @@ from rlhf_jax.losses.logprobs import shift_for_next_token, token_logprobs
 from rlhf_jax.losses.sft import sft_loss_sums
 from rlhf_jax.models import ModelConfig, Transformer, init_params
 from rlhf_jax.models.transformer import REMAT_POLICIES
-from rlhf_jax.trainers import common
+from rlhf_jax import workdir as workdir_lib
+from rlhf_jax.trainers import optim
+from rlhf_jax.trainers import state as state_lib
+from rlhf_jax.trainers import step as step_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -97,7 +100,7 @@ def test_estimate_is_close_to_the_compiled_train_step():
   m = ModelConfig(vocab_size=512, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2,
                   head_dim=16, d_ff=192)
   B, T = 8, 64
-  tx, _ = common.make_optimizer(common_opt(), 10)
+  tx, _ = optim.make_optimizer(common_opt(), 10)
   for policy in ("full",):  # "none"'s activations: test_saved_activations_per_layer_...
     cfg = dataclasses.replace(m, remat_policy=policy)
     model = Transformer(cfg)
@@ -107,7 +110,7 @@ def test_estimate_is_close_to_the_compiled_train_step():
         logits, _ = model.apply({"params": p}, batch["tokens"])
         return sft_loss_sums(*shift_for_next_token(logits, batch["tokens"], batch["mask"]))
       (nll, n), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
-      return common.apply_gradients(state, jax.tree.map(lambda g: g / n, grads), tx)
+      return step_lib.apply_gradients(state, jax.tree.map(lambda g: g / n, grads), tx)
 
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
     state = jax.eval_shape(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p,
@@ -157,16 +160,16 @@ def test_offloaded_optimizer_state_lives_in_host_memory_and_changes_nothing():
   # The model's real parameter tree, shardings and AdamW state; a cheap stand-in loss
   # (the mechanism does not look at the loss, and compiling a model twice costs ~15 s).
   model = Transformer(TINY)
-  tx, _ = common.make_optimizer(common_opt(), 10)
+  tx, _ = optim.make_optimizer(common_opt(), 10)
   mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
-  state, shardings = common.create_state(
+  state, shardings = state_lib.create_state(
       lambda r: model.init(r, jnp.zeros((1, 2), jnp.int32))["params"], tx, mesh,
       jax.random.PRNGKey(0))
 
   def step(state, x):
     loss = lambda p: sum(jnp.sum(jnp.sin(w * x) ** 2) for w in jax.tree.leaves(p))
     value, grads = jax.value_and_grad(loss)(state["params"])
-    return common.apply_gradients(state, grads, tx), value
+    return step_lib.apply_gradients(state, grads, tx), value
 
   x = jnp.float32(1.5)
   ref_state, ref_loss = jax.jit(step)(state, x)
@@ -197,5 +200,5 @@ def test_init_from_keeps_the_configs_remat_policy(tmp_path):
                     head_dim=8, d_ff=32)
   params = jax.tree.map(np.asarray, init_params(cfg, jax.random.PRNGKey(0)))
   save_pretrained(cfg, params, tmp_path / "hf")
-  mcfg, _ = common.load_init(str(tmp_path / "hf"), "float32", False, "dots_no_batch")
+  mcfg, _ = workdir_lib.load_init(str(tmp_path / "hf"), "float32", False, "dots_no_batch")
   assert mcfg.remat_policy == "dots_no_batch" and mcfg.d_model == 16

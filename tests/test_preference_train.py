@@ -12,7 +12,8 @@ import pytest
 from conftest import override, read_metrics
 from rlhf_jax.launch import load_config
 from rlhf_jax.losses.dpo import LOSS_TYPES
-from rlhf_jax.trainers import dpo, pairs, reward_model
+from rlhf_jax.data import pairs
+from rlhf_jax.trainers import dpo, reward_model
 
 pytestmark = pytest.mark.slow
 

@@ -567,13 +567,13 @@ def train_flops(c: ModelConfig, B: int, T: int) -> tuple[float, float]:
 
 
 def _make_step(model):
-  """The trainer's step and optimizer (rlhf_jax.trainers.sft / common); when the trainer's
+  """The trainer's step and optimizer (rlhf_jax.trainers.sft / optim); when the trainer's
   dependencies are missing (an offline machine's own Python), the same computation here:
   token-mean NLL, value_and_grad, global-norm clipping, AdamW."""
   opt = dict(lr=1e-5, warmup_steps=10, final_lr_ratio=0.1, grad_clip_norm=1.0, b1=0.9,
              b2=0.95, eps=1e-8, weight_decay=0.1)
   try:
-    from rlhf_jax.trainers import common, sft  # pylint: disable=g-import-not-at-top
+    from rlhf_jax.trainers import optim, sft  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     tx = optax.chain(optax.clip_by_global_norm(opt["grad_clip_norm"]),
                      optax.adamw(opt["lr"], b1=opt["b1"], b2=opt["b2"], eps=opt["eps"],
@@ -591,7 +591,7 @@ def _make_step(model):
                                                                         updates),
                "opt_state": opt_state}, {"loss": nll / jnp.maximum(n, 1.0)})
     return step, tx, f"own step ({e})"
-  tx, _ = common.make_optimizer(argparse.Namespace(**opt), 1000)
+  tx, _ = optim.make_optimizer(argparse.Namespace(**opt), 1000)
   return sft.make_train_step(model, tx), tx, "rlhf_jax.trainers.sft.make_train_step"
 
 

@@ -35,7 +35,12 @@ from rlhf_jax.losses.logprobs import (sequence_logprobs, sequence_logprobs_from_
 from rlhf_jax.models import Transformer
 from rlhf_jax.models.api import (prefix_sharing_saves_flops, token_logprobs_from_hidden,
                                  window_logprobs)
-from rlhf_jax.trainers import common, pairs
+from rlhf_jax.data import pairs
+from rlhf_jax.trainers import loop
+from rlhf_jax.trainers import optim
+from rlhf_jax.trainers import setup
+from rlhf_jax.trainers import state as state_lib
+from rlhf_jax.trainers import step as step_lib
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_kl_logps")
 
@@ -143,13 +148,13 @@ def make_loss_fn(model, d, window: int = 0):
 
 def make_train_step(model, tx, d, frozen=None, window: int = 0, grad_accum_steps: int = 1):
   """train_step(state, [base,] ref_params, batch) -> (state, metrics); `base` is the
-  frozen LoRA base (only with LoRA, see `common.Frozen`). With grad_accum_steps = A > 1
+  frozen LoRA base (only with LoRA, see `state_lib.Frozen`). With grad_accum_steps = A > 1
   the pairs are split into A equal micro-batches whose gradients and metrics are
   averaged: every loss type but kto is a mean over pairs, so the update is the
   whole-batch one (kto's reference point z0 is a whole-batch statistic: refused by
   config validation)."""
-  return common.make_accumulating_update(make_loss_fn(model, d, window), tx,
-                                         grad_accum_steps, common.rows_weight, frozen=frozen)
+  return step_lib.make_accumulating_update(make_loss_fn(model, d, window), tx,
+                                         grad_accum_steps, step_lib.rows_weight, frozen=frozen)
 
 
 def reference_logps(model, names, ref_params, arrays, batch_size, mesh, cache_path, fingerprint,
@@ -185,7 +190,7 @@ def run(config, workdir: str) -> dict:
 
   # Data and tokenizer (KTO also gets mismatched "kl" rows).
   train_src, eval_src, data_stats = pairs.load_pairs(config, workdir)
-  tokenizer = common.build_tokenizer(config, workdir, lambda: pairs.corpus(train_src))
+  tokenizer = setup.build_tokenizer(config, workdir, lambda: pairs.corpus(train_src))
   train_arrays, tok_stats = pairs.tokenize(config, tokenizer, train_src)
   sft_data.require_rows(len(train_arrays["margin"]), B, "preference pairs")
   eval_arrays = pairs.tokenize(config, tokenizer, eval_src)[0] if eval_src is not None else None
@@ -196,7 +201,7 @@ def run(config, workdir: str) -> dict:
 
   # Policy (and reference = the initial policy).
   rng_init, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed))
-  mcfg, init_params = common.policy_init(config, tokenizer)
+  mcfg, init_params = setup.policy_init(config, tokenizer)
 
   # Pairs as packed rows [prompt | chosen | rejected] (dpo.share_prompt), when that saves
   # FLOPs at these lengths.
@@ -208,10 +213,10 @@ def run(config, workdir: str) -> dict:
       check_shared_prompts(eval_arrays, window, "eval data")
   model = Transformer(mcfg)
   dummy = jnp.zeros((1, 2), jnp.int32)
-  tx, schedule = common.make_optimizer(config.optimizer, config.num_steps)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.num_steps)
   # With config.lora.rank > 0 the state trains LoRA adapters and the frozen base (`frozen`)
   # is the reference: no second copy of the weights.
-  state, shardings, frozen = common.create_train_state(
+  state, shardings, frozen = state_lib.create_train_state(
       lambda r: model.init(r, dummy)["params"], tx, mesh, rng_init, init_params, config=config,
       workdir=workdir)
   eval_ref = (frozen.initial(state["params"]) if evaluation.needs_reference(config)
@@ -237,7 +242,7 @@ def run(config, workdir: str) -> dict:
   policy_eval = evaluation.from_config(config, model_config=mcfg, tokenizer=tokenizer,
                                        ref_params=eval_ref, workdir=workdir)
 
-  checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
+  checkpointer, start, state = setup.open_run(config, workdir, state, shardings, mcfg,
                                                tokenizer)
 
   batch_sharding = parallel.batch_sharding(mesh)
@@ -268,13 +273,13 @@ def run(config, workdir: str) -> dict:
     if step and config.sample.every and (step % config.sample.every == 0
                                          or step == config.num_steps):
       rows = [eval_src[i] for i in range(min(config.sample.num_prompts, n))]
-      out["sample_match_chosen"] = common.write_samples(
+      out["sample_match_chosen"] = loop.write_samples(
           workdir, step, mcfg, params, tokenizer,
           [pairs.messages(r["prompt"]) for r in rows], [r["chosen"] for r in rows],
           jax.random.fold_in(rng_sample, step), config.sample)
     return out
 
-  return common.train_loop(
+  return loop.train_loop(
       config, workdir, state=state, start=start,
       train_step=lambda s, b: step_fn(s, *frozen.args, ref_params, b),
       get_batch=lambda i: train_ds[i],

@@ -43,7 +43,12 @@ from rlhf_jax.losses.grpo import AUTO, VARIANTS, grpo_loss, resolve  # noqa: F40
 from rlhf_jax.losses.logprobs import token_logprobs
 from rlhf_jax.models import Transformer
 from rlhf_jax.models.api import prefix_sharing_saves_flops, window_logits, window_logprobs
-from rlhf_jax.trainers import common, prompt_sets
+from rlhf_jax.data import prompt_sets
+from rlhf_jax.trainers import loop
+from rlhf_jax.trainers import optim
+from rlhf_jax.trainers import setup
+from rlhf_jax.trainers import state as state_lib
+from rlhf_jax.trainers import step as step_lib
 
 
 def advantages(algo, ro: rollout.Rollout, group_size: int) -> np.ndarray:
@@ -67,7 +72,7 @@ def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: i
                 group_size: int = 1):
   """update(state, minibatch) -> (state, metrics): one jitted clipped-policy step
   (gradients accumulated exactly over `micro_batches` parts). With LoRA (`frozen`, see
-  `common.Frozen`) the frozen base is passed to the compiled step as an argument.
+  `state_lib.Frozen`) the frozen base is passed to the compiled step as an argument.
   on_policy: the parameters are those that sampled the batch (one update per
   rollout), so log pi_old = stop_gradient(log pi): the ratio is exactly 1 and the
   minibatch's old_logps are not read (no old-log-prob pass is needed).
@@ -105,9 +110,9 @@ def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: i
     metrics["entropy"] = jnp.sum(ent * m) / jnp.maximum(m.sum(), 1.0)
     return loss, metrics
 
-  frozen = frozen or common.Frozen()
-  step = jax.jit(common.make_accumulating_update(
-      loss_fn, tx, micro_batches, common.aggregation_weight(algo["aggregation"]),
+  frozen = frozen or state_lib.Frozen()
+  step = jax.jit(step_lib.make_accumulating_update(
+      loss_fn, tx, micro_batches, step_lib.aggregation_weight(algo["aggregation"]),
       count_step=False, frozen=frozen))
   return lambda state, mb: step(state, *frozen.args, mb)
 
@@ -132,29 +137,29 @@ def run(config, workdir: str) -> dict:
 
   # Data, tokenizer, reward.
   train_src, eval_src, data_stats = prompt_sets.load(config, workdir)
-  tokenizer = common.build_tokenizer(config, workdir, lambda: prompt_sets.corpus(train_src))
+  tokenizer = setup.build_tokenizer(config, workdir, lambda: prompt_sets.corpus(train_src))
   train_ds, train_meta = prompt_sets.batches(config, tokenizer, train_src, N, config.seed)
   refill_ds, _ = prompt_sets.batches(config, tokenizer, train_src, N, config.seed + 1)
-  reward_fn = prompt_sets.reward_fn_from_config(config)
+  reward_fn = setup.reward_fn_from_config(config)
 
   # Policy, reference (= the initial policy), optimizer state.
   rng_init, rng_rollout = jax.random.split(jax.random.PRNGKey(config.seed))
-  mcfg, init_params = common.policy_init(config, tokenizer)
+  mcfg, init_params = setup.policy_init(config, tokenizer)
   model = Transformer(mcfg)
   updates_per_step = algo["epochs"] * algo["minibatches"]
-  tx, schedule = common.make_optimizer(config.optimizer, config.num_steps * updates_per_step)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.num_steps * updates_per_step)
   dummy = jnp.zeros((1, 2), jnp.int32)
   # With config.lora.rank > 0 the state trains LoRA adapters and the frozen base (`frozen`)
   # is the reference: no second copy of the weights.
-  state, shardings, frozen = common.create_train_state(
+  state, shardings, frozen = state_lib.create_train_state(
       lambda k: model.init(k, dummy)["params"], tx, mesh, rng_init, init_params, config=config,
       workdir=workdir)
   need_ref = algo["kl_mode"] != "none" and algo["kl_coef"] > 0
   ref_params = frozen.initial(state["params"]) if need_ref else None
   eval_ref = ref_params if ref_params is not None or not config.eval_kl else frozen.initial(
       state["params"])  # eval_kl is measured against the initial policy
-  policy_eval = prompt_sets.policy_eval(config, mcfg, tokenizer, eval_src, workdir, eval_ref)
-  checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
+  policy_eval = setup.policy_eval(config, mcfg, tokenizer, eval_src, workdir, eval_ref)
+  checkpointer, start, state = setup.open_run(config, workdir, state, shardings, mcfg,
                                                tokenizer, {"resolved_algorithm.json": algo})
 
   P = train_ds[0]["tokens"].shape[1]
@@ -244,7 +249,7 @@ def run(config, workdir: str) -> dict:
   def evaluate(params, step):
     return policy_eval(frozen.full(params), step)
 
-  return common.train_loop(
+  return loop.train_loop(
       config, workdir, state=state, start=start, train_step=rl_step,
       get_batch=lambda i: train_ds[i], mesh=mesh, checkpointer=checkpointer,
       schedule=lambda s: schedule(s * updates_per_step), shard_batches=False,

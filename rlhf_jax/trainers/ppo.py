@@ -40,7 +40,13 @@ from rlhf_jax.losses.ppo import entropy_from_logits, explained_variance, ppo_los
 from rlhf_jax.models import Transformer
 from rlhf_jax.models.api import token_logprobs_from_hidden
 from rlhf_jax.models.heads import ScalarHead, ScalarModel, backbone_params_from_lm
-from rlhf_jax.trainers import common, prompt_sets
+from rlhf_jax import workdir as workdir_lib
+from rlhf_jax.data import prompt_sets
+from rlhf_jax.trainers import loop
+from rlhf_jax.trainers import optim
+from rlhf_jax.trainers import setup
+from rlhf_jax.trainers import state as state_lib
+from rlhf_jax.trainers import step as step_lib
 from rlhf_jax.trainers.grpo import micro_batches_of
 
 
@@ -69,7 +75,7 @@ def completion_slice(x_BS, P):
 
 def make_update(model, tx, p, P, temperature, max_len, micro_batches=1, frozen=None):
   """update(state, minibatch) -> (state, metrics): one jitted PPO step (policy + critic);
-  with LoRA (`frozen`, `common.Frozen`) the frozen base is an argument of the step.
+  with LoRA (`frozen`, `state_lib.Frozen`) the frozen base is an argument of the step.
   model.config.logits_chunk > 0: the policy's log-probs and entropies come from its
   hidden states, that many completion positions unembedded at a time
   (`models.api.token_logprobs_from_hidden`); the value head is unchanged."""
@@ -97,9 +103,9 @@ def make_update(model, tx, p, P, temperature, max_len, micro_batches=1, frozen=N
                     vf_coef=p.vf_coef, entropy_BT=ent, entropy_coef=p.entropy_coef,
                     aggregation=p.aggregation, max_len=max_len)
 
-  frozen = frozen or common.Frozen()
-  step = jax.jit(common.make_accumulating_update(
-      loss_fn, tx, micro_batches, common.aggregation_weight(p.aggregation), count_step=False,
+  frozen = frozen or state_lib.Frozen()
+  step = jax.jit(step_lib.make_accumulating_update(
+      loss_fn, tx, micro_batches, step_lib.aggregation_weight(p.aggregation), count_step=False,
       frozen=frozen))
   return lambda state, mb: step(state, *frozen.args, mb)
 
@@ -114,24 +120,24 @@ def run(config, workdir: str) -> dict:
 
   # Data, tokenizer, reward.
   train_src, eval_src, data_stats = prompt_sets.load(config, workdir)
-  tokenizer = common.build_tokenizer(config, workdir, lambda: prompt_sets.corpus(train_src))
+  tokenizer = setup.build_tokenizer(config, workdir, lambda: prompt_sets.corpus(train_src))
   train_ds, train_meta = prompt_sets.batches(config, tokenizer, train_src, N, config.seed)
-  reward_fn = prompt_sets.reward_fn_from_config(config)
+  reward_fn = setup.reward_fn_from_config(config)
 
   # Policy + critic; the reference is the initial policy.
   rng_init, rng_rollout = jax.random.split(jax.random.PRNGKey(config.seed))
-  mcfg, lm_params = common.policy_init(config, tokenizer)
+  mcfg, lm_params = setup.policy_init(config, tokenizer)
   model = PolicyValue(mcfg, p.critic)
   dummy = jnp.zeros((1, 2), jnp.int32)
   init_params = None
   if lm_params is not None:
-    fresh = jax.tree.map(np.asarray, common.unboxed_init(model, rng_init, dummy, dummy + 1))
+    fresh = jax.tree.map(np.asarray, state_lib.unboxed_init(model, rng_init, dummy, dummy + 1))
     value = fresh["value"]
     if p.critic == "separate":
       if p.critic_init:  # e.g. a reward model's workdir: its backbone and head
         try:
-          _, critic = common.load_init(p.critic_init, config.model.dtype, config.model.remat,
-                                       families=common.LM_OR_RM[1:])
+          _, critic = workdir_lib.load_init(p.critic_init, config.model.dtype, config.model.remat,
+                                       families=workdir_lib.LM_OR_RM[1:])
         except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
           raise ckpt_lib.CheckpointError(f"config.ppo.critic_init={p.critic_init}: {e}") from None
         value = {"backbone": critic["backbone"], "head": critic["head"]}
@@ -139,18 +145,18 @@ def run(config, workdir: str) -> dict:
         value = {"backbone": backbone_params_from_lm(lm_params), "head": fresh["value"]["head"]}
     init_params = {"policy": lm_params, "value": value}
   updates_per_step = p.epochs * p.minibatches
-  tx, schedule = common.make_optimizer(config.optimizer, config.num_steps * updates_per_step)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.num_steps * updates_per_step)
   # With config.lora.rank > 0: LoRA adapters on the policy (and a separate critic's
   # backbone), the value head trained fully; the frozen policy base is the reference.
-  state, shardings, frozen = common.create_train_state(
+  state, shardings, frozen = state_lib.create_train_state(
       lambda k: model.init(k, dummy, dummy + 1)["params"], tx, mesh, rng_init, init_params,
       config=config, always_trained=("head",) if p.critic == "separate" else ("value",),
       workdir=workdir)
   state["kl_ctl"] = kl_lib.kl_controller_init(p.kl_coef)
   shardings["kl_ctl"] = jax.tree.map(lambda _: parallel.replicated(mesh), state["kl_ctl"])
   ref_params = frozen.initial(state["params"], "policy")
-  policy_eval = prompt_sets.policy_eval(config, mcfg, tokenizer, eval_src, workdir, ref_params)
-  checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
+  policy_eval = setup.policy_eval(config, mcfg, tokenizer, eval_src, workdir, ref_params)
+  checkpointer, start, state = setup.open_run(config, workdir, state, shardings, mcfg,
                                                tokenizer)
 
   P = train_ds[0]["tokens"].shape[1]
@@ -225,7 +231,7 @@ def run(config, workdir: str) -> dict:
   def evaluate(params, step):
     return policy_eval(frozen.full(params)["policy"], step)
 
-  return common.train_loop(
+  return loop.train_loop(
       config, workdir, state=state, start=start, train_step=rl_step,
       get_batch=lambda i: train_ds[i], mesh=mesh, checkpointer=checkpointer,
       schedule=lambda s: schedule(s * updates_per_step), shard_batches=False,

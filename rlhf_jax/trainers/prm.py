@@ -40,7 +40,12 @@ from rlhf_jax.data import sft as sft_data
 from rlhf_jax.data.sft import DataError
 from rlhf_jax.losses.prm import prm_step_loss
 from rlhf_jax.models.heads import ScalarModel, backbone_params_from_lm
-from rlhf_jax.trainers import common
+from rlhf_jax import workdir as workdir_lib
+from rlhf_jax.trainers import loop
+from rlhf_jax.trainers import optim
+from rlhf_jax.trainers import setup
+from rlhf_jax.trainers import state as state_lib
+from rlhf_jax.trainers import step as step_lib
 
 SOURCES = ("gsm8k", "jsonl")
 ARRAY_KEYS = ("tokens", "segment_ids", "step_mask", "step_labels")
@@ -90,7 +95,7 @@ def make_train_step(model, tx, negative_weight: float, frozen=None, grad_accum_s
   """train_step(state, [base,] batch) -> (state, metrics). With grad_accum_steps = A > 1
   the rows are split into A micro-batches; each part's gradient is weighted by its share
   of sum w (the loss's denominator) and each metric by the count it is a ratio of, so the
-  update and the metrics equal the whole-batch ones (`common.make_accumulating_update`)."""
+  update and the metrics equal the whole-batch ones (`step_lib.make_accumulating_update`)."""
   def loss_fn(params, batch):
     return prm_step_loss(step_logits(model, params, batch), batch["step_mask"],
                          batch["step_labels"], negative_weight)
@@ -110,7 +115,7 @@ def make_train_step(model, tx, negative_weight: float, frozen=None, grad_accum_s
     return {"step_accuracy": n, "positive_frac": n, "accuracy_correct": jnp.sum(m * y),
             "accuracy_wrong": jnp.sum(m * (1 - y))}
 
-  return common.make_accumulating_update(loss_fn, tx, grad_accum_steps, loss_weight,
+  return step_lib.make_accumulating_update(loss_fn, tx, grad_accum_steps, loss_weight,
                                          frozen=frozen, metric_weights=metric_weights,
                                          summed_metrics=("num_steps",))
 
@@ -154,7 +159,7 @@ def run(config, workdir: str) -> dict:
   d = config.data
 
   train_rows, eval_rows, data_stats = load_rows(config, workdir)
-  tokenizer = common.build_tokenizer(config, workdir, lambda: corpus(train_rows))
+  tokenizer = setup.build_tokenizer(config, workdir, lambda: corpus(train_rows))
   tok_stats = {}
   train_arrays = prm_data.tokenize_prm_rows(train_rows, tokenizer, d.max_prompt_len, d.max_len,
                                             tok_stats)
@@ -166,23 +171,23 @@ def run(config, workdir: str) -> dict:
 
   rng_init = jax.random.PRNGKey(config.seed)
   init_params = None
-  mcfg, lm_params = common.policy_init(config, tokenizer, common.LM_OR_RM)
+  mcfg, lm_params = setup.policy_init(config, tokenizer, workdir_lib.LM_OR_RM)
   if mcfg.max_seq_len < d.max_len:
     raise config_lib.ConfigError(f"config.data.max_len={d.max_len} exceeds the model's "
                                  f"max_seq_len={mcfg.max_seq_len}")
   model = ScalarModel(mcfg)
   dummy = jnp.zeros((1, 2), jnp.int32)
   if lm_params is not None:
-    fresh = jax.tree.map(np.asarray, common.unboxed_init(model, rng_init, dummy))
+    fresh = jax.tree.map(np.asarray, state_lib.unboxed_init(model, rng_init, dummy))
     backbone = lm_params["backbone"] if "backbone" in lm_params else (
         backbone_params_from_lm(lm_params))
     init_params = {"backbone": backbone, "head": lm_params.get("head", fresh["head"])}
 
-  tx, schedule = common.make_optimizer(config.optimizer, config.num_steps)
-  state, shardings, frozen = common.create_train_state(
+  tx, schedule = optim.make_optimizer(config.optimizer, config.num_steps)
+  state, shardings, frozen = state_lib.create_train_state(
       lambda r: model.init(r, dummy)["params"], tx, mesh, rng_init, init_params, config=config,
       always_trained=("head",), workdir=workdir)
-  checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
+  checkpointer, start, state = setup.open_run(config, workdir, state, shardings, mcfg,
                                                tokenizer)
 
   batch_sharding = parallel.batch_sharding(mesh)
@@ -206,7 +211,7 @@ def run(config, workdir: str) -> dict:
 
   static_metrics = {f"data_{k}": v for k, v in {**data_stats, **tok_stats}.items()
                     if isinstance(v, (int, float))}
-  return common.train_loop(
+  return loop.train_loop(
       config, workdir, state=state, start=start,
       train_step=lambda s, b: train_step(s, *frozen.args, b), get_batch=lambda i: train_ds[i],
       mesh=mesh, checkpointer=checkpointer, schedule=schedule,

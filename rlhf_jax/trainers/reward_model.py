@@ -29,7 +29,13 @@ from rlhf_jax import parallel
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.losses.reward import bradley_terry_loss
 from rlhf_jax.models.heads import ScalarModel, backbone_params_from_lm, last_token_score
-from rlhf_jax.trainers import common, pairs
+from rlhf_jax import workdir as workdir_lib
+from rlhf_jax.data import pairs
+from rlhf_jax.trainers import loop
+from rlhf_jax.trainers import optim
+from rlhf_jax.trainers import setup
+from rlhf_jax.trainers import state as state_lib
+from rlhf_jax.trainers import step as step_lib
 
 
 def pair_scores(model, params, batch):
@@ -42,16 +48,16 @@ def pair_scores(model, params, batch):
 
 def make_train_step(model, tx, center_coef: float, use_margin: bool, frozen=None,
                     grad_accum_steps: int = 1):
-  """train_step(state, [base,] batch) -> (state, metrics) (`common.make_update`); with
+  """train_step(state, [base,] batch) -> (state, metrics) (`step_lib.make_update`); with
   grad_accum_steps = A > 1 the pairs are split into A equal micro-batches whose
   gradients and metrics are averaged (the loss is a mean over pairs, so the update is
-  the whole-batch one; `common.make_accumulating_update`)."""
+  the whole-batch one; `step_lib.make_accumulating_update`)."""
   def loss_fn(params, batch):
     r_c, r_r = pair_scores(model, params, batch)
     margin = batch["margin"] if use_margin else None
     return bradley_terry_loss(r_c, r_r, margin, center_coef)
 
-  return common.make_accumulating_update(loss_fn, tx, grad_accum_steps, common.rows_weight,
+  return step_lib.make_accumulating_update(loss_fn, tx, grad_accum_steps, step_lib.rows_weight,
                                          frozen=frozen)
 
 
@@ -82,11 +88,11 @@ def pair_accuracy(eval_step, params, arrays, batch_size, mesh):
 def load_reward_model(workdir: str):
   """(ModelConfig, params, tokenizer) of a trained reward model's workdir."""
   from rlhf_jax import tokenizer as tok_lib
-  if not common.is_workdir(workdir):
+  if not workdir_lib.is_workdir(workdir):
     raise ckpt_lib.CheckpointError(f"{workdir}: not a reward model's run directory (expected "
                                    f"model_config.json and checkpoints/ from rlhf-jax train)")
   # A LoRA run's adapters merged; checked: a reward model with the shapes of its config.
-  mcfg, params = common.read_workdir_model(workdir, families=common.LM_OR_RM[1:])
+  mcfg, params = workdir_lib.read_workdir_model(workdir, families=workdir_lib.LM_OR_RM[1:])
   return mcfg, params, tok_lib.load_tokenizer(workdir)
 
 
@@ -141,7 +147,7 @@ def run(config, workdir: str) -> dict:
 
   # Data and tokenizer.
   train_src, eval_src, data_stats = pairs.load_pairs(config, workdir)
-  tokenizer = common.build_tokenizer(config, workdir, lambda: pairs.corpus(train_src))
+  tokenizer = setup.build_tokenizer(config, workdir, lambda: pairs.corpus(train_src))
   train_arrays, tok_stats = pairs.tokenize(config, tokenizer, train_src)
   train_ds = sft_data.batched(train_arrays, config.batch_size, config.seed)
   eval_arrays = pairs.tokenize(config, tokenizer, eval_src)[0] if eval_src is not None else None
@@ -150,22 +156,22 @@ def run(config, workdir: str) -> dict:
   # Model: backbone from init_from (an LM, an SFT run, or a reward model), fresh head.
   rng_init = jax.random.PRNGKey(config.seed)
   init_params = None
-  mcfg, lm_params = common.policy_init(config, tokenizer, common.LM_OR_RM)
+  mcfg, lm_params = setup.policy_init(config, tokenizer, workdir_lib.LM_OR_RM)
   model = ScalarModel(mcfg)
   dummy = jnp.zeros((1, 2), jnp.int32)
   if lm_params is not None:
-    fresh = jax.tree.map(np.asarray, common.unboxed_init(model, rng_init, dummy))
+    fresh = jax.tree.map(np.asarray, state_lib.unboxed_init(model, rng_init, dummy))
     backbone = lm_params["backbone"] if "backbone" in lm_params else (
         backbone_params_from_lm(lm_params))
     head = lm_params.get("head", fresh["head"])
     init_params = {"backbone": backbone, "head": head}
 
   # With config.lora.rank > 0: LoRA adapters on the backbone, the scalar head trained fully.
-  tx, schedule = common.make_optimizer(config.optimizer, config.num_steps)
-  state, shardings, frozen = common.create_train_state(
+  tx, schedule = optim.make_optimizer(config.optimizer, config.num_steps)
+  state, shardings, frozen = state_lib.create_train_state(
       lambda r: model.init(r, dummy)["params"], tx, mesh, rng_init, init_params, config=config,
       always_trained=("head",), workdir=workdir)
-  checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
+  checkpointer, start, state = setup.open_run(config, workdir, state, shardings, mcfg,
                                                tokenizer)
 
   batch_sharding = parallel.batch_sharding(mesh)
@@ -187,7 +193,7 @@ def run(config, workdir: str) -> dict:
   def get_batch(i):
     return train_ds[i]
 
-  result = common.train_loop(
+  result = loop.train_loop(
       config, workdir, state=state, start=start,
       train_step=lambda s, b: train_step(s, *frozen.args, b), get_batch=get_batch,
       mesh=mesh, checkpointer=checkpointer, schedule=schedule,

@@ -10,7 +10,7 @@ With grad_accum_steps = A the batch is split into A micro-batches whose summed N
 and token counts are accumulated before dividing, so the update equals the
 un-accumulated one.
 With config.lora.rank > 0 only LoRA adapters train on the frozen base
-(`common.create_train_state`, `rlhf_jax.models.lora`).
+(`state_lib.create_train_state`, `rlhf_jax.models.lora`).
 """
 from __future__ import annotations
 
@@ -29,7 +29,11 @@ from rlhf_jax.losses.logprobs import shift_for_next_token
 from rlhf_jax.losses.sft import sft_loss_sums, sft_loss_sums_from_logps
 from rlhf_jax.models import Transformer
 from rlhf_jax.models.api import token_logprobs_from_hidden
-from rlhf_jax.trainers import common
+from rlhf_jax.trainers import loop
+from rlhf_jax.trainers import optim
+from rlhf_jax.trainers import setup
+from rlhf_jax.trainers import state as state_lib
+from rlhf_jax.trainers import step as step_lib
 
 
 # ----------------------------------------------------------------------------
@@ -60,18 +64,18 @@ def make_loss_sums(model):
 def make_train_step(model, tx, grad_accum_steps: int = 1, frozen=None):
   """train_step(state, [base,] batch) -> (state, metrics); batch arrays are [B, T].
 
-  The model runs with frozen.merge(base, state["params"]) (`common.Frozen`: the
+  The model runs with frozen.merge(base, state["params"]) (`state_lib.Frozen`: the
   parameters themselves, or with LoRA the adapters merged into the frozen base, which
   is then the step's second argument)."""
-  frozen = frozen or common.Frozen()
+  frozen = frozen or state_lib.Frozen()
   loss_sums = make_loss_sums(model)
 
   def train_step(state, *args):
     base, (batch,) = frozen.split_args(args)
-    rng, carry = common.dropout_rng(state)
+    rng, carry = step_lib.dropout_rng(state)
     def nll_and_count(trained, b):
       nll, n = loss_sums(frozen.merge(base, trained, rng), b)
-      return common.inject_nonfinite(nll, state), n  # (a testing hook; identity normally)
+      return step_lib.inject_nonfinite(nll, state), n  # (a testing hook; identity normally)
     grad_fn = jax.value_and_grad(nll_and_count, has_aux=True)
     params = state["params"]
     if grad_accum_steps == 1:
@@ -88,9 +92,9 @@ def make_train_step(model, tx, grad_accum_steps: int = 1, frozen=None):
       (grads, nll, n), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
     denom = jnp.maximum(n, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    new_state = {**common.apply_gradients(state, grads, tx), **carry}
+    new_state = {**step_lib.apply_gradients(state, grads, tx), **carry}
     metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads),
-               "skipped_update": common.skipped_metric(grads),
+               "skipped_update": step_lib.skipped_metric(grads),
                "param_norm": optax.tree.norm(frozen.merge(base, params)), "num_tokens": n}
     return new_state, metrics
 
@@ -142,7 +146,7 @@ def run(config, workdir: str) -> dict:
 
   # Data.
   train_path, eval_path = resolve_data(config, workdir)
-  tokenizer = common.build_tokenizer(config, workdir, lambda: corpus_lines(train_path))
+  tokenizer = setup.build_tokenizer(config, workdir, lambda: corpus_lines(train_path))
   train_ex = sft_data.tokenize_sft_file(train_path, tokenizer, T, config.data.overlength,
                                         config.data.loss_on_prompt)
   if config.data.packing:
@@ -160,15 +164,15 @@ def run(config, workdir: str) -> dict:
     n_eval_batches = min(config.eval_batches, len(eval_arrays["tokens"]) // eval_ds[0]["tokens"].shape[0])
 
   # Model.
-  mcfg, params = common.policy_init(config, tokenizer)
+  mcfg, params = setup.policy_init(config, tokenizer)
   model = Transformer(mcfg)
 
   # State: fresh or resumed.
-  tx, schedule = common.make_optimizer(config.optimizer, config.num_steps)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.num_steps)
   rng_init, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed))
   dummy = jnp.zeros((1, 2), jnp.int32)
   # With config.lora.rank > 0 the state trains LoRA adapters; `frozen` holds the base.
-  state, shardings, frozen = common.create_train_state(
+  state, shardings, frozen = state_lib.create_train_state(
       lambda r: model.init(r, dummy)["params"], tx, mesh, rng_init, params, config=config,
       workdir=workdir)
   eval_ref = (frozen.initial(state["params"]) if evaluation.needs_reference(config)
@@ -176,7 +180,7 @@ def run(config, workdir: str) -> dict:
   policy_eval = evaluation.from_config(config, model_config=mcfg, tokenizer=tokenizer,
                                        ref_params=eval_ref, workdir=workdir)
 
-  checkpointer, start, state = common.open_run(config, workdir, state, shardings, mcfg,
+  checkpointer, start, state = setup.open_run(config, workdir, state, shardings, mcfg,
                                                tokenizer)
 
   batch_sharding = parallel.batch_sharding(mesh)
@@ -204,12 +208,12 @@ def run(config, workdir: str) -> dict:
       out.update(policy_eval(params, step))
     if sample_rows and step and config.sample.every and (step % config.sample.every == 0
                                          or step == config.num_steps):
-      out["sample_exact_match"] = common.write_samples(
+      out["sample_exact_match"] = loop.write_samples(
           workdir, step, mcfg, params, tokenizer, sample_prompts, sample_refs,
           jax.random.fold_in(rng_sample, step), config.sample)
     return out
 
-  return common.train_loop(
+  return loop.train_loop(
       config, workdir, state=state, start=start,
       train_step=lambda s, b: train_step(s, *frozen.args, b),
       get_batch=lambda i: train_ds[i], mesh=mesh, checkpointer=checkpointer,

@@ -1,4 +1,4 @@
-"""Prompt sets for the online-RL trainers: config -> prompt batches + metadata + eval.
+"""Prompt sets for the online-RL trainers: config -> prompt batches + metadata.
 
 `config.data.source`:
   synthetic  WORKDIR/data/prompts_<task>_{train,eval}.jsonl generated from the seed
@@ -15,7 +15,7 @@ import numpy as np
 
 from rlhf_jax.data import prompts as prompt_data
 from rlhf_jax.data.sft import DataError, batched
-from rlhf_jax.trainers.pairs import _name
+from rlhf_jax.data.pairs import _name
 
 SOURCES = ("synthetic", "jsonl", "gsm8k")
 
@@ -83,24 +83,3 @@ def batches(config, tokenizer, source, prompts_per_step: int, seed: int):
     return {"answer": [answers[int(i)] for i in index],
             "prompt_messages": [_messages(source[int(i)]["prompt"]) for i in index]}
   return batched(arrays, prompts_per_step, seed), metadata
-
-
-def reward_fn_from_config(config):
-  """The CombinedReward of config.reward.spec (a name, or a JSON list/dict of entries)."""
-  from rlhf_jax.rewards import make_reward_fn
-  return make_reward_fn(config.reward.spec)
-
-
-def policy_eval(config, model_config, tokenizer, source, workdir, ref_params):
-  """evaluate(params, step) -> dict on the first `eval_prompts` held-out prompts
-  (`rlhf_jax.evaluation`: greedy reward components under config.eval_reward_spec or
-  config.reward.spec, eval_accuracy, eval_kl to `ref_params`, capability metrics);
-  None without held-out prompts or a capability set."""
-  from rlhf_jax import evaluation
-  examples = None
-  if source is not None:
-    examples = [source[i] for i in range(min(config.eval_prompts, len(source)))]
-  return evaluation.from_config(
-      config, model_config=model_config, tokenizer=tokenizer, ref_params=ref_params,
-      workdir=workdir, prompt_examples=examples, max_prompt_len=config.data.max_prompt_len,
-      max_new_tokens=config.rollout.max_new_tokens, reward_spec=config.reward.spec)

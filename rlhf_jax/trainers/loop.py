@@ -1,0 +1,136 @@
+"""The training loop every trainer shares: steps, logging, evaluation, checkpoints,
+preemption, the non-finite guard's counters."""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+
+from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax import metrics as metrics_lib
+from rlhf_jax import parallel
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot go on (e.g. config.max_bad_steps non-finite updates in a row)."""
+
+
+def write_samples(workdir, step, model_config, params, tokenizer, prompts, references, rng,
+                  sample_cfg) -> float:
+  """Sample completions for chat `prompts` (lists of messages), append them with their
+  `references` to WORKDIR/samples.jsonl; returns the exact-match rate."""
+  from rlhf_jax import sampling
+  from rlhf_jax.data.sft import encode_prompt
+  ids = [encode_prompt(tokenizer, p) for p in prompts]
+  P = max(len(x) for x in ids)
+  tokens = np.full((len(ids), P), tokenizer.pad_id, np.int32)
+  mask = np.zeros((len(ids), P), np.int32)
+  for i, x in enumerate(ids):
+    tokens[i, P - len(x):], mask[i, P - len(x):] = x, 1
+  greedy = sample_cfg.temperature <= 0
+  out = sampling.generate(model_config, params, tokens, mask, rng,
+                          max_new_tokens=sample_cfg.max_new_tokens, greedy=greedy,
+                          temperature=1.0 if greedy else sample_cfg.temperature,
+                          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  toks, m = parallel.to_host(out.tokens_BN), parallel.to_host(out.mask_BN)
+  rows = []
+  for i, (msgs, ref) in enumerate(zip(prompts, references)):
+    text = tokenizer.decode([int(t) for t, k in zip(toks[i], m[i]) if k and t != tokenizer.eos_id])
+    rows.append({"prompt": msgs[-1]["content"], "completion": text, "reference": ref,
+                 "exact_match": text.strip() == ref.strip()})
+  if parallel.is_primary():
+    metrics_lib.append_jsonl(os.path.join(workdir, "samples.jsonl"), step, rows)
+  return float(np.mean([r["exact_match"] for r in rows]))
+
+
+def host_metrics(metrics: dict) -> dict:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch, mesh,
+               checkpointer, schedule, evaluate=None, desc="train", progress_keys=("loss",),
+               count_tokens=None, extra_metrics=None, shard_batches=True):
+  """The loop every trainer shares; returns the last logged row plus step/preempted.
+
+  For step = start+1 .. config.num_steps: batch = get_batch(step - 1) (host
+  numpy, deterministic in the step), state, m = train_step(state, batch on the
+  mesh). Every `log_every` steps a metrics row (train metrics + learning_rate +
+  tokens_per_second) goes to metrics.jsonl / TensorBoard; every `eval_every`
+  steps (and at step 0 and the last step) `evaluate(params, step) -> dict` adds
+  eval metrics. Checkpoints every `checkpoint.every` steps and at the end;
+  SIGTERM checkpoints and returns early with preempted=True (`rlhf-jax train` then
+  exits with EXIT_PREEMPTED). The loop's own counters (skipped updates, the current
+  run of non-finite steps) are saved in the checkpoint too, so that a resumed run
+  logs exactly what an uninterrupted one does. `extra_metrics`
+  (e.g. data statistics) are added to every row. `count_tokens(batch)` gives
+  the tokens a batch trains on (tokens_per_second); trainers that measure their
+  own throughput pass None. shard_batches=False hands host batches to
+  train_step as they are (online RL: the step samples its own batch).
+  """
+  primary = parallel.is_primary()  # multi-host: process 0 logs, all processes compute
+  writer = metrics_lib.MetricsWriter(
+      workdir, start, enabled=primary,
+      extra_sinks=metrics_lib.config_sinks(config, workdir) if primary else ())
+  progress = metrics_lib.Progress(start, config.num_steps, desc=desc, enabled=primary)
+  throughput = metrics_lib.Throughput()
+  t_start = time.perf_counter()
+  elapsed = lambda: writer.prior_elapsed + time.perf_counter() - t_start  # across resumes
+  last = {}
+  if start == 0 and evaluate is not None and config.eval_every:
+    last = writer.write(0, {**evaluate(state["params"], 0), "elapsed_s": elapsed()})
+  preempted, step = False, start
+  max_bad = int(config.get("max_bad_steps", 3))
+  restored = checkpointer.restored_loop if start else {}
+  # All skipped updates of the run (across resumes) and the current run of them in a row.
+  skipped_total, bad_run = restored.get("skipped_updates", 0), restored.get("bad_run", 0)
+  loop_state = lambda: {"skipped_updates": skipped_total, "bad_run": bad_run}
+  with ckpt_lib.PreemptionGuard() as preemption:
+    for step in range(start + 1, config.num_steps + 1):
+      batch = get_batch(step - 1)
+      state, m = train_step(state, parallel.shard_batch(batch, mesh) if shard_batches else batch)
+      if "skipped_update" in m and float(m["skipped_update"]) > 0:  # numerical guard
+        bad_run += 1
+        skipped_total += 1
+        if primary:
+          progress.write(f"step {step} (batch {step - 1}): non-finite loss/gradients, update "
+                         f"skipped ({bad_run} in a row, {skipped_total} in this run)")
+        if max_bad and bad_run >= max_bad:
+          checkpointer.close()
+          progress.close()
+          writer.close()
+          raise TrainingError(
+              f"{bad_run} consecutive non-finite updates (steps {step - bad_run + 1}-{step}, "
+              f"config.max_bad_steps={max_bad}); parameters were not updated by them, the last "
+              f"checkpoint is {checkpointer.latest_step()}. Lower optimizer.lr, check the data "
+              f"of those batches, or raise max_bad_steps")
+      else:
+        bad_run = 0
+      if count_tokens is not None:
+        throughput.add(count_tokens(batch))
+      if step % config.log_every == 0 or step == config.num_steps:
+        row = {**host_metrics(m), **(extra_metrics or {}), "skipped_updates": skipped_total}
+        row["learning_rate"] = float(schedule(step - 1))
+        if count_tokens is not None:
+          row["tokens_per_second"] = throughput.rate()
+        if evaluate is not None and config.eval_every and (
+            step % config.eval_every == 0 or step == config.num_steps):
+          row.update(evaluate(state["params"], step))
+          throughput.restart()  # eval / sampling time is not training throughput
+        row["elapsed_s"] = elapsed()
+        last = writer.write(step, row)
+        progress.update(0, **{k: row[k] for k in progress_keys if k in row})
+      progress.update(1)
+      checkpointer.maybe_save(step, state, force=step == config.num_steps, loop=loop_state())
+      ckpt_lib.maybe_inject_fault(step)
+      if preemption.any_requested() and step < config.num_steps:
+        checkpointer.maybe_save(step, state, force=True, loop=loop_state())
+        preempted = True
+        print(f"preempted: saved checkpoint at step {step}; rerun the same command to resume",
+              flush=True)
+        break
+    checkpointer.close()  # waits for the last write; a SIGTERM now only sets the flag
+  progress.close()
+  writer.close()
+  return {"step": step, "preempted": preempted, **last}

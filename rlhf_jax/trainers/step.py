@@ -1,0 +1,175 @@
+"""One training update: value_and_grad of a loss, optional exact gradient accumulation,
+the optimizer update with its non-finite guard."""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax.trainers.optim import all_finite
+from rlhf_jax.trainers.state import Frozen
+
+
+def apply_gradients(state, grads, tx, count_step: bool = True):
+  """One optimizer update of state {"step", "params", "opt_state", ...} (other keys kept).
+
+  count_step: advance state["step"] (trainers whose step is one update); online-RL
+  trainers count rollout steps themselves.
+  Numerical guard: if any gradient is NaN/Inf the parameters and optimizer state are
+  kept as they were (the step still counts: the batch is skipped); callers report it
+  as the metric skipped_update = 1 (`skipped_metric`), which `train_loop` counts.
+  """
+  finite = all_finite(grads)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new = {**state, "params": keep(optax.apply_updates(state["params"], updates),
+                                 state["params"]),
+         "opt_state": keep(opt_state, state["opt_state"])}
+  if count_step:
+    new["step"] = state["step"] + 1
+  return new
+
+
+NAN_STEPS_ENV = "RLHF_JAX_NAN_STEPS"
+
+
+def inject_nonfinite(loss, state) -> jax.Array:
+  """Testing hook for the numerical guard: with RLHF_JAX_NAN_STEPS="3,7" (set before the
+  step is traced) the loss of training steps 3 and 7 (train_loop's numbering, i.e.
+  state["step"] + 1 for every trainer) is multiplied by NaN, so that every gradient is
+  NaN and the update must be skipped. Unset (normal runs): `loss` itself, nothing traced.
+  Used by tests/test_reliability.py and experiments/reliability."""
+  spec = os.environ.get(NAN_STEPS_ENV, "").strip()
+  if not spec:
+    return loss
+  steps = jnp.asarray([int(s) for s in spec.split(",") if s.strip()], jnp.int32)
+  bad = jnp.any(state["step"] + 1 == steps)
+  return loss * jnp.where(bad, jnp.float32(jnp.nan), jnp.float32(1.0))
+
+
+def skipped_metric(grads) -> jax.Array:
+  """float32 1.0 when `apply_gradients` skipped this update (non-finite gradients)."""
+  return 1.0 - all_finite(grads).astype(jnp.float32)
+
+
+def make_update(loss_fn, tx, count_step: bool = True, frozen: "Frozen | None" = None):
+  """update(state, *args) -> (state, metrics) for loss_fn(params, *args) -> (loss, metrics):
+  value_and_grad + optimizer update; adds grad_norm to the metrics. Not jitted.
+
+  With LoRA (`frozen` enabled) the frozen base comes right after the state,
+  update(state, base, *args) (call it as update(state, *frozen.args, *args)); loss_fn
+  sees the merged parameters and gradients reach only state["params"] (adapters + fully
+  trained leaves). The base is an argument, never a constant of the compiled step.
+  """
+  frozen = frozen or Frozen()
+
+  def update(state, *args):
+    base, args = frozen.split_args(args)
+    rng, carry = dropout_rng(state)
+
+    def loss(trained):
+      value, metrics = loss_fn(frozen.merge(base, trained, rng), *args)
+      return inject_nonfinite(value, state), metrics
+    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
+    return ({**apply_gradients(state, grads, tx, count_step), **carry},
+            {**metrics, "grad_norm": optax.tree.norm(grads),
+             "skipped_update": skipped_metric(grads)})
+  return update
+
+
+def aggregation_weight(aggregation: str):
+  """weight(micro_batch) for `make_accumulating_update`: the micro-batch's share of a
+  loss aggregated with `aggregation` (rlhf_jax/losses/ppo.py): its real tokens for
+  token_mean, its non-empty sequences for the seq_mean_* modes."""
+  if aggregation == "token_mean":
+    return lambda mb: jnp.sum(mb["mask"].astype(jnp.float32))
+  return lambda mb: jnp.sum((mb["mask"].sum(axis=1) > 0).astype(jnp.float32))
+
+
+def make_accumulating_update(loss_fn, tx, micro_batches: int, weight_fn, count_step=True,
+                             frozen: "Frozen | None" = None, metric_weights=None,
+                             summed_metrics=()):
+  """Like `make_update` (update(state, [base,] *consts, batch)), with the batch (the last
+  argument; `consts` such as reference parameters are passed whole to every part) split
+  into `micro_batches` equal parts along axis 0 whose gradients are summed with weights
+  weight_fn(part) / sum(weights) (lax.scan, one part in memory at a time). For a loss
+  that is a weighted mean over the batch (rows, tokens or sequences;
+  `aggregation_weight`), the update equals the whole-batch update. Metrics are the same
+  weighted means over the parts (so ratio_min/max are averages), unless
+  metric_weights(part) -> {name: weight} gives a metric its own (unnormalised) weight,
+  e.g. the count its ratio is taken over, so that the combined value is the whole-batch
+  one; metrics named in `summed_metrics` (counts) are added up. LoRA dropout uses one
+  mask for all parts.
+  """
+  if micro_batches == 1:
+    return make_update(loss_fn, tx, count_step, frozen)
+  frozen = frozen or Frozen()
+
+  def update(state, *args):
+    base, args = frozen.split_args(args)
+    *consts, batch = args
+    rng, carry = dropout_rng(state)
+
+    def loss(trained, part):
+      value, metrics = loss_fn(frozen.merge(base, trained, rng), *consts, part)
+      return inject_nonfinite(value, state), metrics
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+    parts = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
+    w = jax.vmap(weight_fn)(parts)
+    w = w / jnp.maximum(jnp.sum(w), 1e-12)
+    first = jax.tree.map(lambda x: x[0], parts)
+    _, m_shape = jax.eval_shape(loss, state["params"], first)
+    zeros = (jax.tree.map(jnp.zeros_like, state["params"]),
+             jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), m_shape))
+    if metric_weights is None and not summed_metrics:
+      def body(acc, xs):
+        part, wi = xs
+        (_, m), g = grad_fn(state["params"], part)
+        return jax.tree.map(lambda a, b: a + wi * b, acc, (g, m)), None
+
+      (grads, metrics), _ = jax.lax.scan(body, zeros, (parts, w))
+    else:
+      # Per-metric weights: accumulate sum_i w_ik m_ik and sum_i w_ik, divide at the end.
+      own = metric_weights or (lambda part: {})
+
+      def weights_of(part, wi):
+        mw = own(part)
+        return {k: (jnp.float32(1.0) if k in summed_metrics else
+                    jnp.asarray(mw[k], jnp.float32) if k in mw else wi) for k in m_shape}
+
+      def body(acc, xs):
+        part, wi = xs
+        (_, m), g = grad_fn(state["params"], part)
+        g_acc, m_acc, w_acc = acc
+        mw = weights_of(part, wi)
+        return (jax.tree.map(lambda a, b: a + wi * b, g_acc, g),
+                {k: m_acc[k] + mw[k] * m[k] for k in m_acc},
+                {k: w_acc[k] + mw[k] for k in w_acc}), None
+
+      w_zeros = {k: jnp.float32(0.0) for k in m_shape}
+      (grads, m_sum, w_sum), _ = jax.lax.scan(body, (*zeros, w_zeros), (parts, w))
+      metrics = {k: m_sum[k] if k in summed_metrics else
+                 jnp.where(w_sum[k] > 0, m_sum[k] / jnp.maximum(w_sum[k], 1e-30), 0.0)
+                 for k in m_sum}
+    return ({**apply_gradients(state, grads, tx, count_step), **carry},
+            {**metrics, "grad_norm": optax.tree.norm(grads),
+             "skipped_update": skipped_metric(grads)})
+  return update
+
+
+def rows_weight(part) -> jax.Array:
+  """weight_fn of `make_accumulating_update` for a loss that is a mean over batch rows."""
+  return jnp.float32(jax.tree.leaves(part)[0].shape[0])
+
+
+
+def dropout_rng(state):
+  """(key for this update's LoRA dropout or None, state entries to carry forward).
+  LoRA dropout keys live in state["lora_rng"], so a resumed run draws the same masks."""
+  if "lora_rng" not in state:
+    return None, {}
+  carry, key = jax.random.split(state["lora_rng"])
+  return key, {"lora_rng": carry}
+
