@@ -55,7 +55,8 @@ def k3_from_log_ratio(x):
 # ----------------------------------------------------------------------------
 
 def k1_from_log_ratio(d_BT):
-  """k1 = d, d = log pi(y)/pi_ref(y), y ~ pi (Schulman 2020): unbiased, high variance, can be < 0."""
+  """k1 = d, d = log pi(y)/pi_ref(y), y ~ pi (Schulman 2020): unbiased, high variance,
+  can be < 0."""
   return d_BT
 
 
