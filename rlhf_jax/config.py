@@ -626,8 +626,9 @@ def _validate_dpo(config, need, num, choice):
 
 
 def _validate_online_rl(config, model, dp_rows, need, num, choice):
-  from rlhf_jax.losses.kl import KL_KINDS
-  from rlhf_jax.losses.ppo import AGGREGATIONS
+  from rlhf_jax.losses.kl import KL_ESTIMATORS
+  from rlhf_jax.losses.ppo import AGGREGATION_MODES
+  AGGREGATIONS, KL_KINDS = tuple(AGGREGATION_MODES), tuple(KL_ESTIMATORS)  # the registries' names
   r = config.rollout
   for key in ("prompts_per_step", "group_size", "max_new_tokens", "generate_micro_batch",
               "logprob_micro_batch"):
@@ -649,7 +650,7 @@ def _validate_online_rl(config, model, dp_rows, need, num, choice):
          f"{model.max_seq_len}")
   if "grpo" in config:
     from rlhf_jax.losses.advantages import ESTIMATORS
-    from rlhf_jax.losses.grpo import IMPORTANCE_LEVELS
+    from rlhf_jax.losses.grpo import IMPORTANCE_LEVELS, KL_MODES
     from rlhf_jax.losses.grpo import resolve
     g = config.grpo
     try:
@@ -658,7 +659,7 @@ def _validate_online_rl(config, model, dp_rows, need, num, choice):
       raise ConfigError(str(e)) from None
     for key, options in (("advantage", tuple(ESTIMATORS)),
                          ("aggregation", AGGREGATIONS), ("importance", IMPORTANCE_LEVELS),
-                         ("kl_mode", ("loss", "reward", "none")), ("kl_estimator", KL_KINDS)):
+                         ("kl_mode", KL_MODES), ("kl_estimator", KL_KINDS)):
       if algo[key] not in options:
         raise ConfigError(f"config.grpo.{key}={algo[key]!r}: expected one of "
                           f"{'|'.join(options)}")

@@ -32,9 +32,14 @@ from rlhf_jax.losses.ppo import (AGGREGATIONS, aggregate, check_aggregation, che
                                  token_mean)
 
 IMPORTANCE_LEVELS = ("token", "sequence")
+# Where the KL to the reference policy enters (`config.grpo.kl_mode`): "loss" adds
+# kl_coef * k_t to the per-token loss (GRPO, Shao et al. 2024, eq. 3); "reward" subtracts it
+# from the reward before the advantages (`kl.kl_penalty_rewards`: RLOO, REINFORCE++);
+# "none" leaves it out (DAPO, Dr. GRPO, GSPO).
+KL_MODES = ("loss", "reward", "none")
 
-__all__ = ["AGGREGATIONS", "IMPORTANCE_LEVELS", "aggregate", "grpo_loss", "importance_log_ratio",
-           "overlong_penalty"]
+__all__ = ["AGGREGATIONS", "IMPORTANCE_LEVELS", "KL_MODES", "aggregate", "grpo_loss",
+           "importance_log_ratio", "overlong_penalty"]
 
 
 def importance_log_ratio(logp_BT, old_logp_BT, mask_BT, importance="token"):

@@ -9,7 +9,9 @@ the log-ratio d_t = logp_t - ref_logp_t of a sampled token:
     k3 = exp(-d) - (-d) - 1             unbiased, >= 0, low variance
        = pi_ref/pi - log(pi_ref/pi) - 1 (the estimator of GRPO, Shao et al. 2024, eq. 4)
 
-Arrays are [B, T] over completion tokens with mask_BT (1 = real token).
+The estimators are the table `KL_ESTIMATORS` (name -> function of d, formula,
+bias, paper); `kl_estimate` picks one by name. Arrays are [B, T] over completion
+tokens with mask_BT (1 = real token).
 All arithmetic is float32.
 
 As *losses* (rather than rewards) the estimators have different gradients from
@@ -21,19 +23,14 @@ loss term the way GRPO does.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses.arrays import f32
-
-KL_KINDS = ("k1", "k2", "k3")
-
-
-def _check_kind(kind):
-  if kind not in KL_KINDS:
-    raise ValueError(f"unknown KL estimator kind {kind!r}; expected one of {', '.join(KL_KINDS)}")
 
 
 def k3_from_log_ratio(x):
@@ -53,8 +50,63 @@ def k3_from_log_ratio(x):
   return jnp.where(small, series, jnp.expm1(xl) - xl)
 
 
+# ----------------------------------------------------------------------------
+# KL estimators (`config.ppo.kl_estimator`, `config.grpo.kl_estimator`): one entry each
+# ----------------------------------------------------------------------------
+
+def k1_from_log_ratio(d_BT):
+  """k1 = d, d = log pi(y)/pi_ref(y), y ~ pi (Schulman 2020): unbiased, high variance,
+  can be < 0."""
+  return d_BT
+
+
+def k2_from_log_ratio(d_BT):
+  """k2 = d^2 / 2, d = log pi(y)/pi_ref(y), y ~ pi (Schulman 2020): biased (low variance,
+  bias small for small KL), >= 0."""
+  return 0.5 * jnp.square(d_BT)
+
+
+def k3_from_policy_log_ratio(d_BT):
+  """k3 = exp(-d) + d - 1 = pi_ref/pi - log(pi_ref/pi) - 1, d = log pi(y)/pi_ref(y), y ~ pi
+  (Schulman 2020; GRPO, Shao et al. 2024, eq. 4): unbiased, >= 0, low variance.
+  `k3_from_log_ratio` of -d."""
+  return k3_from_log_ratio(-d_BT)
+
+
+@dataclasses.dataclass(frozen=True)
+class KLEstimator:
+  """A per-token estimator of KL(pi || pi_ref) from tokens sampled from pi.
+
+  fn(d_BT) -> k_BT, float32, of the log-ratio d = logp - ref_logp of the sampled
+  tokens (`kl_estimate` masks and casts around it). formula: k as a function of d.
+  unbiased: E_{y~pi}[k] = KL(pi || pi_ref). nonnegative: k >= 0 for every d.
+  paper: where it comes from.
+  """
+  fn: Callable
+  formula: str
+  unbiased: bool
+  nonnegative: bool
+  paper: str
+
+
+KL_ESTIMATORS = {
+    "k1": KLEstimator(k1_from_log_ratio, "d", unbiased=True, nonnegative=False,
+                      paper="Schulman 2020; the log-ratio penalty of Ziegler et al. 2019"),
+    "k2": KLEstimator(k2_from_log_ratio, "d^2 / 2", unbiased=False, nonnegative=True,
+                      paper="Schulman 2020"),
+    "k3": KLEstimator(k3_from_policy_log_ratio, "exp(-d) + d - 1", unbiased=True,
+                      nonnegative=True, paper="Schulman 2020; GRPO (Shao et al. 2024, eq. 4)"),
+}
+KL_KINDS = tuple(KL_ESTIMATORS)
+
+
+def _check_kind(kind):
+  if kind not in KL_ESTIMATORS:
+    raise ValueError(f"unknown KL estimator kind {kind!r}; expected one of {', '.join(KL_KINDS)}")
+
+
 def kl_estimate(logp_BT, ref_logp_BT, kind="k3", mask_BT=None):
-  """Per-token KL(pi || pi_ref) estimate `kind` in ("k1", "k2", "k3"), float32 [B, T].
+  """Per-token KL(pi || pi_ref) estimate `kind` in KL_KINDS (`KL_ESTIMATORS`), float32 [B, T].
 
       d  = logp - ref_logp
       k1 = d,   k2 = d^2 / 2,   k3 = exp(-d) + d - 1
@@ -69,12 +121,7 @@ def kl_estimate(logp_BT, ref_logp_BT, kind="k3", mask_BT=None):
   d = f32(logp_BT) - f32(ref_logp_BT)
   if mask_BT is not None:
     d = jnp.where(f32(mask_BT) > 0, d, 0.0)
-  if kind == "k1":
-    k = d
-  elif kind == "k2":
-    k = 0.5 * jnp.square(d)
-  else:
-    k = k3_from_log_ratio(-d)
+  k = KL_ESTIMATORS[kind].fn(d)
   if mask_BT is not None:
     k = jnp.where(f32(mask_BT) > 0, k, 0.0)
   return k

@@ -15,6 +15,8 @@ All arithmetic is float32.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +25,124 @@ from rlhf_jax.losses.arrays import check_shapes, f32, is_number
 from rlhf_jax.losses.kl import k3_from_log_ratio
 from rlhf_jax.losses.logprobs import token_entropy
 
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+
+# ----------------------------------------------------------------------------
+# Loss aggregation modes (`config.ppo.aggregation`, `config.grpo.aggregation`): one entry each
+# ----------------------------------------------------------------------------
+#
+# With m = mask_BT, l = loss_BT, n_b = sum_t m[b, t] and S = the rows with n_b > 0,
+# every mode is a function fn(loss_BT, mask_BT, max_len) -> float32 scalar that reads
+# only real tokens (masked positions never reach the result, even if they hold inf/NaN;
+# all-masked batches give 0), and every sequence mean leaves out the rows without real
+# tokens (padding rows).
+
+
+def _row_sums(loss_BT, mask_BT):
+  """(sum_B, n_B): each row's sum of l over its real tokens and its real-token count."""
+  m = f32(mask_BT) > 0
+  l_BT = jnp.where(m, f32(loss_BT), 0.0)
+  n_B = jnp.sum(m.astype(jnp.float32), axis=-1)
+  return jnp.sum(l_BT, axis=-1), n_B
+
+
+def _mean_over_sequences(per_B, n_B):
+  """mean_{b in S} per_B[b], S = rows with n_B > 0 (0 when S is empty)."""
+  has_B = (n_B > 0).astype(jnp.float32)
+  return jnp.sum(per_B * has_B) / jnp.maximum(jnp.sum(has_B), 1.0)
+
+
+def token_mean_loss(loss_BT, mask_BT, max_len=None):
+  """sum_{b,t} m l / sum_{b,t} m: every real token of the batch weighs the same.
+
+  DAPO's token-level policy-gradient loss (Yu et al. 2025, sec. 3.3); PPO in TRL.
+  max_len is not used.
+  """
+  return token_mean(loss_BT, mask_BT)
+
+
+def seq_mean_token_mean_loss(loss_BT, mask_BT, max_len=None):
+  """mean_{b in S} [sum_t m l / n_b]: each sequence's token mean, then the mean over sequences.
+
+  GRPO (Shao et al. 2024, eq. 3: 1/G sum_i 1/|o_i| sum_t). max_len is not used.
+  """
+  sum_B, n_B = _row_sums(loss_BT, mask_BT)
+  return _mean_over_sequences(sum_B / jnp.maximum(n_B, 1.0), n_B)
+
+
+def seq_mean_token_sum_loss(loss_BT, mask_BT, max_len=None):
+  """mean_{b in S} [sum_t m l]: each sequence's token sum, then the mean over sequences.
+
+  The sequence-level REINFORCE / RLOO objective (Ahmadian et al. 2024: the whole
+  completion is one action). max_len is not used.
+  """
+  sum_B, n_B = _row_sums(loss_BT, mask_BT)
+  return _mean_over_sequences(sum_B, n_B)
+
+
+def seq_mean_token_sum_norm_loss(loss_BT, mask_BT, max_len=None):
+  """mean_{b in S} [sum_t m l / max_len]: token sums divided by one constant.
+
+  Dr. GRPO (Liu et al. 2025: GRPO without the 1/|o_i| length normalisation;
+  implementations, e.g. TRL's "dr_grpo", divide by a constant, the generation
+  budget). max_len defaults to T = mask_BT.shape[1]; pass the generation budget
+  (max new tokens) so the constant does not change with the padded length of a batch.
+  """
+  sum_B, n_B = _row_sums(loss_BT, mask_BT)
+  return _mean_over_sequences(sum_B / f32(mask_BT.shape[-1] if max_len is None else max_len),
+                              n_B)
+
+
+def token_count(mask_BT):
+  """sum_{b,t} [m > 0]: the real tokens of a (micro-)batch, float32 scalar."""
+  return jnp.sum((f32(mask_BT) > 0).astype(jnp.float32))
+
+
+def sequence_count(mask_BT):
+  """|S| = #rows with a real token: the non-empty sequences of a (micro-)batch, float32 scalar."""
+  return jnp.sum((jnp.sum((f32(mask_BT) > 0).astype(jnp.float32), axis=-1) > 0)
+                 .astype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Aggregation:
+  """A way to reduce per-token losses [B, T] to the scalar that is differentiated.
+
+  fn(loss_BT, mask_BT, max_len) -> float32 scalar (see the mode functions above).
+  micro_batch_weight(mask_BT) -> float32 scalar: the micro-batch's share for exact
+  gradient accumulation: the denominator of fn over the micro-batch (its real tokens
+  for a token mean, its non-empty sequences for a sequence mean), so that
+  sum_k w_k fn(part_k) / sum_k w_k = fn(whole batch) for any split into parts along B.
+  description: what it computes, in words; paper: where it comes from.
+  """
+  fn: Callable
+  micro_batch_weight: Callable
+  description: str
+  paper: str
+
+
+AGGREGATION_MODES = {
+    "token_mean": Aggregation(
+        token_mean_loss, token_count,
+        "Σ over all real tokens ÷ #real tokens of the batch",
+        "DAPO (Yu et al. 2025, sec. 3.3); PPO in TRL"),
+    "seq_mean_token_mean": Aggregation(
+        seq_mean_token_mean_loss, sequence_count,
+        "mean over sequences of each sequence's token mean",
+        "GRPO (Shao et al. 2024, eq. 3)"),
+    "seq_mean_token_sum": Aggregation(
+        seq_mean_token_sum_loss, sequence_count,
+        "mean over sequences of each sequence's token sum",
+        "RLOO / REINFORCE (Ahmadian et al. 2024)"),
+    "seq_mean_token_sum_norm": Aggregation(
+        seq_mean_token_sum_norm_loss, sequence_count,
+        "mean over sequences of token sums ÷ a constant L (max_len, the generation budget)",
+        "Dr. GRPO (Liu et al. 2025)"),
+}
+AGGREGATIONS = tuple(AGGREGATION_MODES)
 
 
 def check_aggregation(aggregation, max_len=None):
-  if aggregation not in AGGREGATIONS:
+  if aggregation not in AGGREGATION_MODES:
     raise ValueError(f"unknown loss aggregation {aggregation!r}; expected one of "
                      f"{', '.join(AGGREGATIONS)}")
   if max_len is not None and is_number(max_len) and not max_len > 0:
@@ -35,7 +150,7 @@ def check_aggregation(aggregation, max_len=None):
 
 
 def aggregate(loss_BT, mask_BT, aggregation="token_mean", max_len=None):
-  """Reduce per-token losses to a scalar; float32.
+  """Reduce per-token losses to a scalar with the mode `aggregation` (`AGGREGATION_MODES`); float32.
 
   With m = mask_BT, n_b = sum_t m[b, t] and S = rows with n_b > 0:
 
@@ -55,20 +170,14 @@ def aggregate(loss_BT, mask_BT, aggregation="token_mean", max_len=None):
   positions never reach the result, even if they hold inf/NaN.
   """
   check_aggregation(aggregation, max_len)
-  m = f32(mask_BT) > 0
-  l_BT = jnp.where(m, f32(loss_BT), 0.0)
-  if aggregation == "token_mean":
-    return jnp.sum(l_BT) / jnp.maximum(jnp.sum(m.astype(jnp.float32)), 1.0)
-  n_B = jnp.sum(m.astype(jnp.float32), axis=-1)
-  sum_B = jnp.sum(l_BT, axis=-1)
-  if aggregation == "seq_mean_token_mean":
-    per_B = sum_B / jnp.maximum(n_B, 1.0)
-  elif aggregation == "seq_mean_token_sum":
-    per_B = sum_B
-  else:
-    per_B = sum_B / f32(mask_BT.shape[-1] if max_len is None else max_len)
-  has_B = (n_B > 0).astype(jnp.float32)
-  return jnp.sum(per_B * has_B) / jnp.maximum(jnp.sum(has_B), 1.0)
+  return AGGREGATION_MODES[aggregation].fn(loss_BT, mask_BT, max_len)
+
+
+def micro_batch_weight(mask_BT, aggregation="token_mean"):
+  """The share of a micro-batch with mask_BT in a loss aggregated with `aggregation`:
+  `AGGREGATION_MODES[aggregation].micro_batch_weight(mask_BT)`, float32 scalar."""
+  check_aggregation(aggregation)
+  return AGGREGATION_MODES[aggregation].micro_batch_weight(mask_BT)
 
 
 def token_mean(x_BT, mask_BT):

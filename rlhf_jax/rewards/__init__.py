@@ -5,7 +5,9 @@ Interface (`rlhf_jax.rewards.base`): a reward function is a callable with a
 
     fn(prompts, completions, metadata) -> np.ndarray float32 [B]
 
-Built in (`REWARD_FNS`; options are the constructor arguments):
+Built in (the registry `REWARD_FNS`, name -> `RewardEntry`: builder, description,
+whether it loads a trained model from a workdir, paper; options are the constructor
+arguments):
 
   math          MathReward(correct=1, incorrect=0, format_reward=0, format_marker="####",
                 rel_tol=0)                      final number vs metadata["answer"]
@@ -27,10 +29,11 @@ unweighted components are for `reward/<label>` metrics):
 
 Each entry: "name" (required), "weight" (default 1), "label" (the metric
 name, default the name; needed when one reward appears twice), the rest are
-the reward's options. `register_reward_fn(name, factory)` adds one.
+the reward's options. `register_reward_fn(name, factory, ...)` adds an entry.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 from typing import Any, Callable, Mapping
@@ -38,33 +41,70 @@ from typing import Any, Callable, Mapping
 from rlhf_jax.rewards.base import RewardError, RewardFn  # noqa: F401
 from rlhf_jax.rewards.combine import CombinedReward, combine, reward_metrics  # noqa: F401
 
-# name -> "module:attribute" (imported on first use: the reward model needs jax) or a factory.
-REWARD_FNS: dict[str, str | Callable[..., RewardFn]] = {
-    "math": "rlhf_jax.rewards.math:MathReward",
-    "length_penalty": "rlhf_jax.rewards.rules:LengthPenalty",
-    "missing_eos": "rlhf_jax.rewards.rules:MissingEosPenalty",
-    "overlong": "rlhf_jax.rewards.rules:OverlongPenalty",
-    "reward_model": "rlhf_jax.rewards.reward_model:RewardModelReward",
-    "prm": "rlhf_jax.rewards.prm:PRMReward",
+
+@dataclasses.dataclass(frozen=True)
+class RewardEntry:
+  """One reward function that a spec names (`config.reward.spec`, `config.eval_reward_spec`).
+
+  builder: the factory, factory(**options) -> RewardFn (the spec entry's options are its
+  arguments), or its "module:attribute" (imported on first use, so that a spec that does
+  not name the reward model does not import jax for it). description: what it scores.
+  needs_workdir: it loads a trained model from the run directory given as its `workdir`
+  option (building it reads that run and needs jax); validation refuses the entry
+  without a non-empty workdir. paper: where it comes from ("" for a plain shaping rule).
+  """
+  builder: str | Callable[..., RewardFn]
+  description: str = ""
+  needs_workdir: bool = False
+  paper: str = ""
+
+  def factory(self) -> Callable[..., RewardFn]:
+    f = self.builder
+    if isinstance(f, str):
+      module, attr = f.split(":")
+      f = getattr(importlib.import_module(module), attr)
+    return f
+
+
+REWARD_FNS: dict[str, RewardEntry] = {
+    "math": RewardEntry(
+        "rlhf_jax.rewards.math:MathReward",
+        "final number of the completion vs metadata[\"answer\"] (GSM8K-robust extraction)",
+        paper="rule-based verifiable reward: DeepSeek-R1 (Guo et al. 2025), Tulu 3 RLVR "
+              "(Lambert et al. 2024)"),
+    "length_penalty": RewardEntry(
+        "rlhf_jax.rewards.rules:LengthPenalty", "-coef per completion token beyond target"),
+    "missing_eos": RewardEntry(
+        "rlhf_jax.rewards.rules:MissingEosPenalty",
+        "penalty for a completion cut at the length limit (no EOS)"),
+    "overlong": RewardEntry(
+        "rlhf_jax.rewards.rules:OverlongPenalty",
+        "soft overlong punishment: 0, then linear down to -1 over the last cache_len tokens",
+        paper="DAPO (Yu et al. 2025, eq. 13)"),
+    "reward_model": RewardEntry(
+        "rlhf_jax.rewards.reward_model:RewardModelReward",
+        "a trained reward model's score (optionally normalised)", needs_workdir=True,
+        paper="Ziegler et al. 2019; InstructGPT (Ouyang et al. 2022)"),
+    "prm": RewardEntry(
+        "rlhf_jax.rewards.prm:PRMReward",
+        "a trained process reward model's per-step p(correct), aggregated (min/prod/last/mean)",
+        needs_workdir=True, paper="Lightman et al. 2023; Uesato et al. 2022"),
 }
 _RESERVED = ("name", "weight", "label")
 
 
-def register_reward_fn(name: str, factory: Callable[..., RewardFn]) -> None:
-  """Make `factory(**options)` available to `make_reward_fn` as `name`."""
+def register_reward_fn(name: str, factory: Callable[..., RewardFn], description: str = "",
+                       needs_workdir: bool = False, paper: str = "") -> None:
+  """Make `factory(**options)` available to `make_reward_fn` as `name` (a `RewardEntry`)."""
   if name in REWARD_FNS:
     raise ValueError(f"reward function {name!r} is already registered")
-  REWARD_FNS[name] = factory
+  REWARD_FNS[name] = RewardEntry(factory, description, needs_workdir, paper)
 
 
 def _factory(name: str) -> Callable[..., RewardFn]:
   if name not in REWARD_FNS:
     raise ValueError(f"unknown reward function {name!r}; valid: {sorted(REWARD_FNS)}")
-  f = REWARD_FNS[name]
-  if isinstance(f, str):
-    module, attr = f.split(":")
-    f = getattr(importlib.import_module(module), attr)
-  return f
+  return REWARD_FNS[name].factory()
 
 
 def _plain(x: Any) -> Any:
@@ -116,6 +156,10 @@ def _checked(entry: Mapping):
                and p.name not in options]
     if missing:
       raise ValueError(f"reward {name!r}: missing required option(s) {missing}")
+  workdir = options.get("workdir")
+  if REWARD_FNS[name].needs_workdir and not (isinstance(workdir, str) and workdir):
+    raise ValueError(f"reward {name!r}: needs option 'workdir', the run directory of the "
+                     f"trained model it loads; got {workdir!r}")
   weight = entry.get("weight", 1.0)
   if isinstance(weight, bool) or not isinstance(weight, (int, float)):
     raise ValueError(f"reward {name!r}: weight must be a number, got {weight!r}")
