@@ -54,6 +54,10 @@ def cells(steps: int) -> dict:
       "ppo": ("configs/ppo.py:tiny", rl),
       "lora_sft": ("configs/sft.py:tiny", {**sup, "eval_kl": False, "lora.rank": 4}),
       "lora_dpo": ("configs/dpo.py:tiny", {**sup, "eval_kl": False, "lora.rank": 4}),
+      # exact gradient accumulation (two micro-batches) through each trainer's step
+      "sft_accum": ("configs/sft.py:tiny", {**sup, "eval_kl": False, "grad_accum_steps": 2}),
+      "rm_accum": ("configs/rm.py:tiny", {**sup, "grad_accum_steps": 2}),
+      "dpo_accum": ("configs/dpo.py:tiny", {**sup, "eval_kl": False, "grad_accum_steps": 2}),
   }
   for loss in DPO_LOSSES:
     out[f"dpo_{loss}"] = ("configs/dpo.py:tiny", {**sup, "eval_kl": False,

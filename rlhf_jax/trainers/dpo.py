@@ -153,8 +153,8 @@ def make_train_step(model, tx, d, frozen=None, window: int = 0, grad_accum_steps
   averaged: every loss type but kto is a mean over pairs, so the update is the
   whole-batch one (kto's reference point z0 is a whole-batch statistic: refused by
   config validation)."""
-  return step_lib.make_accumulating_update(make_loss_fn(model, d, window), tx,
-                                         grad_accum_steps, step_lib.rows_weight, frozen=frozen)
+  return step_lib.make_step(make_loss_fn(model, d, window), tx, grad_accum_steps,
+                            step_lib.rows_weight, frozen=frozen)
 
 
 def reference_logps(model, names, ref_params, arrays, batch_size, mesh, cache_path, fingerprint,

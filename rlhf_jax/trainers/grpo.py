@@ -111,7 +111,7 @@ def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: i
     return loss, metrics
 
   frozen = frozen or state_lib.Frozen()
-  step = jax.jit(step_lib.make_accumulating_update(
+  step = jax.jit(step_lib.make_step(
       loss_fn, tx, micro_batches, step_lib.aggregation_weight(algo["aggregation"]),
       count_step=False, frozen=frozen))
   return lambda state, mb: step(state, *frozen.args, mb)

@@ -104,7 +104,7 @@ def make_update(model, tx, p, P, temperature, max_len, micro_batches=1, frozen=N
                     aggregation=p.aggregation, max_len=max_len)
 
   frozen = frozen or state_lib.Frozen()
-  step = jax.jit(step_lib.make_accumulating_update(
+  step = jax.jit(step_lib.make_step(
       loss_fn, tx, micro_batches, step_lib.aggregation_weight(p.aggregation), count_step=False,
       frozen=frozen))
   return lambda state, mb: step(state, *frozen.args, mb)

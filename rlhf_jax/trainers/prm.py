@@ -95,7 +95,7 @@ def make_train_step(model, tx, negative_weight: float, frozen=None, grad_accum_s
   """train_step(state, [base,] batch) -> (state, metrics). With grad_accum_steps = A > 1
   the rows are split into A micro-batches; each part's gradient is weighted by its share
   of sum w (the loss's denominator) and each metric by the count it is a ratio of, so the
-  update and the metrics equal the whole-batch ones (`step_lib.make_accumulating_update`)."""
+  update and the metrics equal the whole-batch ones (`step_lib.make_step`)."""
   def loss_fn(params, batch):
     return prm_step_loss(step_logits(model, params, batch), batch["step_mask"],
                          batch["step_labels"], negative_weight)
@@ -115,9 +115,8 @@ def make_train_step(model, tx, negative_weight: float, frozen=None, grad_accum_s
     return {"step_accuracy": n, "positive_frac": n, "accuracy_correct": jnp.sum(m * y),
             "accuracy_wrong": jnp.sum(m * (1 - y))}
 
-  return step_lib.make_accumulating_update(loss_fn, tx, grad_accum_steps, loss_weight,
-                                         frozen=frozen, metric_weights=metric_weights,
-                                         summed_metrics=("num_steps",))
+  return step_lib.make_step(loss_fn, tx, grad_accum_steps, loss_weight, frozen=frozen,
+                            metric_weights=metric_weights, summed_metrics=("num_steps",))
 
 
 def step_metrics(logits_NT, arrays) -> dict:

@@ -48,17 +48,16 @@ def pair_scores(model, params, batch):
 
 def make_train_step(model, tx, center_coef: float, use_margin: bool, frozen=None,
                     grad_accum_steps: int = 1):
-  """train_step(state, [base,] batch) -> (state, metrics) (`step_lib.make_update`); with
+  """train_step(state, [base,] batch) -> (state, metrics) (`step_lib.make_step`); with
   grad_accum_steps = A > 1 the pairs are split into A equal micro-batches whose
   gradients and metrics are averaged (the loss is a mean over pairs, so the update is
-  the whole-batch one; `step_lib.make_accumulating_update`)."""
+  the whole-batch one)."""
   def loss_fn(params, batch):
     r_c, r_r = pair_scores(model, params, batch)
     margin = batch["margin"] if use_margin else None
     return bradley_terry_loss(r_c, r_r, margin, center_coef)
 
-  return step_lib.make_accumulating_update(loss_fn, tx, grad_accum_steps, step_lib.rows_weight,
-                                         frozen=frozen)
+  return step_lib.make_step(loss_fn, tx, grad_accum_steps, step_lib.rows_weight, frozen=frozen)
 
 
 def make_eval_step(model):

@@ -64,40 +64,25 @@ def make_loss_sums(model):
 def make_train_step(model, tx, grad_accum_steps: int = 1, frozen=None):
   """train_step(state, [base,] batch) -> (state, metrics); batch arrays are [B, T].
 
-  The model runs with frozen.merge(base, state["params"]) (`state_lib.Frozen`: the
-  parameters themselves, or with LoRA the adapters merged into the frozen base, which
-  is then the step's second argument)."""
+  `step_lib.make_step` on the summed completion-token NLL with normalizer="num_tokens":
+  the gradient and the logged loss are the token-mean NLL of the whole batch, also with
+  grad_accum_steps > 1 micro-batches. The model runs with frozen.merge(base,
+  state["params"]) (`state_lib.Frozen`: the parameters themselves, or with LoRA the
+  adapters merged into the frozen base, which is then the step's second argument)."""
   frozen = frozen or state_lib.Frozen()
   loss_sums = make_loss_sums(model)
 
+  def loss_fn(params, batch):
+    nll, n = loss_sums(params, batch)
+    return nll, {"num_tokens": n}
+  update = step_lib.make_step(loss_fn, tx, grad_accum_steps, frozen=frozen,
+                              normalizer="num_tokens")
+
   def train_step(state, *args):
-    base, (batch,) = frozen.split_args(args)
-    rng, carry = step_lib.dropout_rng(state)
-    def nll_and_count(trained, b):
-      nll, n = loss_sums(frozen.merge(base, trained, rng), b)
-      return step_lib.inject_nonfinite(nll, state), n  # (a testing hook; identity normally)
-    grad_fn = jax.value_and_grad(nll_and_count, has_aux=True)
-    params = state["params"]
-    if grad_accum_steps == 1:
-      (nll, n), grads = grad_fn(params, batch)
-    else:
-      micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
-
-      def body(carry, mb):
-        (nll_i, n_i), g_i = grad_fn(params, mb)
-        g, nll, n = carry
-        return (jax.tree.map(jnp.add, g, g_i), nll + nll_i, n + n_i), None
-
-      zeros = jax.tree.map(jnp.zeros_like, params)
-      (grads, nll, n), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
-    denom = jnp.maximum(n, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    new_state = {**step_lib.apply_gradients(state, grads, tx), **carry}
-    metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads),
-               "skipped_update": step_lib.skipped_metric(grads),
-               "param_norm": optax.tree.norm(frozen.merge(base, params)), "num_tokens": n}
-    return new_state, metrics
-
+    base, _ = frozen.split_args(args)
+    new_state, metrics = update(state, *args)
+    return new_state, {**metrics,
+                       "param_norm": optax.tree.norm(frozen.merge(base, state["params"]))}
   return train_step
 
 
