@@ -40,6 +40,7 @@ from rlhf_jax import parallel, rollout
 from rlhf_jax.losses import advantages as adv_lib
 from rlhf_jax.losses import kl as kl_lib
 from rlhf_jax.losses.grpo import AUTO, VARIANTS, grpo_loss, resolve  # noqa: F401 (re-exported)
+from rlhf_jax.losses.arrays import masked_mean
 from rlhf_jax.losses.logprobs import token_logprobs
 from rlhf_jax.models import Transformer
 from rlhf_jax.models.api import prefix_sharing_saves_flops, window_logits, window_logprobs
@@ -53,18 +54,18 @@ from rlhf_jax.trainers import step as step_lib
 
 def advantages(algo, ro: rollout.Rollout, group_size: int) -> np.ndarray:
   """Per-token advantages [B, C] (constant along a sequence except for REINFORCE++)."""
-  mask = ro.completion_mask_BC
-  r = ro.rewards_B
+  mask_BC = ro.completion_mask_BC
+  scores_B = ro.rewards_B
   est = adv_lib.ESTIMATORS[algo["advantage"]]
   if algo["kl_mode"] == "reward" and not est.token_level:  # sequence-level KL penalty
-    k = np.asarray(kl_lib.kl_estimate(ro.old_logps_BC, ro.ref_logps_BC, algo["kl_estimator"]))
-    r = r - algo["kl_coef"] * (k * mask).sum(1)
+    kl_BC = np.asarray(kl_lib.kl_estimate(ro.old_logps_BC, ro.ref_logps_BC, algo["kl_estimator"]))
+    scores_B = scores_B - algo["kl_coef"] * (kl_BC * mask_BC).sum(1)
   if est.token_level:
-    rewards_BC = kl_lib.kl_penalty_rewards(ro.old_logps_BC, ro.ref_logps_BC, mask,
-                                           algo["kl_coef"], algo["kl_estimator"], scores_B=r)
-    return np.asarray(est.fn(rewards_BC, mask), np.float32)
-  a = est.fn(r, group_size, algo["std_eps"])
-  return (np.asarray(a, np.float32)[:, None] * mask).astype(np.float32)
+    rewards_BC = kl_lib.kl_penalty_rewards(ro.old_logps_BC, ro.ref_logps_BC, mask_BC,
+                                           algo["kl_coef"], algo["kl_estimator"], scores_B=scores_B)
+    return np.asarray(est.fn(rewards_BC, mask_BC), np.float32)
+  adv_B = est.fn(scores_B, group_size, algo["std_eps"])
+  return (np.asarray(adv_B, np.float32)[:, None] * mask_BC).astype(np.float32)
 
 
 def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: int,
@@ -106,8 +107,7 @@ def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: i
         max_len=max_len, clip_eps_low=algo["clip_eps_low"], clip_eps_high=algo["clip_eps_high"],
         importance=algo["importance"], kl_beta=algo["kl_coef"] if use_ref else 0.0,
         kl_kind=algo["kl_estimator"])
-    m = mb["mask"].astype(jnp.float32)
-    metrics["entropy"] = jnp.sum(ent * m) / jnp.maximum(m.sum(), 1.0)
+    metrics["entropy"] = masked_mean(ent, mb["mask"])
     return loss, metrics
 
   frozen = frozen or state_lib.Frozen()
@@ -131,8 +131,8 @@ def run(config, workdir: str) -> dict:
   config_lib.validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   algo = resolve(config.grpo)
-  r = config.rollout
-  G, N = r.group_size, r.prompts_per_step
+  rollout_cfg = config.rollout
+  G, N = rollout_cfg.group_size, rollout_cfg.prompts_per_step
   mesh = parallel.make_mesh(config.mesh.shape)
 
   # Data, tokenizer, reward.
@@ -163,24 +163,24 @@ def run(config, workdir: str) -> dict:
                                                tokenizer, {"resolved_algorithm.json": algo})
 
   P = train_ds[0]["tokens"].shape[1]
-  temperature = r.temperature if r.temperature > 0 else 1.0
+  temperature = rollout_cfg.temperature if rollout_cfg.temperature > 0 else 1.0
   B = N * G
   # grpo.share_prompt: a group's G completions run as one packed row, the prompt once
   # (update, old and reference log-prob passes); minibatches then hold whole groups. Off
   # when minibatches would split groups or packing costs more FLOPs (long completions).
   share = G if (config.grpo.get("share_prompt", True) and N % algo["minibatches"] == 0
-                and prefix_sharing_saves_flops(mcfg, P, r.max_new_tokens, G)) else 1
+                and prefix_sharing_saves_flops(mcfg, P, rollout_cfg.max_new_tokens, G)) else 1
   mb_rows = B // algo["minibatches"]
-  micro_rows = mb_rows // micro_batches_of(mb_rows, r.train_micro_batch)
-  lp_rows = min(r.logprob_micro_batch, B)
+  micro_rows = mb_rows // micro_batches_of(mb_rows, rollout_cfg.train_micro_batch)
+  lp_rows = min(rollout_cfg.logprob_micro_batch, B)
   logps_fn = rollout.completion_logps_fn(mcfg, P, temperature,
                                          share if lp_rows % share == 0 else 1)
   # One update per rollout: the old policy IS the current one; skip the old-log-prob
   # forward pass (rollouts then carry the sampler's log-probs as old_logps, for stats and
   # KL-in-reward). grpo.old_logps="recompute" always runs the pass.
   on_policy = updates_per_step == 1 and config.grpo.old_logps == "auto"
-  update = make_update(model, tx, algo, P, temperature, r.max_new_tokens,
-                       micro_batches_of(mb_rows, r.train_micro_batch), frozen,
+  update = make_update(model, tx, algo, P, temperature, rollout_cfg.max_new_tokens,
+                       micro_batches_of(mb_rows, rollout_cfg.train_micro_batch), frozen,
                        on_policy=on_policy,
                        group_size=share if micro_rows % share == 0 else 1)
 
@@ -188,7 +188,7 @@ def run(config, workdir: str) -> dict:
     return rollout.generate_rollout(
         model_config=mcfg, params=params, ref_params=ref_params,
         prompt_tokens_NP=batch["tokens"], prompt_mask_NP=batch["mask"], group_size=G, rng=key,
-        rollout_cfg=r, tokenizer=tokenizer, reward_fn=reward_fn.score,
+        rollout_cfg=rollout_cfg, tokenizer=tokenizer, reward_fn=reward_fn.score,
         metadata=train_meta(batch["index"]), logps_fn=logps_fn, need_ref=need_ref,
         need_old=not on_policy)
 
@@ -204,7 +204,7 @@ def run(config, workdir: str) -> dict:
     del policy
     adv = advantages(algo, ro, G)
     if algo["variant"] == "dapo" and algo["overlong_cache"] > 0:
-      stats["overlong_frac"] = float((ro.lengths_B > r.max_new_tokens - algo["overlong_cache"]
+      stats["overlong_frac"] = float((ro.lengths_B > rollout_cfg.max_new_tokens - algo["overlong_cache"]
                                       ).mean())
     arrays = {"sequences": ro.sequences_BS, "segment_ids": ro.segment_ids_BS,
               "mask": ro.completion_mask_BC, "old_logps": ro.old_logps_BC, "advantages": adv,

@@ -113,8 +113,8 @@ def make_update(model, tx, p, P, temperature, max_len, micro_batches=1, frozen=N
 def run(config, workdir: str) -> dict:
   config_lib.validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
-  p, r = config.ppo, config.rollout
-  G, N = r.group_size, r.prompts_per_step
+  p, rollout_cfg = config.ppo, config.rollout
+  G, N = rollout_cfg.group_size, rollout_cfg.prompts_per_step
   B = N * G
   mesh = parallel.make_mesh(config.mesh.shape)
 
@@ -160,12 +160,12 @@ def run(config, workdir: str) -> dict:
                                                tokenizer)
 
   P = train_ds[0]["tokens"].shape[1]
-  temperature = r.temperature if r.temperature > 0 else 1.0
+  temperature = rollout_cfg.temperature if rollout_cfg.temperature > 0 else 1.0
   logps_fn = rollout.completion_logps_fn(mcfg, P, temperature)
   values_fn = jax.jit(lambda params, s, g: completion_slice(
       model.apply({"params": params}, s, g)[1], P))
-  update = make_update(model, tx, p, P, temperature, r.max_new_tokens,
-                       micro_batches_of(B // p.minibatches, r.train_micro_batch), frozen)
+  update = make_update(model, tx, p, P, temperature, rollout_cfg.max_new_tokens,
+                       micro_batches_of(B // p.minibatches, rollout_cfg.train_micro_batch), frozen)
 
   def rl_step(state, batch):
     step = int(state["step"])
@@ -174,14 +174,14 @@ def run(config, workdir: str) -> dict:
     ro = rollout.generate_rollout(
         model_config=mcfg, params=params["policy"], ref_params=ref_params,
         prompt_tokens_NP=batch["tokens"], prompt_mask_NP=batch["mask"], group_size=G,
-        rng=jax.random.fold_in(rng_rollout, step), rollout_cfg=r, tokenizer=tokenizer,
+        rng=jax.random.fold_in(rng_rollout, step), rollout_cfg=rollout_cfg, tokenizer=tokenizer,
         reward_fn=reward_fn.score, metadata=train_meta(batch["index"]), logps_fn=logps_fn,
         need_ref=True)
     stats = rollout.rollout_stats(ro, G)
     t0 = time.perf_counter()
     mask = ro.completion_mask_BC
     old_values = rollout.micro_batched(lambda s, g: values_fn(params, s, g),
-                                       r.logprob_micro_batch, ro.sequences_BS,
+                                       rollout_cfg.logprob_micro_batch, ro.sequences_BS,
                                        ro.segment_ids_BS) * mask
     scores = ro.rewards_B
     if p.whiten_rewards:
