@@ -63,9 +63,10 @@ def tuned_env(environ=None, libc: str | None = None, system: str | None = None,
 
 
 def _is_cli_process(orig_argv) -> bool:
-  """Started as the `rlhf-jax` console script or as `python -m rlhf_jax.launch`."""
+  """Started as the `rlhf-jax` console script or as `python -m rlhf_jax.launch` (or its
+  fault-injecting twin `python -m rlhf_jax.faults`)."""
   args = list(orig_argv[1:])
-  if len(args) >= 2 and args[0] == "-m" and args[1] == "rlhf_jax.launch":
+  if len(args) >= 2 and args[0] == "-m" and args[1] in ("rlhf_jax.launch", "rlhf_jax.faults"):
     return True
   return bool(args) and os.path.basename(args[0]) == "rlhf-jax"
 

@@ -32,8 +32,6 @@ import logging
 import os
 import signal
 import sys
-import threading
-import time
 from typing import Any
 
 import jax
@@ -86,11 +84,7 @@ class Checkpointer:
       return False
     item = state if not loop else {**state, LOOP: {k: np.asarray(v, np.int32)
                                                    for k, v in loop.items()}}
-    killer = _kill_during_save(self.directory, step)
-    saved = bool(self._manager.save(step, args=ocp.args.StandardSave(item), force=True))
-    if killer is not None:
-      killer.join()  # SIGKILLs this process once the write is under way
-    return saved
+    return bool(self._manager.save(step, args=ocp.args.StandardSave(item), force=True))
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any] | None:
     """Restore `step` (default latest) into the structure/shardings of `abstract_state`.
@@ -296,60 +290,6 @@ class PreemptionGuard:
       return self.requested
     from jax.experimental import multihost_utils
     return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
-
-
-def _fault() -> tuple[int, str, str] | None:
-  """RLHF_JAX_FAULT="STEP:SIGNAL[:save]" parsed as (step, signal name, where)."""
-  spec = os.environ.get("RLHF_JAX_FAULT")
-  if not spec:
-    return None
-  at, sig, *where = spec.split(":")
-  return int(at), sig, (where[0] if where else "after_step")
-
-
-def _signal_self(sig: str) -> None:
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
-
-
-def maybe_inject_fault(step: int) -> None:
-  """Testing hook: RLHF_JAX_FAULT="STEP:SIGNAL" (e.g. "7:KILL") signals this process
-  after step STEP completes (and its checkpoint, if any, is written); "STEP:KILL:save"
-  kills it *while* the checkpoint of step STEP is being written (`Checkpointer.maybe_save`).
-  Used by the kill-and-resume tests and experiments/reliability; unset in normal runs."""
-  fault = _fault()
-  if fault and fault[2] == "after_step" and step == fault[0]:
-    _signal_self(fault[1])
-
-
-def _kill_during_save(directory: str, step: int) -> threading.Thread | None:
-  """With RLHF_JAX_FAULT="STEP:SIGNAL:save" and `step` == STEP: a thread that sends SIGNAL
-  to this process as soon as orbax has begun writing tensor data into the checkpoint's
-  temporary directory (STEP.orbax-checkpoint-tmp), i.e. mid-write, before the commit
-  (rename). If the write finishes first (it never did in our runs) the signal follows it."""
-  fault = _fault()
-  if not fault or fault[2] != "save" or fault[0] != step:
-    return None
-  tmp = os.path.join(directory, f"{step}.orbax-checkpoint-tmp")
-
-  def writing() -> bool:
-    for root, _, files in os.walk(tmp):
-      if files and os.path.basename(root) == "d":  # ocdbt data files: tensors being written
-        return True
-    return False
-
-  def watch():
-    t0 = time.monotonic()
-    while not writing() and not os.path.isdir(os.path.join(directory, str(step))):
-      if time.monotonic() - t0 > 60:
-        break
-      time.sleep(0.0005)
-    _signal_self(fault[1])
-
-  t = threading.Thread(target=watch, daemon=True)
-  t.start()
-  return t
 
 
 def params_equal(a, b) -> bool:

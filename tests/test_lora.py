@@ -22,6 +22,7 @@ from rlhf_jax.checkpoint import read_checkpoint
 from rlhf_jax.launch import load_config
 from rlhf_jax.models import ModelConfig, Transformer, init_params, lm_logits, lora
 from rlhf_jax.models.heads import ScalarModel
+from rlhf_jax import faults
 from rlhf_jax import workdir as workdir_lib
 from rlhf_jax.trainers import state as state_lib
 
@@ -266,13 +267,15 @@ def test_lora_sft_lowers_the_loss_and_never_touches_the_base(lora_sft, sft_add_r
 
 
 @pytest.mark.slow  # a training run
-def test_lora_resume_is_bitwise_identical(lora_sft, sft_add_run, tmp_path, monkeypatch):
+def test_lora_resume_is_bitwise_identical(lora_sft, sft_add_run, tmp_path):
   from rlhf_jax.trainers import sft
   wd = str(tmp_path / "resumed")
-  monkeypatch.setenv("RLHF_JAX_FAULT", "7:TERM")  # SIGTERM after step 7: checkpoint + return
-  out = sft.run(sft_lora_config(sft_add_run), wd)
+  undo = faults.install(fault="7:TERM")  # SIGTERM after step 7: checkpoint + return
+  try:
+    out = sft.run(sft_lora_config(sft_add_run), wd)
+  finally:
+    undo()
   assert out["preempted"] and read_checkpoint(os.path.join(wd, "checkpoints"))[0] == 7
-  monkeypatch.delenv("RLHF_JAX_FAULT")
   sft.run(sft_lora_config(sft_add_run), wd)
   (sa, a), (sb, b) = (read_checkpoint(os.path.join(w, "checkpoints")) for w in (lora_sft, wd))
   assert sa == sb == 16

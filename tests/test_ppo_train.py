@@ -56,7 +56,7 @@ def _cli(workdir, sft_add_run, tfds_data_dir, fault=None):
   if fault:
     env["RLHF_JAX_FAULT"] = fault
   return subprocess.run(
-      [sys.executable, "-m", "rlhf_jax.launch", "train", "--config=configs/ppo.py:tiny",
+      [sys.executable, "-m", "rlhf_jax.faults" if fault else "rlhf_jax.launch", "train", "--config=configs/ppo.py:tiny",
        f"--workdir={workdir}", f"--config.init_from={sft_add_run}",
        f"--config.data.data_dir={tfds_data_dir}", "--config.num_steps=4",
        "--config.checkpoint.every=2", "--config.eval_every=0", "--config.log_every=1",

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 import rlhf_jax
+from rlhf_jax import faults
 from rlhf_jax.trainers import dpo, grpo, loop, ppo, reward_model, sft
-from rlhf_jax.trainers import step as step_lib
 
 pytestmark = pytest.mark.slow
 
@@ -156,14 +156,16 @@ def test_sigterm_checkpoints_and_exits_75_within_30_s(tmp_path):
 
 @pytest.mark.parametrize("trainer,steps", [("sft", [2, 4]), ("grpo", [2, 3, 4])])
 def test_injected_nans_are_skipped_counted_and_stop_after_max_bad_steps(
-    tmp_path, monkeypatch, trainer, steps):
-  monkeypatch.setenv(step_lib.NAN_STEPS_ENV, ",".join(map(str, steps)))
+    tmp_path, trainer, steps):
   n = 5
   finished, message = True, ""
+  undo = faults.install(nan_steps=steps)  # the loss of those steps is multiplied by NaN
   try:
     RUN[trainer](kr.config(trainer, **kr.nan_overrides(n)), str(tmp_path))
   except loop.TrainingError as e:
     finished, message = False, str(e)
+  finally:
+    undo()
   handled = kr.nan_handled(str(tmp_path), steps, n, finished, message)
   assert handled == [True] * len(steps), (handled, finished, message)
   assert finished == (len(steps) < kr.MAX_BAD)

@@ -24,7 +24,7 @@ def train(workdir, *extra, fault=None, check=True):
   env.pop("RLHF_JAX_FAULT", None)
   if fault:
     env["RLHF_JAX_FAULT"] = fault
-  out = subprocess.run([sys.executable, "-m", "rlhf_jax.launch", "train",
+  out = subprocess.run([sys.executable, "-m", "rlhf_jax.faults" if fault else "rlhf_jax.launch", "train",
                         "--config=configs/sft.py:tiny", f"--workdir={workdir}", *FAST, *extra],
                        env=env, capture_output=True, text=True, timeout=600)
   if check:

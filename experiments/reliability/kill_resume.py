@@ -94,7 +94,7 @@ def _flag(v) -> str:
 
 def cli_argv(trainer: str, workdir: str, **extra) -> list[str]:
   spec, _ = TRAINERS[trainer]
-  return [sys.executable, "-m", "rlhf_jax.launch", "train", f"--config={spec}",
+  return [sys.executable, "-m", "rlhf_jax.faults", "train", f"--config={spec}",
           f"--workdir={workdir}"] + [f"--config.{k}={_flag(v)}"
                                      for k, v in overrides(trainer, **extra).items()]
 

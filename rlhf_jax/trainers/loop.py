@@ -123,7 +123,6 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
         progress.update(0, **{k: row[k] for k in progress_keys if k in row})
       progress.update(1)
       checkpointer.maybe_save(step, state, force=step == config.num_steps, loop=loop_state())
-      ckpt_lib.maybe_inject_fault(step)
       if preemption.any_requested() and step < config.num_steps:
         checkpointer.maybe_save(step, state, force=True, loop=loop_state())
         preempted = True

@@ -2,8 +2,6 @@
 the optimizer update with its non-finite guard."""
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -31,23 +29,6 @@ def apply_gradients(state, grads, tx, count_step: bool = True):
   if count_step:
     new["step"] = state["step"] + 1
   return new
-
-
-NAN_STEPS_ENV = "RLHF_JAX_NAN_STEPS"
-
-
-def inject_nonfinite(loss, state) -> jax.Array:
-  """Testing hook for the numerical guard: with RLHF_JAX_NAN_STEPS="3,7" (set before the
-  step is traced) the loss of training steps 3 and 7 (train_loop's numbering, i.e.
-  state["step"] + 1 for every trainer) is multiplied by NaN, so that every gradient is
-  NaN and the update must be skipped. Unset (normal runs): `loss` itself, nothing traced.
-  Used by tests/test_reliability.py and experiments/reliability."""
-  spec = os.environ.get(NAN_STEPS_ENV, "").strip()
-  if not spec:
-    return loss
-  steps = jnp.asarray([int(s) for s in spec.split(",") if s.strip()], jnp.int32)
-  bad = jnp.any(state["step"] + 1 == steps)
-  return loss * jnp.where(bad, jnp.float32(jnp.nan), jnp.float32(1.0))
 
 
 def skipped_metric(grads) -> jax.Array:
@@ -98,8 +79,7 @@ def make_step(loss_fn, tx, micro_batches: int = 1, weight_fn=None, *, count_step
     rng, carry = dropout_rng(state)
 
     def loss(trained, *a):
-      value, metrics = loss_fn(frozen.merge(base, trained, rng), *a)
-      return inject_nonfinite(value, state), metrics
+      return loss_fn(frozen.merge(base, trained, rng), *a)
     grad_fn = jax.value_and_grad(loss, has_aux=True)
     params = state["params"]
     if micro_batches == 1:
