@@ -54,7 +54,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rlhf_jax import config as config_lib  # noqa: E402
-from rlhf_jax import memory, parallel  # noqa: E402
+from rlhf_jax import memory, memory_plan, parallel  # noqa: E402
 from rlhf_jax.models import ModelConfig, Transformer  # noqa: E402
 from rlhf_jax.trainers import optim, sft
 from rlhf_jax.trainers import state as state_lib  # noqa: E402
@@ -166,15 +166,15 @@ def formula_tables() -> str:
   out += ["", "Each size's SFT preset (`configs/sft.py:SIZE`: batch 64 x 2048 tokens, its "
           "grad_accum_steps, remat full, bf16) on each hardware with that hardware's mesh, "
           "estimated GB per device (budget = 80% of HBM):", "",
-          "| size | " + " | ".join(f"{h} ({memory.HARDWARE[h].hbm_bytes / 2**30:.0f} GiB)"
-                                   for h in memory.HARDWARE) + " |",
-          "|---|" + "---:|" * len(memory.HARDWARE)]
+          "| size | " + " | ".join(f"{h} ({memory_plan.HARDWARE[h].hbm_bytes / 2**30:.0f} GiB)"
+                                   for h in memory_plan.HARDWARE) + " |",
+          "|---|" + "---:|" * len(memory_plan.HARDWARE)]
   for size, (c, m) in models.items():
     cells = []
-    for h in memory.HARDWARE:
+    for h in memory_plan.HARDWARE:
       c2 = load_config(f"{repo}/configs/sft.py:{size}")
       c2.mesh.shape = presets.mesh_for(size, h)
-      ok, est, _ = memory.fits(c2, h)
+      ok, est, _ = memory_plan.fits(c2, h)
       cells.append(f"{gb(est)} {'fits' if ok else '**no**'} {tuple(c2.mesh.shape)}")
     out.append(f"| {size} | " + " | ".join(cells) + " |")
   import runpy
@@ -186,7 +186,7 @@ def formula_tables() -> str:
     cells = []
     for name in trainers:
       hw = runpy.run_path(f"{repo}/configs/{name}.py")["SIZES"][size]["hardware"]
-      ok, est, _ = memory.fits(load_config(f"{repo}/configs/{name}.py:{size}"), hw)
+      ok, est, _ = memory_plan.fits(load_config(f"{repo}/configs/{name}.py:{size}"), hw)
       cells.append(f"{hw} {presets.mesh_for(size, hw)}: {est / 1e9:.1f} GB"
                    f"{'' if ok else ' **no**'}")
     out.append(f"| `{size}` | " + " | ".join(cells) + " |")
@@ -356,7 +356,7 @@ def aot_estimate(row: dict) -> float:
     # take (the reference policy; the AdamW state outside the update), + its batch
     c = gsm8k_config(T - PROMPT)
     c.model.update(attention=row["attention"], logits_chunk=row["logits_chunk"])
-    e = memory.config_estimate(c, mesh[0] * mesh[1] * mesh[2], platform="cpu")
+    e = memory_plan.config_estimate(c, mesh[0] * mesh[1] * mesh[2], platform="cpu")
     r, n, W = c.rollout, mesh[0] * mesh[1], T - PROMPT
     if row["kind"] == "grpo":
       B = r.prompts_per_step * r.group_size // c.grpo.minibatches

@@ -1,5 +1,5 @@
 """Constitution files (Bai et al. 2022, "Constitutional AI"): the principles that the
-critique-revision loop (`ai_feedback`) and the LM judge's rubric (`judges`) read.
+critique-revision loop (`ai_feedback_constitution`) and the LM judge's rubric (`judges`) read.
 
 A file is a JSON list or JSONL (one principle a line) of objects with a unique "name", a
 "critique" request and a "revision" request, and optionally a "preference" question.

@@ -1,5 +1,5 @@
 """GGUF files (llama.cpp's single-file format): the one reader that the weight loader
-(`models.pretrained`) and the tokenizer loader (`tokenizer`) share.
+(`models.pretrained`, `models.gguf_weights`) and the tokenizer loader (`tokenizer`) share.
 
 Parsing the metadata of a real model (e.g. 49k vocabulary strings) takes seconds, so a
 reader is kept while its file is unchanged (same inode, size and mtime).

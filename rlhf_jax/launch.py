@@ -202,8 +202,8 @@ def label_command(argv):
 
 
 def constitution_command(argv):
-  from rlhf_jax import ai_feedback
-  sys.exit(ai_feedback.constitution_main(argv))
+  from rlhf_jax import ai_feedback_constitution
+  sys.exit(ai_feedback_constitution.constitution_main(argv))
 
 
 COMMANDS = {"train": train_command, "import": import_command, "eval-rm": eval_rm_command,

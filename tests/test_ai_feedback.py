@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import read_metrics
-from rlhf_jax import ai_feedback, judges, labeling
+from rlhf_jax import ai_feedback, ai_feedback_constitution, ai_feedback_labels, judges, labeling
+from rlhf_jax.constitution import ConstitutionError, load_constitution
 
 CONSTITUTION = "configs/constitutions/harmless.json"
 
@@ -140,7 +141,7 @@ def test_lm_judge_labelling_counts_ties_and_position_bias(lm_judge, tmp_path):
   examples = [{"prompt": "add: 3+4", "answer": "7"}, {"prompt": "add: 2+2", "answer": "4"},
               {"prompt": "add: 5+1", "answer": "6"}]
   cands = [["7", "8", "7"], ["4", "4"], ["6", "1", "9"]]
-  out = ai_feedback.label(examples, cands, lm_judge, max_pairs=1, progress=False)["train"]
+  out = ai_feedback_labels.label(examples, cands, lm_judge, max_pairs=1, progress=False)["train"]
   s = out["stats"]
   assert s["comparisons"] == 1 + 0 + 3 and s["pairs"] == 2 and s["tied_prompts"] == 1
   recs = out["records"]
@@ -151,7 +152,7 @@ def test_lm_judge_labelling_counts_ties_and_position_bias(lm_judge, tmp_path):
   all_c = [c for r in recs for c in r["comparisons"]]
   assert s["position"] == judges.position_stats([c["score_ab"] for c in all_c],
                                                 [c["score_ba"] for c in all_c])
-  everything_tied = ai_feedback.label(examples, cands, lm_judge, tie_margin=1e9,
+  everything_tied = ai_feedback_labels.label(examples, cands, lm_judge, tie_margin=1e9,
                                       progress=False)["train"]["stats"]
   assert everything_tied["pairs"] == 0 and everything_tied["tied_prompts"] == 3
   assert everything_tied["tied_comparisons"] == everything_tied["comparisons"] == 4
@@ -185,7 +186,7 @@ def test_agreement_with_gold_matches_a_hand_computation():
            ("add: 2+3", "5"): 0.1, ("add: 2+3", "6"): 0.1,
            ("say hi", "a"): 1.0, ("say hi", "b"): 0.0,
            ("add: 1+2", "3"): 0.0, ("add: 1+2", "4"): 1.0}
-  out = ai_feedback.label(examples, cands, TableJudge(table), margin_scale=2.0,
+  out = ai_feedback_labels.label(examples, cands, TableJudge(table), margin_scale=2.0,
                           progress=False)["train"]
   # Comparisons of distinct texts: 7>8 (gold agrees), 7>9 (agrees), 9>8 (gold tie),
   # 5=6 (judge tie), a>b (no gold), 4>3 (gold disagrees): 2 of 3 decided agree.
@@ -295,8 +296,8 @@ def test_constitution_pipeline_end_to_end(sft_add_run, prompts_file, tmp_path):
   argv = [f"--policy={sft_add_run}", f"--constitution={CONSTITUTION}",
           f"--prompts={prompts_file}", "--num_prompts=3", "--rounds=2", "--max_new_tokens=4",
           "--seed=1", "--no_progress"]
-  assert ai_feedback.constitution_main(argv + [f"--out={out}"]) == 0
-  names = {p["name"] for p in ai_feedback.load_constitution(CONSTITUTION)}
+  assert ai_feedback_constitution.constitution_main(argv + [f"--out={out}"]) == 0
+  names = {p["name"] for p in load_constitution(CONSTITUTION)}
   records = read_jsonl(f"{out}/records.jsonl")
   assert len(records) == 3
   for rec in records:
@@ -320,7 +321,8 @@ def test_constitution_pipeline_end_to_end(sft_add_run, prompts_file, tmp_path):
   stats = json.load(open(f"{out}/stats.json"))
   assert stats["pairs"] + stats["unchanged"] == 3 and sum(stats["principles"].values()) == 6
   # A judge ranks the initial answer and both revisions instead.
-  assert ai_feedback.constitution_main(argv + [f"--out={out}_judged", "--judge=gold"]) == 0
+  assert ai_feedback_constitution.constitution_main(
+      argv + [f"--out={out}_judged", "--judge=gold"]) == 0
   judged = read_jsonl(f"{out}_judged/records.jsonl")
   assert [r["rounds"] for r in judged] == [r["rounds"] for r in records]  # same seed
   assert all(len(r["judge"]["candidates"]) == 3 for r in judged)
@@ -344,8 +346,8 @@ def test_constitution_pipeline_end_to_end(sft_add_run, prompts_file, tmp_path):
 def test_bad_constitution_file_names_file_and_line(tmp_path, text, line, message):
   path = tmp_path / "bad.json"
   path.write_text(text)
-  with pytest.raises(ai_feedback.ConstitutionError) as e:
-    ai_feedback.load_constitution(str(path))
+  with pytest.raises(ConstitutionError) as e:
+    load_constitution(str(path))
   assert str(e.value).startswith(f"{path}:{line}: ") and message in str(e.value)
 
 
@@ -353,8 +355,9 @@ def test_bad_constitution_cli_is_one_error_line(tmp_path, capsys, prompts_file):
   path = tmp_path / "c.jsonl"
   path.write_text('{"name": "a", "critique": "c", "revision": "r"}\n\n{"name": "b", '
                   '"critique": "c", "revison": "r"}\n')
-  rc = ai_feedback.constitution_main([f"--policy={tmp_path}/no_policy", f"--constitution={path}",
-                                      f"--prompts={prompts_file}", f"--out={tmp_path}/o"])
+  rc = ai_feedback_constitution.constitution_main([
+      f"--policy={tmp_path}/no_policy", f"--constitution={path}", f"--prompts={prompts_file}",
+      f"--out={tmp_path}/o"])
   err = capsys.readouterr().err.strip()
   assert rc == 1 and err == (f"error: {path}:3: unknown key 'revison'; a principle has "
                              f"['name', 'critique', 'revision'] and optionally ['preference']")

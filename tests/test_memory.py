@@ -14,7 +14,7 @@ import pytest
 from jax._src.ad_checkpoint import saved_residuals  # not exported; jax is pinned
 
 from conftest import xla_flags
-from rlhf_jax import memory, parallel
+from rlhf_jax import memory, memory_offload, parallel
 from rlhf_jax.losses.logprobs import shift_for_next_token, token_logprobs
 from rlhf_jax.losses.sft import sft_loss_sums
 from rlhf_jax.models import ModelConfig, Transformer, init_params
@@ -173,8 +173,8 @@ def test_offloaded_optimizer_state_lives_in_host_memory_and_changes_nothing():
 
   x = jnp.float32(1.5)
   ref_state, ref_loss = jax.jit(step)(state, x)
-  off = memory.offload_opt_state(shardings)
-  compiled = jax.jit(memory.with_offloaded_opt_state(step, shardings),
+  off = memory_offload.offload_opt_state(shardings)
+  compiled = jax.jit(memory_offload.with_offloaded_opt_state(step, shardings),
                      in_shardings=(off, None), out_shardings=(off, None)).lower(
                          jax.device_put(state, off), x).compile()
   new_state, loss = compiled(jax.device_put(state, off), x)

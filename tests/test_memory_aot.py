@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 from jax._src.ad_checkpoint import saved_residuals  # not exported; jax is pinned
 
-from rlhf_jax import memory, memory_aot
+from rlhf_jax import memory, memory_aot, memory_plan
 from rlhf_jax.launch import load_config
 from rlhf_jax.models import ModelConfig, Transformer, init_params
 from rlhf_jax.models.transformer import REMAT_POLICIES
@@ -121,7 +121,7 @@ def gsm8k_4096():
 
 def test_gsm8k_preset_with_4096_new_tokens_fits_v5e_8():
   c = gsm8k_4096()
-  ok, est, budget = memory.fits(c, "v5e-8")
+  ok, est, budget = memory_plan.fits(c, "v5e-8")
   assert ok, (est / 2**30, budget / 2**30)
-  e = memory.config_estimate(c, 8, platform="tpu")
+  e = memory_plan.config_estimate(c, 8, platform="tpu")
   assert e["total"] == max(e["train_step"], e["generate"], e["logprob_pass"])

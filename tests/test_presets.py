@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import memory, presets
+from rlhf_jax import memory, memory_plan, presets
 from rlhf_jax.launch import load_config
 from rlhf_jax.models import init_params
 
@@ -65,7 +65,7 @@ def test_preset_loads_and_validates(name, preset):
     hw = config_module(name).SIZES[preset]["hardware"]
     assert tuple(c.mesh.shape) == presets.mesh_for(preset, hw)
     assert m.dtype == "bfloat16" and m.resolved_remat_policy == "full"
-    assert c.distributed.enabled == (memory.HARDWARE[hw].hosts > 1)
+    assert c.distributed.enabled == (memory_plan.HARDWARE[hw].hosts > 1)
 
 
 @pytest.mark.parametrize("size", list(HF))
@@ -90,7 +90,7 @@ def test_1b_is_llama3_2_1b_on_any_device_count():
 
 
 def test_meshes_fill_their_hardware():
-  for name, hw in memory.HARDWARE.items():
+  for name, hw in memory_plan.HARDWARE.items():
     assert hw.devices == DEVICES[name]
     assert hw.mesh[0] * hw.mesh[1] * hw.mesh[2] == hw.devices, name
     for size in presets.SIZES:
@@ -106,7 +106,7 @@ def test_meshes_fill_their_hardware():
 def test_every_sized_preset_fits_its_hardware(name):
   for size, s in config_module(name).SIZES.items():
     c = load_config(f"{REPO}/configs/{name}.py:{size}")
-    ok, est, budget = memory.fits(c, s["hardware"])
+    ok, est, budget = memory_plan.fits(c, s["hardware"])
     assert ok, (name, size, s["hardware"], est / 1e9, budget / 1e9)
     # The batch rows split evenly over the batch-sharding devices (data x fsdp).
     d, f, _ = c.mesh.shape
@@ -120,16 +120,16 @@ def test_too_big_combinations_do_not_fit():
   # Llama-3.1-8B on v5e-8: 16 bytes/param of AdamW state alone is 16 GB per chip.
   c = load_config(f"{REPO}/configs/sft.py:llama3_8b")
   c.mesh.shape = presets.mesh_for("llama3_8b", "v5e-8")
-  ok, est, budget = memory.fits(c, "v5e-8")
+  ok, est, budget = memory_plan.fits(c, "v5e-8")
   assert not ok and est > 16e9 > budget
   # Replicating it (pure data parallelism) on 8xH100: 128 GB of state per GPU.
   c.mesh.shape = (8, 1, 1)
-  assert not memory.fits(c, "8xH100")[0]
+  assert not memory_plan.fits(c, "8xH100")[0]
   # Without remat, the T^2 attention activations of Llama-3.2-1B overflow v5e.
   c = load_config(f"{REPO}/configs/sft.py:llama3_2_1b")
-  assert memory.fits(c, "v5e-8")[0]
+  assert memory_plan.fits(c, "v5e-8")[0]
   c.model.remat = False
-  assert not memory.fits(c, "v5e-8")[0]
+  assert not memory_plan.fits(c, "v5e-8")[0]
 
 
 def test_remat_policy_is_a_config_knob():

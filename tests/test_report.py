@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rlhf_jax import report
+from rlhf_jax import report, report_runs, report_stats
 
 STEPS = (0, 20, 40, 60)
 GAO = {"cell_a": (1.0, 0.3), "cell_b": (0.6, 0.1)}  # true (alpha, beta) of the gold gain per group
@@ -95,7 +95,7 @@ def _final_and_delta(rows, metric):
 
 def test_discover_sweep_layout(sweep):
   root, _ = sweep
-  runs = report.discover([str(root)])
+  runs = report_runs.discover([str(root)])
   assert [(r.group, r.seed) for r in runs] == [
       ("cell_a", 0), ("cell_a", 1), ("cell_a", 2), ("cell_b", 0), ("cell_b", 1), ("cell_b", 2), ("prep", 0)]
   a0 = runs[0]
@@ -104,7 +104,7 @@ def test_discover_sweep_layout(sweep):
   b1 = runs[4]
   assert math.isnan(b1.final("eval_accuracy"))  # "nan" string -> float nan
   # a cell directory given directly: the group is the cell's own name
-  assert {r.group for r in report.discover([str(root / "cell_b")])} == {"cell_b"}
+  assert {r.group for r in report_runs.discover([str(root / "cell_b")])} == {"cell_b"}
 
 
 def test_discover_name_layouts(tmp_path):
@@ -113,7 +113,7 @@ def test_discover_name_layouts(tmp_path):
     _write_run(tmp_path / "runs" / name, rows)
   _write_run(tmp_path / "runs" / "baseline", rows, {"seed": 7})
   _write_run(tmp_path / "runs" / "other", rows)
-  runs = report.discover([str(tmp_path / "runs")])
+  runs = report_runs.discover([str(tmp_path / "runs")])
   assert sorted((r.group, r.seed) for r in runs) == [
       ("baseline", 7), ("grpo", 0), ("grpo", 1), ("grpo", 2), ("other", 0), ("ppo", 3)]
   assert all(r.finished is None for r in runs)  # no num_steps in any config
@@ -127,42 +127,42 @@ def test_mean_ci_matches_reference():
   for n in (2, 3, 5, 10):
     for confidence in (0.9, 0.95):
       x = rng.normal(3.0, 2.0, size=n)
-      m, lo, hi, k = report.mean_ci(x, confidence)
+      m, lo, hi, k = report_stats.mean_ci(x, confidence)
       assert k == n
       np.testing.assert_allclose((m, lo, hi), _ref_ci(x, confidence), rtol=1e-12, atol=1e-12)
 
 
 def test_mean_ci_degenerate_cases():
-  m, lo, hi, n = report.mean_ci([4.0])
+  m, lo, hi, n = report_stats.mean_ci([4.0])
   assert (m, n) == (4.0, 1) and math.isnan(lo) and math.isnan(hi)
-  assert report.mean_ci([2.5, 2.5, 2.5])[:3] == (2.5, 2.5, 2.5)  # zero width
+  assert report_stats.mean_ci([2.5, 2.5, 2.5])[:3] == (2.5, 2.5, 2.5)  # zero width
   x = [1.0, float("nan"), 2.0, 4.0]
-  m, lo, hi, n = report.mean_ci(x)
+  m, lo, hi, n = report_stats.mean_ci(x)
   assert n == 3
   np.testing.assert_allclose((m, lo, hi), _ref_ci([1.0, 2.0, 4.0]), rtol=1e-12)
-  assert report.mean_ci([])[3] == 0 and all(math.isnan(v) for v in report.mean_ci([float("nan")])[:3])
+  assert report_stats.mean_ci([])[3] == 0 and all(math.isnan(v) for v in report_stats.mean_ci([float("nan")])[:3])
 
 
 def test_mean_ci_coverage():
   rng = np.random.default_rng(1)
   samples = rng.normal(1.0, 3.0, size=(2000, 3))
-  covered = [lo <= 1.0 <= hi for lo, hi in (report.mean_ci(s)[1:3] for s in samples)]
+  covered = [lo <= 1.0 <= hi for lo, hi in (report_stats.mean_ci(s)[1:3] for s in samples)]
   assert 0.93 <= np.mean(covered) <= 0.97
 
 
 def test_fit_gao_recovers_parameters():
   d = np.concatenate([[0.0], np.linspace(0.05, 3.0, 20)])  # d = 0 is dropped
   r = np.where(d > 0, d * (0.8 - 0.25 * np.log(np.where(d > 0, d, 1))), 123.0)
-  alpha, beta, r2 = report.fit_gao(d, r)
+  alpha, beta, r2 = report_stats.fit_gao(d, r)
   np.testing.assert_allclose((alpha, beta, r2), (0.8, 0.25, 1.0), rtol=1e-9)
-  assert all(math.isnan(v) for v in report.fit_gao([0.5], [0.1]))
-  assert all(math.isnan(v) for v in report.fit_gao([0.0, -1.0, 0.5], [1.0, 2.0, 3.0]))
+  assert all(math.isnan(v) for v in report_stats.fit_gao([0.5], [0.1]))
+  assert all(math.isnan(v) for v in report_stats.fit_gao([0.0, -1.0, 0.5], [1.0, 2.0, 3.0]))
 
 
 def test_mean_curve_uses_steps_common_to_all_seeds(sweep):
   root, data = sweep
-  runs = [r for r in report.discover([str(root)]) if r.group == "cell_a"]
-  c = report.mean_curve(runs, "eval_accuracy", 0.95)
+  runs = [r for r in report_runs.discover([str(root)]) if r.group == "cell_a"]
+  c = report_stats.mean_curve(runs, "eval_accuracy", 0.95)
   assert c["step"].tolist() == [0, 20, 60]  # seed 2 has no eval at step 40
   ref = [_ref_ci([next(r["eval_accuracy"] for r in data["cell_a"][k] if r["step"] == s) for k in range(3)])
          for s in (0, 20, 60)]

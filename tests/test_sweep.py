@@ -17,7 +17,8 @@ import pytest
 
 import rlhf_jax
 from rlhf_jax import sweep as sweep_lib
-from rlhf_jax.sweep import SweepError, load_sweep, main, plan, run_sweep
+from rlhf_jax.sweep import main, run_sweep
+from rlhf_jax.sweep_spec import SweepError, load_sweep, plan
 
 REPO = Path(__file__).resolve().parents[1]
 SFT = f"{REPO}/configs/sft.py:tiny"

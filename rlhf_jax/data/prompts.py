@@ -1,7 +1,7 @@
 """Prompt data for online RL (PPO, GRPO): prompts with optional reference answers.
 
 Storage. Prompt sets are TFDS datasets in `array_record` files, built by the
-builders in `rlhf_jax.data.tfds_builders` (`gsm8k`: OpenAI GSM8K;
+builders in `rlhf_jax.data.tfds_prompts` (`gsm8k`: OpenAI GSM8K;
 `jsonl_prompts`: any JSONL of prompt rows) without TensorFlow, exactly like
 the preference data sets (`rlhf_jax.data.preferences`). Every example has
 the features
@@ -161,14 +161,14 @@ def write_synthetic_prompts(path: str, task: str, n: int, seed: int, **kwargs) -
   return path
 
 
-# Builders live in tfds_builders (importing tensorflow_datasets takes ~1 s); re-exported lazily.
+# Builders live in tfds_prompts (importing tensorflow_datasets takes ~1 s); re-exported lazily.
 def build_gsm8k(*args, **kwargs):
-  """See `rlhf_jax.data.tfds_builders.build_gsm8k`."""
-  from rlhf_jax.data import tfds_builders
-  return tfds_builders.build_gsm8k(*args, **kwargs)
+  """See `rlhf_jax.data.tfds_prompts.build_gsm8k`."""
+  from rlhf_jax.data import tfds_prompts
+  return tfds_prompts.build_gsm8k(*args, **kwargs)
 
 
 def build_jsonl_prompts(*args, **kwargs):
-  """See `rlhf_jax.data.tfds_builders.build_jsonl_prompts`."""
-  from rlhf_jax.data import tfds_builders
-  return tfds_builders.build_jsonl_prompts(*args, **kwargs)
+  """See `rlhf_jax.data.tfds_prompts.build_jsonl_prompts`."""
+  from rlhf_jax.data import tfds_prompts
+  return tfds_prompts.build_jsonl_prompts(*args, **kwargs)

@@ -1,6 +1,6 @@
 """Parsing and identifying the rows of the data files: preference pairs, prompt sets and
 GSM8K (one place for the formats; the loaders in `preferences` / `prompts` and the TFDS
-builders in `tfds_builders` all read rows through these)."""
+builders in `tfds_builders` / `tfds_prompts` all read rows through these)."""
 from __future__ import annotations
 
 import hashlib

@@ -1,0 +1,99 @@
+"""Figures of the comparison report (matplotlib, Agg): metric curves vs step and wall-clock,
+the reward vs KL frontier, gold / proxy reward gain vs sqrt(KL).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from rlhf_jax.report_stats import mean_ci, mean_curve
+
+
+def _figure(ncols: int, title: str):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(5.5 * ncols, 4.2), layout="constrained")
+  FigureCanvasAgg(fig)
+  fig.suptitle(title)
+  return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def axis_label(metric: str) -> str:
+  """The metric name with its unit (KL in nats, accuracy as a fraction, elapsed_s in seconds)."""
+  name = metric.lower()
+  unit = ("nats" if "kl" in name else "fraction" if "accuracy" in name or "match" in name
+          else "s" if metric == "elapsed_s" else "")
+  return f"{metric} ({unit})" if unit else metric
+
+
+def _err(mean, low, high):
+  return [[0.0 if math.isnan(low) else mean - low], [0.0 if math.isnan(high) else high - mean]]
+
+
+def plot_curves(groups: dict, labels: dict, metric: str, path: str, confidence: float) -> bool:
+  """`metric` vs step and vs wall-clock (when elapsed_s is logged): per group mean + CI band.
+
+  Returns whether the wall-clock panel was drawn."""
+  curves = {g: mean_curve(rs, metric, confidence) for g, rs in groups.items()}
+  has_time = any(c is not None and np.isfinite(c["elapsed"]).any() for c in curves.values())
+  xs = [("step", "step")] + ([("elapsed", "wall-clock (s)")] if has_time else [])
+  fig, axes = _figure(len(xs), f"{metric}: mean over seeds, {confidence:.0%} CI band")
+  for ax, (key, xlabel) in zip(axes, xs):
+    for i, (g, c) in enumerate(curves.items()):
+      if c is None:
+        continue
+      ok = np.isfinite(c[key])
+      ax.plot(c[key][ok], c["mean"][ok], color=f"C{i % 10}", marker=".",
+              label=f"{labels.get(g, g)} (n={c['n']})")
+      ax.fill_between(c[key][ok], c["low"][ok], c["high"][ok], color=f"C{i % 10}", alpha=0.2)
+    ax.set(xlabel=xlabel, ylabel=axis_label(metric), title=f"{metric} vs {xlabel}")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.savefig(path, dpi=110)
+  return has_time
+
+
+def plot_frontier(groups: dict, labels: dict, kl: str, ys: list[str], path: str,
+                  confidence: float) -> None:
+  """Final reward(s) vs final KL: per group mean with CI bars on both axes, faint points per seed."""
+  fig, axes = _figure(len(ys), f"Reward vs KL frontier (final values, {confidence:.0%} CI over seeds)")
+  for ax, y in zip(axes, ys):
+    for i, (g, rs) in enumerate(groups.items()):
+      pts = np.array([(r.final(kl), r.final(y)) for r in rs]).reshape(-1, 2)
+      pts = pts[np.isfinite(pts).all(axis=1)]
+      if not len(pts):
+        continue
+      (mx, xl, xh, n), (my, yl, yh, _) = mean_ci(pts[:, 0], confidence), mean_ci(pts[:, 1], confidence)
+      ax.scatter(pts[:, 0], pts[:, 1], color=f"C{i % 10}", alpha=0.25, s=14)
+      ax.errorbar([mx], [my], xerr=_err(mx, xl, xh), yerr=_err(my, yl, yh), fmt="o", capsize=3,
+                  color=f"C{i % 10}", label=f"{labels.get(g, g)} (n={n})")
+    ax.set(xlabel=f"final {kl}: KL (nats)", ylabel=f"final {y}", title=f"{y} vs {kl}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.savefig(path, dpi=110)
+
+
+def plot_overoptimisation(groups: dict, labels: dict, points: dict, fits: dict, path: str) -> None:
+  """Gold and proxy reward gain vs sqrt(KL), mean over seeds per eval step; dashed Gao fit on gold."""
+  fig, axes = _figure(2, "Over-optimisation: reward gain over step 0 vs sqrt(KL), mean over seeds")
+  for i, g in enumerate(groups):
+    per_seed = [p for p in points[g] if p]
+    if not per_seed:
+      continue
+    steps = sorted(set.intersection(*(set(p) for p in per_seed)))
+    mean = np.array([[np.mean([p[t][j] for p in per_seed]) for j in range(3)] for t in steps]).reshape(-1, 3)
+    for ax, j in zip(axes, (1, 2)):
+      ax.plot(mean[:, 0], mean[:, j], color=f"C{i % 10}", marker="o", ms=3,
+              label=f"{labels.get(g, g)} (n={len(per_seed)})")
+    alpha, beta = fits[g]
+    if np.isfinite(alpha) and len(mean) and mean[:, 0].max() > 0:
+      d = np.linspace(1e-6, mean[:, 0].max() * 1.1, 100)
+      axes[0].plot(d, d * (alpha - beta * np.log(d)), "--", color=f"C{i % 10}", alpha=0.8,
+                   label=f"{labels.get(g, g)} fit α={alpha:.3g} β={beta:.3g}")
+  for ax, name in zip(axes, ("gold", "proxy")):
+    ax.set(xlabel="sqrt(KL) (nats^0.5)", ylabel=f"{name} reward gain over step 0",
+           title=f"{name} reward" + (" (dashed: Gao et al. 2022 fit)" if name == "gold" else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.savefig(path, dpi=110)
