@@ -12,9 +12,8 @@ shapes) stops the run with a message naming the tensor, before anything is
 written.
 
 A checkpoint holds the whole training state: the trainer's state tree (params,
-optimizer state, step, and what a trainer adds: the PPO KL controller, LoRA dropout
-key) plus the training loop's host counters ("loop": skipped updates, the current run
-of non-finite steps). Everything else a resumed run needs is a function of
+optimizer state with the non-finite guard's counters, step, and what a trainer adds: the
+PPO KL controller, LoRA dropout key). Everything else a resumed run needs is a function of
 (config, seed, step): the data order (batch i = batched(data, seed)[i]), the sampling
 and dropout keys (fold_in(key, step)), the minibatch permutations, the reference
 log-prob cache (recomputed bit for bit if missing). So a run killed at any point and
@@ -38,7 +37,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-LOOP = "loop"  # the checkpoint's entry for the training loop's host counters
 
 
 class CheckpointError(RuntimeError):
@@ -65,7 +63,6 @@ class Checkpointer:
         enable_async_checkpointing=bool(async_save), create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=ocp.StandardCheckpointHandler())
-    self.restored_loop: dict[str, int] = {}  # the loop counters of the restored checkpoint
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -73,18 +70,13 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def maybe_save(self, step: int, state: Any, force: bool = False,
-                 loop: dict[str, int] | None = None) -> bool:
-    """Save if `step` is on the save interval (or `force`); returns whether it saved.
-    `loop`: the training loop's host counters {name: int}, saved beside the state and
-    given back by `restore` as `restored_loop`."""
+  def maybe_save(self, step: int, state: Any, force: bool = False) -> bool:
+    """Save if `step` is on the save interval (or `force`); returns whether it saved."""
     if not force and (self.save_every <= 0 or step % self.save_every):
       return False
     if step in self._manager.all_steps():
       return False
-    item = state if not loop else {**state, LOOP: {k: np.asarray(v, np.int32)
-                                                   for k, v in loop.items()}}
-    return bool(self._manager.save(step, args=ocp.args.StandardSave(item), force=True))
+    return bool(self._manager.save(step, args=ocp.args.StandardSave(state), force=True))
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any] | None:
     """Restore `step` (default latest) into the structure/shardings of `abstract_state`.
@@ -96,25 +88,10 @@ class Checkpointer:
     if step is None:
       return None
     target = dict(abstract_state)
-    saved_loop = self._saved_loop_keys(step)  # none in checkpoints written before it existed
-    if saved_loop:
-      target[LOOP] = {k: jax.ShapeDtypeStruct((), np.int32, sharding=_replicated_like(target))
-                      for k in saved_loop}
     self.check_compatible(step, target)
     state = orbax_read(lambda: self._manager.restore(step, args=ocp.args.StandardRestore(target)),
                        f"cannot restore checkpoint {self.directory}/{step}")
-    loop = state.pop(LOOP, {})
-    self.restored_loop = {k: int(np.asarray(v.addressable_data(0))) for k, v in loop.items()}
     return step, state
-
-  def _saved_loop_keys(self, step: int) -> list[str]:
-    try:
-      meta = self._manager.item_metadata(step)
-    except Exception:  # unreadable: check_compatible reports it
-      return []
-    meta = getattr(meta, "tree", meta)
-    loop = meta.get(LOOP) if hasattr(meta, "get") else None
-    return sorted(loop) if hasattr(loop, "keys") else []
 
   def check_compatible(self, step: int, abstract_state: Any) -> None:
     """Compare the saved tree, shapes and dtypes with the expected ones; raise naming the
@@ -159,17 +136,6 @@ class Checkpointer:
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
-
-
-def _replicated_like(abstract_state):
-  """A sharding for scalars restored beside `abstract_state`: replicated on its mesh."""
-  for leaf in jax.tree.leaves(abstract_state):
-    sharding = getattr(leaf, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding):
-      return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    if sharding is not None:
-      return sharding
-  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def check_metadata_files(step_dir: str) -> None:

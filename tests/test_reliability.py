@@ -166,6 +166,7 @@ def test_injected_nans_are_skipped_counted_and_stop_after_max_bad_steps(
     finished, message = False, str(e)
   finally:
     undo()
-  handled = kr.nan_handled(str(tmp_path), steps, n, finished, message)
+  handled = kr.nan_handled(str(tmp_path), steps, n, finished, message,
+                           kr.updates_per_step(trainer))
   assert handled == [True] * len(steps), (handled, finished, message)
   assert finished == (len(steps) < kr.MAX_BAD)

@@ -353,12 +353,28 @@ def nan_overrides(n: int = NAN_STEPS) -> dict:
           "max_bad_steps": MAX_BAD, "eval_every": 0}
 
 
-def nan_handled(workdir: str, steps: list[int], n: int, finished: bool, message: str):
+def updates_per_step(trainer: str) -> int:
+  """Optimizer updates in one training step of `trainer`'s run here (PPO / GRPO: epochs x
+  minibatches; the others: 1): what the guard's skipped_updates counter adds per NaN step."""
+  c = config(trainer)
+  if trainer == "grpo":
+    from rlhf_jax.losses.grpo import resolve
+    algo = resolve(c.grpo)
+    return algo["epochs"] * algo["minibatches"]
+  return c.ppo.epochs * c.ppo.minibatches if trainer == "ppo" else 1
+
+
+GUARD_COUNTER = "['opt_state']['skipped_updates']"  # optim.skip_nonfinite's, checkpointed
+
+
+def nan_handled(workdir: str, steps: list[int], n: int, finished: bool, message: str,
+                updates: int = 1):
   """Per injected step, whether the guard handled it. Isolated steps: skipped_update = 1 in
   its metrics row, every checkpointed float (params, optimizer state) bitwise equal to the
-  previous step's and finite, skipped_updates counts it, and the run went on to step `n`
-  (`finished`) with every other step updating. A burst of MAX_BAD in a row: the first ones
-  as above, then the run stopped at the last with the max_bad_steps `message`."""
+  previous step's and finite, the guard's skipped_updates counter (`updates` per step,
+  `updates_per_step`) counts it, and the run went on to step `n` (`finished`) with every
+  other step updating. A burst of MAX_BAD in a row: the first ones as above, then the run
+  stopped at the last with the max_bad_steps `message`."""
   rows = {r["step"]: r for r in read_rows(os.path.join(workdir, "metrics.jsonl"))}
   saved = _finished_steps(workdir)
   burst = len(steps) >= MAX_BAD and steps == list(range(steps[0], steps[0] + len(steps)))
@@ -373,15 +389,17 @@ def nan_handled(workdir: str, steps: list[int], n: int, finished: bool, message:
     ok = rows.get(s, {}).get("skipped_update") == 1.0 and s in saved and s - 1 in saved
     if ok:
       before, after = checkpoint_at(workdir, s - 1), checkpoint_at(workdir, s)
-      kept = [k for k in after if k.startswith(("['params']", "['opt_state']"))]
+      kept = [k for k in after if k.startswith(("['params']", "['opt_state']"))
+              and k not in (GUARD_COUNTER, "['opt_state']['bad_run']")]
       ok = (len(kept) > 1 and all(np.array_equal(before[k], after[k]) for k in kept)
             and all(np.all(np.isfinite(after[k])) for k in kept
                     if np.issubdtype(after[k].dtype, np.floating))
-            and int(after["['loop']['skipped_updates']"]) == i + 1)
+            and int(after[GUARD_COUNTER]) == (i + 1) * updates)
     handled.append(bool(ok))
   if not burst:  # the run went on to the end, and the other steps did update
     others = [s for s in rows if s > 0 and s not in steps]
-    handled = [h and finished and max(rows) == n and rows[n]["skipped_updates"] == len(steps)
+    handled = [h and finished and max(rows) == n
+               and rows[n]["skipped_updates"] == len(steps) * updates
                and all(rows[s]["skipped_update"] == 0.0 for s in others) for h in handled]
   return handled
 
@@ -393,7 +411,8 @@ def nan_run(trainer: str, workdir: str, steps: list[int], log: str) -> dict:
   rc, _ = run_to_end(trainer, workdir, log, {"RLHF_JAX_NAN_STEPS": ",".join(map(str, steps))},
                      **nan_overrides())
   burst = len(steps) >= MAX_BAD
-  handled = nan_handled(workdir, steps, NAN_STEPS, rc == 0, open(log).read() if rc == 1 else "")
+  handled = nan_handled(workdir, steps, NAN_STEPS, rc == 0, open(log).read() if rc == 1 else "",
+                        updates_per_step(trainer))
   return {"steps": steps, "burst": burst, "rc": rc, "handled": handled}
 
 

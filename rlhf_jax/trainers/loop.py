@@ -11,6 +11,7 @@ import numpy as np
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import parallel
+from rlhf_jax.trainers import optim
 
 
 class TrainingError(RuntimeError):
@@ -51,7 +52,7 @@ def host_metrics(metrics: dict) -> dict:
 
 def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch, mesh,
                checkpointer, schedule, evaluate=None, desc="train", progress_keys=("loss",),
-               count_tokens=None, extra_metrics=None, shard_batches=True):
+               count_tokens=None, extra_metrics=None, shard_batches=True, updates_per_step=1):
   """The loop every trainer shares; returns the last logged row plus step/preempted.
 
   For step = start+1 .. config.num_steps: batch = get_batch(step - 1) (host
@@ -61,9 +62,13 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
   steps (and at step 0 and the last step) `evaluate(params, step) -> dict` adds
   eval metrics. Checkpoints every `checkpoint.every` steps and at the end;
   SIGTERM checkpoints and returns early with preempted=True (`rlhf-jax train` then
-  exits with EXIT_PREEMPTED). The loop's own counters (skipped updates, the current
-  run of non-finite steps) are saved in the checkpoint too, so that a resumed run
-  logs exactly what an uninterrupted one does. `extra_metrics`
+  exits with EXIT_PREEMPTED). Non-finite updates: the optimizer's guard
+  (`optim.skip_nonfinite`) skips them and counts them in the optimizer state (so in the
+  checkpoint: a resumed run logs exactly what an uninterrupted one does); the loop logs
+  the count as skipped_updates and stops the run (TrainingError) after
+  config.max_bad_steps steps in a row whose every update was skipped
+  (`updates_per_step`: the optimizer updates of one training step, e.g. PPO / GRPO
+  epochs x minibatches). `extra_metrics`
   (e.g. data statistics) are added to every row. `count_tokens(batch)` gives
   the tokens a batch trains on (tokens_per_second); trainers that measure their
   own throughput pass None. shard_batches=False hands host batches to
@@ -82,19 +87,20 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
     last = writer.write(0, {**evaluate(state["params"], 0), "elapsed_s": elapsed()})
   preempted, step = False, start
   max_bad = int(config.get("max_bad_steps", 3))
-  restored = checkpointer.restored_loop if start else {}
-  # All skipped updates of the run (across resumes) and the current run of them in a row.
-  skipped_total, bad_run = restored.get("skipped_updates", 0), restored.get("bad_run", 0)
-  loop_state = lambda: {"skipped_updates": skipped_total, "bad_run": bad_run}
+  # All skipped updates of the run (across resumes: they live in the optimizer state).
+  skipped_total, _ = optim.guard_counters(state["opt_state"])
   with ckpt_lib.PreemptionGuard() as preemption:
     for step in range(start + 1, config.num_steps + 1):
       batch = get_batch(step - 1)
       state, m = train_step(state, parallel.shard_batch(batch, mesh) if shard_batches else batch)
-      if "skipped_update" in m and float(m["skipped_update"]) > 0:  # numerical guard
-        bad_run += 1
-        skipped_total += 1
+      skipped_before = skipped_total
+      skipped_total, bad_updates = optim.guard_counters(state["opt_state"])
+      if skipped_total > skipped_before:  # the numerical guard skipped updates of this step
+        bad_run = bad_updates // updates_per_step  # steps in a row, every update skipped
+        what = ("update" if updates_per_step == 1 else
+                f"{skipped_total - skipped_before} of {updates_per_step} updates")
         if primary:
-          progress.write(f"step {step} (batch {step - 1}): non-finite loss/gradients, update "
+          progress.write(f"step {step} (batch {step - 1}): non-finite loss/gradients, {what} "
                          f"skipped ({bad_run} in a row, {skipped_total} in this run)")
         if max_bad and bad_run >= max_bad:
           checkpointer.close()
@@ -105,8 +111,6 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
               f"config.max_bad_steps={max_bad}); parameters were not updated by them, the last "
               f"checkpoint is {checkpointer.latest_step()}. Lower optimizer.lr, check the data "
               f"of those batches, or raise max_bad_steps")
-      else:
-        bad_run = 0
       if count_tokens is not None:
         throughput.add(count_tokens(batch))
       if step % config.log_every == 0 or step == config.num_steps:
@@ -122,9 +126,9 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
         last = writer.write(step, row)
         progress.update(0, **{k: row[k] for k in progress_keys if k in row})
       progress.update(1)
-      checkpointer.maybe_save(step, state, force=step == config.num_steps, loop=loop_state())
+      checkpointer.maybe_save(step, state, force=step == config.num_steps)
       if preemption.any_requested() and step < config.num_steps:
-        checkpointer.maybe_save(step, state, force=True, loop=loop_state())
+        checkpointer.maybe_save(step, state, force=True)
         preempted = True
         print(f"preempted: saved checkpoint at step {step}; rerun the same command to resume",
               flush=True)

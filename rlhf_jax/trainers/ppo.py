@@ -235,6 +235,7 @@ def run(config, workdir: str) -> dict:
       config, workdir, state=state, start=start, train_step=rl_step,
       get_batch=lambda i: train_ds[i], mesh=mesh, checkpointer=checkpointer,
       schedule=lambda s: schedule(s * updates_per_step), shard_batches=False,
+      updates_per_step=updates_per_step,
       evaluate=evaluate if policy_eval is not None else None, desc="ppo",
       progress_keys=("reward_mean", "eval_accuracy"), count_tokens=None,
       extra_metrics={f"data_{k}": v for k, v in data_stats.items()})

@@ -15,17 +15,13 @@ def apply_gradients(state, grads, tx, count_step: bool = True):
   """One optimizer update of state {"step", "params", "opt_state", ...} (other keys kept).
 
   count_step: advance state["step"] (trainers whose step is one update); online-RL
-  trainers count rollout steps themselves.
-  Numerical guard: if any gradient is NaN/Inf the parameters and optimizer state are
-  kept as they were (the step still counts: the batch is skipped); callers report it
-  as the metric skipped_update = 1 (`skipped_metric`), which `train_loop` counts.
+  trainers count rollout steps themselves. Non-finite gradients: `optim.skip_nonfinite`
+  (inside every trainer's tx) makes the update zero and keeps its state; callers report
+  it as the metric skipped_update = 1 (`skipped_metric`).
   """
-  finite = all_finite(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new = {**state, "params": keep(optax.apply_updates(state["params"], updates),
-                                 state["params"]),
-         "opt_state": keep(opt_state, state["opt_state"])}
+  new = {**state, "params": optax.apply_updates(state["params"], updates),
+         "opt_state": opt_state}
   if count_step:
     new["step"] = state["step"] + 1
   return new
