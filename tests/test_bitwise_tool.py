@@ -41,3 +41,13 @@ def test_trees_equal_is_bitwise():
   assert not tool.kr.trees_equal(a, {"p": np.array([1.0, np.nextafter(np.float32(2), 3)],
                                                    np.float32)})
   assert not tool.kr.trees_equal(a, {"p": np.array([1.0, 2.0], np.float64)})
+
+
+def test_key_map_renames_only_matching_prefixes():
+  tool = _tool()
+  before = {"['opt_state'][0]['mu']": 1, "['loop']['bad_run']": 2, "['params']['w']": 3}
+  key_map = [("['opt_state'][", "['opt_state']['inner']["), ("['loop']", "['opt_state']")]
+  assert tool.rename_leaves(before, key_map) == {"['opt_state']['inner'][0]['mu']": 1,
+                                                 "['opt_state']['bad_run']": 2,
+                                                 "['params']['w']": 3}
+  assert tool.rename_leaves(before, []) == before

@@ -87,7 +87,21 @@ def metric_rows(workdir: str) -> list[dict]:
           for r in kr.read_rows(os.path.join(workdir, "metrics.jsonl"))]
 
 
-def compare_cell(a: str, b: str) -> dict:
+def rename_leaves(tree: dict, key_map) -> dict:
+  """`tree` {leaf path: array} with each path starting with OLD renamed to start with NEW,
+  for (OLD, NEW) in key_map (the first that matches): a deliberate move of checkpoint
+  leaves, e.g. the optimizer state wrapped in a guard, whose values must stay equal."""
+  out = {}
+  for k, v in tree.items():
+    for old, new in key_map:
+      if k.startswith(old):
+        k = new + k[len(old):]
+        break
+    out[k] = v
+  return out
+
+
+def compare_cell(a: str, b: str, key_map=()) -> dict:
   ra, rb = metric_rows(a), metric_rows(b)
   diff_rows = [i for i, (x, y) in enumerate(zip(ra, rb)) if x != y]
   first = None
@@ -96,6 +110,7 @@ def compare_cell(a: str, b: str) -> dict:
     first = {k: (x.get(k), y.get(k)) for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)}
   sa, ta = kr.final_checkpoint(a)
   sb, tb = kr.final_checkpoint(b)
+  ta = rename_leaves(ta, key_map)
   bad_leaves = sorted(k for k in set(ta) | set(tb)
                       if k not in ta or k not in tb or not kr.trees_equal({k: ta[k]}, {k: tb[k]}))
   return {"metrics_equal": len(ra) == len(rb) and not diff_rows, "rows": [len(ra), len(rb)],
@@ -112,7 +127,18 @@ def main(argv=None) -> int:
                   + ", ".join(cells(1)))
   ap.add_argument("--steps", type=int, default=6)
   ap.add_argument("--out", default=os.path.join(REPO, "runs", "bitwise"))
+  ap.add_argument("--map", action="append", default=[], metavar="OLD=NEW",
+                  help="a deliberate move of checkpoint leaves: the before-checkout's leaf "
+                  "paths starting with OLD are compared with the after-checkout's starting "
+                  "with NEW (repeatable; paths as jax.tree_util.keystr, e.g. "
+                  "\"['loop']=['opt_state']\")")
   a = ap.parse_args(argv)
+  key_map = []
+  for m in a.map:
+    old, sep, new = m.partition("=")
+    if not sep or not old:
+      raise SystemExit(f"--map={m!r}: expected OLD=NEW (leaf path prefixes)")
+    key_map.append((old, new))
   table = cells(a.steps)
   names = [c for c in a.cells.split(",") if c] or list(table)
   unknown = [c for c in names if c not in table]
@@ -139,7 +165,8 @@ def main(argv=None) -> int:
                        for s, (rc, _) in r.items() if rc}}
       print(f"{name:22s} FAILED   {res['error']}")
     else:
-      res = compare_cell(os.path.join(a.out, "before", name), os.path.join(a.out, "after", name))
+      res = compare_cell(os.path.join(a.out, "before", name), os.path.join(a.out, "after", name),
+                         key_map)
       print(f"{name:22s} {'equal' if res['metrics_equal'] else 'DIFFER':8s} "
             f"{'equal' if res['checkpoint_equal'] else 'DIFFER':8s} {res['rows'][1]:4d}  "
             f"{res['leaves']:6d}  {r['before'][1]:.0f}/{r['after'][1]:.0f}", flush=True)
@@ -151,7 +178,8 @@ def main(argv=None) -> int:
     results[name] = res
     ok &= "error" not in res and res["metrics_equal"] and res["checkpoint_equal"]
   with open(os.path.join(a.out, "results.json"), "w") as f:
-    json.dump({"checkouts": checkouts, "steps": a.steps, "cells": results}, f, indent=1)
+    json.dump({"checkouts": checkouts, "steps": a.steps, "map": key_map, "cells": results}, f,
+              indent=1)
   print("ALL EQUAL" if ok else "SOME CELLS DIFFER OR FAILED", f"({len(names)} cells)")
   return 0 if ok else 1
 
