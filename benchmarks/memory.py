@@ -112,11 +112,10 @@ def measure(model_cfg: ModelConfig, rows: int, seq: int, opt: Option) -> dict:
   bs = parallel.batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct((rows, seq), jnp.int32, sharding=bs)
            for k in ("tokens", "segment_ids", "loss_mask")}
-  step = jax.jit(sft.make_train_step(model, tx, opt.accum, frozen),
-                 in_shardings=(shardings, *frozen.in_shardings, bs),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  step = state_lib.jit_step(sft.make_train_step(model, tx, opt.accum, frozen), shardings, bs,
+                            metrics_sharding=parallel.replicated(mesh), donate=True)
   t = time.perf_counter()
-  ma = step.lower(state, *frozen.args, batch).compile().memory_analysis()
+  ma = step.lower(state, batch).compile().memory_analysis()
   compile_s = time.perf_counter() - t
   peak = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
           + ma.temp_size_in_bytes)

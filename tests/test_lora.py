@@ -168,6 +168,9 @@ def test_optimizer_state_holds_only_adapters_and_they_shard_like_the_base(capsys
   assert jax.tree.structure(frozen.params) == jax.tree.structure(base)
   for x, y in zip(jax.tree.leaves(frozen.params), jax.tree.leaves(base)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # the base lives in the state (held once: the same arrays) but not in its checkpoints
+  assert state[state_lib.BASE] is frozen.params and shardings[state_lib.BASE] is frozen.shardings
+  assert set(state_lib.checkpointed(state)) == {"step", "params", "opt_state"}
   specs = jax.tree.map(lambda s: tuple(s.spec), shardings["params"]["lora"]["layers"])
   assert specs["q"] == {"a": (None, "fsdp", None), "b": (None, None, "tensor", None)}
   assert specs["o"] == {"a": (None, "tensor", None, None), "b": (None, None, "fsdp")}

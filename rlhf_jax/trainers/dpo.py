@@ -147,8 +147,8 @@ def make_loss_fn(model, d, window: int = 0):
 
 
 def make_train_step(model, tx, d, frozen=None, window: int = 0, grad_accum_steps: int = 1):
-  """train_step(state, [base,] ref_params, batch) -> (state, metrics); `base` is the
-  frozen LoRA base (only with LoRA, see `state_lib.Frozen`). With grad_accum_steps = A > 1
+  """train_step(state, ref_params, batch) -> (state, metrics); with LoRA the model is
+  state["base"] merged with the adapters (`state_lib.Frozen`). With grad_accum_steps = A > 1
   the pairs are split into A equal micro-batches whose gradients and metrics are
   averaged: every loss type but kto is a mean over pairs, so the update is the
   whole-batch one (kto's reference point z0 is a whole-batch statistic: refused by
@@ -248,9 +248,10 @@ def run(config, workdir: str) -> dict:
   batch_sharding = parallel.batch_sharding(mesh)
   model_sharding = frozen.model_shardings(shardings)
   ref_sharding = model_sharding if ref_params is not None else None
-  step_fn = jax.jit(make_train_step(model, tx, d, frozen, window, config.grad_accum_steps),
-                    in_shardings=(shardings, *frozen.in_shardings, ref_sharding, batch_sharding),
-                    out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  step_fn = state_lib.jit_step(
+      make_train_step(model, tx, d, frozen, window, config.grad_accum_steps),
+      shardings, ref_sharding, batch_sharding, metrics_sharding=parallel.replicated(mesh),
+      donate=True)
   eval_fn = jax.jit(make_loss_fn(model, d, window),
                     in_shardings=(model_sharding, ref_sharding, batch_sharding))
 
@@ -281,7 +282,7 @@ def run(config, workdir: str) -> dict:
 
   return loop.train_loop(
       config, workdir, state=state, start=start,
-      train_step=lambda s, b: step_fn(s, *frozen.args, ref_params, b),
+      train_step=lambda s, b: step_fn(s, ref_params, b),
       get_batch=lambda i: train_ds[i],
       mesh=mesh, checkpointer=checkpointer, schedule=schedule,
       evaluate=evaluate if eval_arrays is not None or policy_eval is not None else None,

@@ -73,7 +73,7 @@ def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: i
                 group_size: int = 1):
   """update(state, minibatch) -> (state, metrics): one jitted clipped-policy step
   (gradients accumulated exactly over `micro_batches` parts). With LoRA (`frozen`, see
-  `state_lib.Frozen`) the frozen base is passed to the compiled step as an argument.
+  `state_lib.Frozen`) the frozen base state["base"] is an argument of the compiled step.
   on_policy: the parameters are those that sampled the batch (one update per
   rollout), so log pi_old = stop_gradient(log pi): the ratio is exactly 1 and the
   minibatch's old_logps are not read (no old-log-prob pass is needed).
@@ -110,11 +110,9 @@ def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: i
     metrics["entropy"] = masked_mean(ent, mb["mask"])
     return loss, metrics
 
-  frozen = frozen or state_lib.Frozen()
-  step = jax.jit(step_lib.make_step(
+  return state_lib.jit_step(step_lib.make_step(
       loss_fn, tx, micro_batches, step_lib.aggregation_weight(algo["aggregation"]),
       count_step=False, frozen=frozen))
-  return lambda state, mb: step(state, *frozen.args, mb)
 
 
 def micro_batches_of(rows: int, micro: int) -> int:

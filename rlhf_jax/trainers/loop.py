@@ -12,6 +12,7 @@ from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import parallel
 from rlhf_jax.trainers import optim
+from rlhf_jax.trainers import state as state_lib
 
 
 class TrainingError(RuntimeError):
@@ -126,9 +127,10 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
         last = writer.write(step, row)
         progress.update(0, **{k: row[k] for k in progress_keys if k in row})
       progress.update(1)
-      checkpointer.maybe_save(step, state, force=step == config.num_steps)
+      checkpointer.maybe_save(step, state_lib.checkpointed(state),
+                              force=step == config.num_steps)
       if preemption.any_requested() and step < config.num_steps:
-        checkpointer.maybe_save(step, state, force=True)
+        checkpointer.maybe_save(step, state_lib.checkpointed(state), force=True)
         preempted = True
         print(f"preempted: saved checkpoint at step {step}; rerun the same command to resume",
               flush=True)

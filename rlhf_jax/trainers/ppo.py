@@ -75,7 +75,8 @@ def completion_slice(x_BS, P):
 
 def make_update(model, tx, p, P, temperature, max_len, micro_batches=1, frozen=None):
   """update(state, minibatch) -> (state, metrics): one jitted PPO step (policy + critic);
-  with LoRA (`frozen`, `state_lib.Frozen`) the frozen base is an argument of the step.
+  with LoRA (`frozen`, `state_lib.Frozen`) the frozen base state["base"] is an argument of
+  the compiled step.
   model.config.logits_chunk > 0: the policy's log-probs and entropies come from its
   hidden states, that many completion positions unembedded at a time
   (`models.api.token_logprobs_from_hidden`); the value head is unchanged."""
@@ -103,11 +104,9 @@ def make_update(model, tx, p, P, temperature, max_len, micro_batches=1, frozen=N
                     vf_coef=p.vf_coef, entropy_BT=ent, entropy_coef=p.entropy_coef,
                     aggregation=p.aggregation, max_len=max_len)
 
-  frozen = frozen or state_lib.Frozen()
-  step = jax.jit(step_lib.make_step(
+  return state_lib.jit_step(step_lib.make_step(
       loss_fn, tx, micro_batches, step_lib.aggregation_weight(p.aggregation), count_step=False,
       frozen=frozen))
-  return lambda state, mb: step(state, *frozen.args, mb)
 
 
 def run(config, workdir: str) -> dict:

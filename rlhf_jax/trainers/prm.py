@@ -92,7 +92,7 @@ def step_logits(model, params, batch):
 
 
 def make_train_step(model, tx, negative_weight: float, frozen=None, grad_accum_steps: int = 1):
-  """train_step(state, [base,] batch) -> (state, metrics). With grad_accum_steps = A > 1
+  """train_step(state, batch) -> (state, metrics). With grad_accum_steps = A > 1
   the rows are split into A micro-batches; each part's gradient is weighted by its share
   of sum w (the loss's denominator) and each metric by the count it is a ratio of, so the
   update and the metrics equal the whole-batch ones (`step_lib.make_step`)."""
@@ -190,10 +190,9 @@ def run(config, workdir: str) -> dict:
                                                tokenizer)
 
   batch_sharding = parallel.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(model, tx, config.prm.negative_weight, frozen,
-                                       config.grad_accum_steps),
-                       in_shardings=(shardings, *frozen.in_shardings, batch_sharding),
-                       out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  train_step = state_lib.jit_step(
+      make_train_step(model, tx, config.prm.negative_weight, frozen, config.grad_accum_steps),
+      shardings, batch_sharding, metrics_sharding=parallel.replicated(mesh), donate=True)
   logits_fn = jax.jit(lambda p, b: step_logits(model, p, b),
                       in_shardings=(frozen.model_shardings(shardings), batch_sharding))
 
@@ -212,7 +211,7 @@ def run(config, workdir: str) -> dict:
                     if isinstance(v, (int, float))}
   return loop.train_loop(
       config, workdir, state=state, start=start,
-      train_step=lambda s, b: train_step(s, *frozen.args, b), get_batch=lambda i: train_ds[i],
+      train_step=train_step, get_batch=lambda i: train_ds[i],
       mesh=mesh, checkpointer=checkpointer, schedule=schedule,
       evaluate=evaluate if eval_arrays is not None else None, desc="prm",
       progress_keys=("loss", "step_accuracy", "eval_balanced_accuracy"),

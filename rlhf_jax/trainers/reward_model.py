@@ -48,7 +48,7 @@ def pair_scores(model, params, batch):
 
 def make_train_step(model, tx, center_coef: float, use_margin: bool, frozen=None,
                     grad_accum_steps: int = 1):
-  """train_step(state, [base,] batch) -> (state, metrics) (`step_lib.make_step`); with
+  """train_step(state, batch) -> (state, metrics) (`step_lib.make_step`); with
   grad_accum_steps = A > 1 the pairs are split into A equal micro-batches whose
   gradients and metrics are averaged (the loss is a mean over pairs, so the update is
   the whole-batch one)."""
@@ -174,10 +174,10 @@ def run(config, workdir: str) -> dict:
                                                tokenizer)
 
   batch_sharding = parallel.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(model, tx, config.rm.center_coef, config.rm.use_margin,
-                                       frozen, config.grad_accum_steps),
-                       in_shardings=(shardings, *frozen.in_shardings, batch_sharding),
-                       out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  train_step = state_lib.jit_step(
+      make_train_step(model, tx, config.rm.center_coef, config.rm.use_margin, frozen,
+                      config.grad_accum_steps),
+      shardings, batch_sharding, metrics_sharding=parallel.replicated(mesh), donate=True)
   eval_step = jax.jit(make_eval_step(model),
                       in_shardings=(frozen.model_shardings(shardings), batch_sharding))
 
@@ -194,7 +194,7 @@ def run(config, workdir: str) -> dict:
 
   result = loop.train_loop(
       config, workdir, state=state, start=start,
-      train_step=lambda s, b: train_step(s, *frozen.args, b), get_batch=get_batch,
+      train_step=train_step, get_batch=get_batch,
       mesh=mesh, checkpointer=checkpointer, schedule=schedule,
       evaluate=evaluate if eval_arrays is not None else None, desc="reward_model",
       progress_keys=("loss", "accuracy", "eval_accuracy"),

@@ -11,15 +11,18 @@ from rlhf_jax import evaluation
 from rlhf_jax import parallel
 from rlhf_jax import rewards as rewards_lib
 from rlhf_jax import workdir as workdir_lib
+from rlhf_jax.trainers import state as state_lib
 
 
 def restore_or_keep(checkpointer: ckpt_lib.Checkpointer, state, shardings):
-  """(start_step, state): the latest checkpoint if there is one, else (0, state)."""
-  restored = checkpointer.restore(ckpt_lib.abstract_like(state, shardings))
+  """(start_step, state): the latest checkpoint if there is one, else (0, state). A LoRA
+  state's frozen base is not in checkpoints (`state_lib.checkpointed`): kept as it is."""
+  restored = checkpointer.restore(ckpt_lib.abstract_like(state_lib.checkpointed(state),
+                                                         state_lib.checkpointed(shardings)))
   if restored is None:
     return 0, state
-  step, state = restored
-  return int(step), state
+  step, saved = restored
+  return int(step), {**state, **saved}
 
 
 def open_run(config, workdir: str, state, shardings, model_config, tokenizer, extra=None):

@@ -62,13 +62,13 @@ def make_loss_sums(model):
 
 
 def make_train_step(model, tx, grad_accum_steps: int = 1, frozen=None):
-  """train_step(state, [base,] batch) -> (state, metrics); batch arrays are [B, T].
+  """train_step(state, batch) -> (state, metrics); batch arrays are [B, T].
 
   `step_lib.make_step` on the summed completion-token NLL with normalizer="num_tokens":
   the gradient and the logged loss are the token-mean NLL of the whole batch, also with
-  grad_accum_steps > 1 micro-batches. The model runs with frozen.merge(base,
+  grad_accum_steps > 1 micro-batches. The model runs with frozen.merge(state["base"],
   state["params"]) (`state_lib.Frozen`: the parameters themselves, or with LoRA the
-  adapters merged into the frozen base, which is then the step's second argument)."""
+  adapters merged into the frozen base)."""
   frozen = frozen or state_lib.Frozen()
   loss_sums = make_loss_sums(model)
 
@@ -78,11 +78,10 @@ def make_train_step(model, tx, grad_accum_steps: int = 1, frozen=None):
   update = step_lib.make_step(loss_fn, tx, grad_accum_steps, frozen=frozen,
                               normalizer="num_tokens")
 
-  def train_step(state, *args):
-    base, _ = frozen.split_args(args)
-    new_state, metrics = update(state, *args)
-    return new_state, {**metrics,
-                       "param_norm": optax.tree.norm(frozen.merge(base, state["params"]))}
+  def train_step(state, batch):
+    new_state, metrics = update(state, batch)
+    merged = frozen.merge(state.get(state_lib.BASE), state["params"])
+    return new_state, {**metrics, "param_norm": optax.tree.norm(merged)}
   return train_step
 
 
@@ -169,9 +168,9 @@ def run(config, workdir: str) -> dict:
                                                tokenizer)
 
   batch_sharding = parallel.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(model, tx, config.grad_accum_steps, frozen),
-                       in_shardings=(shardings, *frozen.in_shardings, batch_sharding),
-                       out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  train_step = state_lib.jit_step(make_train_step(model, tx, config.grad_accum_steps, frozen),
+                                  shardings, batch_sharding,
+                                  metrics_sharding=parallel.replicated(mesh), donate=True)
   eval_step = jax.jit(make_eval_step(model),
                       in_shardings=(frozen.model_shardings(shardings), batch_sharding))
 
@@ -200,7 +199,7 @@ def run(config, workdir: str) -> dict:
 
   return loop.train_loop(
       config, workdir, state=state, start=start,
-      train_step=lambda s, b: train_step(s, *frozen.args, b),
+      train_step=train_step,
       get_batch=lambda i: train_ds[i], mesh=mesh, checkpointer=checkpointer,
       schedule=schedule,
       evaluate=evaluate if eval_ds is not None or policy_eval is not None else None, desc="sft",

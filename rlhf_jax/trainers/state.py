@@ -48,16 +48,55 @@ def unboxed_init(model, rng, *example_inputs):
 
 
 
+BASE = "base"  # the train state's entry for a LoRA run's frozen base (absent otherwise)
+
+
+def checkpointed(tree: dict) -> dict:
+  """The part of a train state (or of its shardings) that checkpoints hold: all but the
+  frozen LoRA base, which is written once to WORKDIR/lora/base."""
+  return {k: v for k, v in tree.items() if k != BASE}
+
+
+def jit_step(step_fn, state_shardings=None, *arg_shardings, metrics_sharding=None,
+             donate: bool = False):
+  """jax.jit of step_fn(state, *args) -> (state, *outputs), called as f(state, *args).
+
+  A LoRA state's frozen base (state["base"]) reaches the compiled step as its own
+  argument: an input, never a constant, never donated (the reference policy and the
+  samplers hold the same arrays) and not an output; with donate=True the rest of the
+  state is donated. state_shardings (and arg_shardings, metrics_sharding: the outputs
+  after the state) fix the layouts; None lets jit infer them. `f.lower(state, *args)`
+  lowers it (memory analysis)."""
+  def split_fn(rest, base, *args):
+    new, *out = step_fn(rest if base is None else {**rest, BASE: base}, *args)
+    return (checkpointed(new), *out)
+
+  kw = {"donate_argnums": 0} if donate else {}
+  if state_shardings is not None:
+    kw["in_shardings"] = (checkpointed(state_shardings), state_shardings.get(BASE),
+                          *arg_shardings)
+    if metrics_sharding is not None:
+      kw["out_shardings"] = (checkpointed(state_shardings), metrics_sharding)
+  jitted = jax.jit(split_fn, **kw)
+
+  def call(state, *args):
+    new, *out = jitted(checkpointed(state), state.get(BASE), *args)
+    return ({**new, BASE: state[BASE]} if BASE in state else new, *out)
+  call.lower = lambda state, *args: jitted.lower(checkpointed(state), state.get(BASE), *args)
+  return call
+
+
 @dataclasses.dataclass(eq=False)
 class Frozen:
   """The parameters the optimizer does not train, and how the trained ones combine
   with them into the model's parameters.
 
   Full fine-tuning (`Frozen()`): nothing is frozen; merge/full return the trained
-  parameters themselves, `params` is None and step functions take no extra argument.
+  parameters themselves and `params` is None.
   LoRA (`rlhf_jax.models.lora`): `params` is the base model, held once (sharded like
-  the model), never updated, and passed to every jitted step as its argument after
-  the state (`args`, `in_shardings`); the trained tree is {"lora": ..., "full": ...}.
+  the model), never updated; it is also the train state's "base" entry (`BASE`), which
+  `jit_step` hands to the compiled step as its own never-donated argument and the
+  checkpoints leave out (`checkpointed`). The trained tree is {"lora": ..., "full": ...}.
   """
   lora: Any = None           # lora_lib.LoraConfig, None = full fine-tuning
   params: Any = None         # the frozen base (device arrays)
@@ -89,20 +128,6 @@ class Frozen:
     for k in path:
       src = src[k]
     return src if self.enabled else jax.tree.map(jnp.copy, src)
-
-  @property
-  def args(self) -> tuple:
-    """Extra leading arguments of a step function: (base,) under LoRA, else ()."""
-    return (self.params,) if self.enabled else ()
-
-  @property
-  def in_shardings(self) -> tuple:
-    """Their shardings, for jax.jit(in_shardings=(state, *frozen.in_shardings, ...))."""
-    return (self.shardings,) if self.enabled else ()
-
-  def split_args(self, args: tuple):
-    """(base or None, the remaining args) of a step called with (*frozen.args, *rest)."""
-    return (args[0], args[1:]) if self.enabled else (None, args)
 
   def model_shardings(self, shardings):
     """Shardings of the model's parameters (of `full(...)`), given the state's."""
@@ -174,6 +199,7 @@ def create_train_state(init_params_fn: Callable[[jax.Array], Any], tx, mesh, rng
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
   state = jax.jit(lambda b: nn.meta.unbox(init_boxed(b)), out_shardings=shardings)(base)
+  state[BASE], shardings[BASE] = base, base_shardings  # not trained, not checkpointed
   frozen = Frozen(cfg, base, base_shardings)
   n_trained = lora_lib.num_params(state["params"])
   n_total = (lora_lib.num_params(base) + lora_lib.num_params(state["params"]["lora"]))

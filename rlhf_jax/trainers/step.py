@@ -8,7 +8,7 @@ import optax
 
 from rlhf_jax.losses.ppo import AGGREGATION_MODES
 from rlhf_jax.trainers.optim import all_finite
-from rlhf_jax.trainers.state import Frozen
+from rlhf_jax.trainers.state import BASE, Frozen
 
 
 def apply_gradients(state, grads, tx, count_step: bool = True):
@@ -43,7 +43,7 @@ def aggregation_weight(aggregation: str):
 def make_step(loss_fn, tx, micro_batches: int = 1, weight_fn=None, *, count_step: bool = True,
               frozen: "Frozen | None" = None, metric_weights=None, summed_metrics=(),
               normalizer: str | None = None):
-  """The one training update of every trainer: step(state, [base,] *consts, batch) ->
+  """The one training update of every trainer: step(state, *consts, batch) ->
   (state, metrics) for loss_fn(params, *consts, batch) -> (loss, metrics). Not jitted.
 
   value_and_grad of the loss, then the optimizer update (`apply_gradients`, with its
@@ -63,15 +63,15 @@ def make_step(loss_fn, tx, micro_batches: int = 1, weight_fn=None, *, count_step
       metrics[normalizer] its count; sums and counts are added over the parts, and the
       gradient and the logged "loss" are divided by max(total count, 1) once at the end.
       (Also used with A = 1.)
-  LoRA (`frozen` enabled): the frozen base comes right after the state (call it as
-  step(state, *frozen.args, *args)); loss_fn sees the merged parameters and gradients
-  reach only state["params"] (adapters + fully trained leaves); the base is an argument,
-  never a constant of the compiled step. LoRA dropout uses one mask for all parts.
+  LoRA (`frozen` enabled): the frozen base is state["base"] (jit the step with
+  `state.jit_step`, which passes it as an argument, never a constant); loss_fn sees the
+  merged parameters and gradients reach only state["params"] (adapters + fully trained
+  leaves). LoRA dropout uses one mask for all parts.
   """
   frozen = frozen or Frozen()
 
   def update(state, *args):
-    base, args = frozen.split_args(args)
+    base = state.get(BASE)
     rng, carry = dropout_rng(state)
 
     def loss(trained, *a):
