@@ -233,11 +233,11 @@ def grpo_update(m: ModelConfig, rows: int, prompt_len: int, completion_len: int,
   update = grpo.make_update(model, tx, algo, prompt_len, 1.0, completion_len, micro,
                             on_policy=True, group_size=share)
   C = completion_len
-  batch = {"sequences": _spec((rows, S), jnp.int32, bs),
-           "segment_ids": _spec((rows, S), jnp.int32, bs),
-           "mask": _spec((rows, C), jnp.int32, bs),
+  batch = {"sequences_BS": _spec((rows, S), jnp.int32, bs),
+           "segment_ids_BS": _spec((rows, S), jnp.int32, bs),
+           "mask_BC": _spec((rows, C), jnp.int32, bs),
            **{k: _spec((rows, C), jnp.float32, bs)
-              for k in ("old_logps", "advantages", "ref_logps")}}
+              for k in ("old_logps_BC", "advantages_BC", "ref_logps_BC")}}
   return analyse(jax.jit(update, in_shardings=(shardings, bs)), state, batch, mesh_=mesh)
 
 

@@ -139,11 +139,11 @@ def test_train_micro_batches_give_the_whole_batch_gradient(aggregation):
 
   B, P, C = 8, 4, 6
   model, params, state, rng, mask = _sgd_policy(0, B, C)  # ragged: micro-batches differ
-  mb = {"sequences": rng.integers(0, 32, size=(B, P + C)).astype(np.int32),
-        "segment_ids": np.concatenate([np.ones((B, P), np.int32), mask], 1),
-        "mask": mask, "old_logps": (rng.normal(size=(B, C)) * 0.1 - 3.0).astype(np.float32)
-        * mask, "advantages": rng.normal(size=(B, C)).astype(np.float32) * mask,
-        "ref_logps": (rng.normal(size=(B, C)) * 0.1 - 3.0).astype(np.float32) * mask}
+  mb = {"sequences_BS": rng.integers(0, 32, size=(B, P + C)).astype(np.int32),
+        "segment_ids_BS": np.concatenate([np.ones((B, P), np.int32), mask], 1),
+        "mask_BC": mask, "old_logps_BC": (rng.normal(size=(B, C)) * 0.1 - 3.0).astype(np.float32)
+        * mask, "advantages_BC": rng.normal(size=(B, C)).astype(np.float32) * mask,
+        "ref_logps_BC": (rng.normal(size=(B, C)) * 0.1 - 3.0).astype(np.float32) * mask}
   algo = dict(grpo.VARIANTS["grpo"], aggregation=aggregation)
   new = {k: grpo.make_update(model, optax.sgd(1.0), algo, P, 1.0, C, k)(state, mb)
          for k in (1, 4)}
@@ -169,14 +169,14 @@ def test_on_policy_update_equals_update_with_recomputed_old_logps():
   seg = np.concatenate([np.ones((B, P), np.int32), mask], 1)
   logits = jax.jit(model.apply)({"params": params}, seq, seg)[0][:, P - 1:-1]
   old = np.asarray(token_logprobs(logits, seq[:, P:], T)) * mask  # what the pass computes
-  mb = {"sequences": seq, "segment_ids": seg, "mask": mask, "old_logps": old,
-        "advantages": rng.normal(size=(B, C)).astype(np.float32) * mask,
-        "ref_logps": (old - 0.1 * rng.random((B, C))).astype(np.float32) * mask}
+  mb = {"sequences_BS": seq, "segment_ids_BS": seg, "mask_BC": mask, "old_logps_BC": old,
+        "advantages_BC": rng.normal(size=(B, C)).astype(np.float32) * mask,
+        "ref_logps_BC": (old - 0.1 * rng.random((B, C))).astype(np.float32) * mask}
   algo = dict(grpo.VARIANTS["grpo"])
   run = lambda on_policy, batch: grpo.make_update(model, optax.sgd(1.0), algo, P, T, C, 1,
                                                   on_policy=on_policy)(state, batch)[0]["params"]
-  skip, full = run(True, {**mb, "old_logps": np.zeros_like(old)}), run(False, mb)
-  stale = run(False, {**mb, "old_logps": old - 0.5 * mask})
+  skip, full = run(True, {**mb, "old_logps_BC": np.zeros_like(old)}), run(False, mb)
+  stale = run(False, {**mb, "old_logps_BC": old - 0.5 * mask})
   leaves = lambda t: [np.asarray(x) for x in jax.tree.leaves(t)]
   for a, b in zip(leaves(skip), leaves(full)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

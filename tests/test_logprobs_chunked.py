@@ -201,10 +201,10 @@ def test_grpo_update_and_old_ref_logps_equal(params):
   P, C, G = 5, 7, 3
   seq, seg, cmask = _grpo_batch(rng, 2, G, P, C)
   B = len(seq)
-  mb = {"sequences": seq, "segment_ids": seg, "mask": cmask,
-        "old_logps": (rng.normal(size=(B, C)) * 0.1 - 3).astype(np.float32) * cmask,
-        "advantages": rng.normal(size=(B, C)).astype(np.float32) * cmask,
-        "ref_logps": (rng.normal(size=(B, C)) * 0.1 - 3).astype(np.float32) * cmask}
+  mb = {"sequences_BS": seq, "segment_ids_BS": seg, "mask_BC": cmask,
+        "old_logps_BC": (rng.normal(size=(B, C)) * 0.1 - 3).astype(np.float32) * cmask,
+        "advantages_BC": rng.normal(size=(B, C)).astype(np.float32) * cmask,
+        "ref_logps_BC": (rng.normal(size=(B, C)) * 0.1 - 3).astype(np.float32) * cmask}
   algo = dict(grpo.VARIANTS["grpo"])
   out, lp = {}, {}
   for c in (0, CHUNK):
@@ -229,11 +229,11 @@ def test_ppo_update_equal(critic):
   P, C = 5, 6
   seq, seg, cmask = _grpo_batch(rng, 4, 1, P, C)
   B = len(seq)
-  mb = {"sequences": seq, "segment_ids": seg, "mask": cmask,
-        "old_logps": (rng.normal(size=(B, C)) * 0.1 - 3).astype(np.float32) * cmask,
-        "advantages": rng.normal(size=(B, C)).astype(np.float32) * cmask,
-        "old_values": rng.normal(size=(B, C)).astype(np.float32) * cmask,
-        "returns": rng.normal(size=(B, C)).astype(np.float32) * cmask}
+  mb = {"sequences_BS": seq, "segment_ids_BS": seg, "mask_BC": cmask,
+        "old_logps_BC": (rng.normal(size=(B, C)) * 0.1 - 3).astype(np.float32) * cmask,
+        "advantages_BC": rng.normal(size=(B, C)).astype(np.float32) * cmask,
+        "old_values_BC": rng.normal(size=(B, C)).astype(np.float32) * cmask,
+        "returns_BC": rng.normal(size=(B, C)).astype(np.float32) * cmask}
 
   class PP(dict):
     __getattr__ = dict.__getitem__

@@ -124,7 +124,7 @@ def np_kw(kw):
 
 def _value_and_grad(logp, old, ref, adv, m, **kw):
   (loss, metrics), g = jax.value_and_grad(
-      lambda lp: grpo_loss(lp, old, adv, m, ref_logp_BT=ref, **kw), has_aux=True)(logp)
+      lambda lp: grpo_loss(lp, old, adv, m, ref_logps_BC=ref, **kw), has_aux=True)(logp)
   return loss, metrics, g
 
 
@@ -194,7 +194,7 @@ def test_gspo_equals_token_level_at_ratio_one():
   n = m.sum(1, keepdims=True)
   w = m / np.maximum(n, 1) / (n[:, 0] > 0).sum()
   np.testing.assert_allclose(np.asarray(no_kl[2]), -np.float64(adv)[:, None] * w, rtol=1e-5, atol=1e-8)
-  # old_logp_BT=None is on-policy: the same loss and gradient
+  # old_logps_BC=None is on-policy: the same loss and gradient
   np.testing.assert_allclose(float(on[0]), float(no_kl[0]), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(on[1]), np.asarray(no_kl[2]), rtol=1e-6, atol=1e-9)
 
@@ -251,14 +251,14 @@ def test_degenerate_inputs():
 
 def test_errors():
   logp, old, ref, adv, m = (jnp.asarray(x) for x in make_batch(7))
-  with pytest.raises(ValueError, match="needs ref_logp_BT"):
+  with pytest.raises(ValueError, match="needs ref_logps_BC"):
     grpo_loss(logp, old, adv, m, kl_beta=0.04)
   with pytest.raises(ValueError, match="token, sequence"):
     grpo_loss(logp, old, adv, m, importance="seq")
   with pytest.raises(ValueError, match="seq_mean_token_sum_norm"):
     grpo_loss(logp, old, adv, m, aggregation="dr_grpo")
   with pytest.raises(ValueError, match="k1, k2, k3"):
-    grpo_loss(logp, old, adv, m, ref_logp_BT=ref, kl_beta=0.1, kl_kind="low_var_kl")
+    grpo_loss(logp, old, adv, m, ref_logps_BC=ref, kl_beta=0.1, kl_kind="low_var_kl")
   with pytest.raises(ValueError, match="dual_clip"):
     grpo_loss(logp, old, adv, m, dual_clip=0.5)
 

@@ -65,7 +65,7 @@ def np_penalty_rewards(logp, ref, m, beta, kind, scores=None):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kl_estimate_matches_numpy(kind, seed):
   logp, ref, m = make_logps(seed)
-  got = np.asarray(kl_estimate(jnp.asarray(logp), jnp.asarray(ref), kind, mask_BT=jnp.asarray(m)))
+  got = np.asarray(kl_estimate(jnp.asarray(logp), jnp.asarray(ref), kind, mask_BC=jnp.asarray(m)))
   want = np.where(m > 0, np_kl(logp, ref, kind), 0.0)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   assert got.dtype == np.float32 and np.isfinite(got).all()
@@ -82,7 +82,7 @@ def test_k3_accurate_near_zero_and_grad_masked():
   got = np.asarray(kl_estimate(jnp.asarray(d), jnp.zeros(6), "k3"))
   np.testing.assert_allclose(got, np_kl(d, np.zeros(6), "k3"), rtol=1e-5, atol=0)
   logp, ref, m = make_logps(2)
-  g = jax.jit(jax.grad(lambda lp: jnp.sum(kl_estimate(lp, jnp.asarray(ref), "k3", mask_BT=jnp.asarray(m)))))(
+  g = jax.jit(jax.grad(lambda lp: jnp.sum(kl_estimate(lp, jnp.asarray(ref), "k3", mask_BC=jnp.asarray(m)))))(
       jnp.asarray(logp))
   g = np.asarray(g)
   assert np.isfinite(g).all() and (g[m == 0] == 0).all()

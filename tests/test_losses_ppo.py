@@ -315,7 +315,7 @@ def test_ppo_loss_combines_terms():
   ent = rng.uniform(0, 2, size=(B, T)).astype(np.float32)
   args = [jnp.asarray(x) for x in (logp, old, adv, v, v_old, ret, m)]
   f = jax.jit(functools.partial(ppo_loss, vf_coef=0.5, entropy_coef=0.01, dual_clip=3.0))
-  loss, metrics = f(*args, entropy_BT=jnp.asarray(ent))
+  loss, metrics = f(*args, entropy_BC=jnp.asarray(ent))
   pol, _ = np_policy(logp, old, adv, m, dual=3.0)
   val, _ = np_value(v, v_old, ret, m, 0.2)
   want = pol["policy_loss"] + 0.5 * val["value_loss"] - 0.01 * np_aggregate(ent, m, "token_mean")

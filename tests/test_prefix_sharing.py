@@ -233,10 +233,10 @@ def test_grpo_update_with_shared_prompts_equals_separate_rows(params):
   P, C, G, N = 5, 6, 4, 3
   seq, seg, cmask = _grpo_batch(rng, N, G, P, C)
   B = N * G
-  mb = {"sequences": seq, "segment_ids": seg, "mask": cmask,
-        "old_logps": (rng.normal(size=(B, C)) * 0.1 - 3).astype(np.float32) * cmask,
-        "advantages": rng.normal(size=(B, C)).astype(np.float32) * cmask,
-        "ref_logps": (rng.normal(size=(B, C)) * 0.1 - 3).astype(np.float32) * cmask}
+  mb = {"sequences_BS": seq, "segment_ids_BS": seg, "mask_BC": cmask,
+        "old_logps_BC": (rng.normal(size=(B, C)) * 0.1 - 3).astype(np.float32) * cmask,
+        "advantages_BC": rng.normal(size=(B, C)).astype(np.float32) * cmask,
+        "ref_logps_BC": (rng.normal(size=(B, C)) * 0.1 - 3).astype(np.float32) * cmask}
   state = {"step": jnp.zeros((), jnp.int32), "params": params,
            "opt_state": optax.sgd(1.0).init(params)}
   model = Transformer(CFG)

@@ -42,8 +42,8 @@ __all__ = ["AGGREGATIONS", "IMPORTANCE_LEVELS", "KL_MODES", "aggregate", "grpo_l
            "importance_log_ratio", "overlong_penalty"]
 
 
-def importance_log_ratio(logp_BT, old_logp_BT, mask_BT, importance="token"):
-  """Per-token log importance ratio log w_t, float32 [B, T], 0 at masked positions.
+def importance_log_ratio(logps_BC, old_logps_BC, mask_BC, importance="token"):
+  """Per-token log importance ratio log w_t, float32 [B, C], 0 at masked positions.
 
   token     log w_{i,t} = logp_{i,t} - old_logp_{i,t}                    (PPO / GRPO)
   sequence  log w_{i,t} = sg[log s_i] + logp_{i,t} - sg[logp_{i,t}]       (GSPO-token, Zheng et al. 2025, sec. 4.3)
@@ -60,18 +60,18 @@ def importance_log_ratio(logp_BT, old_logp_BT, mask_BT, importance="token"):
   if importance not in IMPORTANCE_LEVELS:
     raise ValueError(f"unknown importance level {importance!r}; expected one of "
                      f"{', '.join(IMPORTANCE_LEVELS)}")
-  log_ratio_BT = masked_log_ratio(logp_BT, old_logp_BT, mask_BT)
+  log_ratio_BC = masked_log_ratio(logps_BC, old_logps_BC, mask_BC)
   if importance == "token":
-    return log_ratio_BT
-  m = f32(mask_BT) > 0
+    return log_ratio_BC
+  m = f32(mask_BC) > 0
   n_B = jnp.sum(m.astype(jnp.float32), axis=-1)
-  log_s_B = jnp.sum(log_ratio_BT, axis=-1) / jnp.maximum(n_B, 1.0)
-  lp = jnp.where(m, f32(logp_BT), 0.0)
+  log_s_B = jnp.sum(log_ratio_BC, axis=-1) / jnp.maximum(n_B, 1.0)
+  lp = jnp.where(m, f32(logps_BC), 0.0)
   sg = jax.lax.stop_gradient
   return jnp.where(m, sg(log_s_B)[:, None] + lp - sg(lp), 0.0)
 
 
-def grpo_loss(logp_BT, old_logp_BT, advantages, mask_BT, *, ref_logp_BT=None,
+def grpo_loss(logps_BC, old_logps_BC, advantages_BC, mask_BC, *, ref_logps_BC=None,
               aggregation="seq_mean_token_mean", max_len=None, clip_eps_low=0.2,
               clip_eps_high=None, dual_clip=None, importance="token", kl_beta=0.0, kl_kind="k3"):
   """GRPO-family clipped policy loss with an optional KL loss term: (loss, metrics).
@@ -89,18 +89,18 @@ def grpo_loss(logp_BT, old_logp_BT, advantages, mask_BT, *, ref_logp_BT=None,
   importance="sequence" is GSPO (Zheng et al. 2025; their eps are ~3e-4 /
   4e-4, not 0.2).
 
-  Arguments: logp_BT, log-probs of the sampled completion tokens under the
-  policy being trained; old_logp_BT, under the sampling policy pi_old (None:
+  Arguments: logps_BC, log-probs of the sampled completion tokens under the
+  policy being trained; old_logps_BC, under the sampling policy pi_old (None:
   on-policy, old = stop_gradient(logp), so the ratio is 1 and the gradient is
-  A grad log pi -- the single-update GRPO of DeepSeekMath); advantages, [B]
-  or [B, T] constants; ref_logp_BT, under the reference model (needed when
+  A grad log pi -- the single-update GRPO of DeepSeekMath); advantages_BC, [B]
+  or [B, C] constants; ref_logps_BC, under the reference model (needed when
   kl_beta != 0; also reported as `kl` when given); kl_kind in k1/k2/k3
   (`kl.kl_estimate`); dual_clip as in `ppo.clipped_surrogate`; max_len for
   seq_mean_token_sum_norm (the generation budget; default T).
 
   Metrics (float32, under stop_gradient): loss; policy_loss (the aggregated
   surrogate alone); kl (mean over real tokens of the KL estimate; 0 without
-  ref_logp_BT) and kl_loss (the aggregated KL term, before the beta factor);
+  ref_logps_BC) and kl_loss (the aggregated KL term, before the beta factor);
   clip_frac, clip_frac_low (w < 1 - eps_low with A < 0), clip_frac_high
   (w > 1 + eps_high with A > 0), dual_clip_frac: fractions of real tokens
   whose gradient the clip zeroes (for GSPO all tokens of a clipped sequence
@@ -112,34 +112,34 @@ def grpo_loss(logp_BT, old_logp_BT, advantages, mask_BT, *, ref_logp_BT=None,
   check_aggregation(aggregation, max_len)
   if kl_kind not in kl_lib.KL_KINDS:
     raise ValueError(f"unknown KL estimator kind {kl_kind!r}; expected one of {', '.join(kl_lib.KL_KINDS)}")
-  if ref_logp_BT is None and not (is_number(kl_beta) and kl_beta == 0):
-    raise ValueError(f"grpo_loss: kl_beta={kl_beta} needs ref_logp_BT (reference-model log-probs); "
+  if ref_logps_BC is None and not (is_number(kl_beta) and kl_beta == 0):
+    raise ValueError(f"grpo_loss: kl_beta={kl_beta} needs ref_logps_BC (reference-model log-probs); "
                      "pass kl_beta=0.0 to train without a KL term")
   if is_number(kl_beta) and kl_beta < 0:
     raise ValueError(f"grpo_loss: kl_beta must be >= 0, got {kl_beta}")
-  if old_logp_BT is None:
-    old_logp_BT = jax.lax.stop_gradient(logp_BT)
-  adv = f32(advantages)
+  if old_logps_BC is None:
+    old_logps_BC = jax.lax.stop_gradient(logps_BC)
+  adv = f32(advantages_BC)
   if adv.ndim == 1:
-    adv = adv[:, None] * jnp.ones(jnp.shape(mask_BT), jnp.float32)
-  check_shapes(logp_BT=logp_BT, old_logp_BT=old_logp_BT, advantages=adv, mask_BT=mask_BT,
-                ref_logp_BT=ref_logp_BT)
+    adv = adv[:, None] * jnp.ones(jnp.shape(mask_BC), jnp.float32)
+  check_shapes(logps_BC=logps_BC, old_logps_BC=old_logps_BC, advantages_BC=adv, mask_BC=mask_BC,
+                ref_logps_BC=ref_logps_BC)
   adv = jax.lax.stop_gradient(adv)
 
-  log_w = importance_log_ratio(logp_BT, old_logp_BT, mask_BT, importance)
+  log_w = importance_log_ratio(logps_BC, old_logps_BC, mask_BC, importance)
   w = jnp.exp(log_w)
-  surrogate_BT, low, high, dual = clipped_surrogate(w, adv, clip_eps_low, clip_eps_high, dual_clip)
-  policy_loss = aggregate(surrogate_BT, mask_BT, aggregation, max_len)
-  if ref_logp_BT is not None:
-    kl_BT = kl_lib.kl_estimate(logp_BT, ref_logp_BT, kl_kind, mask_BT=mask_BT)
-    kl_loss = aggregate(kl_BT, mask_BT, aggregation, max_len)
-    kl_mean = token_mean(jax.lax.stop_gradient(kl_BT), mask_BT)
+  surrogate_BC, low, high, dual = clipped_surrogate(w, adv, clip_eps_low, clip_eps_high, dual_clip)
+  policy_loss = aggregate(surrogate_BC, mask_BC, aggregation, max_len)
+  if ref_logps_BC is not None:
+    kl_BC = kl_lib.kl_estimate(logps_BC, ref_logps_BC, kl_kind, mask_BC=mask_BC)
+    kl_loss = aggregate(kl_BC, mask_BC, aggregation, max_len)
+    kl_mean = token_mean(jax.lax.stop_gradient(kl_BC), mask_BC)
   else:
     kl_loss = kl_mean = jnp.zeros((), jnp.float32)
   loss = policy_loss + f32(kl_beta) * kl_loss
 
-  token_log_ratio = masked_log_ratio(logp_BT, old_logp_BT, mask_BT)
-  metrics = policy_metrics(policy_loss, w, token_log_ratio, low, high, dual, mask_BT, "policy_loss")
+  token_log_ratio = masked_log_ratio(logps_BC, old_logps_BC, mask_BC)
+  metrics = policy_metrics(policy_loss, w, token_log_ratio, low, high, dual, mask_BC, "policy_loss")
   metrics.update(loss=jax.lax.stop_gradient(loss), kl=kl_mean,
                  kl_loss=jax.lax.stop_gradient(kl_loss))
   return loss, metrics

@@ -105,25 +105,25 @@ def _check_kind(kind):
     raise ValueError(f"unknown KL estimator kind {kind!r}; expected one of {', '.join(KL_KINDS)}")
 
 
-def kl_estimate(logp_BT, ref_logp_BT, kind="k3", mask_BT=None):
-  """Per-token KL(pi || pi_ref) estimate `kind` in KL_KINDS (`KL_ESTIMATORS`), float32 [B, T].
+def kl_estimate(logps_BC, ref_logps_BC, kind="k3", mask_BC=None):
+  """Per-token KL(pi || pi_ref) estimate `kind` in KL_KINDS (`KL_ESTIMATORS`), float32 [B, C].
 
       d  = logp - ref_logp
       k1 = d,   k2 = d^2 / 2,   k3 = exp(-d) + d - 1
 
   (Schulman 2020, "Approximating KL Divergence"; k3 as in GRPO, Shao et al.
   2024, eq. 4). Tokens must be sampled from pi (the policy whose log-probs are
-  logp_BT) for the estimates to be unbiased (k1, k3). With mask_BT, masked
+  logps_BC) for the estimates to be unbiased (k1, k3). With mask_BC, masked
   positions are exactly 0 whatever their inputs hold (no inf/NaN, zero
   gradient).
   """
   _check_kind(kind)
-  d = f32(logp_BT) - f32(ref_logp_BT)
-  if mask_BT is not None:
-    d = jnp.where(f32(mask_BT) > 0, d, 0.0)
+  d = f32(logps_BC) - f32(ref_logps_BC)
+  if mask_BC is not None:
+    d = jnp.where(f32(mask_BC) > 0, d, 0.0)
   k = KL_ESTIMATORS[kind].fn(d)
-  if mask_BT is not None:
-    k = jnp.where(f32(mask_BT) > 0, k, 0.0)
+  if mask_BC is not None:
+    k = jnp.where(f32(mask_BC) > 0, k, 0.0)
   return k
 
 
@@ -139,8 +139,8 @@ def last_token_index(mask_BT):
   return jnp.where(has_B, index_B, 0), has_B
 
 
-def kl_penalty_rewards(logp_BT, ref_logp_BT, mask_BT, beta, kind="k1", scores_B=None):
-  """Per-token rewards with a KL penalty: float32 [B, T], 0 at masked positions.
+def kl_penalty_rewards(logps_BC, ref_logps_BC, mask_BC, beta, kind="k1", scores_B=None):
+  """Per-token rewards with a KL penalty: float32 [B, C], 0 at masked positions.
 
       R_t = -beta * k_t(logp_t, ref_logp_t)   + [t = last real token] * score
 
@@ -150,18 +150,18 @@ def kl_penalty_rewards(logp_BT, ref_logp_BT, mask_BT, beta, kind="k1", scores_B=
   PPO code: each token pays -beta k_t and the sequence score r(x, y) is paid at
   the last real completion token. `kind` = "k1" (default) is the log-ratio of
   those papers; REINFORCE++ (Hu 2025) uses the same k1 per-token penalty.
-  logp_BT are the log-probs of the sampling policy (pi_old at rollout time).
+  logps_BC are the log-probs of the sampling policy (pi_old at rollout time).
   scores_B=None adds no score (only the penalty). All-masked rows are all 0.
   The result is a reward, not a loss: no gradient is meant to flow through it
   (wrap the inputs in stop_gradient, or compute it outside the loss).
   """
-  m = f32(mask_BT)
-  rewards_BT = -f32(beta) * kl_estimate(logp_BT, ref_logp_BT, kind, mask_BT=m)
+  m = f32(mask_BC)
+  rewards_BC = -f32(beta) * kl_estimate(logps_BC, ref_logps_BC, kind, mask_BC=m)
   if scores_B is not None:
     index_B, has_B = last_token_index(m)
     onehot_BT = jax.nn.one_hot(index_B, m.shape[-1], dtype=jnp.float32) * has_B[:, None]
-    rewards_BT = rewards_BT + onehot_BT * f32(scores_B)[:, None]
-  return rewards_BT
+    rewards_BC = rewards_BC + onehot_BT * f32(scores_B)[:, None]
+  return rewards_BC
 
 
 # ----------------------------------------------------------------------------- KL controllers

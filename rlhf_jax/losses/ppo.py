@@ -236,9 +236,9 @@ def check_clip(clip_eps, clip_eps_high, dual_clip):
     raise ValueError(f"PPO dual clip: dual_clip (c) must be > 1 (Ye et al. 2020), got {dual_clip}")
 
 
-def masked_log_ratio(logp_BT, old_logp_BT, mask_BT):
-  m = f32(mask_BT) > 0
-  return jnp.where(m, f32(logp_BT) - f32(old_logp_BT), 0.0)
+def masked_log_ratio(logps_BC, old_logps_BC, mask_BC):
+  m = f32(mask_BC) > 0
+  return jnp.where(m, f32(logps_BC) - f32(old_logps_BC), 0.0)
 
 
 def approx_kl_k3(log_ratio_BT, mask_BT):
@@ -249,7 +249,7 @@ def approx_kl_k3(log_ratio_BT, mask_BT):
   return token_mean(k3_from_log_ratio(log_ratio_BT), mask_BT)
 
 
-def ppo_policy_loss(logp_BT, old_logp_BT, advantages_BT, mask_BT, clip_eps=0.2,
+def ppo_policy_loss(logps_BC, old_logps_BC, advantages_BC, mask_BC, clip_eps=0.2,
                     clip_eps_high=None, dual_clip=None, aggregation="token_mean", max_len=None):
   """PPO clipped policy loss (Schulman et al. 2017, eq. 7): (loss, metrics).
 
@@ -257,7 +257,7 @@ def ppo_policy_loss(logp_BT, old_logp_BT, advantages_BT, mask_BT, clip_eps=0.2,
       L   = aggregate_t( max(-A_t r_t, -A_t clip(r_t, 1 - eps, 1 + eps_high)) )
 
   with the optional dual clip (see `clipped_surrogate`) and aggregation mode
-  (see `aggregate`; default token_mean). advantages_BT: [B, T] (or [B],
+  (see `aggregate`; default token_mean). advantages_BC: [B, C] (or [B],
   broadcast over tokens), constants (no gradient flows into them).
   Metrics: policy_loss; clip_frac = clip_frac_low + clip_frac_high (fractions
   of real tokens whose gradient the clip zeroes); dual_clip_frac; approx_kl
@@ -266,16 +266,16 @@ def ppo_policy_loss(logp_BT, old_logp_BT, advantages_BT, mask_BT, clip_eps=0.2,
   """
   check_clip(clip_eps, clip_eps_high, dual_clip)
   check_aggregation(aggregation, max_len)
-  adv = f32(advantages_BT)
+  adv = f32(advantages_BC)
   if adv.ndim == 1:
-    adv = adv[:, None] * jnp.ones_like(f32(mask_BT))
-  check_shapes(logp_BT=logp_BT, old_logp_BT=old_logp_BT, advantages_BT=adv, mask_BT=mask_BT)
+    adv = adv[:, None] * jnp.ones_like(f32(mask_BC))
+  check_shapes(logps_BC=logps_BC, old_logps_BC=old_logps_BC, advantages_BC=adv, mask_BC=mask_BC)
   adv = jax.lax.stop_gradient(adv)
-  log_ratio = masked_log_ratio(logp_BT, old_logp_BT, mask_BT)
+  log_ratio = masked_log_ratio(logps_BC, old_logps_BC, mask_BC)
   ratio = jnp.exp(log_ratio)
-  loss_BT, low, high, dual = clipped_surrogate(ratio, adv, clip_eps, clip_eps_high, dual_clip)
-  loss = aggregate(loss_BT, mask_BT, aggregation, max_len)
-  return loss, policy_metrics(loss, ratio, log_ratio, low, high, dual, mask_BT, "policy_loss")
+  loss_BC, low, high, dual = clipped_surrogate(ratio, adv, clip_eps, clip_eps_high, dual_clip)
+  loss = aggregate(loss_BC, mask_BC, aggregation, max_len)
+  return loss, policy_metrics(loss, ratio, log_ratio, low, high, dual, mask_BC, "policy_loss")
 
 
 def policy_metrics(loss, ratio, log_ratio, low, high, dual, mask_BT, loss_name):
@@ -297,7 +297,7 @@ def policy_metrics(loss, ratio, log_ratio, low, high, dual, mask_BT, loss_name):
   }
 
 
-def ppo_value_loss(values_BT, old_values_BT, returns_BT, mask_BT, clip_eps=0.2,
+def ppo_value_loss(values_BC, old_values_BC, returns_BC, mask_BC, clip_eps=0.2,
                    aggregation="token_mean", max_len=None):
   """Clipped value loss (the N Implementation Details of RLHF with PPO, Huang et al. 2024): (loss, metrics).
 
@@ -306,34 +306,34 @@ def ppo_value_loss(values_BT, old_values_BT, returns_BT, mask_BT, clip_eps=0.2,
 
   as in OpenAI's baselines / lm-human-preferences PPO (the "value function
   loss clipping" detail); clip_eps=None is the unclipped 0.5 (V - R)^2.
-  returns_BT = GAE returns (A + V_old), constants. Metrics: value_loss,
+  returns_BC = GAE returns (A + V_old), constants. Metrics: value_loss,
   value_clip_frac (fraction of real tokens where the clipped error is the
   larger, i.e. the gradient is zeroed), values_mean, returns_mean,
-  explained_variance (of the values_BT being trained; pass rollout values to
+  explained_variance (of the values_BC being trained; pass rollout values to
   `explained_variance` for the classic pre-update diagnostic).
   """
   if is_number(clip_eps) and not clip_eps > 0:
     raise ValueError(f"PPO value loss: clip_eps must be > 0 (or None for no clipping), got {clip_eps}")
   check_aggregation(aggregation, max_len)
-  check_shapes(values_BT=values_BT, old_values_BT=old_values_BT, returns_BT=returns_BT,
-                mask_BT=mask_BT)
-  v, ret = f32(values_BT), jax.lax.stop_gradient(f32(returns_BT))
+  check_shapes(values_BC=values_BC, old_values_BC=old_values_BC, returns_BC=returns_BC,
+                mask_BC=mask_BC)
+  v, ret = f32(values_BC), jax.lax.stop_gradient(f32(returns_BC))
   err1 = jnp.square(v - ret)
   if clip_eps is None:
     per_BT, clipped = err1, jnp.zeros(err1.shape, bool)
   else:
-    v_old = jax.lax.stop_gradient(f32(old_values_BT))
+    v_old = jax.lax.stop_gradient(f32(old_values_BC))
     v_clip = v_old + jnp.clip(v - v_old, -clip_eps, clip_eps)
     err2 = jnp.square(v_clip - ret)
     per_BT, clipped = jnp.maximum(err1, err2), err2 > err1
-  loss = 0.5 * aggregate(per_BT, mask_BT, aggregation, max_len)
+  loss = 0.5 * aggregate(per_BT, mask_BC, aggregation, max_len)
   sg = jax.lax.stop_gradient
   metrics = {
       "value_loss": sg(loss),
-      "value_clip_frac": token_mean(clipped.astype(jnp.float32), mask_BT),
-      "values_mean": token_mean(sg(v), mask_BT),
-      "returns_mean": token_mean(ret, mask_BT),
-      "explained_variance": explained_variance(sg(v), ret, mask_BT),
+      "value_clip_frac": token_mean(clipped.astype(jnp.float32), mask_BC),
+      "values_mean": token_mean(sg(v), mask_BC),
+      "returns_mean": token_mean(ret, mask_BC),
+      "explained_variance": explained_variance(sg(v), ret, mask_BC),
   }
   return loss, metrics
 
@@ -371,28 +371,28 @@ def entropy_from_logits(logits_BTV, temperature=1.0):
   return token_entropy(logits_BTV, temperature)
 
 
-def ppo_loss(logp_BT, old_logp_BT, advantages_BT, values_BT, old_values_BT, returns_BT, mask_BT,
+def ppo_loss(logps_BC, old_logps_BC, advantages_BC, values_BC, old_values_BC, returns_BC, mask_BC,
              *, clip_eps=0.2, clip_eps_high=None, dual_clip=None, value_clip_eps=0.2, vf_coef=0.1,
-             entropy_BT=None, entropy_coef=0.0, aggregation="token_mean", max_len=None):
+             entropy_BC=None, entropy_coef=0.0, aggregation="token_mean", max_len=None):
   """PPO actor-critic loss for RLHF: (loss, metrics).
 
       loss = policy_loss + vf_coef * value_loss - entropy_coef * aggregate(entropy)
 
   policy_loss: `ppo_policy_loss`; value_loss: `ppo_value_loss` (clip
-  value_clip_eps; None = unclipped); entropy_BT: optional per-token entropy
+  value_clip_eps; None = unclipped); entropy_BC: optional per-token entropy
   (`entropy_from_logits`) for an entropy bonus, reported as `entropy` when
   given. vf_coef = 0.1 as TRL's PPO default. The KL penalty to the reference
   is *not* here: in PPO-RLHF it is part of the reward (`kl.kl_penalty_rewards`).
   Metrics: loss, the policy and value metrics, entropy.
   """
-  pol, pm = ppo_policy_loss(logp_BT, old_logp_BT, advantages_BT, mask_BT, clip_eps, clip_eps_high,
+  pol, pm = ppo_policy_loss(logps_BC, old_logps_BC, advantages_BC, mask_BC, clip_eps, clip_eps_high,
                             dual_clip, aggregation, max_len)
-  val, vm = ppo_value_loss(values_BT, old_values_BT, returns_BT, mask_BT, value_clip_eps,
+  val, vm = ppo_value_loss(values_BC, old_values_BC, returns_BC, mask_BC, value_clip_eps,
                            aggregation, max_len)
   loss = pol + vf_coef * val
   metrics = {**pm, **vm}
-  if entropy_BT is not None:
-    ent = aggregate(entropy_BT, mask_BT, aggregation, max_len)
+  if entropy_BC is not None:
+    ent = aggregate(entropy_BC, mask_BC, aggregation, max_len)
     loss = loss - entropy_coef * ent
     metrics["entropy"] = jax.lax.stop_gradient(ent)
   metrics["loss"] = jax.lax.stop_gradient(loss)

@@ -86,28 +86,28 @@ def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: i
   chunk = model.config.logits_chunk
 
   def loss_fn(params, mb):
-    B, S = mb["sequences"].shape
+    B, S = mb["sequences_BS"].shape
     start_B = jnp.full((B,), prompt_len, jnp.int32)
     if chunk:  # model.logits_chunk: `chunk` completion positions unembedded at a time
-      logp, ent, _ = window_logprobs(
-          model, params, mb["sequences"], mb["segment_ids"], start_B, group_size=group_size,
+      logps_BC, entropy_BC, _ = window_logprobs(
+          model, params, mb["sequences_BS"], mb["segment_ids_BS"], start_B, group_size=group_size,
           window=S - prompt_len, chunk=chunk, temperature=temperature, entropy=True)
     else:
-      logits, packed = window_logits(
-          model, params, mb["sequences"], mb["segment_ids"], start_B,
+      logits_BCV, packed = window_logits(
+          model, params, mb["sequences_BS"], mb["segment_ids_BS"], start_B,
           group_size=group_size, window=S - prompt_len)  # completion positions only
-      logits = logits / temperature
-      logp = token_logprobs(logits, packed.targets_BW)
-      probs = jax.nn.softmax(logits)
-      ent = -jnp.sum(probs * jax.nn.log_softmax(logits), -1)
-    old = jax.lax.stop_gradient(logp) if on_policy else mb["old_logps"]
+      logits_BCV = logits_BCV / temperature
+      logps_BC = token_logprobs(logits_BCV, packed.targets_BW)
+      probs = jax.nn.softmax(logits_BCV)
+      entropy_BC = -jnp.sum(probs * jax.nn.log_softmax(logits_BCV), -1)
+    old_logps_BC = jax.lax.stop_gradient(logps_BC) if on_policy else mb["old_logps_BC"]
     loss, metrics = grpo_loss(
-        logp, old, mb["advantages"], mb["mask"],
-        ref_logp_BT=mb["ref_logps"] if use_ref else None, aggregation=algo["aggregation"],
+        logps_BC, old_logps_BC, mb["advantages_BC"], mb["mask_BC"],
+        ref_logps_BC=mb["ref_logps_BC"] if use_ref else None, aggregation=algo["aggregation"],
         max_len=max_len, clip_eps_low=algo["clip_eps_low"], clip_eps_high=algo["clip_eps_high"],
         importance=algo["importance"], kl_beta=algo["kl_coef"] if use_ref else 0.0,
         kl_kind=algo["kl_estimator"])
-    metrics["entropy"] = masked_mean(ent, mb["mask"])
+    metrics["entropy"] = masked_mean(entropy_BC, mb["mask_BC"])
     return loss, metrics
 
   return state_lib.jit_step(step_lib.make_step(
@@ -200,13 +200,15 @@ def run(config, workdir: str) -> dict:
     if algo["dynamic_sampling"]:
       ro, stats["refill_rounds"] = refill(policy, ro, step, key)
     del policy
-    adv = advantages(algo, ro, G)
+    advantages_BC = advantages(algo, ro, G)
     if algo["variant"] == "dapo" and algo["overlong_cache"] > 0:
-      stats["overlong_frac"] = float((ro.lengths_B > rollout_cfg.max_new_tokens - algo["overlong_cache"]
-                                      ).mean())
-    arrays = {"sequences": ro.sequences_BS, "segment_ids": ro.segment_ids_BS,
-              "mask": ro.completion_mask_BC, "old_logps": ro.old_logps_BC, "advantages": adv,
-              "ref_logps": ro.ref_logps_BC if ro.ref_logps_BC is not None
+      overlong_from = rollout_cfg.max_new_tokens - algo["overlong_cache"]
+      stats["overlong_frac"] = float((ro.lengths_B > overlong_from).mean())
+    # The minibatch arrays, named as the rollout and the loss name them.
+    arrays = {"sequences_BS": ro.sequences_BS, "segment_ids_BS": ro.segment_ids_BS,
+              "mask_BC": ro.completion_mask_BC, "old_logps_BC": ro.old_logps_BC,
+              "advantages_BC": advantages_BC,
+              "ref_logps_BC": ro.ref_logps_BC if ro.ref_logps_BC is not None
               else np.zeros_like(ro.old_logps_BC)}
     t0 = time.perf_counter()
     perm_key = np.random.default_rng([config.seed, step])

@@ -85,23 +85,23 @@ def make_update(model, tx, p, P, temperature, max_len, micro_batches=1, frozen=N
 
   def loss_fn(params, mb):
     if chunk:  # model.logits_chunk: `chunk` completion positions unembedded at a time
-      h, values = model.apply({"params": params}, mb["sequences"], mb["segment_ids"],
+      h, values = model.apply({"params": params}, mb["sequences_BS"], mb["segment_ids_BS"],
                               output="hidden")
-      logp, ent = token_logprobs_from_hidden(
-          lm, params["policy"], completion_slice(h, P), mb["sequences"][:, P:], chunk=chunk,
+      logps_BC, entropy_BC = token_logprobs_from_hidden(
+          lm, params["policy"], completion_slice(h, P), mb["sequences_BS"][:, P:], chunk=chunk,
           temperature=temperature, entropy=True)
     else:
-      logits, values = model.apply({"params": params}, mb["sequences"], mb["segment_ids"])
+      logits, values = model.apply({"params": params}, mb["sequences_BS"], mb["segment_ids_BS"])
       logits = completion_slice(logits, P) / temperature
-      logp = jnp.take_along_axis(jax.nn.log_softmax(logits), mb["sequences"][:, P:, None],
+      logps_BC = jnp.take_along_axis(jax.nn.log_softmax(logits), mb["sequences_BS"][:, P:, None],
                                  axis=-1)[..., 0]
-      ent = entropy_from_logits(logits)  # logged always; in the loss when entropy_coef > 0
-    return ppo_loss(logp, mb["old_logps"], mb["advantages"], completion_slice(values, P),
-                    mb["old_values"], mb["returns"], mb["mask"], clip_eps=p.clip_eps,
+      entropy_BC = entropy_from_logits(logits)  # logged always; in the loss when entropy_coef > 0
+    return ppo_loss(logps_BC, mb["old_logps_BC"], mb["advantages_BC"], completion_slice(values, P),
+                    mb["old_values_BC"], mb["returns_BC"], mb["mask_BC"], clip_eps=p.clip_eps,
                     clip_eps_high=p.clip_eps_high if p.clip_eps_high > 0 else None,
                     dual_clip=p.dual_clip if p.dual_clip > 0 else None,
                     value_clip_eps=p.value_clip_eps if p.value_clip_eps > 0 else None,
-                    vf_coef=p.vf_coef, entropy_BT=ent, entropy_coef=p.entropy_coef,
+                    vf_coef=p.vf_coef, entropy_BC=entropy_BC, entropy_coef=p.entropy_coef,
                     aggregation=p.aggregation, max_len=max_len)
 
   return state_lib.jit_step(step_lib.make_step(
@@ -178,25 +178,27 @@ def run(config, workdir: str) -> dict:
         need_ref=True)
     stats = rollout.rollout_stats(ro, G)
     t0 = time.perf_counter()
-    mask = ro.completion_mask_BC
-    old_values = rollout.micro_batched(lambda s, g: values_fn(params, s, g),
-                                       rollout_cfg.logprob_micro_batch, ro.sequences_BS,
-                                       ro.segment_ids_BS) * mask
-    scores = ro.rewards_B
+    mask_BC = ro.completion_mask_BC
+    old_values_BC = rollout.micro_batched(lambda s, g: values_fn(params, s, g),
+                                          rollout_cfg.logprob_micro_batch, ro.sequences_BS,
+                                          ro.segment_ids_BS) * mask_BC
+    scores_B = ro.rewards_B
     if p.whiten_rewards:
-      scores = np.asarray(adv_lib.whiten(scores, np.ones_like(scores), shift_mean=False))
+      scores_B = np.asarray(adv_lib.whiten(scores_B, np.ones_like(scores_B), shift_mean=False))
     beta = float(state["kl_ctl"]["beta"])
-    rewards_BC = kl_lib.kl_penalty_rewards(ro.old_logps_BC, ro.ref_logps_BC, mask, beta,
-                                           p.kl_estimator, scores_B=scores)
-    adv, returns = adv_lib.gae(rewards_BC, old_values, mask, p.gamma, p.lam)
+    rewards_BC = kl_lib.kl_penalty_rewards(ro.old_logps_BC, ro.ref_logps_BC, mask_BC, beta,
+                                           p.kl_estimator, scores_B=scores_B)
+    advantages_BC, returns_BC = adv_lib.gae(rewards_BC, old_values_BC, mask_BC, p.gamma, p.lam)
     if p.whiten_advantages:
-      adv = adv_lib.whiten(adv, mask)
+      advantages_BC = adv_lib.whiten(advantages_BC, mask_BC)
     stats["time/advantages"] = time.perf_counter() - t0
     del params
-    arrays = {"sequences": ro.sequences_BS, "segment_ids": ro.segment_ids_BS, "mask": mask,
-              "old_logps": ro.old_logps_BC, "old_values": old_values.astype(np.float32),
-              "advantages": np.asarray(adv, np.float32),
-              "returns": np.asarray(returns, np.float32)}
+    # The minibatch arrays, named as the rollout and the loss name them.
+    arrays = {"sequences_BS": ro.sequences_BS, "segment_ids_BS": ro.segment_ids_BS,
+              "mask_BC": mask_BC,
+              "old_logps_BC": ro.old_logps_BC, "old_values_BC": old_values_BC.astype(np.float32),
+              "advantages_BC": np.asarray(advantages_BC, np.float32),
+              "returns_BC": np.asarray(returns_BC, np.float32)}
     t0 = time.perf_counter()
     perm_rng = np.random.default_rng([config.seed, step])
     mb = B // p.minibatches
@@ -210,7 +212,7 @@ def run(config, workdir: str) -> dict:
     t_update = time.perf_counter() - t0
     # KL to the reference of this rollout (per sequence, summed over tokens) -> controller.
     seq_kl = float((np.asarray(kl_lib.kl_estimate(ro.old_logps_BC, ro.ref_logps_BC, "k1"))
-                    * mask).sum(1).mean())
+                    * mask_BC).sum(1).mean())
     kl_ctl = kl_lib.kl_controller_update(state["kl_ctl"], seq_kl, B,
                                          p.kl_target if p.adaptive_kl else None, p.kl_horizon)
     state = {**state, "step": state["step"] + 1, "kl_ctl": kl_ctl}
@@ -218,7 +220,7 @@ def run(config, workdir: str) -> dict:
     stats.update({"time/update": t_update, "time/step": time.perf_counter() - t_start,
                   "kl_coef": beta, "kl_seq": seq_kl,
                   "rollout_values_explained_variance": float(explained_variance(
-                      old_values, np.asarray(returns), mask)),
+                      old_values_BC, np.asarray(returns_BC), mask_BC)),
                   "rollout_tokens_per_second": float(ro.lengths_B.sum())
                   / max(ro.timings["generate"], 1e-9),
                   "train_tokens_per_second": float(ro.segment_ids_BS.sum()) * p.epochs

@@ -37,7 +37,7 @@ def aggregation_weight(aggregation: str):
   aggregated with `aggregation`, from its table entry (`losses.ppo.AGGREGATION_MODES`:
   real tokens for token_mean, non-empty sequences for the seq_mean_* modes)."""
   weight = AGGREGATION_MODES[aggregation].micro_batch_weight
-  return lambda mb: weight(mb["mask"])
+  return lambda mb: weight(mb["mask_BC"])
 
 
 def make_step(loss_fn, tx, micro_batches: int = 1, weight_fn=None, *, count_step: bool = True,
