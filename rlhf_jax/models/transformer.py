@@ -41,10 +41,10 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from rlhf_jax.models import attention
+from rlhf_jax.models import attention, attention_mask
 
 Array = jax.Array
-NEG_INF = attention.NEG_INF
+NEG_INF = attention_mask.NEG_INF
 
 # What each block keeps for the backward pass (`ModelConfig.remat_policy`). Per layer
 # and token, with D model width, F MLP width, H/K query/kv heads of size Dh, S keys:
@@ -175,8 +175,8 @@ def positions_from_segments(segment_ids_BT: Array) -> Array:
 
 def segment_causal_mask(segment_ids_BT: Array) -> Array:
   """bool [B, T, T]: query t sees key s iff s <= t, same segment, key not padding
-  (`attention.causal_mask`'s rule as a matrix)."""
-  return attention.causal_mask(segment_ids_BT).dense_matrix()
+  (`attention_mask.causal_mask`'s rule as a matrix)."""
+  return attention_mask.causal_mask(segment_ids_BT).dense_matrix()
 
 
 def shared_prefix_mask(segment_ids_BT: Array) -> Array:
@@ -185,8 +185,8 @@ def shared_prefix_mask(segment_ids_BT: Array) -> Array:
   s <= t, the key is not padding, and the key is in the query's segment or in segment 1.
   Each continuation then gets exactly the attention it would get alone after the prefix
   (prefix sharing: DPO's chosen and rejected replies, a GRPO group's completions).
-  (`attention.shared_prefix_mask`'s rule as a matrix.)"""
-  return attention.shared_prefix_mask(segment_ids_BT).dense_matrix()
+  (`attention_mask.shared_prefix_mask`'s rule as a matrix.)"""
+  return attention_mask.shared_prefix_mask(segment_ids_BT).dense_matrix()
 
 
 class PackedPrefix(NamedTuple):
@@ -418,19 +418,19 @@ class Transformer(nn.Module):
     if shared_prefix:
       if cache is not None or segment_ids_BT is None or positions_BT is None:
         raise ValueError("shared_prefix=True needs segment_ids_BT and positions_BT, no cache")
-      mask = attention.shared_prefix_mask(segment_ids_BT)
+      mask = attention_mask.shared_prefix_mask(segment_ids_BT)
       cache_index = 0
     elif cache is None:
       if segment_ids_BT is None:
         segment_ids_BT = jnp.ones((B, T), jnp.int32)
       if positions_BT is None:
         positions_BT = positions_from_segments(segment_ids_BT)
-      mask = attention.causal_mask(segment_ids_BT)
+      mask = attention_mask.causal_mask(segment_ids_BT)
       cache_index = 0
     else:
       if positions_BT is None or kv_mask_BS is None or cache_index is None:
         raise ValueError("cached call needs positions_BT, kv_mask_BS and cache_index")
-      mask = attention.cached_mask(kv_mask_BS, cache_index, T)
+      mask = attention_mask.cached_mask(kv_mask_BS, cache_index, T)
     S = mask.kv_segment_BS.shape[1]
     if attention.resolve(c.attention, mask.kind, kv_len=S, dtype=c.compute_dtype) == "dense":
       mask = mask.with_dense()  # the [B, T, S] matrix once, not once per layer
