@@ -18,7 +18,8 @@ from rlhf_jax.config import ConfigError
 from rlhf_jax.models import ModelConfig, attention as A, init_params, lm_logits
 from rlhf_jax.models import attention_chunked as AC, attention_kernels as AK
 from rlhf_jax.models import attention_mask as AM
-from rlhf_jax.models.transformer import Transformer, pack_shared_prefix
+from rlhf_jax.models.segments import pack_shared_prefix
+from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.sampling import generate
 
 B, H, K, DH = 3, 4, 2, 16

@@ -14,7 +14,7 @@ attention_mask.py):
 * kind "causal": causal attention within a segment; segment id 0 is padding (left or
   right), several positive ids in one row are packed sequences.
 * kind "shared_prefix": rows packed as [prefix | continuation 1 | continuation 2 ...]
-  (`transformer.pack_shared_prefix`): segment 1 is a prefix every later segment sees.
+  (`segments.pack_shared_prefix`): segment 1 is a prefix every later segment sees.
 * kind "cached": decoding against a KV cache. The keys are the S cache slots (visible
   iff filled before this call: kv_seg) and then the T new tokens themselves (causal
   among themselves, new_segment_BT marks the real ones). The cache is read, never

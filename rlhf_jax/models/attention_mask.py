@@ -76,7 +76,7 @@ def causal_mask(segment_ids_BT: Array) -> AttentionMask:
 
 def shared_prefix_mask(segment_ids_BT: Array) -> AttentionMask:
   """Rows [prefix (segment 1) | continuation | continuation ...]: every segment also
-  sees segment 1 (`transformer.pack_shared_prefix`)."""
+  sees segment 1 (`segments.pack_shared_prefix`)."""
   return causal_mask(segment_ids_BT).replace(kind="shared_prefix")
 
 
