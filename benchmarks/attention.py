@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.models import attention as A
+from rlhf_jax.models.attention_mask import causal_mask
 
 
 def bench(backend, T, args):
   dt = jnp.dtype(args.dtype)
   H, K, Dh = args.heads, args.kv_heads, args.head_dim
-  mask = A.causal_mask(jnp.ones((1, T), jnp.int32))
+  mask = causal_mask(jnp.ones((1, T), jnp.int32))
   loss = lambda q, k, v: jnp.sum(A.attend(q, k, v, mask, backend=backend, block_q=args.block,
                                           block_k=args.block).astype(jnp.float32))
   f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))

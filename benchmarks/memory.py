@@ -204,30 +204,30 @@ GiB = 2 ** 30
 
 def attention_has_hoist_fix() -> bool:
   import inspect
-  from rlhf_jax.models import attention
-  return "optimization_barrier" in inspect.getsource(attention)
+  from rlhf_jax.models import attention_chunked
+  return "optimization_barrier" in inspect.getsource(attention_chunked)
 
 
 @contextlib.contextmanager
 def hoist_fix(on: bool):
-  """The proposed fix of models/attention.py's chunked backend under the layer scan
+  """The proposed fix of models/attention_chunked.py (the chunked backend) under the layer scan
   (docs/memory.md): tie the mask arrays to q with an optimization barrier, so that JAX's
   scan partial evaluation cannot hoist the mask-only parts of the block loops out of the
   layer scan (it stacks them over all n x m block pairs: O(T S) memory again)."""
-  from rlhf_jax.models import attention
+  from rlhf_jax.models import attention_chunked
   if not on or attention_has_hoist_fix():
     yield
     return
-  orig = attention._prepare
+  orig = attention_chunked._prepare
 
   def prepare(q, k, v, qseg, qidx, kvseg, kvidx, *rest):
     q, qseg, qidx, kvseg, kvidx = jax.lax.optimization_barrier((q, qseg, qidx, kvseg, kvidx))
     return orig(q, k, v, qseg, qidx, kvseg, kvidx, *rest)
-  attention._prepare = prepare
+  attention_chunked._prepare = prepare
   try:
     yield
   finally:
-    attention._prepare = orig
+    attention_chunked._prepare = orig
 
 
 def gsm8k_config(max_new_tokens: int = 4096):

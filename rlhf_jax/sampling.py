@@ -70,6 +70,7 @@ import numpy as np
 
 from rlhf_jax import parallel
 from rlhf_jax.models.transformer import ModelConfig, Transformer, init_cache
+from rlhf_jax.sampling_choice import _choose
 
 Array = jax.Array
 
@@ -91,61 +92,6 @@ class SampleOutput(NamedTuple):
   lengths_B: Array
   sequences_BS: Array
   sequence_mask_BS: Array
-
-
-# ----------------------------------------------------------------------------
-# Token choice
-# ----------------------------------------------------------------------------
-
-def filter_logits(scaled_BV: Array, top_k: int = 0, top_p: Array | float | None = None) -> Array:
-  """Logits with everything outside the top-k / top-p nucleus set to -inf.
-
-  top-k (Fan et al. 2018): keep the k largest logits (ties at the k-th value
-  are all kept). top-p / nucleus (Holtzman et al. 2020): keep the smallest set
-  of most-likely tokens whose probability mass reaches p, i.e. token i (in
-  descending order) is kept iff the mass strictly before it is < p; the top
-  token is always kept. Applied after top-k, on the temperature-scaled logits.
-  """
-  V = scaled_BV.shape[-1]
-  out = scaled_BV
-  if 0 < top_k < V:
-    kth_B1 = jax.lax.top_k(scaled_BV, top_k)[0][:, -1:]
-    out = jnp.where(scaled_BV < kth_B1, -jnp.inf, out)
-  if top_p is not None:
-    sorted_BV = -jnp.sort(-out, axis=-1)                       # descending
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    keep_BV = mass_before_BV < top_p
-    n_keep_B1 = jnp.maximum(jnp.sum(keep_BV, axis=-1, keepdims=True), 1)
-    threshold_B1 = jnp.take_along_axis(sorted_BV, n_keep_B1 - 1, axis=-1)
-    out = jnp.where(out < threshold_B1, -jnp.inf, out)
-  return out
-
-
-def gumbel_from_bits(bits_BV: Array) -> Array:
-  """Standard Gumbel noise -log(-log u) from uniform uint32 bits (u in [2^-23, 1): the
-  23 high bits as a float32 mantissa, as `jax.random.uniform` does)."""
-  one = jnp.array(1.0, jnp.float32).view(jnp.uint32)
-  u = jax.lax.bitcast_convert_type((bits_BV >> 9) | one, jnp.float32) - 1.0
-  u = jnp.maximum(u, jnp.float32(2.0 ** -23))
-  return -jnp.log(-jnp.log(u))
-
-
-def _choose(logits_BV, bits_BV, temperature, top_p, *, greedy, top_k, use_top_p):
-  """(token_B int32, logprob_B float32) from float32 next-token logits and uint32 random
-  bits of the same shape: the Gumbel-max trick, argmax(filtered logits + Gumbel noise),
-  samples from softmax(filtered logits) (Gumbel 1954; as `jax.random.categorical`)."""
-  logits_BV = logits_BV.astype(jnp.float32)
-  if greedy:
-    token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
-  else:
-    scaled_BV = logits_BV / temperature
-    logp_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
-    filtered_BV = filter_logits(scaled_BV, top_k, top_p if use_top_p else None)
-    token_B = jnp.argmax(filtered_BV + gumbel_from_bits(bits_BV), axis=-1).astype(jnp.int32)
-  logprob_B = jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
-  return token_B, logprob_B
 
 
 # ----------------------------------------------------------------------------

@@ -16,7 +16,10 @@ import pytest
 
 from rlhf_jax.config import ConfigError
 from rlhf_jax.models import ModelConfig, attention as A, init_params, lm_logits
-from rlhf_jax.models.transformer import Transformer, pack_shared_prefix
+from rlhf_jax.models import attention_chunked as AC, attention_kernels as AK
+from rlhf_jax.models import attention_mask as AM
+from rlhf_jax.models.segments import pack_shared_prefix
+from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.sampling import generate
 
 B, H, K, DH = 3, 4, 2, 16
@@ -61,7 +64,7 @@ def _qkv(rng, T, S, dtype=jnp.float32):
 def _training_case(kind, T=45, seed=0):
   rng = np.random.default_rng(seed)
   seg = (_ragged_segments if kind == "causal" else _shared_prefix_segments)(T, rng)
-  mask = (A.causal_mask if kind == "causal" else A.shared_prefix_mask)(jnp.asarray(seg))
+  mask = (AM.causal_mask if kind == "causal" else AM.shared_prefix_mask)(jnp.asarray(seg))
   q, k, v = _qkv(rng, T, T)
   rows = np.asarray(mask.dense_matrix()).any(-1)       # queries that see a key
   w = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * rows[:, :, None, None]
@@ -74,13 +77,13 @@ def _run(backend, q, k, v, mask, new_k=None, new_v=None):
   if backend == "dense":
     return A._dense(q, k, v, mask, scale, new_k, new_v)
   if backend == "chunked":  # small tiles: many blocks, skipped ones, T not a multiple
-    return A._chunked(q, k, v, mask, scale, new_k, new_v, 8, 8)
+    return AC._chunked(q, k, v, mask, scale, new_k, new_v, 8, 8)
   if backend == "cudnn":
-    return A._cudnn(q, k, v, mask, scale, new_k, new_v, implementation=None)
+    return AK._cudnn(q, k, v, mask, scale, new_k, new_v, implementation=None)
   if backend == "splash":
     if mask.kind == "cached":
-      return A._chunked(q, k, v, mask, scale, new_k, new_v, 8, 8)
-    return A._splash(q, k, v, mask, scale, interpret=True)
+      return AC._chunked(q, k, v, mask, scale, new_k, new_v, 8, 8)
+    return AK._splash(q, k, v, mask, scale, interpret=True)
   raise ValueError(backend)
 
 
@@ -154,7 +157,7 @@ def test_dense_and_chunked_equal_a_float64_numpy_reference(kind):
   want = _numpy_attention(q, k, v, vis, 0.25)
   sees = vis.any(-1)
   for got in jax.jit(lambda q, k, v, mask: (A._dense(q, k, v, mask, 0.25, None, None),
-                                            A._chunked(q, k, v, mask, 0.25, None, None, 8, 8))
+                                            AC._chunked(q, k, v, mask, 0.25, None, None, 8, 8))
                      )(q, k, v, mask):
     np.testing.assert_allclose(np.asarray(got, np.float64)[sees], want[sees], rtol=1e-5,
                                atol=1e-5)
@@ -167,7 +170,7 @@ def _cached_case(seed=0, S=40, T=3, index=21):
   kv[0, :5] = 0
   kv[1, :13] = 0
   kv[2, index + 1] = 0                                # a padded new token
-  mask = A.cached_mask(jnp.asarray(kv), index, T)
+  mask = AM.cached_mask(jnp.asarray(kv), index, T)
   q, k, v = _qkv(rng, T, S)
   _, nk, nv = _qkv(rng, T, T)
   return mask, q, k, v, nk, nv
@@ -197,15 +200,16 @@ def test_cached_decoding_equals_dense(backend, T, index):
 def test_chunked_skips_blocks_no_query_can_see():
   """Causal: query block i skips key blocks after it; decoding skips unfilled slots."""
   seg = jnp.ones((1, 32), jnp.int32)
-  m = A.causal_mask(seg)
-  blocks = lambda x: A._blocks(x, 4, 8)
-  live = np.asarray(A._block_live(blocks(m.q_segment_BT), blocks(m.q_index_BT),
+  m = AM.causal_mask(seg)
+  blocks = lambda x: AC._blocks(x, 4, 8)
+  live = np.asarray(AC._block_live(blocks(m.q_segment_BT), blocks(m.q_index_BT),
                                   blocks(m.kv_segment_BS), blocks(m.kv_index_BS)))
   np.testing.assert_array_equal(live, np.tril(np.ones((4, 4), bool)))
-  c = A.cached_mask(jnp.ones((1, 64), jnp.int32), 19, 1)
-  live = np.asarray(A._block_live(A._blocks(c.q_segment_BT, 1, 1), A._blocks(c.q_index_BT, 1, 1),
-                                  A._blocks(c.kv_segment_BS, 8, 8),
-                                  A._blocks(c.kv_index_BS, 8, 8)))
+  c = AM.cached_mask(jnp.ones((1, 64), jnp.int32), 19, 1)
+  live = np.asarray(AC._block_live(AC._blocks(c.q_segment_BT, 1, 1),
+                                   AC._blocks(c.q_index_BT, 1, 1),
+                                   AC._blocks(c.kv_segment_BS, 8, 8),
+                                   AC._blocks(c.kv_index_BS, 8, 8)))
   np.testing.assert_array_equal(live[0], [True, True, True] + [False] * 5)
 
 
@@ -222,7 +226,7 @@ def test_chunked_memory_is_linear_in_length():
   """XLA's compiled scratch of value_and_grad: dense keeps [T, T] scores, chunked
   O(T * block) (compiled from abstract shapes, nothing allocated)."""
   def temp(backend, T):
-    mask = A.causal_mask(jnp.ones((1, T), jnp.int32))
+    mask = AM.causal_mask(jnp.ones((1, T), jnp.int32))
     spec = jax.ShapeDtypeStruct((1, T, H, DH), jnp.float32)
     kspec = jax.ShapeDtypeStruct((1, T, K, DH), jnp.float32)
     f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(A.attend(q, k, v, mask, backend=backend)),

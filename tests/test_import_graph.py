@@ -93,7 +93,7 @@ def test_graph_sees_function_level_imports():
   assert len(g) > 40
   assert "rlhf_jax.models.transformer" in g["rlhf_jax.config"]     # module level
   assert "rlhf_jax.losses.dpo" in g["rlhf_jax.config"]             # inside a function
-  assert "rlhf_jax.gguf_file" in g["rlhf_jax.tokenizer"]
+  assert "rlhf_jax.gguf_file" in g["rlhf_jax.tokenizer_gguf"]
 
 
 def test_no_import_cycles_among_rlhf_jax_modules():

@@ -10,7 +10,7 @@ import pytest
 
 from rlhf_jax.losses.logprobs import token_logprobs
 from rlhf_jax.models import ModelConfig, Transformer, init_cache, init_params, lm_logits
-from rlhf_jax.models.transformer import positions_from_segments
+from rlhf_jax.models.segments import positions_from_segments
 
 TINY = dict(vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
             d_ff=64, max_seq_len=128)

@@ -11,7 +11,7 @@ import pytest
 from rlhf_jax.data.sft import DataError
 from rlhf_jax.models import ModelConfig, Transformer, init_params
 from rlhf_jax.models.api import window_logits
-from rlhf_jax.models.transformer import pack_shared_prefix, shared_prefix_mask
+from rlhf_jax.models.segments import pack_shared_prefix, shared_prefix_mask
 from rlhf_jax.rollout import completion_logps_fn
 from rlhf_jax.trainers import dpo, grpo
 

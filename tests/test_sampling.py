@@ -6,7 +6,8 @@ import pytest
 
 from rlhf_jax.losses.logprobs import token_logprobs
 from rlhf_jax.models import ModelConfig, init_params, lm_logits
-from rlhf_jax.sampling import SampleOutput, filter_logits, generate
+from rlhf_jax.sampling import SampleOutput, generate
+from rlhf_jax.sampling_choice import filter_logits
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                   d_ff=64, max_seq_len=64)
@@ -240,7 +241,7 @@ def test_gumbel_max_sampling_matches_softmax(temperature, top_k):
   """The sampler's token choice (Gumbel-max on uniform bits) draws from
   softmax(logits / T) restricted to the top-k set: empirical frequencies over 200k draws
   vs the float64 probabilities (a chi-square-scale tolerance, 5 standard errors)."""
-  from rlhf_jax.sampling import _choose
+  from rlhf_jax.sampling_choice import _choose
   rng = np.random.default_rng(0)
   V, n = 6, 200_000
   logits = rng.normal(size=V) * 1.5

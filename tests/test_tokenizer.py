@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_jax.tokenizer import (Tokenizer, chatml_default_system, detect_chat_style,
-                                load_tokenizer, render_chat, train_sentencepiece)
+from rlhf_jax.chat_format import chatml_default_system, detect_chat_style, render_chat
+from rlhf_jax.tokenizer import load_tokenizer, train_sentencepiece
+from rlhf_jax.tokenizer_base import Tokenizer
 
 from conftest import shared_data_file
 

@@ -64,6 +64,7 @@ from rlhf_jax import sampling  # noqa: E402
 from rlhf_jax.losses.logprobs import shift_for_next_token  # noqa: E402
 from rlhf_jax.losses.sft import sft_loss_sums  # noqa: E402
 from rlhf_jax.models import attention as attn_lib  # noqa: E402
+from rlhf_jax.models import attention_mask as mask_lib  # noqa: E402
 from rlhf_jax.models.transformer import ModelConfig, Transformer, init_params  # noqa: E402
 
 SECTIONS = ("device", "parity", "sft_mfu", "decode")
@@ -267,10 +268,12 @@ def timed_median(fn, iters: int) -> float:
 # ----------------------------------------------------------------------------
 
 def api_missing() -> str:
-  """'' when rlhf_jax.models.attention has the backend API, else what is missing."""
-  names = ("attend", "supports", "available", "resolve", "causal_mask", "shared_prefix_mask",
-           "cached_mask")
-  missing = [n for n in names if not hasattr(attn_lib, n)]
+  """'' when rlhf_jax.models.attention (masks: attention_mask) has the backend API, else
+  what is missing."""
+  names = ("attend", "supports", "available", "resolve")
+  mask_names = ("causal_mask", "shared_prefix_mask", "cached_mask")
+  missing = ([n for n in names if not hasattr(attn_lib, n)]
+             + [n for n in mask_names if not hasattr(mask_lib, n)])
   return ", ".join(missing)
 
 
@@ -366,10 +369,10 @@ def _parity_cases(shapes: Shapes):
 
 def _mask(kind, x, T):
   if kind == "causal":
-    return attn_lib.causal_mask(jnp.asarray(x["seg"]))
+    return mask_lib.causal_mask(jnp.asarray(x["seg"]))
   if kind == "shared_prefix":
-    return attn_lib.shared_prefix_mask(jnp.asarray(x["seg"]))
-  return attn_lib.cached_mask(jnp.asarray(x["kv"]), x["ci"], T)
+    return mask_lib.shared_prefix_mask(jnp.asarray(x["seg"]))
+  return mask_lib.cached_mask(jnp.asarray(x["kv"]), x["ci"], T)
 
 
 def _attention_arrays(kind, x, shapes: Shapes):

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses.logprobs import chunked_token_logprobs, token_entropy, token_logprobs
-from rlhf_jax.models.transformer import ModelConfig, Transformer, pack_shared_prefix
+from rlhf_jax.models.segments import pack_shared_prefix
+from rlhf_jax.models.transformer import ModelConfig, Transformer
 
 
 def lm_logits(config: ModelConfig, params, tokens_BT, segment_ids_BT=None) -> jax.Array:
