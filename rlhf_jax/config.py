@@ -3,7 +3,9 @@
 Every knob lives in one `ml_collections.ConfigDict`; `base_config` holds the
 defaults (the tiny CPU run) with a comment per knob, `configs/<algo>.py`
 presets change what they need. Unknown or mistyped keys fail with one message
-that names the key and suggests the closest valid one.
+that names the key and suggests the closest valid one. `validate` checks the
+sections every trainer shares; each trainer's `validate` (rlhf_jax/trainers/<name>.py)
+adds its own sections, with the same `Checks`.
 """
 from __future__ import annotations
 
