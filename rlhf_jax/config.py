@@ -3,7 +3,9 @@
 Every knob lives in one `ml_collections.ConfigDict`; `base_config` holds the
 defaults (the tiny CPU run) with a comment per knob, `configs/<algo>.py`
 presets change what they need. Unknown or mistyped keys fail with one message
-that names the key and suggests the closest valid one.
+that names the key and suggests the closest valid one. `validate` checks the
+sections every trainer shares; each trainer's `validate` (rlhf_jax/trainers/<name>.py)
+adds its own sections, with the same `Checks`.
 """
 from __future__ import annotations
 
@@ -339,28 +341,30 @@ def _get(config: ConfigDict, key: str):
   return node
 
 
-def _is_num(x) -> bool:
+def is_num(x) -> bool:
+  """A finite int or float (not a bool)."""
   return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def validate(config: ConfigDict, num_devices: int | None = None) -> None:
-  """Every check that needs only the config (and the device count): value ranges,
-  choices and combinations of keys, for all trainers. Raises ConfigError naming the key.
+class Checks:
+  """The value checks of one config, shared by `validate` and each trainer's section
+  validator (`rlhf_jax.trainers.<name>.validate`): a failed check raises ConfigError
+  "config.KEY: ..." naming the (dotted) key."""
 
-  Trainers call it first, before anything is read or written, with `num_devices` =
-  jax.device_count(): mesh.shape must fit them and every batch split evenly over its
-  data-parallel devices. num_devices=None checks the config alone: no device checks, and
-  data paths a run needs may still be unset (e.g. a size preset for other hardware, before
-  --config.data.train_path is given).
-  """
-  def need(ok, key, msg):
+  def __init__(self, config: ConfigDict):
+    self.config = config
+
+  def need(self, ok, key: str, msg: str) -> None:
+    """ConfigError "config.KEY: MSG" unless `ok`."""
     if not ok:
       raise ConfigError(f"config.{key}: {msg}")
 
-  def num(key, lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
-    v = _get(config, key)
+  def num(self, key: str, lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
+    """The value of `key`: an integer (`integer`) or a finite number in the range given by
+    lo / hi (closed unless lo_open / hi_open)."""
+    need, v = self.need, _get(self.config, key)
     kind = "an integer" if integer else "a finite number"
-    ok = (isinstance(v, int) and not isinstance(v, bool)) if integer else _is_num(v)
+    ok = (isinstance(v, int) and not isinstance(v, bool)) if integer else is_num(v)
     need(ok, key, f"expected {kind}, got {v!r}")
     if lo is not None:
       need(v > lo if lo_open else v >= lo, key, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
@@ -368,15 +372,35 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
       need(v < hi if hi_open else v <= hi, key, f"must be {'<' if hi_open else '<='} {hi}, got {v}")
     return v
 
-  def choice(key, options):
-    v = _get(config, key)
+  def choice(self, key: str, options):
+    """The value of `key`, one of `options`."""
+    v = _get(self.config, key)
     if v not in options:
       raise ConfigError(f"config.{key}={v!r}: expected one of {'|'.join(map(str, options))}")
     return v
 
-  def has(key):  # a key that only some trainers' configs have
+  def has(self, key: str) -> bool:
+    """Whether the config has `key` (top-level or section.key): a key that only some
+    trainers' configs have."""
     head, _, rest = key.partition(".")
-    return head in config and (not rest or rest in config[head])
+    return head in self.config and (not rest or rest in self.config[head])
+
+
+def validate(config: ConfigDict, num_devices: int | None = None) -> None:
+  """Every check of the sections all trainers share that needs only the config (and the
+  device count): run length, optimizer, logging, eval, checkpoints, tokenizer, model,
+  attention, LoRA, data and mesh. Raises ConfigError naming the key.
+
+  Each trainer's `validate` (rlhf_jax/trainers/<name>.py; `rlhf_jax.trainers.validate`
+  for a config of any trainer) calls it, then checks the trainer's own sections. Trainers
+  call theirs first, before anything is read or written, with `num_devices` =
+  jax.device_count(): mesh.shape must fit them and every batch split evenly over its
+  data-parallel devices. num_devices=None checks the config alone: no device checks, and
+  data paths a run needs may still be unset (e.g. a size preset for other hardware, before
+  --config.data.train_path is given).
+  """
+  check = Checks(config)
+  need, num, choice, has = check.need, check.num, check.choice, check.has
 
   # Run length, batch, optimizer.
   num("seed", 0, integer=True)
@@ -387,7 +411,7 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
        f"batch_size={config.batch_size} is not divisible by grad_accum_steps="
        f"{config.grad_accum_steps}")
   lr = config.optimizer.lr
-  need(_is_num(lr) and lr > 0, "optimizer.lr", f"must be > 0 and finite, got {lr}")
+  need(is_num(lr) and lr > 0, "optimizer.lr", f"must be > 0 and finite, got {lr}")
   need(0 <= config.optimizer.warmup_steps <= config.num_steps, "optimizer.warmup_steps",
        f"must be in [0, num_steps={config.num_steps}], got {config.optimizer.warmup_steps}")
   num("optimizer.final_lr_ratio", 0.0)
@@ -442,8 +466,8 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     num("tokenizer.vocab_size", 8, integer=True)
 
   # Model (its architecture counts only without init_from) and LoRA.
-  model = _validate_model(config, need, num)
-  _validate_attention(config, need, platform_known=num_devices is not None)
+  model = _validate_model(config, check)
+  _validate_attention(config, check, platform_known=num_devices is not None)
   if config.get("lora") is not None and config.lora.rank:
     from rlhf_jax.models.lora import LoraConfig
     try:
@@ -451,21 +475,9 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     except (TypeError, ValueError) as e:
       raise ConfigError(str(e) if str(e).startswith("config.") else f"config.lora: {e}") from None
 
-  # Data.
-  _validate_data(config, model, need, num, choice, for_run=num_devices is not None)
-
-  # Algorithms.
-  rows = _validate_mesh(config, num_devices, need)  # 1 when num_devices is None
-  if "dpo" in config:
-    _validate_dpo(config, need, num, choice)
-  if "rm" in config:
-    num("rm.center_coef", 0.0)
-  if "rollout" in config:
-    _validate_online_rl(config, model, rows, need, num, choice)
-  if config.trainer in ("sft", "reward_model", "dpo", "prm"):
-    need(config.batch_size % rows == 0, "batch_size",
-         f"{config.batch_size} is not divisible by the data-parallel size {rows} "
-         f"(mesh.shape data * fsdp); every device needs the same number of rows")
+  # Data, mesh.
+  _validate_data(config, model, check, for_run=num_devices is not None)
+  _validate_mesh(config, num_devices, check)
 
 
 def attention_mask_kinds(config: ConfigDict) -> set[str]:
@@ -479,10 +491,11 @@ def attention_mask_kinds(config: ConfigDict) -> set[str]:
   return kinds
 
 
-def _validate_attention(config, need, platform_known: bool):
+def _validate_attention(config, check: Checks, platform_known: bool):
   """model.attention: a backend that expresses every mask kind the run uses, and (when
   the devices are known) runs on them."""
   from rlhf_jax.models import attention
+  need = check.need
   backend = config.model.get("attention", "auto")
   need(backend in attention.BACKENDS, "model.attention",
        f"expected one of {'|'.join(attention.BACKENDS)}, got {backend!r}")
@@ -507,12 +520,12 @@ def _validate_attention(config, need, platform_known: bool):
          f"splash: TPU); use 'auto', 'chunked' or 'dense'")
 
 
-def _validate_model(config, need, num):
+def _validate_model(config, check: Checks):
   """ModelConfig of config.model (None with init_from: the architecture comes from there)."""
-  m = config.model
+  need, num, m = check.need, check.num, config.model
   need(not m.rope_scaling or (isinstance(m.rope_scaling, (tuple, list))
                               and len(m.rope_scaling) == 4
-                              and all(_is_num(x) for x in m.rope_scaling)),
+                              and all(is_num(x) for x in m.rope_scaling)),
        "model.rope_scaling",
        f"expected () or (factor, low_freq_factor, high_freq_factor, original_max_len), "
        f"got {m.rope_scaling!r}")
@@ -536,8 +549,8 @@ def _validate_model(config, need, num):
     raise ConfigError(msg.replace("config.model: model.", "config.model.")) from None
 
 
-def _validate_data(config, model, need, num, choice, for_run: bool):
-  d = config.data
+def _validate_data(config, model, check: Checks, for_run: bool):
+  need, num, choice, d = check.need, check.num, check.choice, config.data
   max_len = model.max_seq_len if model is not None else None
   if config.trainer == "sft":
     need(d.max_seq_len >= 4, "data.max_seq_len", "must be >= 4")
@@ -586,154 +599,37 @@ def _validate_data(config, model, need, num, choice, for_run: bool):
     num("data.synthetic_digits", 1, integer=True)
 
 
-def _validate_mesh(config, num_devices, need) -> int:
-  """Rows of the batch every step splits over (data * fsdp of the resolved mesh)."""
-  from rlhf_jax import parallel
+def _validate_mesh(config, num_devices, check: Checks) -> None:
   shape = config.mesh.shape
-  need(isinstance(shape, (tuple, list)) and len(shape) == 3
-       and all(isinstance(s, int) and not isinstance(s, bool) for s in shape), "mesh.shape",
-       f"expected 3 integers (data, fsdp, tensor), -1 = fill; got {shape!r}")
-  need(list(shape).count(-1) <= 1 and all(s == -1 or s > 0 for s in shape), "mesh.shape",
-       f"entries must be positive, with at most one -1 (= fill); got {tuple(shape)}")
+  check.need(isinstance(shape, (tuple, list)) and len(shape) == 3
+             and all(isinstance(s, int) and not isinstance(s, bool) for s in shape),
+             "mesh.shape", f"expected 3 integers (data, fsdp, tensor), -1 = fill; got {shape!r}")
+  check.need(list(shape).count(-1) <= 1 and all(s == -1 or s > 0 for s in shape), "mesh.shape",
+             f"entries must be positive, with at most one -1 (= fill); got {tuple(shape)}")
+  data_parallel_rows(config, num_devices)  # mesh.shape fits the devices
+
+
+def data_parallel_rows(config: ConfigDict, num_devices: int | None) -> int:
+  """Rows of the batch every step splits over (data * fsdp of the resolved mesh); 1 when
+  num_devices is None. ConfigError when mesh.shape does not fit the devices."""
   if num_devices is None:
     return 1
+  from rlhf_jax import parallel
   try:
-    data, fsdp, _ = parallel.mesh_shape(shape, num_devices)
+    data, fsdp, _ = parallel.mesh_shape(config.mesh.shape, num_devices)
   except ValueError as e:
     raise ConfigError(f"config.{e}") from None
   return data * fsdp
 
 
-def _validate_dpo(config, need, num, choice):
-  from rlhf_jax.losses.dpo import LOSSES, label_smoothing_error, variant
-  p = config.dpo
-  choice("dpo.loss_type", tuple(LOSSES))
-  v = variant(p.loss_type)
-  if "beta" in v.knobs:
-    num("dpo.beta", 0.0, lo_open=True)
-  ls = num("dpo.label_smoothing", 0.0)
-  why = label_smoothing_error(p.loss_type, ls)
-  need(why is None, "dpo.label_smoothing", why)
-  num("dpo.orpo_lambda", 0.0)
-  num("dpo.kto_desirable_weight", 0.0)
-  num("dpo.kto_undesirable_weight", 0.0)
-  num("dpo.simpo_gamma")
-  need(not v.whole_batch or config.get("grad_accum_steps", 1) == 1, "grad_accum_steps",
-       f"must be 1 with dpo.loss_type {p.loss_type!r} (its loss uses a statistic of the "
-       f"whole batch, which micro-batches would change), got {config.get('grad_accum_steps')}")
-  need(isinstance(p.get("share_prompt", True), bool), "dpo.share_prompt",
-       f"expected True or False, got {p.get('share_prompt')!r}")
-
-
-def _validate_online_rl(config, model, dp_rows, need, num, choice):
-  from rlhf_jax.losses.kl import KL_ESTIMATORS
-  from rlhf_jax.losses.ppo import AGGREGATION_MODES
-  AGGREGATIONS, KL_KINDS = tuple(AGGREGATION_MODES), tuple(KL_ESTIMATORS)  # the registries' names
-  r = config.rollout
-  for key in ("prompts_per_step", "group_size", "max_new_tokens", "generate_micro_batch",
-              "logprob_micro_batch"):
-    num(f"rollout.{key}", 1, integer=True)
-  num("rollout.train_micro_batch", 0, integer=True)
-  num("rollout.temperature", 0.0)
-  num("rollout.top_k", 0, integer=True)
-  num("rollout.top_p", 0.0, 1.0, lo_open=True)
-  B = r.prompts_per_step * r.group_size
-  for key in ("generate_micro_batch", "logprob_micro_batch"):
-    micro = r[key]
-    need(micro >= B or B % micro == 0, f"rollout.{key}={micro}",
-         f"must divide prompts_per_step * group_size = {B} (or be >= it)")
-  if model is not None:
-    need(config.data.max_prompt_len + r.max_new_tokens <= model.max_seq_len,
-         "rollout.max_new_tokens",
-         f"data.max_prompt_len + rollout.max_new_tokens = "
-         f"{config.data.max_prompt_len + r.max_new_tokens} exceeds model.max_seq_len="
-         f"{model.max_seq_len}")
-  if "grpo" in config:
-    from rlhf_jax.losses.advantages import ESTIMATORS
-    from rlhf_jax.losses.grpo import IMPORTANCE_LEVELS, KL_MODES
-    from rlhf_jax.losses.grpo import resolve
-    g = config.grpo
-    try:
-      algo = resolve(g)  # the variant's values for knobs left at auto
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
-    for key, options in (("advantage", tuple(ESTIMATORS)),
-                         ("aggregation", AGGREGATIONS), ("importance", IMPORTANCE_LEVELS),
-                         ("kl_mode", KL_MODES), ("kl_estimator", KL_KINDS)):
-      if algo[key] not in options:
-        raise ConfigError(f"config.grpo.{key}={algo[key]!r}: expected one of "
-                          f"{'|'.join(options)}")
-    for key, lo, hi in (("clip_eps_low", 0.0, 1.0), ("clip_eps_high", 0.0, None),
-                        ("kl_coef", 0.0, None)):
-      need(_is_num(algo[key]) and algo[key] >= lo and (hi is None or algo[key] < hi),
-           f"grpo.{key}", f"must be >= {lo}" + (f" and < {hi}" if hi else "")
-           + f" (or -1 = the variant's value), got {algo[key]}")
-    need(algo["dynamic_sampling"] in (0, 1), "grpo.dynamic_sampling",
-         f"expected 0 or 1 (or -1 = the variant's value), got {algo['dynamic_sampling']}")
-    need(g.get("old_logps", "auto") in ("auto", "recompute"), "grpo.old_logps",
-         f"expected auto or recompute, got {g.get('old_logps')!r}")
-    need(isinstance(g.get("share_prompt", True), bool), "grpo.share_prompt",
-         f"expected True or False, got {g.get('share_prompt')!r}")
-    num("grpo.epochs", 1, integer=True)
-    num("grpo.minibatches", 1, integer=True)
-    num("grpo.std_eps", 0.0)
-    num("grpo.max_refill_rounds", 0, integer=True)
-    num("grpo.overlong_cache", 0, integer=True)
-    need(g.overlong_cache <= r.max_new_tokens, f"grpo.overlong_cache={g.overlong_cache}",
-         f"the overlong window must fit in rollout.max_new_tokens={r.max_new_tokens}")
-    adv = algo["advantage"]
-    if ESTIMATORS[adv].needs_groups:
-      if r.group_size < 2:
-        raise ConfigError(
-            f"config.rollout.group_size={r.group_size}: grpo.advantage={adv!r} (variant "
-            f"{g.variant!r}) compares the completions of a prompt with each other and needs "
-            f"group_size >= 2")
-      if r.temperature <= 0:
-        raise ConfigError(
-            f"config.rollout.temperature={r.temperature}: greedy decoding gives every "
-            f"completion of a prompt the same text, so grpo.advantage={adv!r} would be 0; "
-            f"sample with temperature > 0")
-    _check_minibatches(config, "grpo", B, dp_rows, need)
-  if "ppo" in config:
-    p = config.ppo
-    choice("ppo.critic", ("separate", "shared"))
-    need(not (p.critic_init and p.critic == "shared"), "ppo.critic_init",
-         "a reward model to initialise the critic needs ppo.critic='separate' (a shared "
-         "critic is a head on the policy)")
-    num("ppo.gamma", 0.0, 1.0)
-    num("ppo.lam", 0.0, 1.0)
-    num("ppo.clip_eps", 0.0, 1.0, lo_open=True, hi_open=True)
-    need(p.clip_eps_high == -1 or (_is_num(p.clip_eps_high) and p.clip_eps_high >= 0),
-         "ppo.clip_eps_high", f"must be >= 0 (or -1 = clip_eps), got {p.clip_eps_high}")
-    need(p.dual_clip == -1 or (_is_num(p.dual_clip) and p.dual_clip > 1), "ppo.dual_clip",
-         f"must be > 1 (or -1 = off), got {p.dual_clip}")
-    need(p.value_clip_eps == -1 or (_is_num(p.value_clip_eps) and p.value_clip_eps > 0),
-         "ppo.value_clip_eps", f"must be > 0 (or -1 = off), got {p.value_clip_eps}")
-    num("ppo.vf_coef", 0.0)
-    num("ppo.entropy_coef", 0.0)
-    num("ppo.kl_coef", 0.0)
-    choice("ppo.aggregation", AGGREGATIONS)
-    choice("ppo.kl_estimator", KL_KINDS)
-    if p.adaptive_kl:
-      num("ppo.kl_target", 0.0, lo_open=True)
-      num("ppo.kl_horizon", 0, lo_open=True)
-    num("ppo.epochs", 1, integer=True)
-    num("ppo.minibatches", 1, integer=True)
-    _check_minibatches(config, "ppo", B, dp_rows, need)
-
-
-def _check_minibatches(config, algo: str, B: int, dp_rows: int, need):
-  mb = config[algo].minibatches
-  need(B % mb == 0, f"{algo}.minibatches={mb}",
-       f"must divide prompts_per_step * group_size = {B}")
-  rows = B // mb
-  micro = config.rollout.train_micro_batch
-  need(micro <= 0 or micro >= rows or rows % micro == 0, f"rollout.train_micro_batch={micro}",
-       f"must divide the minibatch of {rows} rows (prompts_per_step * group_size / "
-       f"{algo}.minibatches)")
-  need(rows % dp_rows == 0, f"{algo}.minibatches",
-       f"a minibatch of {rows} rows (prompts_per_step * group_size / {algo}.minibatches) is "
-       f"not divisible by the data-parallel size {dp_rows} (mesh.shape data * fsdp)")
+def check_batch_split(config: ConfigDict, num_devices: int | None) -> None:
+  """batch_size splits evenly over the data-parallel devices: the check of the trainers
+  whose step takes batch_size rows (sft, reward_model, prm, dpo)."""
+  rows = data_parallel_rows(config, num_devices)
+  Checks(config).need(
+      config.batch_size % rows == 0, "batch_size",
+      f"{config.batch_size} is not divisible by the data-parallel size {rows} "
+      f"(mesh.shape data * fsdp); every device needs the same number of rows")
 
 
 def model_config(config: ConfigDict, vocab_size: int | None = None, **overrides) -> ModelConfig:

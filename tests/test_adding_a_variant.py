@@ -16,6 +16,7 @@ from rlhf_jax import config as config_lib
 from rlhf_jax.launch import load_config
 from rlhf_jax.losses import dpo as dpo_losses
 from rlhf_jax.models import ModelConfig, Transformer
+from rlhf_jax import trainers
 from rlhf_jax.trainers import dpo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,10 +84,10 @@ def test_readme_variant_matches_float64_numpy(apo_zero):
 def test_readme_variant_validates_and_trains(apo_zero):
   c = load_config(os.path.join(ROOT, "configs/dpo.py:tiny"))
   c.dpo.loss_type = apo_zero
-  config_lib.validate(c, 1)  # accepted: validation reads the registry
+  trainers.validate(c, 1)  # accepted: validation reads the registry
   c.dpo.label_smoothing = 0.1
   with pytest.raises(config_lib.ConfigError, match="label_smoothing: applies only to"):
-    config_lib.validate(c, 1)
+    trainers.validate(c, 1)
   c.dpo.label_smoothing = 0.0
   assert dpo.uses_reference(c.dpo) and dpo.sides(c.dpo) == ("chosen", "rejected")
 
@@ -129,9 +130,9 @@ def test_grpo_advantage_estimators_drive_validation():
     c.rollout.train_micro_batch = 0
     if est.needs_groups:
       with pytest.raises(config_lib.ConfigError, match="needs group_size >= 2"):
-        config_lib.validate(c, 1)
+        trainers.validate(c, 1)
     else:
-      config_lib.validate(c, 1)
+      trainers.validate(c, 1)
   c.grpo.advantage = "nope"
   with pytest.raises(config_lib.ConfigError, match="config.grpo.advantage='nope'"):
-    config_lib.validate(c, 1)
+    trainers.validate(c, 1)

@@ -263,26 +263,26 @@ def test_resolve_auto_and_refusals():
 
 def test_config_validation_refuses_a_mask_the_backend_cannot_express():
   from configs import dpo, grpo
-  from rlhf_jax import config as config_lib
+  from rlhf_jax.trainers import validate
   for get in (dpo.get_config, grpo.get_config):
     c = get("tiny")
     c.model.attention = "splash"
     key = "dpo" if "dpo" in c else "grpo"
     c[key].share_prompt = True
     with pytest.raises(ConfigError, match=f"model.attention='splash'.*{key}.share_prompt"):
-      config_lib.validate(c)
+      validate(c)
     c[key].share_prompt = False
-    config_lib.validate(c)                       # fine without a device check
+    validate(c)                                  # fine without a device check
     with pytest.raises(ConfigError, match="does not run on this 'cpu'"):
-      config_lib.validate(c, num_devices=1)
+      validate(c, num_devices=1)
   c = dpo.get_config("tiny")
   c.model.attention = "cudnn"
   with pytest.raises(ConfigError, match="'cudnn' needs bfloat16"):
-    config_lib.validate(c)
+    validate(c)
   c = dpo.get_config("tiny")
   c.model.logits_chunk = -1
   with pytest.raises(ConfigError, match="model.logits_chunk"):
-    config_lib.validate(c)
+    validate(c)
 
 
 # ----------------------------------------------------------------------------

@@ -5,13 +5,15 @@ import sys
 import pytest
 
 from rlhf_jax import config as config_lib
+from rlhf_jax import trainers
 from rlhf_jax.launch import load_config
+from rlhf_jax.trainers import dpo as dpo_trainer
 
 
 def test_presets_load_and_validate():
   for preset in ("tiny", "1b"):
     c = load_config(f"configs/sft.py:{preset}")
-    config_lib.validate(c)
+    trainers.validate(c)
     m = config_lib.model_config(c, vocab_size=100)
     assert m.n_heads % m.n_kv_heads == 0
   assert config_lib.model_config(load_config("configs/sft.py:1b")).rope_scaling == (
@@ -51,6 +53,27 @@ def test_validate_names_bad_values(key, value, fragment):
   parent[leaf] = value
   with pytest.raises(config_lib.ConfigError, match=fragment):
     config_lib.validate(c)
+
+
+def test_each_trainer_validates_its_own_sections():
+  """config.validate checks the shared sections; the trainer's validate (picked by
+  rlhf_jax.trainers.validate from config.trainer) adds its own."""
+  c = load_config("configs/dpo.py:tiny")
+  c.dpo.beta = 0.0
+  config_lib.validate(c, 1)
+  for validate in (trainers.validate, dpo_trainer.validate):
+    with pytest.raises(config_lib.ConfigError, match=r"^config.dpo.beta: must be > 0.0"):
+      validate(c, 1)
+  c.dpo.beta = 0.1
+  c.batch_size = 6
+  with pytest.raises(config_lib.ConfigError, match="data-parallel size 4"):
+    trainers.validate(c, 4)
+  c.trainer = "nope"
+  with pytest.raises(config_lib.ConfigError, match="no module rlhf_jax/trainers/nope.py"):
+    trainers.validate(c)
+  c.trainer = "loop"
+  with pytest.raises(config_lib.ConfigError, match="trainers/loop.py is not a trainer"):
+    trainers.validate(c)
 
 
 def test_cli_reports_mistyped_key_in_one_line(tmp_path):

@@ -19,6 +19,7 @@ from rlhf_jax import config as config_lib
 from rlhf_jax.launch import load_config
 from rlhf_jax.models import ModelConfig, Transformer
 from rlhf_jax.models.heads import ScalarModel
+from rlhf_jax import trainers
 from rlhf_jax.trainers import dpo, prm, reward_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,6 +117,6 @@ def test_kto_refuses_grad_accumulation_at_validation():
   c.grad_accum_steps = 2
   with pytest.raises(config_lib.ConfigError, match=r"config.grad_accum_steps: must be 1 with "
                                                    r"dpo.loss_type 'kto'"):
-    config_lib.validate(c, 1)
+    trainers.validate(c, 1)
   c.grad_accum_steps = 1
-  config_lib.validate(c, 1)
+  trainers.validate(c, 1)

@@ -92,7 +92,7 @@ def test_graph_sees_function_level_imports():
   g = import_graph()
   assert len(g) > 40
   assert "rlhf_jax.models.transformer" in g["rlhf_jax.config"]     # module level
-  assert "rlhf_jax.losses.dpo" in g["rlhf_jax.config"]             # inside a function
+  assert "rlhf_jax.models.attention" in g["rlhf_jax.config"]       # inside a function
   assert "rlhf_jax.gguf_file" in g["rlhf_jax.tokenizer_gguf"]
 
 
@@ -100,6 +100,18 @@ def test_no_import_cycles_among_rlhf_jax_modules():
   found = cycles(import_graph())
   assert not found, "import cycles (each line: modules that import each other):\n" + \
       "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_config_imports_no_trainer():
+  """config.py validates the sections every trainer shares; each trainer validates its own
+  (rlhf_jax/trainers/<name>.py: validate), so nothing config reaches is a trainer."""
+  g = import_graph()
+  seen, todo = set(), ["rlhf_jax.config"]
+  while todo:
+    for w in g[todo.pop()] - seen:
+      seen.add(w)
+      todo.append(w)
+  assert not sorted(m for m in seen if m.startswith("rlhf_jax.trainers")), sorted(seen)
 
 
 def test_readme_layout_names_every_module():

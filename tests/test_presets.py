@@ -10,6 +10,7 @@ from rlhf_jax import config as config_lib
 from rlhf_jax import memory, memory_plan, presets
 from rlhf_jax.launch import load_config
 from rlhf_jax.models import init_params
+from rlhf_jax import trainers
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("sft", "dpo", "rm", "grpo", "ppo")
@@ -59,7 +60,7 @@ def test_every_config_has_every_size():
 @pytest.mark.parametrize("name,preset", all_presets())
 def test_preset_loads_and_validates(name, preset):
   c = load_config(f"{REPO}/configs/{name}.py:{preset}")
-  config_lib.validate(c)
+  trainers.validate(c)
   m = config_lib.model_config(c, vocab_size=100)
   if preset in presets.SIZES:
     hw = config_module(name).SIZES[preset]["hardware"]

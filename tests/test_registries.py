@@ -21,6 +21,7 @@ from rlhf_jax import rewards
 from rlhf_jax.launch import load_config
 from rlhf_jax.losses import kl as kl_lib
 from rlhf_jax.losses import ppo as ppo_lib
+from rlhf_jax import trainers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,11 +136,11 @@ def test_validation_reads_aggregation_and_kl_tables(trainer, monkeypatch):
     for name in table:
       c = _config(trainer)
       _set(c, trainer, key, name)
-      config_lib.validate(c, 1)
+      trainers.validate(c, 1)
     c = _config(trainer)
     _set(c, trainer, key, "nope")
     with pytest.raises(config_lib.ConfigError, match=f"{key}"):
-      config_lib.validate(c, 1)
+      trainers.validate(c, 1)
   # a new entry in a table is a valid name (validation reads the table, not a copy of it)
   copy = dataclasses.replace(ppo_lib.AGGREGATION_MODES["seq_mean_token_sum"])
   monkeypatch.setattr(ppo_lib, "AGGREGATION_MODES",
@@ -149,7 +150,7 @@ def test_validation_reads_aggregation_and_kl_tables(trainer, monkeypatch):
   c = _config(trainer)
   _set(c, trainer, "aggregation", "seq_mean_token_sum_copy")
   _set(c, trainer, "kl_estimator", "k_abs")
-  config_lib.validate(c, 1)
+  trainers.validate(c, 1)
   # ... and the losses dispatch through it
   d = jnp.asarray([[1.0, -2.0]])
   assert np.asarray(kl_lib.kl_estimate(d, jnp.zeros_like(d), "k_abs")).tolist() == [[1.0, 2.0]]
@@ -169,10 +170,10 @@ def test_validation_reads_the_reward_table():
     rewards.check_reward_spec(spec)   # named, options checked, nothing built
   c.reward.spec = "nope"
   with pytest.raises(config_lib.ConfigError, match="unknown reward function 'nope'"):
-    config_lib.validate(c, 1)
+    trainers.validate(c, 1)
   # a reward that loads a trained model needs a workdir
   for name, entry in rewards.REWARD_FNS.items():
     if entry.needs_workdir:
       c.reward.spec = f'{{"name": "{name}", "workdir": ""}}'
       with pytest.raises(config_lib.ConfigError, match=f"reward '{name}': needs option 'workdir'"):
-        config_lib.validate(c, 1)
+        trainers.validate(c, 1)

@@ -182,7 +182,7 @@ def reference_logps(model, names, ref_params, arrays, batch_size, mesh, cache_pa
 
 
 def run(config, workdir: str) -> dict:
-  config_lib.validate(config, jax.device_count())
+  validate(config, jax.device_count())
   d = config.dpo
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh(config.mesh.shape)
@@ -290,3 +290,33 @@ def run(config, workdir: str) -> dict:
       progress_keys=("loss", "reward_accuracy", "eval_reward_accuracy"),
       count_tokens=lambda b: sum(b[f"{n}_segment_ids"].sum() for n in sides(d)),
       extra_metrics={f"data_{k}": v for k, v in {**data_stats, **tok_stats}.items()})
+
+
+def validate(config, num_devices: int | None = None) -> None:
+  """The checks of a DPO config that need no files: the shared sections
+  (`rlhf_jax.config.validate`), the dpo section (the loss_type's knobs, from the
+  rlhf_jax.losses.dpo registry), and batch_size split over the data-parallel devices
+  (num_devices=None: the config alone). ConfigError naming the key."""
+  from rlhf_jax.losses.dpo import LOSSES, label_smoothing_error, variant
+  config_lib.validate(config, num_devices)
+  if "dpo" in config:
+    check = config_lib.Checks(config)
+    need, num = check.need, check.num
+    p = config.dpo
+    check.choice("dpo.loss_type", tuple(LOSSES))
+    v = variant(p.loss_type)
+    if "beta" in v.knobs:
+      num("dpo.beta", 0.0, lo_open=True)
+    ls = num("dpo.label_smoothing", 0.0)
+    why = label_smoothing_error(p.loss_type, ls)
+    need(why is None, "dpo.label_smoothing", why)
+    num("dpo.orpo_lambda", 0.0)
+    num("dpo.kto_desirable_weight", 0.0)
+    num("dpo.kto_undesirable_weight", 0.0)
+    num("dpo.simpo_gamma")
+    need(not v.whole_batch or config.get("grad_accum_steps", 1) == 1, "grad_accum_steps",
+         f"must be 1 with dpo.loss_type {p.loss_type!r} (its loss uses a statistic of the "
+         f"whole batch, which micro-batches would change), got {config.get('grad_accum_steps')}")
+    need(isinstance(p.get("share_prompt", True), bool), "dpo.share_prompt",
+         f"expected True or False, got {p.get('share_prompt')!r}")
+  config_lib.check_batch_split(config, num_devices)

@@ -126,7 +126,7 @@ def micro_batches_of(rows: int, micro: int) -> int:
 
 
 def run(config, workdir: str) -> dict:
-  config_lib.validate(config, jax.device_count())
+  validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   algo = resolve(config.grpo)
   rollout_cfg = config.rollout
@@ -257,3 +257,64 @@ def run(config, workdir: str) -> dict:
       evaluate=evaluate if policy_eval is not None else None, desc=f"grpo[{algo['variant']}]",
       progress_keys=("reward_mean", "eval_accuracy"),
       count_tokens=None, extra_metrics={f"data_{k}": v for k, v in data_stats.items()})
+
+
+def validate(config, num_devices: int | None = None) -> None:
+  """The checks of a GRPO config that need no files: the shared sections
+  (`rlhf_jax.config.validate`), the rollout section, and the grpo section with the
+  variant's values for knobs left at auto (each checked against its registry), and the
+  minibatch split (num_devices=None: the config alone). ConfigError naming the key."""
+  from rlhf_jax.losses.advantages import ESTIMATORS
+  from rlhf_jax.losses.grpo import IMPORTANCE_LEVELS, KL_MODES, resolve
+  from rlhf_jax.losses.kl import KL_ESTIMATORS
+  from rlhf_jax.losses.ppo import AGGREGATION_MODES
+  from rlhf_jax.trainers import online_rl_config
+  config_lib.validate(config, num_devices)
+  online_rl_config.validate_rollout(config)
+  if "grpo" not in config:
+    return
+  check = config_lib.Checks(config)
+  need, num = check.need, check.num
+  r, g = config.rollout, config.grpo
+  try:
+    algo = resolve(g)  # the variant's values for knobs left at auto
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  for key, options in (("advantage", tuple(ESTIMATORS)),
+                       ("aggregation", tuple(AGGREGATION_MODES)),
+                       ("importance", IMPORTANCE_LEVELS), ("kl_mode", KL_MODES),
+                       ("kl_estimator", tuple(KL_ESTIMATORS))):
+    if algo[key] not in options:
+      raise config_lib.ConfigError(f"config.grpo.{key}={algo[key]!r}: expected one of "
+                                   f"{'|'.join(options)}")
+  for key, lo, hi in (("clip_eps_low", 0.0, 1.0), ("clip_eps_high", 0.0, None),
+                      ("kl_coef", 0.0, None)):
+    need(config_lib.is_num(algo[key]) and algo[key] >= lo and (hi is None or algo[key] < hi),
+         f"grpo.{key}", f"must be >= {lo}" + (f" and < {hi}" if hi else "")
+         + f" (or -1 = the variant's value), got {algo[key]}")
+  need(algo["dynamic_sampling"] in (0, 1), "grpo.dynamic_sampling",
+       f"expected 0 or 1 (or -1 = the variant's value), got {algo['dynamic_sampling']}")
+  need(g.get("old_logps", "auto") in ("auto", "recompute"), "grpo.old_logps",
+       f"expected auto or recompute, got {g.get('old_logps')!r}")
+  need(isinstance(g.get("share_prompt", True), bool), "grpo.share_prompt",
+       f"expected True or False, got {g.get('share_prompt')!r}")
+  num("grpo.epochs", 1, integer=True)
+  num("grpo.minibatches", 1, integer=True)
+  num("grpo.std_eps", 0.0)
+  num("grpo.max_refill_rounds", 0, integer=True)
+  num("grpo.overlong_cache", 0, integer=True)
+  need(g.overlong_cache <= r.max_new_tokens, f"grpo.overlong_cache={g.overlong_cache}",
+       f"the overlong window must fit in rollout.max_new_tokens={r.max_new_tokens}")
+  adv = algo["advantage"]
+  if ESTIMATORS[adv].needs_groups:
+    if r.group_size < 2:
+      raise config_lib.ConfigError(
+          f"config.rollout.group_size={r.group_size}: grpo.advantage={adv!r} (variant "
+          f"{g.variant!r}) compares the completions of a prompt with each other and needs "
+          f"group_size >= 2")
+    if r.temperature <= 0:
+      raise config_lib.ConfigError(
+          f"config.rollout.temperature={r.temperature}: greedy decoding gives every "
+          f"completion of a prompt the same text, so grpo.advantage={adv!r} would be 0; "
+          f"sample with temperature > 0")
+  online_rl_config.check_minibatches(config, "grpo", num_devices)

@@ -110,7 +110,7 @@ def make_update(model, tx, p, P, temperature, max_len, micro_batches=1, frozen=N
 
 
 def run(config, workdir: str) -> dict:
-  config_lib.validate(config, jax.device_count())
+  validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   p, rollout_cfg = config.ppo, config.rollout
   G, N = rollout_cfg.group_size, rollout_cfg.prompts_per_step
@@ -240,3 +240,44 @@ def run(config, workdir: str) -> dict:
       evaluate=evaluate if policy_eval is not None else None, desc="ppo",
       progress_keys=("reward_mean", "eval_accuracy"), count_tokens=None,
       extra_metrics={f"data_{k}": v for k, v in data_stats.items()})
+
+
+def validate(config, num_devices: int | None = None) -> None:
+  """The checks of a PPO config that need no files: the shared sections
+  (`rlhf_jax.config.validate`), the rollout section, the ppo section (aggregation and KL
+  estimator from their registries) and the minibatch split (num_devices=None: the config
+  alone). ConfigError naming the key."""
+  from rlhf_jax.losses.kl import KL_ESTIMATORS
+  from rlhf_jax.losses.ppo import AGGREGATION_MODES
+  from rlhf_jax.trainers import online_rl_config
+  config_lib.validate(config, num_devices)
+  online_rl_config.validate_rollout(config)
+  if "ppo" not in config:
+    return
+  check = config_lib.Checks(config)
+  need, num, is_num = check.need, check.num, config_lib.is_num
+  p = config.ppo
+  check.choice("ppo.critic", ("separate", "shared"))
+  need(not (p.critic_init and p.critic == "shared"), "ppo.critic_init",
+       "a reward model to initialise the critic needs ppo.critic='separate' (a shared "
+       "critic is a head on the policy)")
+  num("ppo.gamma", 0.0, 1.0)
+  num("ppo.lam", 0.0, 1.0)
+  num("ppo.clip_eps", 0.0, 1.0, lo_open=True, hi_open=True)
+  need(p.clip_eps_high == -1 or (is_num(p.clip_eps_high) and p.clip_eps_high >= 0),
+       "ppo.clip_eps_high", f"must be >= 0 (or -1 = clip_eps), got {p.clip_eps_high}")
+  need(p.dual_clip == -1 or (is_num(p.dual_clip) and p.dual_clip > 1), "ppo.dual_clip",
+       f"must be > 1 (or -1 = off), got {p.dual_clip}")
+  need(p.value_clip_eps == -1 or (is_num(p.value_clip_eps) and p.value_clip_eps > 0),
+       "ppo.value_clip_eps", f"must be > 0 (or -1 = off), got {p.value_clip_eps}")
+  num("ppo.vf_coef", 0.0)
+  num("ppo.entropy_coef", 0.0)
+  num("ppo.kl_coef", 0.0)
+  check.choice("ppo.aggregation", tuple(AGGREGATION_MODES))
+  check.choice("ppo.kl_estimator", tuple(KL_ESTIMATORS))
+  if p.adaptive_kl:
+    num("ppo.kl_target", 0.0, lo_open=True)
+    num("ppo.kl_horizon", 0, lo_open=True)
+  num("ppo.epochs", 1, integer=True)
+  num("ppo.minibatches", 1, integer=True)
+  online_rl_config.check_minibatches(config, "ppo", num_devices)

@@ -152,7 +152,7 @@ def step_metrics(logits_NT, arrays) -> dict:
 
 
 def run(config, workdir: str) -> dict:
-  config_lib.validate(config, jax.device_count())
+  validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh(config.mesh.shape)
   d = config.data
@@ -216,3 +216,11 @@ def run(config, workdir: str) -> dict:
       evaluate=evaluate if eval_arrays is not None else None, desc="prm",
       progress_keys=("loss", "step_accuracy", "eval_balanced_accuracy"),
       count_tokens=lambda b: b["segment_ids"].sum(), extra_metrics=static_metrics)
+
+
+def validate(config, num_devices: int | None = None) -> None:
+  """The checks of a PRM config that need no files: the shared sections
+  (`rlhf_jax.config.validate`) and batch_size split over the data-parallel devices
+  (num_devices=None: the config alone). ConfigError naming the key."""
+  config_lib.validate(config, num_devices)
+  config_lib.check_batch_split(config, num_devices)

@@ -140,7 +140,7 @@ def evaluate_reward_model(workdir: str, data_path: str, source: str = "jsonl",
 
 
 def run(config, workdir: str) -> dict:
-  config_lib.validate(config, jax.device_count())
+  validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh(config.mesh.shape)
 
@@ -201,3 +201,13 @@ def run(config, workdir: str) -> dict:
       count_tokens=lambda b: b["chosen_segment_ids"].sum() + b["rejected_segment_ids"].sum(),
       extra_metrics=static_metrics)
   return result
+
+
+def validate(config, num_devices: int | None = None) -> None:
+  """The checks of a reward-model config that need no files: the shared sections
+  (`rlhf_jax.config.validate`), the rm section, and batch_size split over the data-parallel
+  devices (num_devices=None: the config alone). ConfigError naming the key."""
+  config_lib.validate(config, num_devices)
+  if "rm" in config:
+    config_lib.Checks(config).num("rm.center_coef", 0.0)
+  config_lib.check_batch_split(config, num_devices)

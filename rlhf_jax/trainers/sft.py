@@ -123,7 +123,7 @@ def corpus_lines(path):
 # ----------------------------------------------------------------------------
 
 def run(config, workdir: str) -> dict:
-  config_lib.validate(config, jax.device_count())
+  validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh(config.mesh.shape)
   T, B = config.data.max_seq_len, config.batch_size
@@ -205,3 +205,11 @@ def run(config, workdir: str) -> dict:
       evaluate=evaluate if eval_ds is not None or policy_eval is not None else None, desc="sft",
       progress_keys=("loss", "eval_loss"),
       count_tokens=lambda b: b["segment_ids"].astype(bool).sum())
+
+
+def validate(config, num_devices: int | None = None) -> None:
+  """The checks of an SFT config that need no files: the shared sections
+  (`rlhf_jax.config.validate`) and batch_size split over the data-parallel devices
+  (num_devices=None: the config alone). ConfigError naming the key."""
+  config_lib.validate(config, num_devices)
+  config_lib.check_batch_split(config, num_devices)

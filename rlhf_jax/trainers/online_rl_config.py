@@ -1,0 +1,52 @@
+"""Config checks shared by the online-RL trainers (PPO, GRPO): the rollout section and how
+its batch of prompts_per_step * group_size rows splits into minibatches. Each trainer's
+`validate` calls them after `rlhf_jax.config.validate`; ConfigError names the key."""
+from __future__ import annotations
+
+from rlhf_jax import config as config_lib
+
+
+def validate_rollout(config) -> None:
+  """config.rollout: sizes and sampling knobs, micro-batches that divide the rollout batch,
+  and prompt + completion within the model's max_seq_len."""
+  check = config_lib.Checks(config)
+  need, num = check.need, check.num
+  r = config.rollout
+  for key in ("prompts_per_step", "group_size", "max_new_tokens", "generate_micro_batch",
+              "logprob_micro_batch"):
+    num(f"rollout.{key}", 1, integer=True)
+  num("rollout.train_micro_batch", 0, integer=True)
+  num("rollout.temperature", 0.0)
+  num("rollout.top_k", 0, integer=True)
+  num("rollout.top_p", 0.0, 1.0, lo_open=True)
+  B = r.prompts_per_step * r.group_size
+  for key in ("generate_micro_batch", "logprob_micro_batch"):
+    micro = r[key]
+    need(micro >= B or B % micro == 0, f"rollout.{key}={micro}",
+         f"must divide prompts_per_step * group_size = {B} (or be >= it)")
+  if not config.init_from:  # with init_from the model's length comes from there
+    max_len = config.model.max_seq_len
+    need(config.data.max_prompt_len + r.max_new_tokens <= max_len,
+         "rollout.max_new_tokens",
+         f"data.max_prompt_len + rollout.max_new_tokens = "
+         f"{config.data.max_prompt_len + r.max_new_tokens} exceeds model.max_seq_len="
+         f"{max_len}")
+
+
+def check_minibatches(config, algo: str, num_devices: int | None) -> None:
+  """config.<algo>.minibatches divides the rollout batch, rollout.train_micro_batch the
+  minibatch, and the data-parallel devices split the minibatch evenly."""
+  need = config_lib.Checks(config).need
+  B = config.rollout.prompts_per_step * config.rollout.group_size
+  dp_rows = config_lib.data_parallel_rows(config, num_devices)
+  mb = config[algo].minibatches
+  need(B % mb == 0, f"{algo}.minibatches={mb}",
+       f"must divide prompts_per_step * group_size = {B}")
+  rows = B // mb
+  micro = config.rollout.train_micro_batch
+  need(micro <= 0 or micro >= rows or rows % micro == 0, f"rollout.train_micro_batch={micro}",
+       f"must divide the minibatch of {rows} rows (prompts_per_step * group_size / "
+       f"{algo}.minibatches)")
+  need(rows % dp_rows == 0, f"{algo}.minibatches",
+       f"a minibatch of {rows} rows (prompts_per_step * group_size / {algo}.minibatches) is "
+       f"not divisible by the data-parallel size {dp_rows} (mesh.shape data * fsdp)")
