@@ -19,9 +19,14 @@ def apply_gradients(state, grads, tx, count_step: bool = True):
   (inside every trainer's tx) makes the update zero and keeps its state; callers report
   it as the metric skipped_update = 1 (`skipped_metric`).
   """
+  finite = all_finite(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  new = {**state, "params": optax.apply_updates(state["params"], updates),
-         "opt_state": opt_state}
+  # The guard already zeroes a non-finite update; selecting the parameters as well keeps
+  # them bit for bit (even -0.0) and keeps p + u one fused multiply-add as before the
+  # guard became an optax wrapper (a select between them changes the rounding).
+  params = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                        optax.apply_updates(state["params"], updates), state["params"])
+  new = {**state, "params": params, "opt_state": opt_state}
   if count_step:
     new["step"] = state["step"] + 1
   return new
