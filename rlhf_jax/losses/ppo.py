@@ -1,9 +1,11 @@
 """PPO losses for RLHF: clipped surrogate (with dual clip), clipped value loss, entropy.
 
-Per-token arrays are [B, T] over completion tokens with mask_BT (1 = real
-token; ragged rows, possibly all-masked). Log-probs are those of the sampled
-tokens (`logprobs.per_token_logprobs`): logp_BT under the policy being trained,
-old_logp_BT under the policy that sampled them (pi_old, at rollout time).
+Per-token arrays are [B, C] over the C completion tokens, named as the rollout
+(`rlhf_jax.rollout.Rollout`) and the trainers' minibatches name them, with mask_BC
+(1 = real token; ragged rows, possibly all-masked). Log-probs are those of the sampled
+tokens: logps_BC under the policy being trained, old_logps_BC under the policy that
+sampled them (pi_old, at rollout time). The generic reductions (`aggregate`,
+`token_mean`, ...) take any [B, T].
 Advantages/returns come from `advantages.py` and are treated as constants.
 
 Token losses are reduced with `aggregate` (mode names shared with
