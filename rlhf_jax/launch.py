@@ -74,6 +74,7 @@ def train_command(argv):
   from ml_collections import config_flags
 
   from rlhf_jax import config as config_lib
+  from rlhf_jax import config_keys
 
   if any(a in ("-h", "--help", "--helpfull") for a in argv):
     print(USAGE)
@@ -83,7 +84,7 @@ def train_command(argv):
     _die("train needs --config=configs/<algo>.py[:preset]")
   config = load_config(spec)
   try:
-    config_lib.check_overrides(argv, config)
+    config_keys.check_overrides(argv, config)
   except config_lib.ConfigError as e:
     _die(str(e))
 
@@ -98,7 +99,7 @@ def train_command(argv):
   try:
     rest = fv(full)
   except flags.Error as e:
-    _die(config_lib.explain_flag_error(str(e), config))
+    _die(config_keys.explain_flag_error(str(e), config))
   if len(rest) > 1:
     _die(f"train: unexpected argument {rest[1]!r}; every setting is a --config.KEY=VALUE flag")
   if not fv.workdir:

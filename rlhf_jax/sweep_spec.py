@@ -198,6 +198,7 @@ def _check_config_keys(cells):
   if all(c["config"] is None for c in cells):
     return  # command cells only: no need to import the library (and jax)
   from rlhf_jax import config as config_lib
+  from rlhf_jax import config_keys
   loaded = {}
   for c in cells:
     if c["config"] is None:
@@ -212,7 +213,7 @@ def _check_config_keys(cells):
         raise SweepError(f"cell {c['name']!r}: cannot load config {spec} ({e})") from None
     for key in c["overrides"]:
       try:
-        config_lib.check_key(loaded[spec], key)
+        config_keys.check_key(loaded[spec], key)
       except config_lib.ConfigError as e:
         raise SweepError(f"cell {c['name']!r}: {e}") from None
 

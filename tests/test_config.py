@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from rlhf_jax import config as config_lib
+from rlhf_jax import config_keys
 from rlhf_jax import trainers
 from rlhf_jax.launch import load_config
 from rlhf_jax.trainers import dpo as dpo_trainer
@@ -29,14 +30,14 @@ def test_presets_load_and_validate():
 def test_unknown_keys_suggest_closest(key, suggestion):
   c = load_config("configs/sft.py:tiny")
   with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.check_overrides([f"--config.{key}=1"], c)
+    config_keys.check_overrides([f"--config.{key}=1"], c)
   assert f"'config.{key}'" in str(e.value) and f"--config.{suggestion}?" in str(e.value)
 
 
 def test_valid_overrides_pass():
   c = load_config("configs/sft.py:tiny")
-  config_lib.check_overrides(["--config.optimizer.lr=1e-4", "--workdir=x",
-                              "--config.data.packing"], c)
+  config_keys.check_overrides(["--config.optimizer.lr=1e-4", "--workdir=x",
+                               "--config.data.packing"], c)
 
 
 @pytest.mark.parametrize("key,value,fragment", [

@@ -7,6 +7,7 @@ import jax
 import pytest
 
 from rlhf_jax import config as config_lib
+from rlhf_jax import config_keys
 from rlhf_jax import memory, memory_plan, presets
 from rlhf_jax.launch import load_config
 from rlhf_jax.models import init_params
@@ -136,7 +137,7 @@ def test_too_big_combinations_do_not_fit():
 def test_remat_policy_is_a_config_knob():
   c = load_config(f"{REPO}/configs/sft.py:tiny")
   assert c.model.remat_policy == ""
-  config_lib.check_overrides(["--config.model.remat_policy=dots_no_batch"], c)
+  config_keys.check_overrides(["--config.model.remat_policy=dots_no_batch"], c)
   c.model.remat_policy = "dots_no_batch"
   assert config_lib.model_config(c, vocab_size=48).resolved_remat_policy == "dots_no_batch"
   c.model.remat_policy = "everything"
