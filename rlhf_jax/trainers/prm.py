@@ -10,7 +10,7 @@ annotators: GSM8K's calculator annotations `<<48/2=24>>` checked by a safe
 evaluator, plus a corrupted copy of every solution (one step's result changed
 consistently), cut after the first wrong step (`rlhf_jax.data.prm`).
 
-Data (config.data, `rlhf_jax.config.prm_data_config`): source "gsm8k" (official
+Data (config.data, `rlhf_jax.config_defaults.prm_data_config`): source "gsm8k" (official
 files; WORKDIR/data/prm_{train,eval}.jsonl are written from them) or "jsonl"
 ({"prompt","steps","labels"} rows). Rows hold prompt + steps, max_len tokens.
 
