@@ -120,3 +120,15 @@ def test_kto_refuses_grad_accumulation_at_validation():
     trainers.validate(c, 1)
   c.grad_accum_steps = 1
   trainers.validate(c, 1)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_online_rl_refuses_grad_accum_steps_and_names_its_knob(algo):
+  # Every trainer honours grad_accum_steps or refuses it: PPO / GRPO accumulate with
+  # rollout.train_micro_batch (tested in test_grpo_train / test_logprobs_chunked).
+  c = load_config(os.path.join(ROOT, f"configs/{algo}.py:tiny"))
+  trainers.validate(c, 1)
+  c.grad_accum_steps = 2
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config.grad_accum_steps: .*set rollout.train_micro_batch"):
+    trainers.validate(c, 1)

@@ -16,6 +16,10 @@ def validate_rollout(config) -> None:
               "logprob_micro_batch"):
     num(f"rollout.{key}", 1, integer=True)
   num("rollout.train_micro_batch", 0, integer=True)
+  need(config.grad_accum_steps == 1, "grad_accum_steps",
+       f"PPO / GRPO accumulate gradients with rollout.train_micro_batch (rows per "
+       f"micro-batch, exact: `step.make_step`), not grad_accum_steps; got "
+       f"{config.grad_accum_steps}, set rollout.train_micro_batch instead")
   num("rollout.temperature", 0.0)
   num("rollout.top_k", 0, integer=True)
   num("rollout.top_p", 0.0, 1.0, lo_open=True)
