@@ -1,14 +1,16 @@
 """rlhf_jax.report_robust: IQM, stratified bootstrap CIs, probability of improvement, seeds
 needed, performance profiles and the ScaleRL compute-scaling fit, each against an independent
-computation (numpy / scipy written here, fixed bootstrap seeds). No JAX."""
+computation (numpy / scipy written here, fixed bootstrap seeds); and the report's new sections
+on runs with different logging steps, a missing seed and a one-seed group. No JAX."""
+import csv
+import json
 import math
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from rlhf_jax import report_robust as rr
-from rlhf_jax.report_runs import Run
+from rlhf_jax import report, report_robust as rr
 
 X = np.array([0.31, 0.52, 0.18, 0.94, 0.40, 0.52, 0.77, 0.05])
 Y = np.array([0.12, 0.52, 0.35, 0.40, 0.29])
@@ -159,7 +161,7 @@ def test_scaling_fit_bootstrap_over_seeds(tmp_path):
     steps = np.arange(0, 301, 10 + 5 * (k % 2))  # seeds log at different steps
     rows = [{"step": int(s), "eval_reward": float(v), "samples": int(64 * s)}
             for s, v in zip(steps, rr.scaling_curve(steps, **TRUE) + rng.normal(0, 0.01, steps.size))]
-    runs.append(Run("g", k, str(tmp_path), rows))
+    runs.append(report.Run("g", k, str(tmp_path), rows))
   f = rr.fit_scaling_seeds(runs, "eval_reward", "step", reps=100, seed=0)
   assert f["status"] == "ok" and f["n_seeds"] == 4 and f["boot_ok"] > 0.9
   for k in ("a", "b", "c_mid"):
@@ -171,3 +173,80 @@ def test_scaling_fit_bootstrap_over_seeds(tmp_path):
   assert one["status"] == "ok" and math.isnan(one["a_low"]) and math.isnan(one["boot_ok"])
   none = rr.fit_scaling_seeds(runs, "eval_nope", "step")
   assert none["status"].startswith("not identified") and none["n_seeds"] == 0
+
+
+# ---------------------------------------------------------------- the report
+
+ARMS = {"ppo": (0.2, 0.8, 1.5, 60.0), "grpo": (0.2, 0.6, 2.0, 40.0), "dpo": (0.2, 0.5, 1.0, 80.0)}
+LOGGING = {("ppo", 0): 10, ("ppo", 1): 20, ("ppo", 2): 15, ("grpo", 0): 10, ("grpo", 2): 25,
+           ("dpo", 0): 20}  # grpo seed 1 is missing; dpo has one seed
+
+
+def _final(arm, seed):
+  last = 300 - 300 % LOGGING[arm, seed]
+  return float(rr.scaling_curve(last, *ARMS[arm])) + 0.02 * seed
+
+
+@pytest.fixture(scope="module")
+def ragged(tmp_path_factory):
+  root = tmp_path_factory.mktemp("ragged")
+  for (arm, seed), every in LOGGING.items():
+    d = root / arm / f"seed-{seed}"
+    d.mkdir(parents=True)
+    with open(d / "metrics.jsonl", "w") as f:
+      for s in range(0, 301, every):
+        f.write(json.dumps({"step": s, "elapsed_s": 0.5 * s, "eval_kl": 0.001 * s - 0.02,
+                            "eval_reward": float(rr.scaling_curve(s, *ARMS[arm])) + 0.02 * seed}) + "\n")
+  return root
+
+
+def test_report_robust_sections_on_ragged_runs(ragged, tmp_path):
+  path = report.write_report([str(ragged)], str(tmp_path), bootstrap_reps=500)
+  md = open(path).read()
+  for s in ("## Final metrics: IQM and mean, bootstrap CIs", "## Final metrics: Student-t CIs",
+            "## Probability of improvement (`eval_reward`)", "**Seeds needed**",
+            "## Compute-scaling fit", "(n = 1, no interval)", "performance_profile.png",
+            "scaling_fit.png", "- dpo vs ppo: not computable (have 1 and 3"):
+    assert s in md, s
+  assert "nan, nan" not in md and "[nan" not in md
+  assert md.index("IQM and mean, bootstrap") < md.index("Student-t CIs")
+  for name in ("performance_profile.png", "scaling_fit.png"):
+    assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+  finals = {a: [_final(a, k) for (b, k) in LOGGING if b == a] for a in ARMS}
+  with open(tmp_path / "report.csv") as f:
+    rows = {(r["group"], r["metric"]): r for r in csv.DictReader(f)}
+  grpo = rows["grpo", "eval_reward"]
+  assert grpo["n"] == "2"
+  ref = stats.bootstrap((np.array(finals["grpo"]),), np.mean, method="percentile", n_resamples=500,
+                        rng=np.random.default_rng(0), vectorized=True).confidence_interval
+  np.testing.assert_allclose([float(grpo["mean_boot_low"]), float(grpo["mean_boot_high"])],
+                             [ref.low, ref.high], rtol=1e-9)
+  assert float(rows["ppo", "eval_kl"]["ci_low"]) >= 0.0  # KL intervals clipped at 0
+  with open(tmp_path / "pairs.csv") as f:
+    pairs = {(r["metric"], r["group_x"], r["group_y"]): r for r in csv.DictReader(f)}
+  for x, y in (("ppo", "grpo"), ("grpo", "ppo"), ("ppo", "dpo")):
+    u = stats.mannwhitneyu(finals[x], finals[y]).statistic / (len(finals[x]) * len(finals[y]))
+    assert float(pairs["eval_reward", x, y]["p_improve"]) == pytest.approx(u)
+  need, _, _ = rr.seeds_needed(finals["grpo"], finals["ppo"])
+  assert float(pairs["eval_reward", "grpo", "ppo"]["seeds_needed"]) == need
+  assert f"- grpo vs ppo: d = " in md and f"**{int(need)} seeds per arm** (have 2 and 3: " in md
+  with open(tmp_path / "scaling_fits.csv") as f:
+    fits = {r["group"]: r for r in csv.DictReader(f)}
+  for arm in ("ppo", "grpo"):
+    assert fits[arm]["status"] == "ok" and fits[arm]["x"] == "step"
+    np.testing.assert_allclose(float(fits[arm]["a"]), ARMS[arm][1] + 0.02 * np.mean(
+        [k for (b, k) in LOGGING if b == arm]), atol=0.03)
+  assert fits["dpo"]["status"] == "ok" and math.isnan(float(fits["dpo"]["a_low"]))  # one seed: no interval
+
+
+def test_report_options_first_table_and_seed(ragged, tmp_path, capsys):
+  out = tmp_path / "t"
+  assert report.main([str(ragged), f"--out={out}", "--first_table=t", "--primary=eval_kl",
+                      "--scaling_x=elapsed_s", "--bootstrap_seed=3", "--bootstrap_reps=200"]) == 0
+  md = (out / "report.md").read_text()
+  assert md.index("Student-t CIs") < md.index("IQM and mean, bootstrap")
+  assert "## Probability of improvement (`eval_kl`)" in md and "cumulative `elapsed_s`" in md
+  assert "200 resamples" in md and "bootstrap seed 3" in md
+  with pytest.raises(SystemExit):
+    report.main([str(ragged), f"--out={out}", "--scaling_x=nope"])
+  assert "unknown x column" in capsys.readouterr().err
