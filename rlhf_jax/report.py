@@ -238,7 +238,12 @@ def _interval(value, low, high, n: int | None = None, none: str = "n = 1, no int
 
 def _ci(s: dict, prefix: str = "", n: bool = False) -> str:
   """'mean [low, high]' (+ ' (n)') of a final_stats dict; prefix "delta_" for the change."""
-  return _interval(*(s[f"{prefix}{k}"] for k in ("mean", "ci_low", "ci_high")), s["n"] if n else None)
+  return _interval(*(s[f"{prefix}{k}"] for k in ("mean", "ci_low", "ci_high")), s["n"] if n else None,
+                   _no_interval(s["n"]))
+
+
+def _no_interval(n: int) -> str:
+  return "n = 1, no interval" if n < 2 else "no interval"
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -297,8 +302,7 @@ def _scaling_lines(sel: dict, scaling: list[dict], confidence: float) -> list[st
         "and why (also `scaling_fits.csv`).", ""]
 
   def ci(r, k):
-    return _interval(r[k], r[f"{k}_low"], r[f"{k}_high"],
-                     none="n = 1, no interval" if r["n_seeds"] < 2 else "no interval")
+    return _interval(r[k], r[f"{k}_low"], r[f"{k}_high"], none=_no_interval(r["n_seeds"]))
   rows = []
   for r in scaling:
     if r["status"] != "ok":
@@ -317,8 +321,9 @@ def _final_lines(sel: dict, table: dict, c: str) -> dict:
           f"the middle 50% of seeds (the mean when n < 4); [{c} stratified percentile bootstrap CI, "
           "resampling seeds, clipped to the metric's range]; n = seeds logging the metric.", ""]
   boot += _md_table(["metric", "group", "n", f"IQM [{c} CI]", f"mean [{c} CI]"], [
-      [f"`{m}`", s["label"], str(s["n"]), _interval(s["iqm"], s["iqm_boot_low"], s["iqm_boot_high"]),
-       _interval(s["mean"], s["mean_boot_low"], s["mean_boot_high"])]
+      [f"`{m}`", s["label"], str(s["n"]),
+       _interval(s["iqm"], s["iqm_boot_low"], s["iqm_boot_high"], none=_no_interval(s["n"])),
+       _interval(s["mean"], s["mean_boot_low"], s["mean_boot_high"], none=_no_interval(s["n"]))]
       for (g, m), s in table.items()])
   t = ["## Final metrics: Student-t CIs", ""]
   t += _md_table(["metric", "group", "per-seed finals", f"final mean [{c} CI] (n)", "Δ vs first [CI]"],

@@ -78,7 +78,8 @@ def bootstrap_ci(strata, statistic=_mean, confidence: float = 0.95, reps: int = 
     return estimate, NAN, NAN, n
   rng = np.random.default_rng(seed)
   draws = np.concatenate([s[rng.integers(0, s.size, (reps, s.size))] for s in strata], axis=1)
-  low, high = np.quantile(statistic(draws, axis=-1), [(1 - confidence) / 2, (1 + confidence) / 2])
+  with np.errstate(invalid="ignore"):  # an inf value: nan bounds (no interval), not a warning
+    low, high = np.quantile(statistic(draws, axis=-1), [(1 - confidence) / 2, (1 + confidence) / 2])
   lo, hi = value_range
   return estimate, float(np.clip(low, lo, hi)), float(np.clip(high, lo, hi)), n
 
