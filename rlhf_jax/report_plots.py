@@ -1,5 +1,6 @@
 """Figures of the comparison report (matplotlib, Agg): metric curves vs step and wall-clock,
-the reward vs KL frontier, gold / proxy reward gain vs sqrt(KL).
+the reward vs KL frontier, gold / proxy reward gain vs sqrt(KL), performance profiles and the
+compute-scaling fit.
 """
 from __future__ import annotations
 
@@ -96,4 +97,56 @@ def plot_overoptimisation(groups: dict, labels: dict, points: dict, fits: dict, 
            title=f"{name} reward" + (" (dashed: Gao et al. 2022 fit)" if name == "gold" else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+  fig.savefig(path, dpi=110)
+
+
+def plot_profiles(groups: dict, labels: dict, metrics: list[str], path: str, confidence: float,
+                  reps: int, seed: int) -> None:
+  """Performance profiles (Agarwal et al. 2021): per metric, the fraction of a group's seeds whose
+  final value exceeds tau over a grid of tau, with a bootstrap band over seeds."""
+  from rlhf_jax.report_robust import performance_profile
+  fig, axes = _figure(len(metrics), f"Performance profiles (final values, {confidence:.0%} bootstrap band)")
+  for ax, m in zip(axes, metrics):
+    finals = {g: np.array([r.final(m) for r in rs]) for g, rs in groups.items()}
+    pooled = np.concatenate([v[np.isfinite(v)] for v in finals.values()] + [np.zeros(0)])
+    if not pooled.size:
+      continue
+    span = max(float(np.ptp(pooled)), 1e-6)
+    taus = np.linspace(pooled.min() - 0.05 * span, pooled.max() + 0.05 * span, 201)
+    for i, (g, v) in enumerate(finals.items()):
+      v = v[np.isfinite(v)]
+      if not v.size:
+        continue
+      frac, low, high = performance_profile(v, taus, confidence, reps, seed)
+      ax.step(taus, frac, where="post", color=f"C{i % 10}", label=f"{labels.get(g, g)} (n={v.size})")
+      if v.size > 1:
+        ax.fill_between(taus, low, high, step="post", color=f"C{i % 10}", alpha=0.15)
+    ax.set(xlabel=f"τ: final {axis_label(m)}", ylabel=f"fraction of seeds with {m} > τ",
+           ylim=(-0.02, 1.02), title=m)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.savefig(path, dpi=110)
+
+
+def plot_scaling(groups: dict, labels: dict, metric: str, x: str, fits: list[dict], path: str) -> None:
+  """`metric` vs the cumulative column `x`: every seed's points (faint) and, where the fit is
+  identified, the ScaleRL sigmoid (dashed) with its asymptote A (dotted)."""
+  from rlhf_jax.report_robust import scaling_curve, scaling_points
+  by_group = {f["group"]: f for f in fits}
+  fig, axes = _figure(1, f"Compute scaling: {metric} vs {x} (ScaleRL sigmoid fit)")
+  ax = axes[0]
+  for i, (g, rs) in enumerate(groups.items()):
+    color, f = f"C{i % 10}", by_group.get(g, {})
+    pts = [scaling_points(r, metric, x) for r in rs]
+    for j, (cs, ys) in enumerate(pts):
+      ax.plot(cs, ys, ".", color=color, alpha=0.35, label=None if j else labels.get(g, g))
+    if f.get("status") == "ok":
+      top = max((float(cs.max()) for cs, _ in pts if cs.size), default=1.0)
+      grid = np.linspace(0, top * 1.05, 200)
+      ax.plot(grid, scaling_curve(grid, f["r0"], f["a"], f["b"], f["c_mid"]), "--", color=color,
+              label=f"fit A={f['a']:.3g} B={f['b']:.3g} C_mid={f['c_mid']:.3g}")
+      ax.axhline(f["a"], color=color, ls=":", alpha=0.5)
+  ax.set(xlabel=x, ylabel=axis_label(metric))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
   fig.savefig(path, dpi=110)

@@ -13,6 +13,7 @@ from scipy import stats
 from rlhf_jax import report, report_runs, report_stats
 
 STEPS = (0, 20, 40, 60)
+RANGES = {"eval_accuracy": (0.0, 1.0), "eval_kl": (0.0, math.inf), "capability_nll": (0.0, math.inf)}
 GAO = {"cell_a": (1.0, 0.3), "cell_b": (0.6, 0.1)}  # true (alpha, beta) of the gold gain per group
 
 
@@ -177,7 +178,8 @@ def test_report_files(written):
   assert path == str(out / "report.md")
   names = ["report.md", "report.csv", "fits.csv", "frontier.png", "gold_proxy_vs_sqrt_kl.png",
            "eval_accuracy.png", "eval_kl.png", "eval_reward_gold.png", "eval_reward_proxy.png",
-           "capability_nll.png"]
+           "capability_nll.png", "performance_profile.png", "scaling_fit.png", "pairs.csv",
+           "scaling_fits.csv"]
   for name in names:
     assert (out / name).stat().st_size > 0, name
   assert (out / "eval_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -200,7 +202,10 @@ def test_report_csv_matches_numpy(written):
       finals, deltas = zip(*(_final_and_delta(data[g][k], m) for k in range(3)))
       row = by[g, m]
       got = [float(row[c]) for c in ("mean", "ci_low", "ci_high", "delta_mean", "delta_ci_low", "delta_ci_high")]
-      np.testing.assert_allclose(got, _ref_ci(finals) + _ref_ci(deltas), rtol=1e-9, atol=1e-12)
+      m_ref, lo_ref, hi_ref = _ref_ci(finals)
+      lo, hi = RANGES.get(m, (-math.inf, math.inf))  # final-value intervals clipped to the range
+      ref = (m_ref, min(max(lo_ref, lo), hi), min(max(hi_ref, lo), hi)) + _ref_ci(deltas)
+      np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12)
       assert int(row["n"]) == sum(not math.isnan(v) for v in finals)
       np.testing.assert_allclose(float(row["std"]), np.nanstd(finals, ddof=1), rtol=1e-9)
       np.testing.assert_allclose([float(v) for v in row["values"].split(";")], finals)
