@@ -67,8 +67,18 @@ def base_config(trainer: str) -> ConfigDict:
       grad_clip_norm=1.0,      # global-norm clipping; 0 = off
   ))
 
-  c.mesh = ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor); -1 = fill
-                               # over ALL processes' devices (jax.devices())
+  c.mesh = ConfigDict(dict(
+      shape=(-1, 1, 1),        # (data, fsdp, tensor); -1 = fill over ALL processes'
+                               # devices (jax.devices())
+      planned_for="",          # the hardware a size preset planned mesh.shape for (set by
+                               # rlhf_jax/presets.py); "" = none
+  ))
+  c.hardware = "auto"          # auto: mesh.shape when it fits the devices present, else (a
+                               # size preset's mesh planned for other hardware) data
+                               # parallelism over them, said in one printed line; a name of
+                               # rlhf_jax/hardware.py HARDWARE (v5e-8 | v5p-32 | 8xH100): the
+                               # devices must be that hardware's (the preset's mesh re-planned
+                               # for it)
 
   # Multi-host (JAX multi-controller runtime; rlhf_jax/parallel.py:initialize_distributed).
   c.distributed = ConfigDict(dict(
