@@ -151,6 +151,9 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
       need(isinstance(config.logging[key], str), f"logging.{key}",
            f"expected a string, got {config.logging[key]!r}")
   num("eval_every", 0, integer=True)
+  for key in ("eval_at_start", "eval_at_end"):
+    if key in config:
+      need(isinstance(config[key], bool), key, f"expected True or False, got {config[key]!r}")
   num("eval_batches", 1, integer=True)
   num("checkpoint.every", 0, integer=True)
   need(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")

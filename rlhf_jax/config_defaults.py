@@ -109,6 +109,10 @@ def base_config(trainer: str) -> ConfigDict:
       wandb_mode="online",     # online | offline (files under WORKDIR/wandb) | disabled
   ))
   c.eval_every = 100           # steps between eval loss (and samples); 0 = never
+  c.eval_at_start = True       # also evaluate before the first step (step 0; a run that
+                               # starts fresh) when eval_every > 0
+  c.eval_at_end = True         # also evaluate at the last step (num_steps) when eval_every
+                               # > 0, even if it is not a multiple of eval_every
   c.eval_batches = 8           # max eval batches per evaluation
 
   c.checkpoint = ConfigDict(dict(
