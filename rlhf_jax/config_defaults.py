@@ -199,6 +199,8 @@ def rollout_config() -> ConfigDict:
       prompts_per_step=16,     # prompts per RL step
       group_size=8,            # completions sampled per prompt (G)
       max_new_tokens=8,        # generation budget per completion
+      stop_at_eos=True,        # stop a completion at the tokenizer's EOS; False: every
+                               # completion runs to max_new_tokens (EOS is an ordinary token)
       temperature=1.0,         # sampling temperature (also used for the policy's log-probs)
       top_k=0,                 # 0 = off
       top_p=1.0,               # 1 = off

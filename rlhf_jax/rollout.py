@@ -98,7 +98,9 @@ def generate_rollout(*, model_config, params, ref_params, prompt_tokens_NP, prom
 
   need_old=False skips the old-policy log-prob pass: old_logps_BC are then the
   sampler's own log-probs (equal to a recomputation up to float tolerance), for
-  trainers whose update is fully on-policy (one update per rollout)."""
+  trainers whose update is fully on-policy (one update per rollout).
+  rollout_cfg.stop_at_eos=False (absent: True) samples every completion to
+  max_new_tokens; EOS tokens are then ordinary tokens (left out of the texts, as always)."""
   r = rollout_cfg
   G = group_size
   tokens = np.repeat(np.asarray(prompt_tokens_NP), G, axis=0)
@@ -106,6 +108,8 @@ def generate_rollout(*, model_config, params, ref_params, prompt_tokens_NP, prom
   meta = {k: [v for v in vals for _ in range(G)] for k, vals in metadata.items()}
   B, P = tokens.shape
   greedy = r.temperature <= 0
+  # rollout.stop_at_eos=False: no stop id, every completion runs to max_new_tokens
+  eos_id = tokenizer.eos_id if getattr(r, "stop_at_eos", True) else None
   timings = {}
 
   t0 = time.perf_counter()
@@ -116,8 +120,7 @@ def generate_rollout(*, model_config, params, ref_params, prompt_tokens_NP, prom
         model_config, params, tokens[i:i + micro], pmask[i:i + micro],
         jax.random.fold_in(rng, i), max_new_tokens=r.max_new_tokens, greedy=greedy,
         temperature=1.0 if greedy else r.temperature, top_k=r.top_k, top_p=r.top_p,
-        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-        group_size=generate_group_size(G, micro, B))
+        eos_id=eos_id, pad_id=tokenizer.pad_id, group_size=generate_group_size(G, micro, B))
     chunks.append(out)
   host = parallel.to_host  # multi-host: the sampler's outputs may be sharded over processes
   comp = np.concatenate([host(o.tokens_BN) for o in chunks])
