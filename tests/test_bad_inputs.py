@@ -151,6 +151,8 @@ for trainer, key, value, want in [
     ("sft", "optimizer.lr", "[1]", "float"), ("dpo", "dpo.beta", "high", "float"),
     ("dpo", "dpo.reference_free", "2", "bool"), ("grpo", "rollout.group_size", "eight", "int"),
     ("grpo", "rollout.temperature", "hot", "float"), ("ppo", "ppo.gamma", "one", "float"),
+    ("sft", "eval_at_start", "maybe", "bool"), ("dpo", "eval_at_end", "2", "bool"),
+    ("grpo", "rollout.stop_at_eos", "maybe", "bool"),
 ]:
   add("config", "wrong type", f"{trainer}:{key}={value}",
       train(trainer, f"--config.{key}={value}"), [f"config.{key}", f"expected {want}"], 2)
