@@ -19,6 +19,7 @@ from ml_collections import ConfigDict
 
 # re-exported: configs/*.py and many callers use config.base_config
 from rlhf_jax.config_defaults import base_config  # noqa: F401 (re-exported)
+from rlhf_jax.hardware import HARDWARE
 from rlhf_jax.models.transformer import ModelConfig
 
 
@@ -150,6 +151,9 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
       need(isinstance(config.logging[key], str), f"logging.{key}",
            f"expected a string, got {config.logging[key]!r}")
   num("eval_every", 0, integer=True)
+  for key in ("eval_at_start", "eval_at_end"):
+    if key in config:
+      need(isinstance(config[key], bool), key, f"expected True or False, got {config[key]!r}")
   num("eval_batches", 1, integer=True)
   num("checkpoint.every", 0, integer=True)
   need(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
@@ -326,7 +330,54 @@ def _validate_mesh(config, num_devices, check: Checks) -> None:
              "mesh.shape", f"expected 3 integers (data, fsdp, tensor), -1 = fill; got {shape!r}")
   check.need(list(shape).count(-1) <= 1 and all(s == -1 or s > 0 for s in shape), "mesh.shape",
              f"entries must be positive, with at most one -1 (= fill); got {tuple(shape)}")
+  if "hardware" in config:
+    check.choice("hardware", ("auto", *HARDWARE))
+  planned = config.mesh.get("planned_for", "")
+  check.need(planned in ("", *HARDWARE), "mesh.planned_for",
+             f"expected '' or one of {'|'.join(HARDWARE)}, got {planned!r}")
+  if num_devices is not None:
+    resolve_mesh(config, num_devices)
   data_parallel_rows(config, num_devices)  # mesh.shape fits the devices
+
+
+def resolve_mesh(config: ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """The mesh of a run on `num_devices` devices, written to config.mesh.shape: the one
+  place it is chosen (`validate` calls it with the device count, before the mesh and
+  batch checks; the trainers then build `parallel.make_mesh(config.mesh.shape)`).
+
+  config.hardware="auto": mesh.shape as it is, unless it is a size preset's mesh planned
+  for other hardware (mesh.planned_for) that does not fit the devices present: then pure
+  data parallelism over them, [num_devices, 1, 1], and one printed line says so (planned
+  vs used). A named hardware (rlhf_jax/hardware.py HARDWARE): the preset's mesh planned
+  again for it (`hardware.replan`), and ConfigError unless the devices are that
+  hardware's. Calling it again changes nothing; the result is not checked against the
+  devices here (`data_parallel_rows` does)."""
+  from rlhf_jax import hardware as hardware_lib
+  shape = tuple(config.mesh.shape)
+  name = config.get("hardware", "auto")
+  planned = config.mesh.get("planned_for", "")
+  if name != "auto":
+    hw = HARDWARE[name]
+    if planned and planned != name and math.prod(shape) != hw.devices:
+      shape = hardware_lib.replan(shape, planned, name)
+    if num_devices != hw.devices:
+      raise ConfigError(
+          f"config.hardware={name!r} needs its {hw.devices} devices, but {num_devices} "
+          f"device(s) are available; run on {name}, or set --config.hardware=auto to use "
+          f"data parallelism over the devices present")
+  elif planned and math.prod(shape) == HARDWARE[planned].devices \
+      and math.prod(shape) != num_devices:
+    used = (num_devices, 1, 1)
+    import jax
+    if jax.process_index() == 0:
+      print(f"mesh: {list(shape)} is planned for {planned} ({HARDWARE[planned].devices} "
+            f"devices), {num_devices} device(s) here: using data parallelism {list(used)} "
+            f"(config.hardware=auto; --config.hardware={planned} requires the planned "
+            f"hardware)", flush=True)
+    shape = used
+  if shape != tuple(config.mesh.shape):
+    config.mesh.shape = type(config.mesh.shape)(shape)
+  return shape
 
 
 def data_parallel_rows(config: ConfigDict, num_devices: int | None) -> int:

@@ -67,8 +67,18 @@ def base_config(trainer: str) -> ConfigDict:
       grad_clip_norm=1.0,      # global-norm clipping; 0 = off
   ))
 
-  c.mesh = ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor); -1 = fill
-                               # over ALL processes' devices (jax.devices())
+  c.mesh = ConfigDict(dict(
+      shape=(-1, 1, 1),        # (data, fsdp, tensor); -1 = fill over ALL processes'
+                               # devices (jax.devices())
+      planned_for="",          # the hardware a size preset planned mesh.shape for (set by
+                               # rlhf_jax/presets.py); "" = none
+  ))
+  c.hardware = "auto"          # auto: mesh.shape when it fits the devices present, else (a
+                               # size preset's mesh planned for other hardware) data
+                               # parallelism over them, said in one printed line; a name of
+                               # rlhf_jax/hardware.py HARDWARE (v5e-8 | v5p-32 | 8xH100): the
+                               # devices must be that hardware's (the preset's mesh re-planned
+                               # for it)
 
   # Multi-host (JAX multi-controller runtime; rlhf_jax/parallel.py:initialize_distributed).
   c.distributed = ConfigDict(dict(
@@ -99,6 +109,10 @@ def base_config(trainer: str) -> ConfigDict:
       wandb_mode="online",     # online | offline (files under WORKDIR/wandb) | disabled
   ))
   c.eval_every = 100           # steps between eval loss (and samples); 0 = never
+  c.eval_at_start = True       # also evaluate before the first step (step 0; a run that
+                               # starts fresh) when eval_every > 0
+  c.eval_at_end = True         # also evaluate at the last step (num_steps) when eval_every
+                               # > 0, even if it is not a multiple of eval_every
   c.eval_batches = 8           # max eval batches per evaluation
 
   c.checkpoint = ConfigDict(dict(
@@ -185,6 +199,8 @@ def rollout_config() -> ConfigDict:
       prompts_per_step=16,     # prompts per RL step
       group_size=8,            # completions sampled per prompt (G)
       max_new_tokens=8,        # generation budget per completion
+      stop_at_eos=True,        # stop a completion at the tokenizer's EOS; False: every
+                               # completion runs to max_new_tokens (EOS is an ordinary token)
       temperature=1.0,         # sampling temperature (also used for the policy's log-probs)
       top_k=0,                 # 0 = off
       top_p=1.0,               # 1 = off

@@ -109,7 +109,8 @@ def make_prompt_eval(*, model_config, tokenizer, examples, max_prompt_len: int,
         model_config=model_config, params=params, ref_params=ref_params,
         prompt_tokens_NP=tokens, prompt_mask_NP=mask, group_size=k, rng=rng, rollout_cfg=cfg,
         tokenizer=tokenizer, reward_fn=reward_fn.score, metadata=meta, logps_fn=logps_fn,
-        need_ref=not greedy and do_kl)
+        need_ref=not greedy and do_kl,
+        progress=f"eval {'greedy' if greedy else 'sampled'} ({n} prompts)")
 
   initial_length = []  # greedy eval length of the step-0 policy (for eval_length_drift)
 

@@ -1,53 +1,20 @@
 """A trainer config on an accelerator slice -> its per-device memory estimate; `fits`.
 
-The hardware presets (`HARDWARE`: devices, HBM, hosts, default mesh, platform), the
-planning headroom, and `config_estimate`: the largest phase of a trainer's step (train
-step; for online RL also the sampler and the no-grad log-prob passes) from the formulas
-of `rlhf_jax.memory`.
+The hardware presets (`HARDWARE`: devices, HBM, hosts, default mesh, platform; defined
+in rlhf_jax/hardware.py, re-exported here), the planning headroom, and
+`config_estimate`: the largest phase of a trainer's step (train step; for online RL also
+the sampler and the no-grad log-prob passes) from the formulas of `rlhf_jax.memory`.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
+from rlhf_jax.hardware import HARDWARE, Hardware  # noqa: F401 (re-exported)
 from rlhf_jax.memory import (_activation_dtype, attention_backend, attention_scratch_bytes,
                              forward_transient_per_token, generation_phase_bytes, logits_bytes,
                              train_step_bytes)
 
 GiB = 1024 ** 3
-
-
-@dataclasses.dataclass(frozen=True)
-class Hardware:
-  """An accelerator slice as JAX sees it: `devices` jax.devices() of `hbm_bytes` each."""
-  name: str
-  devices: int
-  hbm_bytes: int
-  hosts: int
-  mesh: tuple[int, int, int]   # default (data, fsdp, tensor) for models that need sharding
-  note: str
-  platform: str = "tpu"        # jax.default_backend() there: which attention "auto" picks
-
-
-# Default meshes: FSDP over every device. AdamW training keeps 16 bytes per parameter
-# (fp32 params, grads, mu, nu); sharding them over fsdp (ZeRO-3) divides that by the
-# device count at the price of one all-gather (forward and backward) and one
-# reduce-scatter per layer, which fast intra-slice links (TPU ICI, NVLink) hide behind
-# the matmuls at these sizes. Tensor parallelism stays 1: models up to 8B fit without
-# it, and batch sharding over more devices is cheaper than splitting every matmul.
-HARDWARE: dict[str, Hardware] = {
-    "v5e-8": Hardware(
-        "v5e-8", devices=8, hbm_bytes=16 * GiB, hosts=1, mesh=(1, 8, 1),
-        note="8 TPU v5e chips (1 host, 16 GiB HBM each): FSDP over all 8; replicated "
-             "AdamW state would cap the model at ~0.5B params"),
-    "v5p-32": Hardware(
-        "v5p-32", devices=16, hbm_bytes=95 * GiB, hosts=4, mesh=(1, 16, 1),
-        note="16 TPU v5p chips = 32 TensorCores (JAX sees one device per chip, megacore), "
-             "4 hosts, one ICI slice, 95 GiB HBM each: FSDP over all 16"),
-    "8xH100": Hardware(
-        "8xH100", devices=8, hbm_bytes=80 * GiB, hosts=1, mesh=(1, 8, 1),
-        note="8 NVIDIA H100 80GB on NVLink (1 host): FSDP over all 8", platform="gpu"),
-}
 
 # A step is planned to fit when its estimate is at most this share of HBM: headroom
 # for XLA's fragmentation, collective buffers, code and the runtime. (On GPUs JAX

@@ -199,11 +199,14 @@ class MetricsWriter:
 
 
 class Progress:
-  """tqdm bar over training steps (ETA from the steps done in this process)."""
+  """tqdm bar over training steps (ETA from the steps done in this process), or over any
+  other long loop's `unit`s (leave=False: the bar goes when closed, e.g. an eval's bar
+  inside the training bar)."""
 
-  def __init__(self, start: int, total: int, desc: str = "train", enabled: bool = True):
-    self._bar = tqdm.tqdm(total=total, initial=start, desc=desc, unit="step",
-                          dynamic_ncols=True, smoothing=0.1, disable=not enabled)
+  def __init__(self, start: int, total: int, desc: str = "train", enabled: bool = True,
+               unit: str = "step", leave: bool = True):
+    self._bar = tqdm.tqdm(total=total, initial=start, desc=desc, unit=unit,
+                          dynamic_ncols=True, smoothing=0.1, disable=not enabled, leave=leave)
 
   def update(self, n: int = 1, **postfix):
     if postfix:

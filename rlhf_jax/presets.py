@@ -13,11 +13,16 @@ architecture then comes from the checkpoint, and these shapes are what it will b
     qwen2_5_1_5b    Qwen/Qwen2.5-1.5B           1.54B    28     1536     12/2    151936
     llama3_8b       meta-llama/Llama-3.1-8B     8.03B    32     4096     32/8    128256
 
-Meshes (`rlhf_jax.memory_plan.HARDWARE`): FSDP over every device of v5e-8 (8 chips),
+Meshes (`rlhf_jax.hardware.HARDWARE`): FSDP over every device of v5e-8 (8 chips),
 v5p-32 (16 chips) and 8xH100 (8 GPUs); models whose replicated AdamW state is
 small (`Size.data_parallel`, SmolLM2-135M: 2.2 GB) use pure data parallelism
 instead, which needs no per-layer all-gathers. `rlhf_jax.memory_plan.fits(config,
 hardware)` checks a config against the hardware's HBM with the analytic formula.
+
+A preset's mesh is a plan, not a requirement: with `config.hardware="auto"` (the default)
+a run on other devices uses data parallelism over the devices present and says so in one
+line (`rlhf_jax.config.resolve_mesh`); `--config.hardware=v5e-8` (a HARDWARE name)
+instead requires that hardware, with the mesh planned for it.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from rlhf_jax.memory_plan import HARDWARE, Hardware
+from rlhf_jax.hardware import HARDWARE, Hardware
 
 __all__ = ["SIZES", "HARDWARE", "Size", "apply", "mesh_for", "Hardware"]
 
@@ -96,6 +101,7 @@ def apply(c: ConfigDict, size: str, hardware: str | None = None) -> ConfigDict:
   c.model.update(**s.model)
   c.model.update(dtype="bfloat16", remat=True)
   c.mesh.shape = mesh_for(size, hardware)
+  c.mesh.planned_for = hardware or ""  # config.hardware=auto adapts it to other devices
   if hardware is not None and _hardware(hardware).hosts > 1 and "distributed" in c:
     c.distributed.enabled = True  # one process per host; addresses auto-detected on TPU VMs
   c.tokenizer.chat_style = s.chat_style

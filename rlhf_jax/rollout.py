@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import parallel, sampling
 from rlhf_jax.models import Transformer
 from rlhf_jax.models.api import window_logprobs
@@ -93,12 +94,16 @@ def micro_batched(fn: Callable, micro: int, *arrays):
 def generate_rollout(*, model_config, params, ref_params, prompt_tokens_NP, prompt_mask_NP,
                      group_size: int, rng, rollout_cfg, tokenizer, reward_fn,
                      metadata: dict[str, list], logps_fn=None, need_ref: bool,
-                     need_old: bool = True) -> Rollout:
+                     need_old: bool = True, progress: str = "") -> Rollout:
   """Sample, score and compute log-probs for one batch of prompts (see module doc).
 
   need_old=False skips the old-policy log-prob pass: old_logps_BC are then the
   sampler's own log-probs (equal to a recomputation up to float tolerance), for
-  trainers whose update is fully on-policy (one update per rollout)."""
+  trainers whose update is fully on-policy (one update per rollout).
+  rollout_cfg.stop_at_eos=False (absent: True) samples every completion to
+  max_new_tokens; EOS tokens are then ordinary tokens (left out of the texts, as always).
+  progress: a description: a progress bar (ETA, primary process, gone when done) over the
+  sampler calls when there are several, e.g. a long evaluation's."""
   r = rollout_cfg
   G = group_size
   tokens = np.repeat(np.asarray(prompt_tokens_NP), G, axis=0)
@@ -106,19 +111,25 @@ def generate_rollout(*, model_config, params, ref_params, prompt_tokens_NP, prom
   meta = {k: [v for v in vals for _ in range(G)] for k, vals in metadata.items()}
   B, P = tokens.shape
   greedy = r.temperature <= 0
+  # rollout.stop_at_eos=False: no stop id, every completion runs to max_new_tokens
+  eos_id = tokenizer.eos_id if getattr(r, "stop_at_eos", True) else None
   timings = {}
 
   t0 = time.perf_counter()
   chunks = []
   micro = r.generate_micro_batch
+  calls = -(-B // micro)
+  bar = metrics_lib.Progress(0, calls, desc=progress, unit="batch", leave=False,
+                             enabled=bool(progress) and calls > 1 and parallel.is_primary())
   for i in range(0, B, micro):
     out = sampling.generate(
         model_config, params, tokens[i:i + micro], pmask[i:i + micro],
         jax.random.fold_in(rng, i), max_new_tokens=r.max_new_tokens, greedy=greedy,
         temperature=1.0 if greedy else r.temperature, top_k=r.top_k, top_p=r.top_p,
-        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-        group_size=generate_group_size(G, micro, B))
+        eos_id=eos_id, pad_id=tokenizer.pad_id, group_size=generate_group_size(G, micro, B))
     chunks.append(out)
+    bar.update(1)
+  bar.close()
   host = parallel.to_host  # multi-host: the sampler's outputs may be sharded over processes
   comp = np.concatenate([host(o.tokens_BN) for o in chunks])
   cmask = np.concatenate([host(o.mask_BN) for o in chunks]).astype(np.int32)

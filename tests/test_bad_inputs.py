@@ -151,6 +151,8 @@ for trainer, key, value, want in [
     ("sft", "optimizer.lr", "[1]", "float"), ("dpo", "dpo.beta", "high", "float"),
     ("dpo", "dpo.reference_free", "2", "bool"), ("grpo", "rollout.group_size", "eight", "int"),
     ("grpo", "rollout.temperature", "hot", "float"), ("ppo", "ppo.gamma", "one", "float"),
+    ("sft", "eval_at_start", "maybe", "bool"), ("dpo", "eval_at_end", "2", "bool"),
+    ("grpo", "rollout.stop_at_eos", "maybe", "bool"),
 ]:
   add("config", "wrong type", f"{trainer}:{key}={value}",
       train(trainer, f"--config.{key}={value}"), [f"config.{key}", f"expected {want}"], 2)
@@ -217,6 +219,9 @@ for trainer, args, expect in [
     ("sft", ["mesh.shape=(2,1,1)"],
      ["config.mesh.shape", "needs 2 devices", "1 device(s) are available"]),
     ("sft", ["mesh.shape=(1,1,4)"], ["config.mesh.shape", "needs 4 devices"]),
+    ("sft", ["hardware=v4-8"], ["config.hardware='v4-8'", "auto|v5e-8"]),
+    ("sft", ["hardware=v5e-8"],
+     ["config.hardware='v5e-8' needs its 8 devices", "--config.hardware=auto"]),
     ("sft", ["lora.rank=-2"], "config.lora.rank=-2"),
     ("sft", ["lora.rank=4", "--config.lora.alpha=0.0"], "config.lora.alpha"),
     ("sft", ["lora.rank=4", "--config.lora.dropout=1.5"], "config.lora.dropout"),

@@ -98,3 +98,50 @@ def test_train_loop_with_several_updates_per_step(tmp_path):
   with pytest.raises(loop.TrainingError,
                      match=r"2 consecutive non-finite updates \(steps 3-4, config.max_bad_steps=2\)"):
     _loop(tmp_path / "stop", [(0, 0), (0, 1), (1, 1), (1, 1), (0, 0)], max_bad=2)
+
+
+# Eval cadence: eval_every, eval_at_start, eval_at_end (loop.eval_due).
+
+def _eval_steps(tmp_path, num_steps, eval_every, log_every=1, **knobs):
+  config = config_lib.base_config("sft")
+  config.update(num_steps=num_steps, log_every=log_every, eval_every=eval_every, **knobs)
+  config.checkpoint.update(every=100, async_save=False)
+  seen = []
+
+  def evaluate(params, step):
+    seen.append(step)
+    return {"eval_loss": float(step)}
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), 100, 1, async_save=False)
+  loop.train_loop(config, str(tmp_path), state=_state(optax.sgd(0.1)), start=0,
+                  train_step=lambda s, b: (s, {"loss": 1.0}), get_batch=lambda i: i,
+                  mesh=parallel.make_mesh(), checkpointer=ckpt, schedule=lambda s: 0.1,
+                  evaluate=evaluate, shard_batches=False)
+  rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert [r["step"] for r in rows if "eval_loss" in r] == seen
+  return seen
+
+
+@pytest.mark.parametrize("knobs,want", [
+    ({}, [0, 3, 6, 7]),                                    # the defaults: today's cadence
+    (dict(eval_at_start=False), [3, 6, 7]),
+    (dict(eval_at_end=False), [0, 3, 6]),
+    (dict(eval_at_start=False, eval_at_end=False), [3, 6]),
+])
+def test_eval_cadence(tmp_path, knobs, want):
+  assert _eval_steps(tmp_path, 7, 3, **knobs) == want
+
+
+def test_eval_every_beyond_num_steps(tmp_path):
+  # eval_every > num_steps: only the start and the end evaluate; both off = no eval at all.
+  assert _eval_steps(tmp_path / "a", 4, 50) == [0, 4]
+  assert _eval_steps(tmp_path / "b", 4, 50, eval_at_start=False, eval_at_end=False) == []
+  assert _eval_steps(tmp_path / "c", 4, 0) == []  # eval_every=0: never, whatever the knobs
+  assert _eval_steps(tmp_path / "d", 6, 2, log_every=3) == [0, 6]  # evals ride on log rows
+
+
+def test_eval_cadence_knobs_are_checked():
+  config = config_lib.base_config("sft")
+  del config["eval_at_end"]  # (ConfigDict refuses a str for a bool field; a file may not)
+  config.eval_at_end = "no"
+  with pytest.raises(config_lib.ConfigError, match=r"config.eval_at_end: expected True or False"):
+    config_lib.validate(config)

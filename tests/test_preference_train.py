@@ -126,14 +126,24 @@ def test_every_dpo_loss_raises_implicit_reward_accuracy(tmp_path, data_dir, loss
     assert os.path.exists(os.path.join(wd, "reference_logps_train.npz"))
 
 
-def test_dpo_reference_on_the_fly_equals_precomputed(tmp_path, data_dir):
-  """Same seed, same data: caching the reference log-probs changes nothing."""
+def test_dpo_reference_on_the_fly_equals_precomputed(tmp_path, data_dir, capsys):
+  """Same seed, same data: caching the reference log-probs changes nothing. The
+  precompute shows a progress bar and says what it did in one line per split."""
   out = {}
   for pre in (True, False):
     wd = str(tmp_path / f"pre{pre}")
     dpo.run(small(load_config("configs/dpo.py:tiny"), data_dir, num_steps=10, log_every=5,
                   eval_every=0, **{"dpo.precompute_reference": pre}), wd)
     out[pre] = rows(wd)
+    std = capsys.readouterr()
+    said = [line for line in std.out.splitlines() if line.startswith("reference log-probs")]
+    if pre:
+      assert [line.split(",")[0] for line in said] == [
+          "reference log-probs (train): 1024 pairs in 32 batches of 32",
+          "reference log-probs (eval): 128 pairs in 4 batches of 32"], said
+      assert "reference log-probs (train): 100%" in std.err  # the tqdm bar
+    else:
+      assert said == [] and "reference log-probs" not in std.err
   for a, b in zip(out[True], out[False]):
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
     assert a["reward_margin"] == pytest.approx(b["reward_margin"], rel=1e-3, abs=1e-5)

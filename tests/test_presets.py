@@ -152,3 +152,73 @@ def test_memory_benchmark_formula_tables_run():
                        capture_output=True, text=True, timeout=120, cwd=REPO)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "| llama3_8b | 8.030B | 128.48 |" in out.stdout
+
+
+# config.hardware: a size preset's mesh is a plan; "auto" adapts it to the devices present.
+
+def _sized(name, size, **over):
+  c = load_config(f"{REPO}/configs/{name}.py:{size}")
+  if "train_path" in c.data:
+    c.data.train_path = "unused.jsonl"  # validate(num_devices) asks for the run's data path
+  for k, v in over.items():
+    c[k] = v
+  return c
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_size_preset_runs_on_one_device_with_auto(name, capsys):
+  c = _sized(name, "smollm2_135m")
+  assert c.hardware == "auto" and c.mesh.planned_for == "v5e-8"
+  assert tuple(c.mesh.shape) == (8, 1, 1)
+  trainers.validate(c, 1)
+  assert tuple(c.mesh.shape) == (1, 1, 1)
+  out = capsys.readouterr().out.strip().splitlines()
+  assert out == ["mesh: [8, 1, 1] is planned for v5e-8 (8 devices), 1 device(s) here: using "
+                 "data parallelism [1, 1, 1] (config.hardware=auto; --config.hardware=v5e-8 "
+                 "requires the planned hardware)"]
+  trainers.validate(c, 1)  # resolved once: validating again says nothing
+  assert capsys.readouterr().out == ""
+
+
+def test_auto_keeps_the_planned_mesh_on_its_hardware(capsys):
+  c = _sized("sft", "llama3_2_1b")
+  trainers.validate(c, 8)
+  assert tuple(c.mesh.shape) == (1, 8, 1) and capsys.readouterr().out == ""
+
+
+def test_auto_leaves_a_mesh_the_user_chose_alone():
+  # Not a preset's plan (mesh.planned_for = ""): a mesh that does not fit is today's error.
+  c = load_config(f"{REPO}/configs/sft.py:tiny")
+  c.mesh.shape = (2, 1, 1)
+  with pytest.raises(config_lib.ConfigError, match=r"needs 2 devices, but 1 device"):
+    trainers.validate(c, 1)
+  # ... and so is a preset whose mesh was overridden to another device count.
+  c = _sized("sft", "smollm2_135m")
+  c.mesh.shape = (4, 1, 1)
+  with pytest.raises(config_lib.ConfigError, match=r"needs 4 devices, but 1 device"):
+    trainers.validate(c, 1)
+
+
+def test_named_hardware_must_be_present():
+  c = _sized("grpo", "smollm2_135m", hardware="v5e-8")
+  with pytest.raises(config_lib.ConfigError) as e:
+    trainers.validate(c, 1)
+  msg = str(e.value)
+  assert msg.startswith("config.hardware='v5e-8' needs its 8 devices, but 1 device(s) are "
+                        "available") and "--config.hardware=auto" in msg
+  assert "\n" not in msg
+  c = _sized("grpo", "smollm2_135m", hardware="v5e-8")
+  trainers.validate(c, 8)
+  assert tuple(c.mesh.shape) == (8, 1, 1)
+  with pytest.raises(config_lib.ConfigError, match=r"config.hardware='v4-8': expected one of "
+                                                   r"auto\|v5e-8\|v5p-32\|8xH100"):
+    trainers.validate(_sized("sft", "tiny", hardware="v4-8"))
+
+
+def test_named_hardware_replans_the_preset_mesh():
+  c = _sized("sft", "llama3_8b", hardware="8xH100")  # planned for v5p-32: (1, 16, 1)
+  trainers.validate(c, 8)
+  assert tuple(c.mesh.shape) == presets.mesh_for("llama3_8b", "8xH100") == (1, 8, 1)
+  c = _sized("sft", "smollm2_135m", hardware="v5p-32")  # data parallel stays so
+  trainers.validate(c, 16)
+  assert tuple(c.mesh.shape) == presets.mesh_for("smollm2_135m", "v5p-32") == (16, 1, 1)

@@ -248,3 +248,33 @@ def test_cache_is_really_sharded(sharded, mesh, rows):
   # Shared prefill runs on 2 rows (one per prompt): split as far as 2 divides.
   want = "data" if mesh == "(2, 2, 2)" else None
   assert sharded[f"{mesh} G=4"]["prefill_spec"] == [None, want, None, "tensor", None]
+
+
+def test_rollout_stop_at_eos_false_runs_to_max_new_tokens(params, groups):
+  """rollout.stop_at_eos=False passes no stop id: every completion has max_new_tokens
+  tokens, even where the policy samples EOS (here every token is the 'EOS' of the first
+  run's first completion, so stopping would have cut it short)."""
+  tokens, mask = groups
+  cfg = dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N,
+             generate_micro_batch=len(tokens), logprob_micro_batch=len(tokens))
+
+  def run(eos, **knobs):
+    class Tok:
+      pad_id, eos_id = PAD, eos
+
+      def decode(self, ids):
+        return " ".join(map(str, ids))
+    return rollout.generate_rollout(
+        model_config=CFG, params=params, ref_params=None, prompt_tokens_NP=tokens[::G],
+        prompt_mask_NP=mask[::G], group_size=G, rng=jax.random.PRNGKey(5),
+        rollout_cfg=types.SimpleNamespace(**cfg, **knobs), tokenizer=Tok(),
+        reward_fn=lambda p, t, m: (np.zeros(len(t)), {}), metadata={}, need_ref=False,
+        need_old=False)
+  free = run(eos=None)
+  P = free.prompt_len
+  eos = int(free.sequences_BS[0, P + 1])  # a token sampled mid-completion
+  stopped = run(eos=eos)
+  assert stopped.lengths_B.min() < N  # with EOS stopping that row ends early
+  full = run(eos=eos, stop_at_eos=False)
+  assert (full.lengths_B == N).all() and full.completion_mask_BC.all()
+  np.testing.assert_array_equal(full.sequences_BS, free.sequences_BS)  # same samples

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ import numpy as np
 
 from rlhf_jax import config as config_lib
 from rlhf_jax import evaluation
+from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import parallel
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.losses.dpo import kto_reference_point, preference_loss, variant
@@ -158,26 +160,41 @@ def make_train_step(model, tx, d, frozen=None, window: int = 0, grad_accum_steps
 
 
 def reference_logps(model, names, ref_params, arrays, batch_size, mesh, cache_path, fingerprint,
-                    window: int = 0):
-  """{ref_<side>_logps: [N]} for every row, cached in `cache_path` under `fingerprint`."""
+                    window: int = 0, split: str = "train"):
+  """{ref_<side>_logps: [N]} for every row, cached in `cache_path` under `fingerprint`.
+  The pass over the rows shows a progress bar with ETA and ends with one summary line
+  (primary process; also when the cache is reused)."""
+  primary = parallel.is_primary()
+  n = len(arrays["margin"])
   if os.path.exists(cache_path):
     cached = np.load(cache_path, allow_pickle=False)  # our own cache: arrays only
     if str(cached["fingerprint"]) == fingerprint:
+      if primary:
+        print(f"reference log-probs ({split}): {n} pairs reused from {cache_path}", flush=True)
       return {k: cached[k] for k in cached.files if k != "fingerprint"}
+  t0 = time.perf_counter()
   f = jax.jit(make_sequence_logps(model, names, window))
-  n = len(arrays["margin"])
   out = {n_: np.zeros((n,), np.float32) for n_ in names}
   keys = [k for k in arrays if k.split("_")[0] in names]
+  batches = -(-n // batch_size)
+  bar = metrics_lib.Progress(0, batches, desc=f"reference log-probs ({split})",
+                             enabled=primary, unit="batch")
   for i in range(0, n, batch_size):
     idx = np.arange(i, i + batch_size) % n  # last batch wraps around (fixed shapes)
     b = parallel.shard_batch({k: arrays[k][idx] for k in keys}, mesh)
     logps, _ = f(ref_params, b)
     for name, lp in zip(names, logps):
       out[name][idx[:min(batch_size, n - i)]] = np.asarray(lp)[:min(batch_size, n - i)]
+    bar.update(1)
+  bar.close()
   result = {f"ref_{k}_logps": v for k, v in out.items()}
   tmp = cache_path + ".tmp.npz"
   np.savez(tmp, fingerprint=fingerprint, **result)
   os.replace(tmp, cache_path)
+  if primary:
+    print(f"reference log-probs ({split}): {n} pairs in {batches} batches of {batch_size}, "
+          f"{time.perf_counter() - t0:.1f}s (dpo.precompute_reference; cached in "
+          f"{cache_path})", flush=True)
   return result
 
 
@@ -235,7 +252,7 @@ def run(config, workdir: str) -> dict:
       if eval_arrays is not None:
         eval_arrays.update(reference_logps(model, names, ref_params, eval_arrays, B, mesh,
                                            os.path.join(workdir, "reference_logps_eval.npz"),
-                                           fp, window))
+                                           fp, window, split="eval"))
       ref_params = None  # no longer needed: free the memory
   train_ds = sft_data.batched(train_arrays, B, config.seed)
 

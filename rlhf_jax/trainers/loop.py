@@ -51,6 +51,19 @@ def host_metrics(metrics: dict) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+def eval_due(config, step: int) -> bool:
+  """Whether step `step` (0 = before the first) evaluates: every config.eval_every steps
+  (0 = never), plus step 0 (config.eval_at_start) and the last step (config.eval_at_end)."""
+  every = config.eval_every
+  if not every:
+    return False
+  if step == 0:
+    return bool(config.get("eval_at_start", True))
+  if step == config.num_steps and config.get("eval_at_end", True):
+    return True
+  return step % every == 0
+
+
 def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch, mesh,
                checkpointer, schedule, evaluate=None, desc="train", progress_keys=("loss",),
                count_tokens=None, extra_metrics=None, shard_batches=True, updates_per_step=1):
@@ -60,8 +73,8 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
   numpy, deterministic in the step), state, m = train_step(state, batch on the
   mesh). Every `log_every` steps a metrics row (train metrics + learning_rate +
   tokens_per_second) goes to metrics.jsonl / TensorBoard; every `eval_every`
-  steps (and at step 0 and the last step) `evaluate(params, step) -> dict` adds
-  eval metrics. Checkpoints every `checkpoint.every` steps and at the end;
+  steps (and at step 0 and the last step unless eval_at_start / eval_at_end are off:
+  `eval_due`) `evaluate(params, step) -> dict` adds eval metrics. Checkpoints every `checkpoint.every` steps and at the end;
   SIGTERM checkpoints and returns early with preempted=True (`rlhf-jax train` then
   exits with EXIT_PREEMPTED). Non-finite updates: the optimizer's guard
   (`optim.skip_nonfinite`) skips them and counts them in the optimizer state (so in the
@@ -84,7 +97,7 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
   t_start = time.perf_counter()
   elapsed = lambda: writer.prior_elapsed + time.perf_counter() - t_start  # across resumes
   last = {}
-  if start == 0 and evaluate is not None and config.eval_every:
+  if evaluate is not None and start == 0 and eval_due(config, 0):
     last = writer.write(0, {**evaluate(state["params"], 0), "elapsed_s": elapsed()})
   preempted, step = False, start
   max_bad = int(config.get("max_bad_steps", 3))
@@ -119,8 +132,7 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
         row["learning_rate"] = float(schedule(step - 1))
         if count_tokens is not None:
           row["tokens_per_second"] = throughput.rate()
-        if evaluate is not None and config.eval_every and (
-            step % config.eval_every == 0 or step == config.num_steps):
+        if evaluate is not None and eval_due(config, step):
           row.update(evaluate(state["params"], step))
           throughput.restart()  # eval / sampling time is not training throughput
         row["elapsed_s"] = elapsed()

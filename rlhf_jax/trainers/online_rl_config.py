@@ -20,6 +20,9 @@ def validate_rollout(config) -> None:
        f"PPO / GRPO accumulate gradients with rollout.train_micro_batch (rows per "
        f"micro-batch, exact: `step.make_step`), not grad_accum_steps; got "
        f"{config.grad_accum_steps}, set rollout.train_micro_batch instead")
+  if "stop_at_eos" in r:
+    need(isinstance(r.stop_at_eos, bool), "rollout.stop_at_eos",
+         f"expected True or False, got {r.stop_at_eos!r}")
   num("rollout.temperature", 0.0)
   num("rollout.top_k", 0, integer=True)
   num("rollout.top_p", 0.0, 1.0, lo_open=True)
