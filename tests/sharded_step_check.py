@@ -66,7 +66,7 @@ def run(accum, mesh_args):
     loss = float(metrics["loss"])
     q_spec = new_state["params"]["layers"]["q"]["kernel"].sharding.spec
     emb_spec = new_state["params"]["embed"]["embedding"].sharding.spec
-    mu_spec = jax.tree.leaves(new_state["opt_state"][1][0].mu)[0].sharding.spec
+    mu_spec = jax.tree.leaves(new_state["opt_state"].inner[1][0].mu)[0].sharding.spec
     if ref is None:
       ref = (loss, params)
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
