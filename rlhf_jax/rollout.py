@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import flops as flops_lib
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import parallel, sampling
 from rlhf_jax.models import Transformer
@@ -275,3 +276,21 @@ def rollout_stats(ro: Rollout, group_size: int) -> dict[str, Any]:
     out["kl_ref_k1"] = float(((ro.old_logps_BC - ro.ref_logps_BC) * m).sum() /
                              max(m.sum(), 1.0))
   return out
+
+
+def compute_counts(mcfg, prompt_len: int, rollout_cfg, group_size: int, logprob_group: int,
+                   ro: Rollout, passes: int) -> dict:
+  """FLOPs and tokens of one `generate_rollout` (shared by GRPO and PPO):
+  the sampler calls (`flops.rollout_generate_flops`: generate_micro_batch rows a call,
+  each decoding until its longest row stopped), `passes` log-prob passes over the padded
+  completion window (old and / or reference: `flops.window_flops`, groups packed when
+  `logprob_group` > 1) and the real sampled tokens."""
+  B = len(ro.lengths_B)
+  micro = rollout_cfg.generate_micro_batch
+  gen = flops_lib.rollout_generate_flops(
+      mcfg, ro.lengths_B, prompt_len, micro, generate_group_size(group_size, micro, B))
+  lp = passes * flops_lib.window_flops(mcfg, B, prompt_len, rollout_cfg.max_new_tokens,
+                                       logprob_group)
+  return {"flops/generate": gen, "flops/logprob_passes": lp,
+          "tokens/sampled": int(np.sum(ro.lengths_B))}
+

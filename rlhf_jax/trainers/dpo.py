@@ -28,6 +28,7 @@ import numpy as np
 
 from rlhf_jax import config as config_lib
 from rlhf_jax import evaluation
+from rlhf_jax import flops as flops_lib
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import parallel
 from rlhf_jax.data import sft as sft_data
@@ -306,7 +307,25 @@ def run(config, workdir: str) -> dict:
       desc=f"dpo[{d.loss_type}]",
       progress_keys=("loss", "reward_accuracy", "eval_reward_accuracy"),
       count_tokens=lambda b: sum(b[f"{n}_segment_ids"].sum() for n in sides(d)),
-      extra_metrics={f"data_{k}": v for k, v in {**data_stats, **tok_stats}.items()})
+      extra_metrics={f"data_{k}": v for k, v in {**data_stats, **tok_stats}.items()},
+      compute=lambda b: compute_counts(mcfg, d, b))
+
+
+def compute_counts(mcfg, d, batch) -> dict:
+  """One step's FLOPs and tokens (`rlhf_jax.flops`): forward + backward of the policy
+  over the padded rows of every side ([sides x B, T], every position unembedded: the
+  unpacked layout, an upper bound when dpo.share_prompt packs pairs), plus, for losses
+  with a reference, one reference forward of the same rows (flops/logprob_passes; with
+  dpo.precompute_reference the cached pass is counted for the batch that uses it, so
+  runs compare whatever the caching); tokens/trained = the real tokens of every side."""
+  names = sides(d)
+  B, T = batch[f"{names[0]}_tokens"].shape
+  rows = len(names) * B
+  update, remat = flops_lib.train_flops(mcfg, rows, T)
+  ref = flops_lib.forward_flops(mcfg, rows, T) if uses_reference(d) else 0
+  seg = sum(int((batch[f"{n}_segment_ids"] > 0).sum()) for n in names)
+  return {"flops/update": update, "flops/remat": remat, "flops/logprob_passes": ref,
+          "tokens/trained": seg}
 
 
 def validate(config, num_devices: int | None = None) -> None:

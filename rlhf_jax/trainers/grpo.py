@@ -28,6 +28,7 @@ and the frozen base is the reference.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import config as config_lib
+from rlhf_jax import flops as flops_lib
 from rlhf_jax import parallel, rollout
 from rlhf_jax.losses import advantages as adv_lib
 from rlhf_jax.losses import kl as kl_lib
@@ -181,8 +183,19 @@ def run(config, workdir: str) -> dict:
                        micro_batches_of(mb_rows, rollout_cfg.train_micro_batch), frozen,
                        on_policy=on_policy,
                        group_size=share if micro_rows % share == 0 else 1)
+  # This step's FLOPs and tokens (`rlhf_jax.flops`), read by train_loop's `compute`.
+  counts = {}
+  rollout_counts = functools.partial(
+      rollout.compute_counts, mcfg, P, rollout_cfg, G, share if lp_rows % share == 0 else 1,
+      passes=int(not on_policy) + int(need_ref))
 
   def sample(params, batch, key):
+    ro = _sample(params, batch, key)
+    for k, v in rollout_counts(ro).items():
+      counts[k] = counts.get(k, 0) + v
+    return ro
+
+  def _sample(params, batch, key):
     return rollout.generate_rollout(
         model_config=mcfg, params=params, ref_params=ref_params,
         prompt_tokens_NP=batch["tokens"], prompt_mask_NP=batch["mask"], group_size=G, rng=key,
@@ -193,6 +206,7 @@ def run(config, workdir: str) -> dict:
   def rl_step(state, batch):
     step = int(state["step"])
     t_start = time.perf_counter()
+    counts.clear()
     key = jax.random.fold_in(rng_rollout, step)
     policy = frozen.full(state["params"])  # LoRA: adapters merged into the base
     ro = sample(policy, batch, key)
@@ -222,6 +236,11 @@ def run(config, workdir: str) -> dict:
                                                       mesh))
     jax.block_until_ready(state["params"])
     t_update = time.perf_counter() - t0
+    upd, remat = flops_lib.window_train_flops(mcfg, mb_size, P, rollout_cfg.max_new_tokens,
+                                              share if micro_rows % share == 0 else 1)
+    n_updates = algo["epochs"] * algo["minibatches"]
+    counts.update({"flops/update": n_updates * upd, "flops/remat": n_updates * remat,
+                   "tokens/trained": int((ro.segment_ids_BS > 0).sum()) * algo["epochs"]})
     total = time.perf_counter() - t_start
     rollout_tokens = int(ro.lengths_B.sum())
     stats.update({f"time/{k}": v for k, v in ro.timings.items()})
@@ -256,7 +275,8 @@ def run(config, workdir: str) -> dict:
       updates_per_step=updates_per_step,
       evaluate=evaluate if policy_eval is not None else None, desc=f"grpo[{algo['variant']}]",
       progress_keys=("reward_mean", "eval_accuracy"),
-      count_tokens=None, extra_metrics={f"data_{k}": v for k, v in data_stats.items()})
+      count_tokens=None, extra_metrics={f"data_{k}": v for k, v in data_stats.items()},
+      compute=lambda _: dict(counts))
 
 
 def validate(config, num_devices: int | None = None) -> None:

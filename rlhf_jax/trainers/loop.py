@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax import flops as flops_lib
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import parallel
 from rlhf_jax.trainers import optim
@@ -66,7 +67,8 @@ def eval_due(config, step: int) -> bool:
 
 def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch, mesh,
                checkpointer, schedule, evaluate=None, desc="train", progress_keys=("loss",),
-               count_tokens=None, extra_metrics=None, shard_batches=True, updates_per_step=1):
+               count_tokens=None, extra_metrics=None, shard_batches=True, updates_per_step=1,
+               compute=None):
   """The loop every trainer shares; returns the last logged row plus step/preempted.
 
   For step = start+1 .. config.num_steps: batch = get_batch(step - 1) (host
@@ -87,6 +89,10 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
   the tokens a batch trains on (tokens_per_second); trainers that measure their
   own throughput pass None. shard_batches=False hands host batches to
   train_step as they are (online RL: the step samples its own batch).
+  `compute(batch) -> {counter: increment}` (called after each step, on the host) gives
+  the step's FLOPs and tokens (`rlhf_jax.flops.KEYS`); every row then carries the
+  cumulative flops/*, flops/total and tokens/* from step 0 (`flops.Counters`: kept
+  next to the checkpoints, so a resumed run logs what an uninterrupted one does).
   """
   primary = parallel.is_primary()  # multi-host: process 0 logs, all processes compute
   writer = metrics_lib.MetricsWriter(
@@ -94,11 +100,14 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
       extra_sinks=metrics_lib.config_sinks(config, workdir) if primary else ())
   progress = metrics_lib.Progress(start, config.num_steps, desc=desc, enabled=primary)
   throughput = metrics_lib.Throughput()
+  counters = flops_lib.Counters(workdir, start, enabled=primary) if compute else None
+  counter_row = (lambda: counters.row()) if counters else dict
   t_start = time.perf_counter()
   elapsed = lambda: writer.prior_elapsed + time.perf_counter() - t_start  # across resumes
   last = {}
   if evaluate is not None and start == 0 and eval_due(config, 0):
-    last = writer.write(0, {**evaluate(state["params"], 0), "elapsed_s": elapsed()})
+    last = writer.write(0, {**evaluate(state["params"], 0), **counter_row(),
+                            "elapsed_s": elapsed()})
   preempted, step = False, start
   max_bad = int(config.get("max_bad_steps", 3))
   # All skipped updates of the run (across resumes: they live in the optimizer state).
@@ -127,9 +136,12 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
               f"of those batches, or raise max_bad_steps")
       if count_tokens is not None:
         throughput.add(count_tokens(batch))
+      if counters is not None:
+        counters.add(compute(batch))
       if step % config.log_every == 0 or step == config.num_steps:
         row = {**host_metrics(m), **(extra_metrics or {}), "skipped_updates": skipped_total}
         row["learning_rate"] = float(schedule(step - 1))
+        row.update(counter_row())
         if count_tokens is not None:
           row["tokens_per_second"] = throughput.rate()
         if evaluate is not None and eval_due(config, step):
@@ -139,10 +151,12 @@ def train_loop(config, workdir: str, *, state, start: int, train_step, get_batch
         last = writer.write(step, row)
         progress.update(0, **{k: row[k] for k in progress_keys if k in row})
       progress.update(1)
-      checkpointer.maybe_save(step, state_lib.checkpointed(state),
-                              force=step == config.num_steps)
+      if (checkpointer.maybe_save(step, state_lib.checkpointed(state),
+                                  force=step == config.num_steps) and counters is not None):
+        counters.saved(step)
       if preemption.any_requested() and step < config.num_steps:
-        checkpointer.maybe_save(step, state_lib.checkpointed(state), force=True)
+        if checkpointer.maybe_save(step, state_lib.checkpointed(state), force=True) and counters:
+          counters.saved(step)
         preempted = True
         print(f"preempted: saved checkpoint at step {step}; rerun the same command to resume",
               flush=True)

@@ -33,6 +33,7 @@ import numpy as np
 
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import config as config_lib
+from rlhf_jax import flops as flops_lib
 from rlhf_jax import parallel, rollout
 from rlhf_jax.losses import advantages as adv_lib
 from rlhf_jax.losses import kl as kl_lib
@@ -166,6 +167,8 @@ def run(config, workdir: str) -> dict:
   update = make_update(model, tx, p, P, temperature, rollout_cfg.max_new_tokens,
                        micro_batches_of(B // p.minibatches, rollout_cfg.train_micro_batch), frozen)
 
+  counts = {}  # this step's FLOPs and tokens, read by train_loop's `compute`
+
   def rl_step(state, batch):
     step = int(state["step"])
     t_start = time.perf_counter()
@@ -177,6 +180,10 @@ def run(config, workdir: str) -> dict:
         reward_fn=reward_fn.score, metadata=train_meta(batch["index"]), logps_fn=logps_fn,
         need_ref=True)
     stats = rollout.rollout_stats(ro, G)
+    counts.clear()
+    counts.update(rollout.compute_counts(mcfg, P, rollout_cfg, G, 1, ro, passes=2))
+    for k, v in compute_counts(mcfg, p, B, ro.sequences_BS.shape[1], P, ro).items():
+      counts[k] = counts.get(k, 0) + v
     t0 = time.perf_counter()
     mask_BC = ro.completion_mask_BC
     old_values_BC = rollout.micro_batched(lambda s, g: values_fn(params, s, g),
@@ -239,7 +246,34 @@ def run(config, workdir: str) -> dict:
       updates_per_step=updates_per_step,
       evaluate=evaluate if policy_eval is not None else None, desc="ppo",
       progress_keys=("reward_mean", "eval_accuracy"), count_tokens=None,
-      extra_metrics={f"data_{k}": v for k, v in data_stats.items()})
+      extra_metrics={f"data_{k}": v for k, v in data_stats.items()},
+      compute=lambda _: dict(counts))
+
+
+def policy_value_flops(mcfg, critic: str, rows: int, S: int, unembed: int) -> int:
+  """A forward of `PolicyValue` over rows x S: the policy (`unembed` positions per row)
+  plus the scalar value head (2 D a position) on the shared trunk, or plus a separate
+  critic network of the same shape."""
+  f = flops_lib.forward_flops(mcfg, rows, S, unembed) + rows * S * 2 * mcfg.d_model
+  if critic == "separate":
+    f += flops_lib.forward_flops(mcfg, rows, S, 0)
+  return f
+
+
+def compute_counts(mcfg, p, B: int, S: int, P: int, ro) -> dict:
+  """The PPO-specific part of a step's FLOPs and tokens (`rlhf_jax.flops`), the rollout's
+  in `rollout.compute_counts` (sampling, old and reference log-prob passes): the value pass
+  (the whole `PolicyValue` forward over [B, S], every position unembedded) and
+  ppo.epochs forward + backward passes of policy and critic over the B rows (completion
+  positions unembedded with model.logits_chunk, else all); tokens/trained = the real
+  tokens of the trained rows x epochs."""
+  value_pass = policy_value_flops(mcfg, p.critic, B, S, S)
+  unembed = S - P if mcfg.logits_chunk else S
+  nets = 2 if p.critic == "separate" else 1
+  return {"flops/logprob_passes": value_pass,
+          "flops/update": p.epochs * 3 * policy_value_flops(mcfg, p.critic, B, S, unembed),
+          "flops/remat": p.epochs * nets * flops_lib.remat_flops(mcfg, B, S),
+          "tokens/trained": int((ro.segment_ids_BS > 0).sum()) * p.epochs}
 
 
 def validate(config, num_devices: int | None = None) -> None:

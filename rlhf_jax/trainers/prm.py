@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import config as config_lib
+from rlhf_jax import flops as flops_lib
 from rlhf_jax import parallel
 from rlhf_jax.data import prm as prm_data
 from rlhf_jax.data import sft as sft_data
@@ -215,7 +216,18 @@ def run(config, workdir: str) -> dict:
       mesh=mesh, checkpointer=checkpointer, schedule=schedule,
       evaluate=evaluate if eval_arrays is not None else None, desc="prm",
       progress_keys=("loss", "step_accuracy", "eval_balanced_accuracy"),
-      count_tokens=lambda b: b["segment_ids"].sum(), extra_metrics=static_metrics)
+      count_tokens=lambda b: b["segment_ids"].sum(), extra_metrics=static_metrics,
+      compute=lambda b: compute_counts(mcfg, b))
+
+
+def compute_counts(mcfg, batch) -> dict:
+  """One step's FLOPs and tokens (`rlhf_jax.flops`): forward + backward over the
+  padded [B, T] rows with the scalar head (2 D per position) in place of the
+  unembedding; tokens/trained = the real tokens."""
+  B, T = batch["tokens"].shape
+  update, remat = flops_lib.train_flops(mcfg, B, T, head_flops=2 * mcfg.d_model)
+  return {"flops/update": update, "flops/remat": remat,
+          "tokens/trained": int((batch["segment_ids"] > 0).sum())}
 
 
 def validate(config, num_devices: int | None = None) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import config as config_lib
+from rlhf_jax import flops as flops_lib
 from rlhf_jax import parallel
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.losses.reward import bradley_terry_loss
@@ -199,8 +200,18 @@ def run(config, workdir: str) -> dict:
       evaluate=evaluate if eval_arrays is not None else None, desc="reward_model",
       progress_keys=("loss", "accuracy", "eval_accuracy"),
       count_tokens=lambda b: b["chosen_segment_ids"].sum() + b["rejected_segment_ids"].sum(),
-      extra_metrics=static_metrics)
+      extra_metrics=static_metrics, compute=lambda b: compute_counts(mcfg, b))
   return result
+
+
+def compute_counts(mcfg, batch) -> dict:
+  """One step's FLOPs and tokens (`rlhf_jax.flops`): forward + backward over the
+  padded [2B, T] chosen + rejected rows with the scalar head (2 D per position) in place
+  of the unembedding; tokens/trained = their real tokens."""
+  B, T = batch["chosen_tokens"].shape
+  update, remat = flops_lib.train_flops(mcfg, 2 * B, T, head_flops=2 * mcfg.d_model)
+  seg = (batch["chosen_segment_ids"] > 0).sum() + (batch["rejected_segment_ids"] > 0).sum()
+  return {"flops/update": update, "flops/remat": remat, "tokens/trained": int(seg)}
 
 
 def validate(config, num_devices: int | None = None) -> None:

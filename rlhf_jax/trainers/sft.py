@@ -22,6 +22,7 @@ import optax
 
 from rlhf_jax import config as config_lib
 from rlhf_jax import evaluation
+from rlhf_jax import flops as flops_lib
 from rlhf_jax import parallel
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.data import synthetic
@@ -204,7 +205,18 @@ def run(config, workdir: str) -> dict:
       schedule=schedule,
       evaluate=evaluate if eval_ds is not None or policy_eval is not None else None, desc="sft",
       progress_keys=("loss", "eval_loss"),
-      count_tokens=lambda b: b["segment_ids"].astype(bool).sum())
+      count_tokens=lambda b: b["segment_ids"].astype(bool).sum(),
+      compute=lambda b: compute_counts(mcfg, b))
+
+
+def compute_counts(mcfg, batch) -> dict:
+  """One step's FLOPs and tokens (`rlhf_jax.flops`): forward + backward over the
+  padded [B, T] batch, every position unembedded (T - 1 with model.logits_chunk);
+  tokens/trained = the real (segment_ids > 0) tokens."""
+  B, T = batch["tokens"].shape
+  update, remat = flops_lib.train_flops(mcfg, B, T, T - 1 if mcfg.logits_chunk else T)
+  return {"flops/update": update, "flops/remat": remat,
+          "tokens/trained": int((batch["segment_ids"] > 0).sum())}
 
 
 def validate(config, num_devices: int | None = None) -> None:

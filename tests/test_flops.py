@@ -1,0 +1,144 @@
+"""Compute accounting (`rlhf_jax.flops`): the formula on hand-counted shapes, and the
+cumulative flops/* and tokens/* counters of tiny SFT and GRPO runs vs a hand count."""
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import override, read_metrics
+from rlhf_jax import flops
+from rlhf_jax.models.transformer import ModelConfig
+
+# D=8, F=16, H=4, K=2, Dh=2, V=32, L=3
+C = ModelConfig(vocab_size=32, d_model=8, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=2,
+                d_ff=16)
+
+
+def _per_token(c):
+  """(M, U, A) written out: blocks per token, unembedding per position, attention per pair."""
+  D, F, H, K, Dh, V, L = (c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.head_dim,
+                          c.vocab_size, c.n_layers)
+  M = L * (2 * D * H * Dh + 2 * 2 * D * K * Dh + 2 * H * Dh * D + 3 * 2 * D * F)
+  return M, 2 * V * D, L * H * (2 * Dh + 2 * Dh)
+
+
+def test_formula_by_hand():
+  M, U, A = _per_token(C)
+  assert (M, U, A) == (3 * (128 + 128 + 128 + 768), 512, 96)
+  # a forward over 2 rows of 5 tokens: 15 visible (query, key) pairs per row
+  assert flops.forward_flops(C, 2, 5) == 2 * (5 * M + 5 * U + 15 * A)
+  assert flops.forward_flops(C, 2, 5, 1, head_flops=16) == 2 * (5 * M + 16 + 15 * A)
+  assert flops.train_flops(C, 2, 5) == (3 * 2 * (5 * M + 5 * U + 15 * A), 0)
+  # Kaplan et al.: without attention, 3F = 6 N per token (N = matmul parameters)
+  assert 3 * (M + U) == 6 * flops.matmul_params(C)
+  # remat policies
+  qkv = 3 * (2 * 8 * 4 * 2 + 2 * 2 * 8 * 2 * 2)
+  full = 2 * (5 * M + 15 * A)
+  assert {p: flops.remat_flops(C, 2, 5, p) for p in
+          ("none", "full", "dots", "dots_no_batch", "qkv_proj")} == {
+      "none": 0, "full": full, "dots": 0, "dots_no_batch": 2 * 15 * A,
+      "qkv_proj": full - 2 * 5 * qkv}
+  assert flops.train_flops(dataclasses.replace(C, remat=True), 2, 5)[1] == full
+  # generate: prefill 3 prompts of 4 (last position unembedded), then 2 decode steps of
+  # 6 rows (groups of 2 share a prefill) against 5 and 6 keys
+  assert flops.generate_flops(C, 6, 4, 2, prefill_rows=3) == (
+      3 * (4 * M + U + 10 * A) + 6 * ((M + U + 5 * A) + (M + U + 6 * A)))
+  # rollout: 4 rows in sampler calls of 2, lengths (3, 1) and (1, 1): 2 and 0 decode steps
+  assert flops.rollout_generate_flops(C, [3, 1, 1, 1], 4, 2) == (
+      flops.generate_flops(C, 2, 4, 2) + flops.generate_flops(C, 2, 4, 0))
+  # a log-prob window pass: groups of 2 rows packed (prompt 4 + 2 x window 3 = 10 tokens)
+  assert flops.window_flops(C, 4, 4, 3, 2) == 2 * (10 * M + 6 * U + 55 * A)
+  assert flops.window_flops(C, 4, 4, 3) == 4 * (7 * M + 3 * U + 28 * A)
+
+
+def test_counters_resume_from_the_checkpointed_step(tmp_path, capsys):
+  wd = str(tmp_path)
+  c = flops.Counters(wd, 0)
+  c.add({"flops/update": 10, "tokens/trained": 3})
+  c.saved(1)
+  c.add({"flops/generate": 5})
+  c.saved(2)
+  c.add({"flops/remat": 7})
+  row = c.row()
+  assert row["flops/total"] == 22.0 and row["tokens/trained"] == 3.0
+  resumed = flops.Counters(wd, 1)
+  assert resumed.row() == {**dict.fromkeys(flops.KEYS, 0.0), "flops/update": 10.0,
+                           "tokens/trained": 3.0, "flops/total": 10.0}
+  assert flops.Counters(wd, 2).row()["flops/total"] == 15.0
+  old = flops.Counters(wd, 5)  # no row for step 5 (a run from before the counters)
+  assert old.row() == {} and "not logged" in capsys.readouterr().out
+  with pytest.raises(KeyError):
+    c.add({"flops/bogus": 1})
+  flops.Counters(wd, 0)  # a fresh run starts a fresh file
+  assert not os.path.exists(os.path.join(wd, flops.COUNTERS_FILE))
+
+
+def _model(wd):
+  with open(os.path.join(wd, "model_config.json")) as f:
+    return ModelConfig.from_dict(json.load(f))
+
+
+@pytest.mark.slow
+def test_sft_counters_equal_a_hand_count(tmp_path):
+  from rlhf_jax.data import sft as sft_data
+  from rlhf_jax.launch import load_config
+  from rlhf_jax.trainers import sft
+  wd = str(tmp_path)
+  c = override(load_config("configs/sft.py:tiny"), num_steps=2, log_every=1, eval_every=0,
+               **{"checkpoint.async_save": False, "sample.every": 0,
+                  "data.synthetic_train_examples": 64, "optimizer.warmup_steps": 1})
+  sft.run(c, wd)
+  rows = [r for r in read_metrics(wd) if r["step"] > 0]
+  m = _model(wd)
+  M, U, A = _per_token(m)
+  B, T = c.batch_size, c.data.max_seq_len
+  per_step = 3 * B * (T * M + T * U + A * T * (T + 1) // 2)
+  # the real tokens of the two batches the trainer drew (same data pipeline)
+  from rlhf_jax.tokenizer import load_tokenizer
+  train_path, _ = sft.resolve_data(c, wd)
+  ex = sft_data.tokenize_sft_file(train_path, load_tokenizer(wd), T, c.data.overlength,
+                                  c.data.loss_on_prompt)
+  ds = sft_data.batched(sft_data.pad_examples(ex, T, load_tokenizer(wd).pad_id), B, c.seed)
+  real = [int((ds[i]["segment_ids"] > 0).sum()) for i in range(2)]
+  for step, r in zip((1, 2), rows):
+    assert r["flops/update"] == step * per_step
+    assert r["flops/remat"] == 0 and r["flops/generate"] == 0
+    assert r["flops/logprob_passes"] == 0 and r["tokens/sampled"] == 0
+    assert r["flops/total"] == step * per_step
+    assert r["tokens/trained"] == sum(real[:step])
+  assert 0 < real[0] < B * T
+
+
+@pytest.mark.slow
+def test_grpo_counters_equal_a_hand_count(tfds_data_dir, tmp_path):
+  from rlhf_jax.launch import load_config
+  from rlhf_jax.trainers import grpo
+  wd = str(tmp_path)
+  c = override(load_config("configs/grpo.py:tiny"), num_steps=1, log_every=1, eval_every=0,
+               **{"checkpoint.async_save": False, "data.data_dir": tfds_data_dir,
+                  "rollout.stop_at_eos": False, "optimizer.warmup_steps": 0})
+  grpo.run(c, wd)
+  r = read_metrics(wd)[-1]
+  m = _model(wd)
+  M, U, A = _per_token(m)
+  N, G, P, W = (c.rollout.prompts_per_step, c.rollout.group_size, c.data.max_prompt_len,
+                c.rollout.max_new_tokens)
+  B, n = N * G, W - 1  # every completion runs to max_new_tokens: W - 1 decode steps
+  # sampling: one call of B rows, each group's prompt prefilled once (N rows, last
+  # position unembedded), then decode step k of all B rows against P + k keys
+  generate = N * (P * M + U + A * P * (P + 1) // 2) + B * sum(M + U + A * (P + k)
+                                                              for k in range(1, n + 1))
+  # one update per rollout (on-policy: no old-log-prob pass); the reference pass and the
+  # update run each group as one packed row: prompt once + G completions, G W unembedded
+  S = P + G * W
+  forward = N * (S * M + G * W * U + A * S * (S + 1) // 2)
+  assert r["flops/generate"] == generate
+  assert r["flops/logprob_passes"] == forward
+  assert r["flops/update"] == 3 * forward
+  assert r["flops/remat"] == 0
+  assert r["flops/total"] == generate + 4 * forward
+  assert r["tokens/sampled"] == B * W
+  assert 0 < r["tokens/trained"] <= B * (P + W) and r["tokens/trained"] >= B * W
+  assert np.isfinite(r["loss"])
