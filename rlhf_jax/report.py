@@ -33,7 +33,7 @@ import sys
 import numpy as np
 
 from rlhf_jax import report_robust as robust
-from rlhf_jax.report_plots import (plot_curves, plot_frontier, plot_overoptimisation, plot_profiles,
+from rlhf_jax.report_plots import (plot_curves, plot_equal_compute, plot_frontier, plot_overoptimisation, plot_profiles,
                                    plot_scaling)
 from rlhf_jax.report_runs import ReportError, Run, _read_json, discover
 from rlhf_jax.report_stats import final_stats, fit_gao, gain_points
@@ -43,6 +43,7 @@ OPTION_KEYS = ("metrics", "gold", "proxy", "kl", "reward", "capability", "groups
                "bootstrap_reps", "ranges")
 DEFAULTS = {"gold": "eval_reward/gold", "proxy": "eval_reward/proxy", "kl": "eval_kl",
             "reward": "eval_reward"}
+COMPUTE_X = "flops/total"  # cumulative model FLOPs (rlhf_jax/flops.py)
 CSV_COLUMNS = ("group", "label", "metric", "n", "mean", "std", "ci_low", "ci_high", "delta_mean",
                "delta_ci_low", "delta_ci_high", "values", "mean_boot_low", "mean_boot_high", "iqm",
                "iqm_boot_low", "iqm_boot_high", "range_low", "range_high")
@@ -76,7 +77,8 @@ def select(runs: list[Run], paths: list[str], explicit: dict) -> dict:
   excluded groups dropped), labels, title, gold/proxy/kl/reward (a metric key or None),
   curves (metrics plotted), capability (metrics for the alignment tax), primary (the metric of
   the pairwise tables and the scaling fit: gold, else reward, else proxy, else the first
-  curve), scaling_x (its cumulative x column, default "step"), first_table ("bootstrap" or
+  curve), scaling_x (its cumulative x column, default flops/total when logged, else "step"),
+  compute_x (flops/total when every run logs it, else None: no equal-compute section), first_table ("bootstrap" or
   "t"), bootstrap_seed / bootstrap_reps and ranges (metric -> [low, high] over the known ones).
   """
   keys = {k for r in runs for row in r.rows for k in row} - {"step"}
@@ -105,7 +107,11 @@ def select(runs: list[Run], paths: list[str], explicit: dict) -> dict:
              title=opts.get("title") or "Run comparison: " + ", ".join(paths))
   primary = opts.get("primary") if opts.get("primary") in keys else None
   sel["primary"] = primary or sel["gold"] or sel["reward"] or sel["proxy"] or next(iter(sel["curves"]), None)
-  sel["scaling_x"] = opts.get("scaling_x") if opts.get("scaling_x") in keys | {"step"} else "step"
+  # the compute-scaling fit's x: cumulative FLOPs when the runs log them (rlhf_jax.flops)
+  sel["scaling_x"] = (opts.get("scaling_x") if opts.get("scaling_x") in keys | {"step"} else
+                      COMPUTE_X if COMPUTE_X in keys else "step")
+  sel["compute_x"] = COMPUTE_X if all(
+      any(COMPUTE_X in row for row in r.rows) for r in runs) else None
   sel["first_table"] = "t" if opts.get("first_table") == "t" else "bootstrap"
   sel["seed"] = int(opts.get("bootstrap_seed", robust.DEFAULT_SEED))
   sel["reps"] = int(opts.get("bootstrap_reps", robust.DEFAULT_REPS))
@@ -173,6 +179,41 @@ def scaling_table(sel: dict, confidence: float) -> list[dict]:
           for g, rs in sel["groups"].items()]
 
 
+def compute_table(sel: dict, confidence: float) -> dict | None:
+  """The primary metric of every run on a common grid of cumulative FLOPs
+  (`robust.equal_compute`), or None when the runs do not log flops/total."""
+  m, x = sel["primary"], sel["compute_x"]
+  if not m or not x:
+    return None
+  return robust.equal_compute(sel["groups"], m, x, confidence=confidence, reps=sel["reps"],
+                              seed=sel["seed"], value_range=sel["range"](m))
+
+
+def _compute_lines(sel: dict, eq: dict | None, confidence: float) -> list[str]:
+  md = ["## Equal compute", ""]
+  if not sel["primary"]:
+    return []
+  if eq is None:
+    return md + ["Not available: some runs log no `flops/total` (runs from before the compute "
+                 "counters, `rlhf_jax/flops.py`); compare them at equal steps above.", ""]
+  m, x, c = sel["primary"], sel["compute_x"], f"{confidence:.0%}"
+  if not np.isfinite(eq["budget"]) or eq["budget"] <= 0:
+    return md + [f"Not available: some run never logs `{m}` together with `{x}`.", ""]
+  md += [f"`{m}` of every seed interpolated linearly on a common grid of cumulative model "
+         f"FLOPs (`{x}`: sampling + log-prob passes + updates + remat recompute, "
+         "`rlhf_jax/flops.py`) and read at the largest budget every run reached, "
+         f"{eq['budget']:.4g} FLOPs: arms compared at the same compute, not the same step. "
+         f"Mean and IQM over seeds [{c} bootstrap CI]; figure `equal_compute.png`.", ""]
+  rows = []
+  for g in sel["groups"]:
+    s = eq[g]["at_budget"]
+    rows.append([sel["labels"].get(g, g), str(s["n"]),
+                 _interval(s["mean"], s["mean_boot_low"], s["mean_boot_high"]),
+                 _interval(s["iqm"], s["iqm_boot_low"], s["iqm_boot_high"])])
+  return md + _md_table(["group", "n", f"mean at {eq['budget']:.3g} FLOPs",
+                         "IQM"], rows)
+
+
 def _write_csv(path: str, header, rows: list[dict]) -> None:
   with open(path, "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
@@ -180,9 +221,16 @@ def _write_csv(path: str, header, rows: list[dict]) -> None:
     w.writerows(rows)
 
 
-def write_figures(sel: dict, out_dir: str, confidence: float, scaling: list) -> tuple[list, list]:
+def write_figures(sel: dict, out_dir: str, confidence: float, scaling: list,
+                  eq: dict | None = None) -> tuple[list, list]:
   """Writes the PNGs (and fits.csv); returns ([(file, caption)], [fit rows])."""
   groups, labels, figures, fit_rows = sel["groups"], sel["labels"], [], []
+  if eq is not None and len(eq["grid"]):
+    plot_equal_compute(groups, labels, sel["primary"], sel["compute_x"], eq,
+                       os.path.join(out_dir, "equal_compute.png"), confidence)
+    figures.append(("equal_compute.png", f"{sel['primary']} vs cumulative {sel['compute_x']}: "
+                    f"mean over seeds with a {confidence:.0%} bootstrap band (faint: seeds); "
+                    "dotted: the budget of the equal-compute table."))
   for m in sel["curves"]:
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", m).strip("_") + ".png"
     timed = plot_curves(groups, labels, m, os.path.join(out_dir, name), confidence)
@@ -333,7 +381,8 @@ def _final_lines(sel: dict, table: dict, c: str) -> dict:
 
 
 def markdown(sel: dict, paths: list[str], table: dict, figures: list, fit_rows: list,
-             confidence: float, pairs: list | None = None, scaling: list | None = None) -> str:
+             confidence: float, pairs: list | None = None, scaling: list | None = None,
+             eq: dict | None = None) -> str:
   """report.md: title, date, runs, how to read, final tables (bootstrap / Student-t, in the
   first_table order), probability of improvement and seeds needed, fits, alignment tax, figures."""
   groups, labels, c = sel["groups"], sel["labels"], f"{confidence:.0%}"
@@ -365,6 +414,7 @@ def markdown(sel: dict, paths: list[str], table: dict, figures: list, fit_rows: 
   first = sel["first_table"]
   md += finals[first] + finals["t" if first == "bootstrap" else "bootstrap"]
   md += _pair_lines(sel, pairs or [], confidence)
+  md += _compute_lines(sel, eq, confidence)
   if fit_rows:
     md += ["## Over-optimisation fit", "", "Gold reward gain R over step 0 fitted as "
            "R(d) = d (α − β ln d), d = sqrt(KL) (Gao, Schulman & Hilton 2022, *Scaling Laws for "
@@ -410,10 +460,11 @@ def write_report(paths: list[str], out_dir: str, *, metrics=None, gold=None, pro
   pairs, scaling = pair_table(sel, table, confidence), scaling_table(sel, confidence)
   _write_csv(os.path.join(out_dir, "pairs.csv"), PAIR_COLUMNS, pairs)
   _write_csv(os.path.join(out_dir, "scaling_fits.csv"), SCALING_COLUMNS, scaling)
-  figures, fit_rows = write_figures(sel, out_dir, confidence, scaling)
+  eq = compute_table(sel, confidence)
+  figures, fit_rows = write_figures(sel, out_dir, confidence, scaling, eq)
   path = os.path.join(out_dir, "report.md")
   with open(path, "w") as f:
-    f.write(markdown(sel, paths, table, figures, fit_rows, confidence, pairs, scaling))
+    f.write(markdown(sel, paths, table, figures, fit_rows, confidence, pairs, scaling, eq))
   return path
 
 
@@ -429,7 +480,8 @@ def main(argv=None) -> int:
     p.add_argument(f"--{name}", help=f"metric key (default {default} when logged)")
   p.add_argument("--primary", help="metric of the pairwise tables and the scaling fit "
                  "(default: gold, else reward, else proxy)")
-  p.add_argument("--scaling_x", help="cumulative x column of the scaling fit (default step)")
+  p.add_argument("--scaling_x", help="cumulative x column of the scaling fit (default "
+                 "flops/total when the runs log it, else step)")
   p.add_argument("--first_table", choices=("bootstrap", "t"),
                  help="final-metric table shown first (default bootstrap)")
   p.add_argument("--bootstrap_seed", type=int, help=f"default {robust.DEFAULT_SEED}")

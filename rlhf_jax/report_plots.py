@@ -150,3 +150,24 @@ def plot_scaling(groups: dict, labels: dict, metric: str, x: str, fits: list[dic
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.savefig(path, dpi=110)
+
+
+def plot_equal_compute(groups: dict, labels: dict, metric: str, x: str, eq: dict, path: str,
+                       confidence: float) -> None:
+  """`metric` vs cumulative `x` (FLOPs) on the common grid (`report_robust.equal_compute`):
+  per group the mean over seeds with its bootstrap band; faint lines are seeds; the dotted
+  line marks the budget of the equal-compute table."""
+  fig, axes = _figure(1, f"{metric} vs {x}: mean over seeds, {confidence:.0%} bootstrap band")
+  ax, grid = axes[0], eq["grid"]
+  for i, g in enumerate(groups):
+    c, color = eq[g], f"C{i % 10}"
+    for v in c["values"]:
+      ax.plot(grid, v, color=color, alpha=0.25, lw=0.8)
+    ax.plot(grid, c["mean"], color=color, marker=".", label=f"{labels.get(g, g)} (n={len(c['values'])})")
+    ok = np.isfinite(c["low"]) & np.isfinite(c["high"])
+    ax.fill_between(grid[ok], c["low"][ok], c["high"][ok], color=color, alpha=0.2)
+  ax.axvline(eq["budget"], color="k", ls=":", lw=1)
+  ax.set(xlabel=x, ylabel=axis_label(metric), title=f"{metric} vs {x}")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.savefig(path, dpi=110)

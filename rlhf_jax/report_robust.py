@@ -287,3 +287,52 @@ def fit_scaling_seeds(runs: list[Run], metric: str, x: str, confidence: float = 
     for j, k in enumerate(("a", "b", "c_mid")):
       fit[f"{k}_low"], fit[f"{k}_high"] = float(q[0, j]), float(q[1, j])
   return fit
+
+
+# ----------------------------------------------------------------------------- equal compute
+
+def on_grid(run: Run, metric: str, x: str, grid) -> np.ndarray:
+  """`metric` of one run linearly interpolated at the points `grid` of its cumulative column
+  `x` (e.g. flops/total), from the rows logging both; nan outside the run's logged x range."""
+  c, r = scaling_points(run, metric, x)
+  order = np.argsort(c, kind="stable")
+  c, r = c[order], r[order]
+  out = np.full(len(grid), NAN)
+  if c.size:
+    inside = (np.asarray(grid) >= c[0]) & (np.asarray(grid) <= c[-1])
+    out[inside] = np.interp(np.asarray(grid)[inside], c, r)
+  return out
+
+
+def compute_budget(groups: dict, metric: str, x: str) -> float:
+  """The largest `x` every run of every group reached while logging `metric` (nan if a run
+  never logs both): the budget of the equal-compute table."""
+  ends = []
+  for rs in groups.values():
+    for r in rs:
+      c, _ = scaling_points(r, metric, x)
+      ends.append(float(c.max()) if c.size else NAN)
+  return float(min(ends)) if ends and not np.isnan(ends).any() else NAN
+
+
+def equal_compute(groups: dict, metric: str, x: str = "flops/total", points: int = 25,
+                  confidence: float = 0.95, reps: int = DEFAULT_REPS, seed: int = DEFAULT_SEED,
+                  value_range=(-INF, INF)) -> dict:
+  """Every run's `metric` on a common grid of `points` values of `x` from 0 to the budget
+  (`compute_budget`), and per group, at each grid point, the mean over seeds with its
+  bootstrap CI (`bootstrap_ci`). Returns {"budget", "grid", group: {"values" [seeds, points],
+  "mean", "low", "high", "iqm", "n"} (each [points]; "at_budget": robust_stats at the budget)}."""
+  budget = compute_budget(groups, metric, x)
+  out = {"budget": budget, "grid": np.array([])}
+  if not np.isfinite(budget) or budget <= 0:
+    return out
+  grid = np.linspace(0.0, budget, points)
+  out["grid"] = grid
+  for g, rs in groups.items():
+    vals = np.array([on_grid(r, metric, x, grid) for r in rs])
+    stats = [bootstrap_ci([vals[:, j]], _mean, confidence, reps, seed, value_range)
+             for j in range(points)]
+    mean, low, high, n = (np.array(v) for v in zip(*stats))
+    out[g] = dict(values=vals, mean=mean, low=low, high=high, n=n,
+                  at_budget=robust_stats(vals[:, -1], confidence, reps, seed, value_range))
+  return out

@@ -142,3 +142,47 @@ def test_grpo_counters_equal_a_hand_count(tfds_data_dir, tmp_path):
   assert r["tokens/sampled"] == B * W
   assert 0 < r["tokens/trained"] <= B * (P + W) and r["tokens/trained"] >= B * W
   assert np.isfinite(r["loss"])
+
+
+def _run(path, rows):
+  path.mkdir(parents=True)
+  with open(path / "metrics.jsonl", "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+
+
+def test_report_equal_compute_interpolates_on_a_flops_grid(tmp_path):
+  from rlhf_jax import report, report_robust
+  from rlhf_jax.report_runs import discover
+  # arm "a": 10 FLOPs a step, logged every 2 steps; arm "b": 30 a step, logged every step;
+  # accuracy = FLOPs / 100 for a (seed 1: + 0.1), FLOPs / 200 for b
+  root = tmp_path / "sweep"
+  for seed, off in ((0, 0.0), (1, 0.1)):
+    _run(root / f"a/seed_{seed}", [{"step": s, "flops/total": 10.0 * s,
+                                    "eval_accuracy": 10.0 * s / 100 + off}
+                                   for s in range(0, 9, 2)])
+  for seed in (0, 1):
+    _run(root / f"b/seed_{seed}", [{"step": s, "flops/total": 30.0 * s,
+                                    "eval_accuracy": 30.0 * s / 200} for s in range(0, 5)])
+  groups = {}
+  for r in discover([str(root)]):
+    groups.setdefault(r.group, []).append(r)
+  eq = report_robust.equal_compute(groups, "eval_accuracy", points=5, reps=200)
+  assert eq["budget"] == 80.0  # a reached 80, b 120
+  np.testing.assert_allclose(eq["grid"], [0, 20, 40, 60, 80])
+  np.testing.assert_allclose(eq["a"]["mean"], np.array([0, 20, 40, 60, 80]) / 100 + 0.05)
+  np.testing.assert_allclose(eq["b"]["mean"], np.array([0, 20, 40, 60, 80]) / 200)  # interpolated
+  assert eq["a"]["at_budget"]["mean"] == pytest.approx(0.85)
+  assert eq["b"]["at_budget"]["mean_boot_low"] == pytest.approx(0.4)  # equal seeds: no spread
+  out = report.write_report([str(root)], str(tmp_path / "rep"), primary="eval_accuracy")
+  md = open(out).read()
+  assert "## Equal compute" in md and "8e+01 FLOPs" in md.replace("80 FLOPs", "8e+01 FLOPs")
+  assert os.path.exists(tmp_path / "rep" / "equal_compute.png")
+  assert "vs cumulative `flops/total`" in md  # the scaling fit's default x
+  # old runs without the counters: one line, no section
+  old = tmp_path / "old"
+  for g in ("a", "b"):
+    _run(old / g / "seed_0", [{"step": s, "eval_accuracy": 0.1 * s} for s in range(3)])
+  md = open(report.write_report([str(old)], str(tmp_path / "rep_old"))).read()
+  assert "Not available: some runs log no `flops/total`" in md
+  assert not os.path.exists(tmp_path / "rep_old" / "equal_compute.png")

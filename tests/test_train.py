@@ -56,7 +56,8 @@ def test_workdir_contract(reference_run):
   steps = [r["step"] for r in rows]
   assert steps == [0, 2, 4, 6, 8, 10, 12]
   for r in rows[1:]:
-    for key in ("loss", "learning_rate", "tokens_per_second", "grad_norm"):
+    for key in ("loss", "learning_rate", "tokens_per_second", "grad_norm", "flops/total",
+                "tokens/trained"):
       assert np.isfinite(r[key]), (key, r)
   assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
   samples = [json.loads(l) for l in open(os.path.join(wd, "samples.jsonl"))]
@@ -84,6 +85,8 @@ def test_kill_and_resume_is_bitwise_identical(reference_run, tmp_path):
   # metrics.jsonl reads like one uninterrupted run (steps re-done after the kill not duplicated)
   assert [r["step"] for r in metrics(wd)] == [r["step"] for r in metrics(reference_run)]
   assert [r.get("loss") for r in metrics(wd)] == [r.get("loss") for r in metrics(reference_run)]
+  for key in ("flops/total", "tokens/trained"):  # compute counters: cumulative across the resume
+    assert [r.get(key) for r in metrics(wd)] == [r.get(key) for r in metrics(reference_run)]
 
 
 def jax_leaves(tree):
