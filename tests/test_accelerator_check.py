@@ -62,7 +62,7 @@ def test_every_section_has_measured_rows_with_finite_numbers(dry_run):
 def test_formulas_and_tolerance_are_printed(dry_run):
   proc, _, _, _ = dry_run
   out = proc.stdout
-  assert "model FLOPs = 6 * N * B * T" in out and "12 * L * H * Dh * T^2 / 2" in out
+  assert "model FLOPs = 6 * N * B * T" in out and "12 * L * H * Dh * T(T+1)/2" in out
   assert "bytes read per decode step = weight bytes" in out
   assert "a backend passes when err_bf16(backend) <= 2 x err_bf16(dense)" in out
   assert "DRY RUN" in out and out.rstrip().splitlines()[-1].startswith("# done in")

@@ -98,11 +98,12 @@ TOLERANCE_TEXT = (f"parity: err = max|x - x_f32| / max|x_f32| over real query po
                   f"err_bf16(backend) <= {TOL_FACTOR:g} x err_bf16(dense) + {TOL_FLOOR:g}")
 FLOPS_TEXT = ("MFU = model FLOPs per step / step time / peak; model FLOPs = 6 * N * B * T "
               "(N = matmul parameters: L * (D*Dh*(H+2K) + H*Dh*D + 3*D*F) + V*D for the "
-              "unembedding; the input embedding is a gather) + 6 * L * H * Dh * T^2 * B "
+              "unembedding; the input embedding is a gather) + attention "
               "(attention QK^T and PV: 4 * T^2 * H * Dh per layer forward, x3 for "
-              "forward + backward, /2 causal = 12 * L * H * Dh * T^2 / 2 per sequence). "
+              "forward + backward, causal: 12 * L * H * Dh * T(T+1)/2 per sequence; "
+              "rlhf_jax/flops.py). "
               "HFU adds remat 'full' recompute, one more forward of every block: "
-              "2 * (N - V*D) * B * T + 2 * L * H * Dh * T^2 * B. Norms, RoPE, softmax and the "
+              "2 * (N - V*D) * B * T + 4 * L * H * Dh * B * T(T+1)/2. Norms, RoPE, softmax and the "
               "optimizer are not counted; the masked half of T x T that dense computes isn't "
               "either (same model FLOPs for every backend).")
 ROOFLINE_TEXT = ("decode roofline: bytes read per decode step = weight bytes (every parameter "
@@ -561,12 +562,10 @@ def matmul_params(c: ModelConfig) -> int:
 
 
 def train_flops(c: ModelConfig, B: int, T: int) -> tuple[float, float]:
-  """(model FLOPs, remat-full recompute FLOPs) of one SFT step over B rows of T tokens."""
-  n = matmul_params(c)
-  attn = c.n_layers * c.n_heads * c.head_dim * T * T * B
-  model = 6 * n * B * T + 6 * attn
-  recompute = 2 * (n - c.vocab_size * c.d_model) * B * T + 2 * attn
-  return float(model), float(recompute)
+  """(model FLOPs, remat-full recompute FLOPs) of one SFT step over B rows of T tokens
+  (`rlhf_jax.flops.mfu_train_flops`, the formula every trainer's counters use)."""
+  from rlhf_jax import flops  # pylint: disable=g-import-not-at-top
+  return flops.mfu_train_flops(c, B, T)
 
 
 def _make_step(model):

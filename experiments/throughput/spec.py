@@ -38,13 +38,25 @@ def num_params(m=MODEL) -> int:
   return v * d * (1 if m["tie_embeddings"] else 2) + L * per_layer + d
 
 
+def _flops_lib():
+  """rlhf_jax/flops.py, the one FLOPs formula, loaded by path: it needs only the standard
+  library, so the peer venvs (no rlhf_jax, no jax) use it too."""
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(__file__), "..", "..", "rlhf_jax", "flops.py")
+  spec = importlib.util.spec_from_file_location("_rlhf_jax_flops", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
 def train_flops(tokens: int, seq_len: int, m=MODEL) -> float:
-  """Model FLOPs of a forward+backward pass over `tokens` tokens in rows of `seq_len`:
-  6 N tokens (matmul parameters; the input embedding gather excluded) plus causal
-  attention 6 * L * T * d_attn per token (QK^T and AV, half masked: 12/2)."""
-  n_matmul = num_params(m) - m["vocab_size"] * m["d_model"]  # embedding lookup is no matmul
-  attn = 6 * m["n_layers"] * seq_len * m["n_heads"] * m["head_dim"]
-  return tokens * (6 * n_matmul + attn)
+  """Model FLOPs of a forward+backward pass over `tokens` tokens in rows of `seq_len`
+  (`rlhf_jax.flops.train_flops`: 3 x forward; matmuls incl. the unembedding of every
+  position, causal attention over T(T+1)/2 pairs a row; the embedding gather excluded)."""
+  import types
+  c = types.SimpleNamespace(**m, resolved_remat_policy="none")
+  return float(_flops_lib().train_flops(c, tokens // seq_len, seq_len)[0])
 
 
 def forward_flops(tokens: int, seq_len: int, m=MODEL) -> float:
