@@ -1165,6 +1165,9 @@ def test_no_pickle_and_no_deletion_of_user_files():
         if delete.search(code):
           deletions.append((rel, code.strip()))
   assert sorted(deletions) == [
+      # ComputeCounters at step 0: WORKDIR/compute_counters.jsonl of an earlier launch of the
+      # same workdir that never checkpointed (a file the trainer itself writes)
+      ("rlhf_jax/flops.py", "os.remove(self.path)"),
       # export --overwrite: a stale shard index in the output directory it was told to replace
       ("rlhf_jax/models/pretrained.py",
        '(path / "model.safetensors.index.json").unlink(missing_ok=True)'),

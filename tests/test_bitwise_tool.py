@@ -32,6 +32,7 @@ def test_metric_rows_drop_only_wall_clock_keys(tmp_path):
            "rollout_tokens_per_second": 9.0}]
   (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
   assert _tool().metric_rows(str(tmp_path)) == [{"step": 1, "loss": 0.5}]
+  assert _tool().metric_rows(str(tmp_path), ("lo",)) == [{"step": 1}]  # --added lo
 
 
 def test_trees_equal_is_bitwise():

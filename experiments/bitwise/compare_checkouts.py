@@ -82,8 +82,11 @@ def run_cell(checkout: str, spec: str, overrides: dict, workdir: str, log: str) 
   return rc, time.time() - t0
 
 
-def metric_rows(workdir: str) -> list[dict]:
-  return [{k: v for k, v in r.items() if not kr.is_timing_key(k)}
+def metric_rows(workdir: str, added=()) -> list[dict]:
+  """metrics.jsonl rows without wall-clock keys, nor keys starting with a prefix in `added`
+  (metrics a feature added on purpose: every other value must still be equal)."""
+  keep = lambda k: not kr.is_timing_key(k) and not k.startswith(tuple(added))
+  return [{k: v for k, v in r.items() if keep(k)}
           for r in kr.read_rows(os.path.join(workdir, "metrics.jsonl"))]
 
 
@@ -101,8 +104,8 @@ def rename_leaves(tree: dict, key_map) -> dict:
   return out
 
 
-def compare_cell(a: str, b: str, key_map=()) -> dict:
-  ra, rb = metric_rows(a), metric_rows(b)
+def compare_cell(a: str, b: str, key_map=(), added=()) -> dict:
+  ra, rb = metric_rows(a, added), metric_rows(b, added)
   diff_rows = [i for i, (x, y) in enumerate(zip(ra, rb)) if x != y]
   first = None
   if diff_rows:
@@ -132,6 +135,9 @@ def main(argv=None) -> int:
                   "paths starting with OLD are compared with the after-checkout's starting "
                   "with NEW (repeatable; paths as jax.tree_util.keystr, e.g. "
                   "\"['loop']=['opt_state']\")")
+  ap.add_argument("--added", action="append", default=[], metavar="PREFIX",
+                  help="metrics keys starting with PREFIX (repeatable) are left out of the "
+                  "comparison: metrics a change added on purpose, e.g. flops/")
   a = ap.parse_args(argv)
   key_map = []
   for m in a.map:
@@ -166,7 +172,7 @@ def main(argv=None) -> int:
       print(f"{name:22s} FAILED   {res['error']}")
     else:
       res = compare_cell(os.path.join(a.out, "before", name), os.path.join(a.out, "after", name),
-                         key_map)
+                         key_map, a.added)
       print(f"{name:22s} {'equal' if res['metrics_equal'] else 'DIFFER':8s} "
             f"{'equal' if res['checkpoint_equal'] else 'DIFFER':8s} {res['rows'][1]:4d}  "
             f"{res['leaves']:6d}  {r['before'][1]:.0f}/{r['after'][1]:.0f}", flush=True)
@@ -178,7 +184,8 @@ def main(argv=None) -> int:
     results[name] = res
     ok &= "error" not in res and res["metrics_equal"] and res["checkpoint_equal"]
   with open(os.path.join(a.out, "results.json"), "w") as f:
-    json.dump({"checkouts": checkouts, "steps": a.steps, "map": key_map, "cells": results}, f,
+    json.dump({"checkouts": checkouts, "steps": a.steps, "map": key_map, "added": a.added,
+               "cells": results}, f,
               indent=1)
   print("ALL EQUAL" if ok else "SOME CELLS DIFFER OR FAILED", f"({len(names)} cells)")
   return 0 if ok else 1
