@@ -1,4 +1,4 @@
-"""Config loading, validation and helpers shared by every trainer.
+"""Config validation and helpers shared by every trainer (loading: rlhf_jax/config_keys.py).
 
 Every knob lives in one `ml_collections.ConfigDict`; `base_config`
 (rlhf_jax/config_defaults.py, re-exported here) holds the defaults (the tiny CPU run)
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import runpy
 
 from ml_collections import ConfigDict
 
@@ -25,30 +23,6 @@ from rlhf_jax.models.transformer import ModelConfig
 
 class ConfigError(ValueError):
   """A config key or value that cannot work; the message names it."""
-
-
-def load_config(spec: str) -> ConfigDict:
-  """`path/to/file.py[:preset]` -> the ConfigDict of the file's get_config(preset);
-  ConfigError naming the file / preset when it cannot be loaded."""
-  path, _, preset = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ConfigError(f"--config: file not found: {path}")
-  try:
-    module = runpy.run_path(path)
-  except Exception as e:  # the config file is user code: name it, not our traceback
-    raise ConfigError(f"--config: cannot load {path}: {type(e).__name__}: {e}") from None
-  if "get_config" not in module:
-    raise ConfigError(f"--config: {path} defines no get_config()")
-  try:
-    config = module["get_config"](preset) if preset else module["get_config"]()
-  except ValueError as e:
-    raise ConfigError(f"--config={spec}: {e}") from None
-  except Exception as e:
-    raise ConfigError(f"--config={spec}: get_config() raised {type(e).__name__}: {e}") from None
-  if not isinstance(config, ConfigDict):
-    raise ConfigError(f"--config={spec}: get_config() returned {type(config).__name__}, "
-                      f"expected an ml_collections ConfigDict")
-  return config
 
 
 # ----------------------------------------------------------------------------

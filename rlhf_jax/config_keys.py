@@ -1,16 +1,44 @@
-"""Key checks of config overrides: every `--config.KEY=...` flag names a key the config
-has (else ConfigError naming the key and the closest valid one), and a flag value of the
-wrong type gets one line naming the key, its type and its default.
+"""Reading a config from the command line: `file.py[:preset]` specs (`load_config`) and
+key checks of overrides: every `--config.KEY=...` flag names a key the config has (else
+ConfigError naming the key and the closest valid one), and a flag value of the wrong type
+gets one line naming the key, its type and its default.
 """
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import runpy
 from typing import Iterable
 
 from ml_collections import ConfigDict
 
 from rlhf_jax.config import ConfigError
+
+
+def load_config(spec: str) -> ConfigDict:
+  """`path/to/file.py[:preset]` -> the ConfigDict of the file's get_config(preset);
+  ConfigError naming the file / preset when it cannot be loaded."""
+  path, _, preset = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config: file not found: {path}")
+  try:
+    module = runpy.run_path(path)
+  except Exception as e:  # the config file is user code: name it, not our traceback
+    raise ConfigError(f"--config: cannot load {path}: {type(e).__name__}: {e}") from None
+  if "get_config" not in module:
+    raise ConfigError(f"--config: {path} defines no get_config()")
+  try:
+    config = module["get_config"](preset) if preset else module["get_config"]()
+  except ValueError as e:
+    raise ConfigError(f"--config={spec}: {e}") from None
+  except Exception as e:
+    raise ConfigError(f"--config={spec}: get_config() raised {type(e).__name__}: {e}") from None
+  if not isinstance(config, ConfigDict):
+    raise ConfigError(f"--config={spec}: get_config() returned {type(config).__name__}, "
+                      f"expected an ml_collections ConfigDict")
+  return config
+
 
 
 def _all_keys(config: ConfigDict, prefix: str = "") -> list[str]:

@@ -60,11 +60,12 @@ def _config_arg(argv):
 
 
 def load_config(spec: str):
-  """`path/to/file.py[:preset]` -> ConfigDict (`config.load_config`); on the command line
+  """`path/to/file.py[:preset]` -> ConfigDict (`config_keys.load_config`); on the command line
   a bad path or preset prints its one-line error and exits with status 2."""
   from rlhf_jax import config as config_lib
+  from rlhf_jax import config_keys
   try:
-    return config_lib.load_config(spec)
+    return config_keys.load_config(spec)
   except config_lib.ConfigError as e:
     _die(str(e))
 

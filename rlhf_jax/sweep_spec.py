@@ -208,7 +208,7 @@ def _check_config_keys(cells):
       if not os.path.isfile(spec.partition(":")[0]):
         raise SweepError(f"cell {c['name']!r}: config file not found: {spec.partition(':')[0]}")
       try:
-        loaded[spec] = config_lib.load_config(spec)
+        loaded[spec] = config_keys.load_config(spec)
       except Exception as e:
         raise SweepError(f"cell {c['name']!r}: cannot load config {spec} ({e})") from None
     for key in c["overrides"]:
