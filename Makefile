@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 DEMO_DIR ?= runs/demo
 PARALLEL ?= 2
 
-.PHONY: install demo demo-sft test test-fast reliability throughput clean-demo
+.PHONY: install demo demo-full demo-sft test test-fast reliability throughput clean-demo
 
 install: $(STAMP)
 
@@ -26,6 +26,13 @@ demo: $(STAMP)
 	$(BIN)/rlhf-jax sweep experiments/ppo_vs_grpo_vs_dpo/sweep.py:tiny \
 	    --sweep_dir=$(DEMO_DIR) --parallel=$(PARALLEL)
 	@echo "report: $(DEMO_DIR)/report/report.md"
+
+# The same study with 10 seeds of every arm (its own directory; time in the README).
+DEMO_FULL_DIR ?= runs/demo_full
+demo-full: $(STAMP)
+	$(BIN)/rlhf-jax sweep experiments/ppo_vs_grpo_vs_dpo/sweep.py:full \
+	    --sweep_dir=$(DEMO_FULL_DIR) --parallel=$(PARALLEL)
+	@echo "report: $(DEMO_FULL_DIR)/report/report.md"
 
 # The one-minute SFT run of the tiny model.
 demo-sft: $(STAMP)

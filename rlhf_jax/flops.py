@@ -25,7 +25,7 @@ softmax, activations, the optimizer and the input embedding gather are not count
 FLOPs use padded shapes (what the hardware runs: the rows and lengths of the arrays
 passed to the jitted functions; pad tokens and the masked pairs of packed segments are
 counted, the masked upper triangle of a dense T x T attention is not). tokens/* count
-real (unpadded) tokens. Without the attention term and with U counted once per token,
+real (unpadded) tokens; samples/completions the sequences learned from (SAMPLE_KEYS). Without the attention term and with U counted once per token,
 3F = 6 N T, the approximation of Kaplan et al. 2020 ("Scaling Laws for Neural Language
 Models", C = 6 N per token, N = non-embedding parameters); the attention term is
 that of Hoffmann et al. 2022 (Chinchilla, appendix F), there 2 x 2 T D_attn per token
@@ -44,7 +44,12 @@ import os
 # Cumulative counters in every metrics.jsonl row (and flops/total, their FLOPs' sum).
 FLOP_KEYS = ("flops/generate", "flops/logprob_passes", "flops/update", "flops/remat")
 TOKEN_KEYS = ("tokens/sampled", "tokens/trained")
-KEYS = FLOP_KEYS + TOKEN_KEYS
+# Completions (sequences) a step learned from, once per step whatever the epochs: sampled
+# (PPO / GRPO: prompts_per_step * group_size), or read from the data (DPO: every side of
+# every pair, so 2 per pair; RM: 2 per pair; SFT: examples, packed ones counted apart;
+# PRM: rows). The x axis of the report's "equal samples" comparison.
+SAMPLE_KEYS = ("samples/completions",)
+KEYS = FLOP_KEYS + TOKEN_KEYS + SAMPLE_KEYS
 TOTAL = "flops/total"
 COUNTERS_FILE = "compute_counters.jsonl"  # the counters at each checkpointed step
 

@@ -31,18 +31,30 @@ import sys
 import numpy as np
 
 from rlhf_jax import report_robust as robust
-from rlhf_jax.report_plots import (plot_curves, plot_equal_compute, plot_frontier, plot_overoptimisation, plot_profiles,
-                                   plot_scaling)
+from rlhf_jax.report_plots import (plot_curves, plot_equal, plot_frontier, plot_overoptimisation,
+                                   plot_profiles, plot_scaling)
 from rlhf_jax.report_runs import ReportError, Run, _read_json, discover
 from rlhf_jax.report_markdown import markdown
 from rlhf_jax.report_stats import final_stats, fit_gao, gain_points
 
 OPTION_KEYS = ("metrics", "gold", "proxy", "kl", "reward", "capability", "groups", "exclude",
                "title", "labels", "primary", "scaling_x", "first_table", "bootstrap_seed",
-               "bootstrap_reps", "ranges")
+               "bootstrap_reps", "ranges", "baselines")
 DEFAULTS = {"gold": "eval_reward/gold", "proxy": "eval_reward/proxy", "kl": "eval_kl",
             "reward": "eval_reward"}
 COMPUTE_X = "flops/total"  # cumulative model FLOPs (rlhf_jax/flops.py)
+SAMPLES_X = "samples/completions"  # cumulative completions learned from (rlhf_jax/flops.py)
+# The equal-x comparisons: (section name, x column, what x is, unit, figure). The KL axis's
+# column is the report's `kl` metric (None: no KL section).
+AXES = (("compute", COMPUTE_X, "cumulative model FLOPs (`flops/total`: sampling + log-prob "
+         "passes + updates + remat recompute, `rlhf_jax/flops.py`)", "FLOPs", "equal_compute.png"),
+        ("samples", SAMPLES_X, "cumulative completions learned from (`samples/completions`: "
+         "sampled by PPO / GRPO, read from the data by DPO, 2 per pair)", "completions",
+         "equal_samples.png"),
+        ("KL", None, "KL to the start policy; each seed's eval points in order of KL", "nats",
+         "equal_kl.png"))
+EQUAL_COLUMNS = ("axis", "x", "budget", "group", "label", "n", "mean", "mean_boot_low",
+                 "mean_boot_high", "iqm", "iqm_boot_low", "iqm_boot_high")
 CSV_COLUMNS = ("group", "label", "metric", "n", "mean", "std", "ci_low", "ci_high", "delta_mean",
                "delta_ci_low", "delta_ci_high", "values", "mean_boot_low", "mean_boot_high", "iqm",
                "iqm_boot_low", "iqm_boot_high", "range_low", "range_high")
@@ -77,8 +89,10 @@ def select(runs: list[Run], paths: list[str], explicit: dict) -> dict:
   curves (metrics plotted), capability (metrics for the alignment tax), primary (the metric of
   the pairwise tables and the scaling fit: gold, else reward, else proxy, else the first
   curve), scaling_x (its cumulative x column, default flops/total when logged, else "step"),
-  compute_x (flops/total when every run logs it, else None: no equal-compute section), first_table ("bootstrap" or
-  "t"), bootstrap_seed / bootstrap_reps and ranges (metric -> [low, high] over the known ones).
+  first_table ("bootstrap" or
+  "t"), bootstrap_seed / bootstrap_reps, ranges (metric -> [low, high] over the known ones) and
+  baselines (groups that are start points, not arms, e.g. the SFT policy every arm starts
+  from: left out of the equal-x comparisons and drawn as a reference line there).
   """
   keys = {k for r in runs for row in r.rows for k in row} - {"step"}
   _check_known(_as_list(explicit["metrics"]) + _as_list(explicit["capability"])
@@ -87,8 +101,8 @@ def select(runs: list[Run], paths: list[str], explicit: dict) -> dict:
     _check_known([explicit["scaling_x"]], keys | {"step"}, "x column")
   if explicit["first_table"] not in (None, "bootstrap", "t"):
     raise ReportError(f"first_table must be 'bootstrap' or 't', got {explicit['first_table']!r}")
-  _check_known(_as_list(explicit["groups"]) + _as_list(explicit["exclude"]),
-               {r.group for r in runs}, "group")
+  _check_known(_as_list(explicit["groups"]) + _as_list(explicit["exclude"])
+               + _as_list(explicit["baselines"]), {r.group for r in runs}, "group")
   opts = {}
   for p in paths:
     rep = _read_json(os.path.join(p, "sweep.json"), strict=True).get("report")
@@ -109,8 +123,6 @@ def select(runs: list[Run], paths: list[str], explicit: dict) -> dict:
   # the compute-scaling fit's x: cumulative FLOPs when the runs log them (rlhf_jax.flops)
   sel["scaling_x"] = (opts.get("scaling_x") if opts.get("scaling_x") in keys | {"step"} else
                       COMPUTE_X if COMPUTE_X in keys else "step")
-  sel["compute_x"] = COMPUTE_X if all(
-      any(COMPUTE_X in row for row in r.rows) for r in runs) else None
   sel["first_table"] = "t" if opts.get("first_table") == "t" else "bootstrap"
   sel["seed"] = int(opts.get("bootstrap_seed", robust.DEFAULT_SEED))
   sel["reps"] = int(opts.get("bootstrap_reps", robust.DEFAULT_REPS))
@@ -127,6 +139,7 @@ def select(runs: list[Run], paths: list[str], explicit: dict) -> dict:
     raise ReportError("every group is excluded")
   names = [g for g in order if g in by_group] + sorted(g for g in by_group if g not in order)
   sel["groups"] = {g: by_group[g] for g in names}
+  sel["baselines"] = [g for g in _as_list(opts.get("baselines")) if g in by_group]
   return sel
 
 
@@ -178,14 +191,38 @@ def scaling_table(sel: dict, confidence: float) -> list[dict]:
           for g, rs in sel["groups"].items()]
 
 
-def compute_table(sel: dict, confidence: float) -> dict | None:
-  """The primary metric of every run on a common grid of cumulative FLOPs
-  (`robust.equal_compute`), or None when the runs do not log flops/total."""
-  m, x = sel["primary"], sel["compute_x"]
-  if not m or not x:
-    return None
-  return robust.equal_compute(sel["groups"], m, x, confidence=confidence, reps=sel["reps"],
-                              seed=sel["seed"], value_range=sel["range"](m))
+def equal_tables(sel: dict, confidence: float) -> list[dict]:
+  """The primary metric of every arm (groups but the baselines) on a common grid of each
+  AXES column (`robust.equal_x`): [{name, x, about, unit, file, eq}], eq None when some arm
+  logs no x (runs from before the counters; a run without the KL metric). The KL axis only
+  when the report has a kl metric that is not the primary one."""
+  m = sel["primary"]
+  arms = {g: rs for g, rs in sel["groups"].items() if g not in sel["baselines"]}
+  out = []
+  if not m or not arms:
+    return out
+  for name, x, about, unit, file in AXES:
+    x = x or (sel["kl"] if sel["kl"] != m else None)
+    if x is None:
+      continue
+    logged = all(any(x in row for row in r.rows) for rs in arms.values() for r in rs)
+    eq = robust.equal_x(arms, m, x, confidence=confidence, reps=sel["reps"], seed=sel["seed"],
+                        value_range=sel["range"](m)) if logged else None
+    out.append(dict(name=name, x=x, about=about, unit=unit, file=file, eq=eq))
+  return out
+
+
+def equal_rows(sel: dict, tables: list[dict]) -> list[dict]:
+  """equal_x.csv: one row per (axis, arm) with the stats at the axis's budget."""
+  rows = []
+  for t in tables:
+    if t["eq"] is None or not len(t["eq"]["grid"]):
+      continue
+    for g in t["eq"]:
+      if g not in ("budget", "grid"):
+        rows.append(dict(t["eq"][g]["at_budget"], axis=t["name"], x=t["x"], budget=t["eq"]["budget"],
+                         group=g, label=sel["labels"].get(g, g)))
+  return rows
 
 
 def _write_csv(path: str, header, rows: list[dict]) -> None:
@@ -196,15 +233,19 @@ def _write_csv(path: str, header, rows: list[dict]) -> None:
 
 
 def write_figures(sel: dict, out_dir: str, confidence: float, scaling: list,
-                  eq: dict | None = None) -> tuple[list, list]:
+                  tables: list | None = None) -> tuple[list, list]:
   """Writes the PNGs (and fits.csv); returns ([(file, caption)], [fit rows])."""
   groups, labels, figures, fit_rows = sel["groups"], sel["labels"], [], []
-  if eq is not None and len(eq["grid"]):
-    plot_equal_compute(groups, labels, sel["primary"], sel["compute_x"], eq,
-                       os.path.join(out_dir, "equal_compute.png"), confidence)
-    figures.append(("equal_compute.png", f"{sel['primary']} vs cumulative {sel['compute_x']}: "
-                    f"mean over seeds with a {confidence:.0%} bootstrap band (faint: seeds); "
-                    "dotted: the budget of the equal-compute table."))
+  m = sel["primary"]
+  base = {labels.get(g, g): float(np.nanmean([r.final(m) for r in groups[g]]))
+          for g in sel["baselines"]} if m else {}
+  for t in tables or []:
+    if t["eq"] is not None and len(t["eq"]["grid"]):
+      plot_equal(groups, labels, m, t["x"], t["eq"], os.path.join(out_dir, t["file"]), confidence,
+                 base)
+      figures.append((t["file"], f"{m} at equal {t['name']}: vs {t['x']}, mean over seeds with a "
+                      f"{confidence:.0%} bootstrap band (faint: seeds); dotted: the budget of the "
+                      f"equal-{t['name']} table; dashed: the baselines' final values."))
   for m in sel["curves"]:
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", m).strip("_") + ".png"
     timed = plot_curves(groups, labels, m, os.path.join(out_dir, name), confidence)
@@ -213,9 +254,12 @@ def write_figures(sel: dict, out_dir: str, confidence: float, scaling: list,
   gold, proxy, kl = sel["gold"], sel["proxy"], sel["kl"]
   ys = [gold, proxy] if gold and proxy else [sel["reward"] or gold or proxy]
   if kl and ys[0]:
-    plot_frontier(groups, labels, kl, ys, os.path.join(out_dir, "frontier.png"), confidence)
-    figures.append(("frontier.png", "Final reward vs final KL: group mean with CI bars on both "
-                    "axes; faint points are seeds."))
+    fronts = {y: robust.frontier(groups, y, kl, confidence=confidence, reps=sel["reps"],
+                                 seed=sel["seed"], value_range=sel["range"](y)) for y in ys}
+    plot_frontier(groups, labels, kl, ys, fronts, os.path.join(out_dir, "frontier.png"), confidence)
+    figures.append(("frontier.png", f"Reward vs KL: each group's frontier through its eval points "
+                    f"(mean over seeds on its own KL range, {confidence:.0%} bootstrap band); "
+                    "faint points: seeds' final values; open circles: their mean with CI bars."))
   profiled = [y for y in ys if y]
   if profiled:
     plot_profiles(groups, labels, profiled, os.path.join(out_dir, "performance_profile.png"),
@@ -247,7 +291,8 @@ def write_figures(sel: dict, out_dir: str, confidence: float, scaling: list,
 def write_report(paths: list[str], out_dir: str, *, metrics=None, gold=None, proxy=None, kl=None,
                  reward=None, capability=None, groups=None, exclude=(), title=None,
                  confidence: float = 0.95, labels=None, primary=None, scaling_x=None,
-                 first_table=None, bootstrap_seed=None, bootstrap_reps=None, ranges=None) -> str:
+                 first_table=None, bootstrap_seed=None, bootstrap_reps=None, ranges=None,
+                 baselines=None) -> str:
   """Discover runs under `paths`; write report.md, report.csv, pairs.csv, scaling_fits.csv and
   figures into `out_dir`.
 
@@ -263,7 +308,8 @@ def write_report(paths: list[str], out_dir: str, *, metrics=None, gold=None, pro
                                  capability=capability, groups=groups, exclude=exclude,
                                  title=title, labels=labels, primary=primary, scaling_x=scaling_x,
                                  first_table=first_table, bootstrap_seed=bootstrap_seed,
-                                 bootstrap_reps=bootstrap_reps, ranges=ranges))
+                                 bootstrap_reps=bootstrap_reps, ranges=ranges,
+                                 baselines=baselines))
   os.makedirs(out_dir, exist_ok=True)
   table = final_table(sel, confidence)
   _write_csv(os.path.join(out_dir, "report.csv"), CSV_COLUMNS,
@@ -271,11 +317,12 @@ def write_report(paths: list[str], out_dir: str, *, metrics=None, gold=None, pro
   pairs, scaling = pair_table(sel, table, confidence), scaling_table(sel, confidence)
   _write_csv(os.path.join(out_dir, "pairs.csv"), PAIR_COLUMNS, pairs)
   _write_csv(os.path.join(out_dir, "scaling_fits.csv"), SCALING_COLUMNS, scaling)
-  eq = compute_table(sel, confidence)
-  figures, fit_rows = write_figures(sel, out_dir, confidence, scaling, eq)
+  tables = equal_tables(sel, confidence)
+  _write_csv(os.path.join(out_dir, "equal_x.csv"), EQUAL_COLUMNS, equal_rows(sel, tables))
+  figures, fit_rows = write_figures(sel, out_dir, confidence, scaling, tables)
   path = os.path.join(out_dir, "report.md")
   with open(path, "w") as f:
-    f.write(markdown(sel, paths, table, figures, fit_rows, confidence, pairs, scaling, eq))
+    f.write(markdown(sel, paths, table, figures, fit_rows, confidence, pairs, scaling, tables))
   return path
 
 
@@ -285,7 +332,7 @@ def main(argv=None) -> int:
                               description="Compare runs across seeds: report.md, report.csv, plots.")
   p.add_argument("dirs", nargs="+", metavar="DIR", help="run workdirs or sweep directories")
   p.add_argument("--out", help="output directory (default DIR/report for one DIR, else ./report)")
-  for name in ("metrics", "capability", "groups", "exclude"):
+  for name in ("metrics", "capability", "groups", "exclude", "baselines"):
     p.add_argument(f"--{name}", help="comma-separated list")
   for name, default in DEFAULTS.items():
     p.add_argument(f"--{name}", help=f"metric key (default {default} when logged)")

@@ -9,29 +9,38 @@ import math
 import numpy as np
 
 
-def _compute_lines(sel: dict, eq: dict | None, confidence: float) -> list[str]:
-  md = ["## Equal compute", ""]
-  if not sel["primary"]:
-    return []
+WHY = {"compute": "Equal steps are not equal compute (PPO runs a critic, GRPO samples G "
+                   "completions a prompt, DPO samples nothing): an arm ahead at equal steps but "
+                   "behind here bought its lead with compute.",
+       "samples": "The arms compared after learning from the same number of completions "
+                  "(data efficiency, whatever each spent on a completion).",
+       "KL": "The arms compared at the same distance from the start policy (Gao et al. 2022 "
+             "read over-optimisation this way): which one buys more reward per nat of KL."}
+
+
+def _equal_lines(sel: dict, t: dict, confidence: float) -> list[str]:
+  """One "Equal <axis>" section: the primary metric of every arm at the axis's budget."""
+  md = [f"## Equal {t['name']}", ""]
+  m, x, eq, c = sel["primary"], t["x"], t["eq"], f"{confidence:.0%}"
   if eq is None:
-    return md + ["Not available: some runs log no `flops/total` (runs from before the compute "
-                 "counters, `rlhf_jax/flops.py`); compare them at equal steps above.", ""]
-  m, x, c = sel["primary"], sel["compute_x"], f"{confidence:.0%}"
+    return md + [f"Not available: some runs log no `{x}` (runs from before the counters, "
+                 "`rlhf_jax/flops.py`, or without that eval); compare them at equal steps above.", ""]
   if not np.isfinite(eq["budget"]) or eq["budget"] <= 0:
-    return md + [f"Not available: some run never logs `{m}` together with `{x}`.", ""]
-  md += [f"`{m}` of every seed interpolated linearly on a common grid of cumulative model "
-         f"FLOPs (`{x}`: sampling + log-prob passes + updates + remat recompute, "
-         "`rlhf_jax/flops.py`) and read at the largest budget every run reached, "
-         f"{eq['budget']:.4g} FLOPs: arms compared at the same compute, not the same step. "
-         f"Mean and IQM over seeds [{c} bootstrap CI]; figure `equal_compute.png`.", ""]
+    return md + [f"Not available: some run never logs `{m}` together with `{x}` beyond 0.", ""]
+  base = sel["baselines"]
+  md += [f"`{m}` of every seed interpolated linearly on a common grid of {t['about']}, read at "
+         f"the largest value every run reached, {eq['budget']:.4g} {t['unit']}. "
+         + WHY.get(t["name"], "") + f" Mean and IQM over seeds [{c} bootstrap CI]; figure "
+         f"`{t['file']}`" + (f"; baselines left out: {', '.join(f'`{g}`' for g in base)}" if base
+                             else "") + ".", ""]
   rows = []
   for g in sel["groups"]:
-    s = eq[g]["at_budget"]
-    rows.append([sel["labels"].get(g, g), str(s["n"]),
-                 _interval(s["mean"], s["mean_boot_low"], s["mean_boot_high"]),
-                 _interval(s["iqm"], s["iqm_boot_low"], s["iqm_boot_high"])])
-  return md + _md_table(["group", "n", f"mean at {eq['budget']:.3g} FLOPs",
-                         "IQM"], rows)
+    if g in eq:
+      s = eq[g]["at_budget"]
+      rows.append([sel["labels"].get(g, g), str(s["n"]),
+                   _interval(s["mean"], s["mean_boot_low"], s["mean_boot_high"]),
+                   _interval(s["iqm"], s["iqm_boot_low"], s["iqm_boot_high"])])
+  return md + _md_table(["group", "n", f"mean at {eq['budget']:.3g} {t['unit']}", "IQM"], rows)
 
 
 def _f(x) -> str:
@@ -146,7 +155,7 @@ def _final_lines(sel: dict, table: dict, c: str) -> dict:
 
 def markdown(sel: dict, paths: list[str], table: dict, figures: list, fit_rows: list,
              confidence: float, pairs: list | None = None, scaling: list | None = None,
-             eq: dict | None = None) -> str:
+             tables: list | None = None) -> str:
   """report.md: title, date, runs, how to read, final tables (bootstrap / Student-t, in the
   first_table order), probability of improvement and seeds needed, fits, alignment tax, figures."""
   groups, labels, c = sel["groups"], sel["labels"], f"{confidence:.0%}"
@@ -178,7 +187,8 @@ def markdown(sel: dict, paths: list[str], table: dict, figures: list, fit_rows: 
   first = sel["first_table"]
   md += finals[first] + finals["t" if first == "bootstrap" else "bootstrap"]
   md += _pair_lines(sel, pairs or [], confidence)
-  md += _compute_lines(sel, eq, confidence)
+  for t in tables or []:
+    md += _equal_lines(sel, t, confidence)
   if fit_rows:
     md += ["## Over-optimisation fit", "", "Gold reward gain R over step 0 fitted as "
            "R(d) = d (α − β ln d), d = sqrt(KL) (Gao, Schulman & Hilton 2022, *Scaling Laws for "

@@ -55,21 +55,39 @@ def plot_curves(groups: dict, labels: dict, metric: str, path: str, confidence: 
   return has_time
 
 
-def plot_frontier(groups: dict, labels: dict, kl: str, ys: list[str], path: str,
+def _band(ax, grid, c: dict, color: str, label: str, seeds: bool = True) -> None:
+  """A group's mean over seeds on a grid with its band (an `equal_x` entry); faint seed lines."""
+  if seeds:
+    for v in c["values"]:
+      ax.plot(grid, v, color=color, alpha=0.25, lw=0.8)
+  ax.plot(grid, c["mean"], color=color, marker=".", ms=3, label=label)
+  ok = np.isfinite(c["low"]) & np.isfinite(c["high"])
+  ax.fill_between(grid[ok], c["low"][ok], c["high"][ok], color=color, alpha=0.2)
+
+
+def plot_frontier(groups: dict, labels: dict, kl: str, ys: list[str], fronts: dict, path: str,
                   confidence: float) -> None:
-  """Final reward(s) vs final KL: per group mean with CI bars on both axes, faint points per seed."""
-  fig, axes = _figure(len(ys), f"Reward vs KL frontier (final values, {confidence:.0%} CI over seeds)")
+  """Reward(s) vs KL: per group the frontier through its eval points (`report_robust.frontier`:
+  mean over seeds on the group's own KL range, bootstrap band), final values of the seeds as
+  faint points, and the group mean of the finals with CI bars (a group whose KL never moved,
+  e.g. the start policy, is that point alone)."""
+  fig, axes = _figure(len(ys), f"Reward vs KL frontier (mean over seeds, {confidence:.0%} band)")
   for ax, y in zip(axes, ys):
     for i, (g, rs) in enumerate(groups.items()):
+      color, label = f"C{i % 10}", f"{labels.get(g, g)} (n={len(rs)})"
+      f = fronts.get(y, {}).get(g)
+      if f is not None and len(f["grid"]) and f["budget"] > 0:
+        _band(ax, f["grid"], f[g], color, label, seeds=False)
+        label = None
       pts = np.array([(r.final(kl), r.final(y)) for r in rs]).reshape(-1, 2)
       pts = pts[np.isfinite(pts).all(axis=1)]
       if not len(pts):
         continue
       (mx, xl, xh, n), (my, yl, yh, _) = mean_ci(pts[:, 0], confidence), mean_ci(pts[:, 1], confidence)
-      ax.scatter(pts[:, 0], pts[:, 1], color=f"C{i % 10}", alpha=0.25, s=14)
+      ax.scatter(pts[:, 0], pts[:, 1], color=color, alpha=0.3, s=14)
       ax.errorbar([mx], [my], xerr=_err(mx, xl, xh), yerr=_err(my, yl, yh), fmt="o", capsize=3,
-                  color=f"C{i % 10}", label=f"{labels.get(g, g)} (n={n})")
-    ax.set(xlabel=f"final {kl}: KL (nats)", ylabel=f"final {y}", title=f"{y} vs {kl}")
+                  color=color, label=label, mfc="white")
+    ax.set(xlabel=f"{kl}: KL (nats)", ylabel=y, title=f"{y} vs {kl}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.savefig(path, dpi=110)
@@ -152,20 +170,18 @@ def plot_scaling(groups: dict, labels: dict, metric: str, x: str, fits: list[dic
   fig.savefig(path, dpi=110)
 
 
-def plot_equal_compute(groups: dict, labels: dict, metric: str, x: str, eq: dict, path: str,
-                       confidence: float) -> None:
-  """`metric` vs cumulative `x` (FLOPs) on the common grid (`report_robust.equal_compute`):
-  per group the mean over seeds with its bootstrap band; faint lines are seeds; the dotted
-  line marks the budget of the equal-compute table."""
+def plot_equal(groups: dict, labels: dict, metric: str, x: str, eq: dict, path: str,
+               confidence: float, baselines: dict | None = None) -> None:
+  """`metric` vs `x` on the common grid (`report_robust.equal_x`): per arm the mean over
+  seeds with its bootstrap band, faint lines the seeds; the dotted line marks the budget
+  of the equal-x table; baselines ({label: value}) are dashed horizontal lines."""
   fig, axes = _figure(1, f"{metric} vs {x}: mean over seeds, {confidence:.0%} bootstrap band")
   ax, grid = axes[0], eq["grid"]
   for i, g in enumerate(groups):
-    c, color = eq[g], f"C{i % 10}"
-    for v in c["values"]:
-      ax.plot(grid, v, color=color, alpha=0.25, lw=0.8)
-    ax.plot(grid, c["mean"], color=color, marker=".", label=f"{labels.get(g, g)} (n={len(c['values'])})")
-    ok = np.isfinite(c["low"]) & np.isfinite(c["high"])
-    ax.fill_between(grid[ok], c["low"][ok], c["high"][ok], color=color, alpha=0.2)
+    if g in eq:
+      _band(ax, grid, eq[g], f"C{i % 10}", f"{labels.get(g, g)} (n={len(eq[g]['values'])})")
+  for j, (label, value) in enumerate((baselines or {}).items()):
+    ax.axhline(value, color="k", ls="--", lw=1, alpha=0.6 - 0.15 * j, label=label)
   ax.axvline(eq["budget"], color="k", ls=":", lw=1)
   ax.set(xlabel=x, ylabel=axis_label(metric), title=f"{metric} vs {x}")
   ax.grid(alpha=0.3)

@@ -289,11 +289,13 @@ def fit_scaling_seeds(runs: list[Run], metric: str, x: str, confidence: float = 
   return fit
 
 
-# ----------------------------------------------------------------------------- equal compute
+# ----------------------------------------------------------------------------- equal compute, samples, KL
 
 def on_grid(run: Run, metric: str, x: str, grid) -> np.ndarray:
-  """`metric` of one run linearly interpolated at the points `grid` of its cumulative column
-  `x` (e.g. flops/total), from the rows logging both; nan outside the run's logged x range."""
+  """`metric` of one run linearly interpolated at the points `grid` of its column `x`, from
+  the rows logging both, sorted by x (stable): a cumulative counter (flops/total,
+  samples/completions) or a measured one (eval_kl: the curve through the eval points in
+  order of KL); nan outside the run's logged x range."""
   c, r = scaling_points(run, metric, x)
   order = np.argsort(c, kind="stable")
   c, r = c[order], r[order]
@@ -306,7 +308,7 @@ def on_grid(run: Run, metric: str, x: str, grid) -> np.ndarray:
 
 def compute_budget(groups: dict, metric: str, x: str) -> float:
   """The largest `x` every run of every group reached while logging `metric` (nan if a run
-  never logs both): the budget of the equal-compute table."""
+  never logs both): the budget of the equal-x table."""
   ends = []
   for rs in groups.values():
     for r in rs:
@@ -315,14 +317,16 @@ def compute_budget(groups: dict, metric: str, x: str) -> float:
   return float(min(ends)) if ends and not np.isnan(ends).any() else NAN
 
 
-def equal_compute(groups: dict, metric: str, x: str = "flops/total", points: int = 25,
-                  confidence: float = 0.95, reps: int = DEFAULT_REPS, seed: int = DEFAULT_SEED,
-                  value_range=(-INF, INF)) -> dict:
+def equal_x(groups: dict, metric: str, x: str = "flops/total", points: int = 25,
+            confidence: float = 0.95, reps: int = DEFAULT_REPS, seed: int = DEFAULT_SEED,
+            value_range=(-INF, INF), budget: float | None = None) -> dict:
   """Every run's `metric` on a common grid of `points` values of `x` from 0 to the budget
-  (`compute_budget`), and per group, at each grid point, the mean over seeds with its
-  bootstrap CI (`bootstrap_ci`). Returns {"budget", "grid", group: {"values" [seeds, points],
-  "mean", "low", "high", "iqm", "n"} (each [points]; "at_budget": robust_stats at the budget)}."""
-  budget = compute_budget(groups, metric, x)
+  (default `compute_budget`: the largest x every run reached), and per group, at each grid
+  point, the mean over seeds with its bootstrap CI (`bootstrap_ci`): the arms compared at
+  equal compute (x = flops/total), equal samples (samples/completions) or equal KL (eval_kl).
+  Returns {"budget", "grid", group: {"values" [seeds, points], "mean", "low", "high", "n"}
+  (each [points]; "at_budget": robust_stats at the budget)}."""
+  budget = compute_budget(groups, metric, x) if budget is None else budget
   out = {"budget": budget, "grid": np.array([])}
   if not np.isfinite(budget) or budget <= 0:
     return out
@@ -336,3 +340,12 @@ def equal_compute(groups: dict, metric: str, x: str = "flops/total", points: int
     out[g] = dict(values=vals, mean=mean, low=low, high=high, n=n,
                   at_budget=robust_stats(vals[:, -1], confidence, reps, seed, value_range))
   return out
+
+
+def frontier(groups: dict, metric: str, kl: str, points: int = 25, confidence: float = 0.95,
+             reps: int = DEFAULT_REPS, seed: int = DEFAULT_SEED, value_range=(-INF, INF)) -> dict:
+  """The reward-KL frontier of each group with a band: `equal_x` of `metric` over `kl` for
+  the group alone, from KL 0 to the largest KL all of the group's seeds reached (each group
+  its own range, unlike the equal-KL table's common budget). {group: equal_x result}."""
+  return {g: equal_x({g: rs}, metric, kl, points, confidence, reps, seed, value_range)
+          for g, rs in groups.items()}

@@ -292,5 +292,5 @@ def compute_counts(mcfg, prompt_len: int, rollout_cfg, group_size: int, logprob_
   lp = passes * flops_lib.window_flops(mcfg, B, prompt_len, rollout_cfg.max_new_tokens,
                                        logprob_group)
   return {"flops/generate": gen, "flops/logprob_passes": lp,
-          "tokens/sampled": int(np.sum(ro.lengths_B))}
+          "tokens/sampled": int(np.sum(ro.lengths_B)), "samples/completions": B}
 

@@ -1,5 +1,6 @@
 """Compute accounting (`rlhf_jax.flops`): the formula on hand-counted shapes, and the
 cumulative flops/* and tokens/* counters of tiny SFT and GRPO runs vs a hand count."""
+import csv
 import dataclasses
 import json
 import os
@@ -108,6 +109,7 @@ def test_sft_counters_equal_a_hand_count(tmp_path):
     assert r["flops/logprob_passes"] == 0 and r["tokens/sampled"] == 0
     assert r["flops/total"] == step * per_step
     assert r["tokens/trained"] == sum(real[:step])
+    assert r["samples/completions"] == step * B  # unpacked: one example per row
   assert 0 < real[0] < B * T
 
 
@@ -140,6 +142,7 @@ def test_grpo_counters_equal_a_hand_count(tfds_data_dir, tmp_path):
   assert r["flops/remat"] == 0
   assert r["flops/total"] == generate + 4 * forward
   assert r["tokens/sampled"] == B * W
+  assert r["samples/completions"] == B
   assert 0 < r["tokens/trained"] <= B * (P + W) and r["tokens/trained"] >= B * W
   assert np.isfinite(r["loss"])
 
@@ -167,7 +170,7 @@ def test_report_equal_compute_interpolates_on_a_flops_grid(tmp_path):
   groups = {}
   for r in discover([str(root)]):
     groups.setdefault(r.group, []).append(r)
-  eq = report_robust.equal_compute(groups, "eval_accuracy", points=5, reps=200)
+  eq = report_robust.equal_x(groups, "eval_accuracy", points=5, reps=200)
   assert eq["budget"] == 80.0  # a reached 80, b 120
   np.testing.assert_allclose(eq["grid"], [0, 20, 40, 60, 80])
   np.testing.assert_allclose(eq["a"]["mean"], np.array([0, 20, 40, 60, 80]) / 100 + 0.05)
@@ -186,3 +189,57 @@ def test_report_equal_compute_interpolates_on_a_flops_grid(tmp_path):
   md = open(report.write_report([str(old)], str(tmp_path / "rep_old"))).read()
   assert "Not available: some runs log no `flops/total`" in md
   assert not os.path.exists(tmp_path / "rep_old" / "equal_compute.png")
+
+
+def test_report_equal_samples_and_equal_kl_sections(tmp_path):
+  """The other two equal-x axes: samples/completions (cumulative) and the KL metric (measured,
+  not monotone: each seed's eval points in order of KL); the baseline group is left out of
+  both and drawn as a line; the frontier has a band per group over its own KL range."""
+  from rlhf_jax import report, report_robust
+  from rlhf_jax.report_runs import discover
+  root = tmp_path / "sweep"
+  # arm a: 4 completions a step, KL 0.1 a step; arm b: 8 a step, KL 0.3 a step, but b's
+  # seed 1 turns back (KL 0, 0.3, 0.2): its points are read in order of KL
+  kls = {("a", 0): [0, .1, .2, .3], ("a", 1): [0, .1, .2, .3], ("b", 0): [0, .3, .6, .9],
+         ("b", 1): [0, .3, .2, .9]}
+  for (g, seed), kl in kls.items():
+    per = 4.0 if g == "a" else 8.0
+    _run(root / g / f"seed_{seed}", [
+        {"step": s, "flops/total": 1.0 * s, "samples/completions": per * s, "eval_kl": kl[s],
+         "eval_accuracy": (0.5 + s / 10 if g == "a" else 0.5 + kl[s] / 3)} for s in range(4)])
+  _run(root / "sft" / "seed_0", [{"step": 0, "flops/total": 0.0, "samples/completions": 0.0,
+                                  "eval_kl": 0.0, "eval_accuracy": 0.5}])
+  groups = {}
+  for r in discover([str(root)]):
+    groups.setdefault(r.group, []).append(r)
+  arms = {g: groups[g] for g in ("a", "b")}
+  eq = report_robust.equal_x(arms, "eval_accuracy", "samples/completions", points=4, reps=100)
+  assert eq["budget"] == 12.0  # a reached 12 completions, b 24
+  np.testing.assert_allclose(eq["a"]["mean"], [0.5, 0.6, 0.7, 0.8])
+  # b at 0, 4, 8, 12 completions = steps 0, 0.5, 1, 1.5: KL interpolated per seed
+  kl_b = np.array([[0, .15, .3, .45], [0, .15, .3, .25]])
+  np.testing.assert_allclose(eq["b"]["mean"], (0.5 + kl_b / 3).mean(0))
+  kl = report_robust.equal_x(arms, "eval_accuracy", "eval_kl", points=4, reps=100)
+  assert kl["budget"] == pytest.approx(0.3)
+  # a: accuracy = 0.5 + KL; b: 0.5 + KL / 3, seed 1's points sorted (0.2 before 0.3)
+  np.testing.assert_allclose(kl["a"]["mean"], [0.5, 0.6, 0.7, 0.8])
+  np.testing.assert_allclose(kl["b"]["mean"], 0.5 + np.array([0, .1, .2, .3]) / 3)
+  fr = report_robust.frontier(arms, "eval_accuracy", "eval_kl", points=4, reps=100)
+  assert fr["a"]["budget"] == pytest.approx(0.3) and fr["b"]["budget"] == pytest.approx(0.9)
+  np.testing.assert_allclose(fr["b"]["b"]["mean"], 0.5 + np.array([0, .3, .6, .9]) / 3)
+  out = report.write_report([str(root)], str(tmp_path / "rep"), primary="eval_accuracy",
+                            kl="eval_kl", reward="eval_accuracy", baselines="sft")
+  md = open(out).read()
+  for section in ("## Equal compute", "## Equal samples", "## Equal KL"):
+    assert section in md
+  assert "baselines left out: `sft`" in md
+  for png in ("equal_compute.png", "equal_samples.png", "equal_kl.png", "frontier.png"):
+    assert os.path.exists(tmp_path / "rep" / png), png
+  rows = list(csv.DictReader(open(tmp_path / "rep" / "equal_x.csv")))
+  assert {(r["axis"], r["group"]) for r in rows} == {(a, g) for a in ("compute", "samples", "KL")
+                                                     for g in ("a", "b")}
+  at = {(r["axis"], r["group"]): float(r["mean"]) for r in rows}
+  assert at["samples", "b"] == pytest.approx((0.5 + kl_b[:, 3] / 3).mean())
+  assert at["KL", "a"] == pytest.approx(0.8)
+  with pytest.raises(report.ReportError, match="unknown group 'nope'"):
+    report.write_report([str(root)], str(tmp_path / "rep2"), baselines="nope")

@@ -179,7 +179,7 @@ def test_report_files(written):
   names = ["report.md", "report.csv", "fits.csv", "frontier.png", "gold_proxy_vs_sqrt_kl.png",
            "eval_accuracy.png", "eval_kl.png", "eval_reward_gold.png", "eval_reward_proxy.png",
            "capability_nll.png", "performance_profile.png", "scaling_fit.png", "pairs.csv",
-           "scaling_fits.csv"]
+           "scaling_fits.csv", "equal_kl.png", "equal_x.csv"]
   for name in names:
     assert (out / name).stat().st_size > 0, name
   assert (out / "eval_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

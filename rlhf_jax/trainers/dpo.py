@@ -325,7 +325,7 @@ def compute_counts(mcfg, d, batch) -> dict:
   ref = flops_lib.forward_flops(mcfg, rows, T) if uses_reference(d) else 0
   seg = sum(int((batch[f"{n}_segment_ids"] > 0).sum()) for n in names)
   return {"flops/update": update, "flops/remat": remat, "flops/logprob_passes": ref,
-          "tokens/trained": seg}
+          "tokens/trained": seg, "samples/completions": rows}
 
 
 def validate(config, num_devices: int | None = None) -> None:

@@ -227,7 +227,7 @@ def compute_counts(mcfg, batch) -> dict:
   B, T = batch["tokens"].shape
   update, remat = flops_lib.train_flops(mcfg, B, T, head_flops=2 * mcfg.d_model)
   return {"flops/update": update, "flops/remat": remat,
-          "tokens/trained": int((batch["segment_ids"] > 0).sum())}
+          "tokens/trained": int((batch["segment_ids"] > 0).sum()), "samples/completions": B}
 
 
 def validate(config, num_devices: int | None = None) -> None:

@@ -211,7 +211,8 @@ def compute_counts(mcfg, batch) -> dict:
   B, T = batch["chosen_tokens"].shape
   update, remat = flops_lib.train_flops(mcfg, 2 * B, T, head_flops=2 * mcfg.d_model)
   seg = (batch["chosen_segment_ids"] > 0).sum() + (batch["rejected_segment_ids"] > 0).sum()
-  return {"flops/update": update, "flops/remat": remat, "tokens/trained": int(seg)}
+  return {"flops/update": update, "flops/remat": remat, "tokens/trained": int(seg),
+          "samples/completions": 2 * B}
 
 
 def validate(config, num_devices: int | None = None) -> None:

@@ -18,6 +18,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rlhf_jax import config as config_lib
@@ -216,7 +217,9 @@ def compute_counts(mcfg, batch) -> dict:
   B, T = batch["tokens"].shape
   update, remat = flops_lib.train_flops(mcfg, B, T, T - 1 if mcfg.logits_chunk else T)
   return {"flops/update": update, "flops/remat": remat,
-          "tokens/trained": int((batch["segment_ids"] > 0).sum())}
+          "tokens/trained": int((batch["segment_ids"] > 0).sum()),
+          # examples: segment ids count 1, 2, ... within a (packed) row
+          "samples/completions": int(np.asarray(batch["segment_ids"]).max(axis=1).sum())}
 
 
 def validate(config, num_devices: int | None = None) -> None:
