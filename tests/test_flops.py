@@ -76,6 +76,24 @@ def test_counters_resume_from_the_checkpointed_step(tmp_path, capsys):
   assert not os.path.exists(os.path.join(wd, flops.COUNTERS_FILE))
 
 
+def test_samples_counter_of_the_offline_trainers():
+  """samples/completions per step: DPO every side of every pair (KTO adds its mismatched
+  rows), RM 2 per pair, PRM rows, SFT examples (packed ones counted apart)."""
+  import ml_collections
+  from rlhf_jax.trainers import dpo, prm, reward_model, sft
+  B, T = 3, 5
+  seg = np.ones((B, T), np.int32)
+  pair = {f"{s}_{k}": seg for s in ("chosen", "rejected", "kl") for k in ("tokens", "segment_ids")}
+  for loss_type, rows in (("sigmoid", 2 * B), ("kto", 3 * B)):
+    d = ml_collections.ConfigDict(dict(loss_type=loss_type, reference_free=False))
+    assert dpo.compute_counts(C, d, pair)["samples/completions"] == rows, loss_type
+  assert reward_model.compute_counts(C, pair)["samples/completions"] == 2 * B
+  assert prm.compute_counts(C, {"tokens": seg, "segment_ids": seg})["samples/completions"] == B
+  packed = np.array([[1, 1, 2, 2, 3], [1, 1, 1, 0, 0], [1, 2, 0, 0, 0]], np.int32)
+  assert sft.compute_counts(C, {"tokens": packed, "segment_ids": packed})[
+      "samples/completions"] == 3 + 1 + 2
+
+
 def _model(wd):
   with open(os.path.join(wd, "model_config.json")) as f:
     return ModelConfig.from_dict(json.load(f))
