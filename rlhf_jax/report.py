@@ -42,6 +42,11 @@ OPTION_KEYS = ("metrics", "gold", "proxy", "kl", "reward", "capability", "groups
                "bootstrap_reps", "ranges", "baselines")
 DEFAULTS = {"gold": "eval_reward/gold", "proxy": "eval_reward/proxy", "kl": "eval_kl",
             "reward": "eval_reward"}
+# Each trainer's own training metrics (its progress-bar keys), in the final table when logged:
+# SFT / DPO / RM / PRM loss, RM accuracy, DPO's reward accuracy and margin, PRM step accuracy,
+# PPO / GRPO mean rollout reward.
+TRAIN_METRICS = ("loss", "accuracy", "reward_accuracy", "reward_margin", "step_accuracy",
+                 "reward_mean")
 COMPUTE_X = "flops/total"  # cumulative model FLOPs (rlhf_jax/flops.py)
 SAMPLES_X = "samples/completions"  # cumulative completions learned from (rlhf_jax/flops.py)
 # The equal-x comparisons: (section name, x column, what x is, unit, figure). The KL axis's
@@ -147,10 +152,11 @@ def select(runs: list[Run], paths: list[str], explicit: dict) -> dict:
 
 def final_table(sel: dict, confidence: float) -> dict:
   """{(group, metric): final_stats + robust_stats + group/label} for the plotted, role and
-  capability metrics, plus final elapsed_s (wall-clock, no delta). Intervals of the final values
-  (Student-t and bootstrap) are clipped to the metric's range (range_low, range_high)."""
+  capability metrics, the trainers' own training metrics (TRAIN_METRICS, when logged; Δ from
+  their first logged value), plus final elapsed_s (wall-clock, no delta). Intervals of the
+  final values (Student-t and bootstrap) are clipped to the metric's range (range_low, range_high)."""
   metrics = list(dict.fromkeys(sel["curves"] + [sel[k] for k in DEFAULTS if sel[k]]
-                               + sel["capability"] + ["elapsed_s"]))
+                               + sel["capability"] + list(TRAIN_METRICS) + ["elapsed_s"]))
   table = {}
   for m in (m for m in metrics if m in sel["keys"]):
     for g, rs in sel["groups"].items():

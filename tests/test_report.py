@@ -270,3 +270,24 @@ def test_cli_default_out_dir(sweep, capsys):
   assert report.main([str(root / "cell_a"), "--metrics=eval_accuracy"]) == 0
   assert (root / "cell_a" / "report" / "report.md").exists()
   assert "report.md" in capsys.readouterr().out
+
+
+def test_offline_trainer_runs_show_their_training_metrics(tmp_path):
+  """A report on DPO / RM runs (no eval_* rewards) lists each trainer's own training metrics
+  in the final table: DPO loss / reward_accuracy / reward_margin, RM accuracy; one seed says
+  'n = 1, no interval', never '[nan, nan]'."""
+  dpo = [{"step": s, "loss": 0.7 - 0.1 * s, "reward_accuracy": 0.5 + 0.1 * s,
+          "reward_margin": 0.2 * s, "elapsed_s": 2.0 * s} for s in (1, 2, 3)]
+  rm = [{"step": s, "loss": 0.6 - 0.1 * s, "accuracy": 0.6 + 0.1 * s} for s in (1, 2)]
+  _write_run(tmp_path / "runs" / "dpo", dpo)
+  _write_run(tmp_path / "runs" / "rm", rm)
+  md = open(report.write_report([str(tmp_path / "runs")], str(tmp_path / "rep"))).read()
+  rows = {(r["group"], r["metric"]): r for r in csv.DictReader(open(tmp_path / "rep" / "report.csv"))}
+  assert float(rows["dpo", "reward_accuracy"]["mean"]) == pytest.approx(0.8)
+  assert float(rows["dpo", "reward_accuracy"]["delta_mean"]) == pytest.approx(0.2)  # vs step 1
+  assert float(rows["dpo", "reward_margin"]["mean"]) == pytest.approx(0.6)
+  assert float(rows["rm", "accuracy"]["mean"]) == pytest.approx(0.8)
+  assert float(rows["rm", "loss"]["mean"]) == pytest.approx(0.4)
+  assert ("rm", "reward_accuracy") not in rows
+  assert "`reward_accuracy`" in md and "`accuracy`" in md
+  assert "n = 1, no interval" in md and "[nan, nan]" not in md
