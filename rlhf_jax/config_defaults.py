@@ -208,6 +208,12 @@ def rollout_config() -> ConfigDict:
       logprob_micro_batch=128,   # rows per old/ref log-prob forward pass
       train_micro_batch=0,       # rows per gradient micro-batch in an update (0 = the whole
                                  # minibatch); gradients are accumulated exactly
+      is_correction="none",      # sampler/trainer mismatch correction of the policy loss
+                                 # (rlhf_jax/losses/is_correction.py): none | tis (truncated
+                                 # IS, w = min(rho, C)) | mis (masked IS, w = rho in [1/C, C]
+                                 # else 0), rho = pi_old / pi_sampler
+      is_cap=2.0,                # C > 1 (Yao et al. 2025 use 2)
+      is_level="token",          # token | sequence (rho of the whole completion, every token)
   ))
 
 

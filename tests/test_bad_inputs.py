@@ -153,6 +153,7 @@ for trainer, key, value, want in [
     ("grpo", "rollout.temperature", "hot", "float"), ("ppo", "ppo.gamma", "one", "float"),
     ("sft", "eval_at_start", "maybe", "bool"), ("dpo", "eval_at_end", "2", "bool"),
     ("grpo", "rollout.stop_at_eos", "maybe", "bool"),
+    ("grpo", "rollout.is_cap", "big", "float"),
 ]:
   add("config", "wrong type", f"{trainer}:{key}={value}",
       train(trainer, f"--config.{key}={value}"), [f"config.{key}", f"expected {want}"], 2)
@@ -255,6 +256,10 @@ for trainer, args, expect in [
     ("grpo", ["rollout.top_p=0.0"], "config.rollout.top_p"),
     ("grpo", ["rollout.top_k=-1"], "config.rollout.top_k"),
     ("grpo", ["rollout.logprob_micro_batch=0"], "config.rollout.logprob_micro_batch"),
+    ("grpo", ["rollout.is_correction=ois"], ["config.rollout.is_correction='ois'", "tis"]),
+    ("grpo", ["rollout.is_cap=1.0", "--config.rollout.is_correction=tis"],
+     ["config.rollout.is_cap", "> 1.0"]),
+    ("ppo", ["rollout.is_level=word"], ["config.rollout.is_level='word'", "sequence"]),
     ("grpo", ["grpo.minibatches=0"], "config.grpo.minibatches"),
     ("grpo", ["grpo.epochs=0"], "config.grpo.epochs"),
     ("grpo", ["grpo.advantage=zscore"], "config.grpo.advantage='zscore'"),

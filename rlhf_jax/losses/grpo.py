@@ -73,13 +73,18 @@ def importance_log_ratio(logps_BC, old_logps_BC, mask_BC, importance="token"):
 
 def grpo_loss(logps_BC, old_logps_BC, advantages_BC, mask_BC, *, ref_logps_BC=None,
               aggregation="seq_mean_token_mean", max_len=None, clip_eps_low=0.2,
-              clip_eps_high=None, dual_clip=None, importance="token", kl_beta=0.0, kl_kind="k3"):
+              clip_eps_high=None, dual_clip=None, importance="token", kl_beta=0.0, kl_kind="k3",
+              is_weights_BC=None):
   """GRPO-family clipped policy loss with an optional KL loss term: (loss, metrics).
 
       w_t  = exp(log w_t)                                   (`importance_log_ratio`)
       l_t  = max(-A_t w_t, -A_t clip(w_t, 1 - eps_low, 1 + eps_high))   [+ dual clip]
              + beta * k(logp_t, ref_logp_t)
       loss = aggregate_t(l_t)                               (`ppo.aggregate`, mode `aggregation`)
+
+  is_weights_BC (None: off): sampler-mismatch weights c_t (`is_correction.is_weights`,
+  constants) multiply the surrogate term before the aggregation, whose normaliser is
+  unchanged (a token with c_t = 0 still counts); the KL term is not weighted.
 
   GRPO (Shao et al. 2024, eq. 3) maximises the clipped surrogate minus
   beta * D_KL with the k3 estimator D_KL = pi_ref/pi - log(pi_ref/pi) - 1
@@ -123,12 +128,14 @@ def grpo_loss(logps_BC, old_logps_BC, advantages_BC, mask_BC, *, ref_logps_BC=No
   if adv.ndim == 1:
     adv = adv[:, None] * jnp.ones(jnp.shape(mask_BC), jnp.float32)
   check_shapes(logps_BC=logps_BC, old_logps_BC=old_logps_BC, advantages_BC=adv, mask_BC=mask_BC,
-                ref_logps_BC=ref_logps_BC)
+                ref_logps_BC=ref_logps_BC, is_weights_BC=is_weights_BC)
   adv = jax.lax.stop_gradient(adv)
 
   log_w = importance_log_ratio(logps_BC, old_logps_BC, mask_BC, importance)
   w = jnp.exp(log_w)
   surrogate_BC, low, high, dual = clipped_surrogate(w, adv, clip_eps_low, clip_eps_high, dual_clip)
+  if is_weights_BC is not None:  # rollout.is_correction
+    surrogate_BC = surrogate_BC * jax.lax.stop_gradient(f32(is_weights_BC))
   policy_loss = aggregate(surrogate_BC, mask_BC, aggregation, max_len)
   if ref_logps_BC is not None:
     kl_BC = kl_lib.kl_estimate(logps_BC, ref_logps_BC, kl_kind, mask_BC=mask_BC)

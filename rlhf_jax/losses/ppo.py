@@ -252,7 +252,8 @@ def approx_kl_k3(log_ratio_BT, mask_BT):
 
 
 def ppo_policy_loss(logps_BC, old_logps_BC, advantages_BC, mask_BC, clip_eps=0.2,
-                    clip_eps_high=None, dual_clip=None, aggregation="token_mean", max_len=None):
+                    clip_eps_high=None, dual_clip=None, aggregation="token_mean", max_len=None,
+                    is_weights_BC=None):
   """PPO clipped policy loss (Schulman et al. 2017, eq. 7): (loss, metrics).
 
       r_t = exp(logp_t - old_logp_t)
@@ -260,7 +261,8 @@ def ppo_policy_loss(logps_BC, old_logps_BC, advantages_BC, mask_BC, clip_eps=0.2
 
   with the optional dual clip (see `clipped_surrogate`) and aggregation mode
   (see `aggregate`; default token_mean). advantages_BC: [B, C] (or [B],
-  broadcast over tokens), constants (no gradient flows into them).
+  broadcast over tokens), constants (no gradient flows into them). is_weights_BC: sampler-
+  mismatch weights (`is_correction.is_weights`; None = off) multiply L_t before aggregating.
   Metrics: policy_loss; clip_frac = clip_frac_low + clip_frac_high (fractions
   of real tokens whose gradient the clip zeroes); dual_clip_frac; approx_kl
   (k3 estimate of KL(pi_old || pi), Schulman 2020); ratio_mean, ratio_min,
@@ -271,11 +273,14 @@ def ppo_policy_loss(logps_BC, old_logps_BC, advantages_BC, mask_BC, clip_eps=0.2
   adv = f32(advantages_BC)
   if adv.ndim == 1:
     adv = adv[:, None] * jnp.ones_like(f32(mask_BC))
-  check_shapes(logps_BC=logps_BC, old_logps_BC=old_logps_BC, advantages_BC=adv, mask_BC=mask_BC)
+  check_shapes(logps_BC=logps_BC, old_logps_BC=old_logps_BC, advantages_BC=adv, mask_BC=mask_BC,
+               is_weights_BC=is_weights_BC)
   adv = jax.lax.stop_gradient(adv)
   log_ratio = masked_log_ratio(logps_BC, old_logps_BC, mask_BC)
   ratio = jnp.exp(log_ratio)
   loss_BC, low, high, dual = clipped_surrogate(ratio, adv, clip_eps, clip_eps_high, dual_clip)
+  if is_weights_BC is not None:  # rollout.is_correction
+    loss_BC = loss_BC * jax.lax.stop_gradient(f32(is_weights_BC))
   loss = aggregate(loss_BC, mask_BC, aggregation, max_len)
   return loss, policy_metrics(loss, ratio, log_ratio, low, high, dual, mask_BC, "policy_loss")
 
@@ -375,7 +380,8 @@ def entropy_from_logits(logits_BTV, temperature=1.0):
 
 def ppo_loss(logps_BC, old_logps_BC, advantages_BC, values_BC, old_values_BC, returns_BC, mask_BC,
              *, clip_eps=0.2, clip_eps_high=None, dual_clip=None, value_clip_eps=0.2, vf_coef=0.1,
-             entropy_BC=None, entropy_coef=0.0, aggregation="token_mean", max_len=None):
+             entropy_BC=None, entropy_coef=0.0, aggregation="token_mean", max_len=None,
+             is_weights_BC=None):
   """PPO actor-critic loss for RLHF: (loss, metrics).
 
       loss = policy_loss + vf_coef * value_loss - entropy_coef * aggregate(entropy)
@@ -388,7 +394,7 @@ def ppo_loss(logps_BC, old_logps_BC, advantages_BC, values_BC, old_values_BC, re
   Metrics: loss, the policy and value metrics, entropy.
   """
   pol, pm = ppo_policy_loss(logps_BC, old_logps_BC, advantages_BC, mask_BC, clip_eps, clip_eps_high,
-                            dual_clip, aggregation, max_len)
+                            dual_clip, aggregation, max_len, is_weights_BC)
   val, vm = ppo_value_loss(values_BC, old_values_BC, returns_BC, mask_BC, value_clip_eps,
                            aggregation, max_len)
   loss = pol + vf_coef * val

@@ -40,6 +40,7 @@ from rlhf_jax import config as config_lib
 from rlhf_jax import flops as flops_lib
 from rlhf_jax import parallel, rollout
 from rlhf_jax.losses import advantages as adv_lib
+from rlhf_jax.losses import is_correction as is_lib
 from rlhf_jax.losses import kl as kl_lib
 from rlhf_jax.losses.grpo import AUTO, VARIANTS, grpo_loss, resolve  # noqa: F401 (re-exported)
 from rlhf_jax.losses.arrays import masked_mean
@@ -78,7 +79,9 @@ def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: i
   `state_lib.Frozen`) the frozen base state["base"] is an argument of the compiled step.
   on_policy: the parameters are those that sampled the batch (one update per
   rollout), so log pi_old = stop_gradient(log pi): the ratio is exactly 1 and the
-  minibatch's old_logps are not read (no old-log-prob pass is needed).
+  minibatch's old_logps are not read (no old-log-prob pass is needed; with
+  rollout.is_correction the pass runs for the weights, and the ratio stays exactly 1).
+  A minibatch with is_weights_BC (rollout.is_correction) weights the per-token surrogate.
   model.config.logits_chunk > 0: log-probs and entropies from the hidden states, that
   many completion positions unembedded at a time (`models.api.window_logprobs`).
   group_size G > 1: every G consecutive rows of a (micro-)batch are one prompt's group
@@ -108,7 +111,7 @@ def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: i
         ref_logps_BC=mb["ref_logps_BC"] if use_ref else None, aggregation=algo["aggregation"],
         max_len=max_len, clip_eps_low=algo["clip_eps_low"], clip_eps_high=algo["clip_eps_high"],
         importance=algo["importance"], kl_beta=algo["kl_coef"] if use_ref else 0.0,
-        kl_kind=algo["kl_estimator"])
+        kl_kind=algo["kl_estimator"], is_weights_BC=mb.get("is_weights_BC"))
     metrics["entropy"] = masked_mean(entropy_BC, mb["mask_BC"])
     return loss, metrics
 
@@ -179,6 +182,9 @@ def run(config, workdir: str) -> dict:
   # forward pass (rollouts then carry the sampler's log-probs as old_logps, for stats and
   # KL-in-reward). grpo.old_logps="recompute" always runs the pass.
   on_policy = updates_per_step == 1 and config.grpo.old_logps == "auto"
+  # rollout.is_correction: weights pi_old / pi_sampler need the recomputed pi_old (`is_lib`).
+  is_fn = is_lib.weights_fn(rollout_cfg)
+  need_old = not on_policy or is_fn is not None
   update = make_update(model, tx, algo, P, temperature, rollout_cfg.max_new_tokens,
                        micro_batches_of(mb_rows, rollout_cfg.train_micro_batch), frozen,
                        on_policy=on_policy,
@@ -187,7 +193,7 @@ def run(config, workdir: str) -> dict:
   counts = {}
   rollout_counts = functools.partial(
       rollout.compute_counts, mcfg, P, rollout_cfg, G, share if lp_rows % share == 0 else 1,
-      passes=int(not on_policy) + int(need_ref))
+      passes=int(need_old) + int(need_ref))
 
   def sample(params, batch, key):
     ro = _sample(params, batch, key)
@@ -201,7 +207,7 @@ def run(config, workdir: str) -> dict:
         prompt_tokens_NP=batch["tokens"], prompt_mask_NP=batch["mask"], group_size=G, rng=key,
         rollout_cfg=rollout_cfg, tokenizer=tokenizer, reward_fn=reward_fn.score,
         metadata=train_meta(batch["index"]), logps_fn=logps_fn, need_ref=need_ref,
-        need_old=not on_policy)
+        need_old=need_old)
 
   def rl_step(state, batch):
     step = int(state["step"])
@@ -224,6 +230,10 @@ def run(config, workdir: str) -> dict:
               "advantages_BC": advantages_BC,
               "ref_logps_BC": ro.ref_logps_BC if ro.ref_logps_BC is not None
               else np.zeros_like(ro.old_logps_BC)}
+    if is_fn is not None:  # rollout.is_correction: sampler-mismatch weights and metrics
+      weights_BC, is_metrics = is_fn(ro.old_logps_BC, ro.sample_logps_BC, ro.completion_mask_BC)
+      arrays["is_weights_BC"] = np.asarray(weights_BC)
+      stats.update({f"is/{k}": float(v) for k, v in is_metrics.items()})
     t0 = time.perf_counter()
     perm_key = np.random.default_rng([config.seed, step])
     mb_size = B // algo["minibatches"]

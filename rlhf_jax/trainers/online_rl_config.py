@@ -24,6 +24,11 @@ def validate_rollout(config) -> None:
     need(isinstance(r.stop_at_eos, bool), "rollout.stop_at_eos",
          f"expected True or False, got {r.stop_at_eos!r}")
   num("rollout.temperature", 0.0)
+  if "is_correction" in r:  # sampler-mismatch correction (`losses.is_correction`)
+    from rlhf_jax.losses.is_correction import LEVELS, MODES
+    check.choice("rollout.is_correction", MODES)
+    check.choice("rollout.is_level", LEVELS)
+    num("rollout.is_cap", 1.0, lo_open=True)
   num("rollout.top_k", 0, integer=True)
   num("rollout.top_p", 0.0, 1.0, lo_open=True)
   B = r.prompts_per_step * r.group_size

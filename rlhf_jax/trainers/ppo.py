@@ -36,6 +36,7 @@ from rlhf_jax import config as config_lib
 from rlhf_jax import flops as flops_lib
 from rlhf_jax import parallel, rollout
 from rlhf_jax.losses import advantages as adv_lib
+from rlhf_jax.losses import is_correction as is_lib
 from rlhf_jax.losses import kl as kl_lib
 from rlhf_jax.losses.ppo import entropy_from_logits, explained_variance, ppo_loss
 from rlhf_jax.models import Transformer
@@ -80,7 +81,8 @@ def make_update(model, tx, p, P, temperature, max_len, micro_batches=1, frozen=N
   the compiled step.
   model.config.logits_chunk > 0: the policy's log-probs and entropies come from its
   hidden states, that many completion positions unembedded at a time
-  (`models.api.token_logprobs_from_hidden`); the value head is unchanged."""
+  (`models.api.token_logprobs_from_hidden`); the value head is unchanged.
+  A minibatch with is_weights_BC (rollout.is_correction) weights the per-token surrogate."""
   chunk = model.config.logits_chunk
   lm = Transformer(model.config)
 
@@ -103,7 +105,8 @@ def make_update(model, tx, p, P, temperature, max_len, micro_batches=1, frozen=N
                     dual_clip=p.dual_clip if p.dual_clip > 0 else None,
                     value_clip_eps=p.value_clip_eps if p.value_clip_eps > 0 else None,
                     vf_coef=p.vf_coef, entropy_BC=entropy_BC, entropy_coef=p.entropy_coef,
-                    aggregation=p.aggregation, max_len=max_len)
+                    aggregation=p.aggregation, max_len=max_len,
+                    is_weights_BC=mb.get("is_weights_BC"))
 
   return state_lib.jit_step(step_lib.make_step(
       loss_fn, tx, micro_batches, step_lib.aggregation_weight(p.aggregation), count_step=False,
@@ -166,6 +169,7 @@ def run(config, workdir: str) -> dict:
       model.apply({"params": params}, s, g)[1], P))
   update = make_update(model, tx, p, P, temperature, rollout_cfg.max_new_tokens,
                        micro_batches_of(B // p.minibatches, rollout_cfg.train_micro_batch), frozen)
+  is_fn = is_lib.weights_fn(rollout_cfg)  # rollout.is_correction; None = off
 
   counts = {}  # this step's FLOPs and tokens, read by train_loop's `compute`
 
@@ -206,6 +210,10 @@ def run(config, workdir: str) -> dict:
               "old_logps_BC": ro.old_logps_BC, "old_values_BC": old_values_BC.astype(np.float32),
               "advantages_BC": np.asarray(advantages_BC, np.float32),
               "returns_BC": np.asarray(returns_BC, np.float32)}
+    if is_fn is not None:  # rollout.is_correction: sampler-mismatch weights and metrics
+      weights_BC, is_metrics = is_fn(ro.old_logps_BC, ro.sample_logps_BC, mask_BC)
+      arrays["is_weights_BC"] = np.asarray(weights_BC)
+      stats.update({f"is/{k}": float(v) for k, v in is_metrics.items()})
     t0 = time.perf_counter()
     perm_rng = np.random.default_rng([config.seed, step])
     mb = B // p.minibatches
