@@ -202,5 +202,8 @@ def test_grpo_step_with_tis_logs_is_metrics(tfds_data_dir, tmp_path):
   keys = {"is/logp_abs_diff", "is/kl_k1", "is/kl_k3", "is/log_ratio_abs_max", "is/weight_mean",
           "is/weight_max", "is/clipped_frac"}
   assert keys <= set(row) and all(np.isfinite(row[k]) for k in keys)
-  assert 0 < row["is/logp_abs_diff"] < 1e-4 and row["is/clipped_frac"] == 0.0
+  # the old-log-prob pass ran next to the reference pass: two forwards of the packed
+  # rows the update (3 forwards) runs over
+  assert row["flops/logprob_passes"] == pytest.approx(2 * row["flops/update"] / 3)
+  assert 0 <= row["is/logp_abs_diff"] < 1e-4 and row["is/clipped_frac"] == 0.0
   assert abs(row["is/weight_mean"] - 1.0) < 1e-4 and np.isfinite(row["loss"])
