@@ -194,3 +194,20 @@ def test_reward_model_and_prm_outputs_same_as_max_padding():
     real = seg[:, :8] > 0  # values at padding are never read (masked)
     np.testing.assert_allclose(np.where(real, got, 0.0), np.where(real, want[:, :8], 0.0),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_flops_counters_follow_the_padded_shape():
+  """compute_counts sees the batch as the step ran it: FLOPs of [B, cut length], the same
+  real tokens."""
+  from rlhf_jax import flops as flops_lib
+  tok, seg, mask = _rows(np.random.default_rng(3), [9, 4, 7, 6], start=3)
+  batch = {"tokens": tok, "segment_ids": seg, "loss_mask": mask}
+  full, cut = sft.compute_counts(CFG, batch), sft.compute_counts(CFG, PADS["bucket"](batch))
+  assert cut["tokens/trained"] == full["tokens/trained"] == 26
+  assert cut["flops/update"] == flops_lib.train_flops(CFG, 4, 12, 12)[0] < full["flops/update"]
+  pairs = {f"{s}_{k}": v for s in ("chosen", "rejected")
+           for k, v in zip(("tokens", "segment_ids", "loss_mask"), (tok, seg, mask))}
+  d = load_config(os.path.join(ROOT, "configs/dpo.py:tiny")).dpo
+  full, cut = dpo.compute_counts(CFG, d, pairs), dpo.compute_counts(CFG, d, PADS["longest"](pairs))
+  assert cut["tokens/trained"] == full["tokens/trained"]
+  assert cut["flops/update"] == flops_lib.train_flops(CFG, 8, 12)[0] < full["flops/update"]
