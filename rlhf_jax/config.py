@@ -250,6 +250,8 @@ def _validate_model(config, check: Checks):
 def _validate_data(config, model, check: Checks, for_run: bool):
   need, num, choice, d = check.need, check.num, check.choice, config.data
   max_len = model.max_seq_len if model is not None else None
+  from rlhf_jax.data import lengths  # data.pad_to / buckets / pad_multiple (offline trainers)
+  lengths.validate(d, lengths.configured_len(d), check)
   if config.trainer == "sft":
     need(d.max_seq_len >= 4, "data.max_seq_len", "must be >= 4")
     need(d.overlength in ("error", "truncate", "drop"), "data.overlength",
