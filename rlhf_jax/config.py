@@ -156,9 +156,9 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
         raise ConfigError(f"config.{key}: {e}") from None
 
   # Tokenizer (the knobs of a trained one matter only when none is given).
-  need(config.tokenizer.chat_style in ("", "plain", "chatml", "llama3"),
+  need(config.tokenizer.chat_style in ("", "plain", "chatml", "llama3", "gemma"),
        "tokenizer.chat_style",
-       f"expected plain|chatml|llama3 or '' (auto), got {config.tokenizer.chat_style!r}")
+       f"expected plain|chatml|llama3|gemma or '' (auto), got {config.tokenizer.chat_style!r}")
   if not config.tokenizer.path and not config.init_from:
     choice("tokenizer.model_type", ("bpe", "unigram", "char", "word"))
     num("tokenizer.vocab_size", 8, integer=True)
