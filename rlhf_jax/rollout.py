@@ -125,7 +125,7 @@ def generate_rollout(*, model_config, params, ref_params, prompt_tokens_NP, prom
   for i in range(0, B, micro):
     out = sampling.generate(
         model_config, params, tokens[i:i + micro], pmask[i:i + micro],
-        jax.random.fold_in(rng, i), max_new_tokens=r.max_new_tokens, greedy=greedy,
+        rng, row_offset=i, max_new_tokens=r.max_new_tokens, greedy=greedy,
         temperature=1.0 if greedy else r.temperature, top_k=r.top_k, top_p=r.top_p,
         eos_id=eos_id, pad_id=tokenizer.pad_id, group_size=generate_group_size(G, micro, B))
     chunks.append(out)
