@@ -64,9 +64,9 @@ ignores temperature/top-k/top-p and reports log softmax(logits)[x_t]
 (temperature 1).
 
 Stopping: a row stops after it emits a stop id (`eos_id`, int or several
-ids); the stop token itself is part of the completion (mask 1), later slots
-hold `pad_id` with mask 0 and logprob 0. The loop ends when every row has
-stopped or after `max_new_tokens`.
+ids) or, given `max_new_tokens_B`, after its own budget of tokens; the stop token
+itself is part of the completion (mask 1), later slots hold `pad_id` with mask 0 and
+logprob 0. The loop ends when every row has stopped or after `max_new_tokens`.
 """
 from __future__ import annotations
 
@@ -215,7 +215,8 @@ def generate(config: ModelConfig, params, prompt_tokens_BP, prompt_mask_BP, rng,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, greedy: bool = False,
              eos_id: int | Sequence[int] | None, pad_id: int, group_size: int = 1,
-             kv_cache_dtype: str = "auto", mesh="auto", row_offset=0) -> SampleOutput:
+             kv_cache_dtype: str = "auto", mesh="auto", row_offset=0,
+             max_new_tokens_B=None) -> SampleOutput:
   """Sample up to `max_new_tokens` tokens after each left-padded prompt.
 
   Args:
@@ -243,6 +244,8 @@ def generate(config: ModelConfig, params, prompt_tokens_BP, prompt_mask_BP, rng,
     row_offset: int (may be traced: no recompile): row b's noise id is row_offset + b,
       so micro-batches of one batch, each passed the same rng and its first row's index,
       sample what one call on the whole batch would.
+    max_new_tokens_B: optional int [B] per-row budgets in [1, max_new_tokens]: row b stops
+      after max_new_tokens_B[b] tokens (or at a stop id before); None: max_new_tokens.
 
   Returns:
     SampleOutput (see its docstring and the module docstring for the logprob
@@ -254,6 +257,7 @@ def generate(config: ModelConfig, params, prompt_tokens_BP, prompt_mask_BP, rng,
   eos_ids = _validate(config, prompt_tokens_BP, prompt_mask_BP, max_new_tokens, temperature,
                       top_k, top_p, greedy, eos_id, pad_id)
   _validate_groups(prompt_tokens_BP, prompt_mask_BP, group_size)
+  budget_B = row_budgets(max_new_tokens_B, prompt_tokens_BP.shape[0], max_new_tokens)
   cache_dtype = resolve_kv_cache_dtype(config, kv_cache_dtype)
   if isinstance(mesh, str):
     if mesh != "auto":
@@ -270,7 +274,22 @@ def generate(config: ModelConfig, params, prompt_tokens_BP, prompt_mask_BP, rng,
       max_new_tokens=int(max_new_tokens), top_k=0 if greedy else int(top_k),
       use_top_p=(not greedy) and top_p < 1.0, greedy=bool(greedy), eos_ids=eos_ids,
       pad_id=int(pad_id), group_size=int(group_size), kv_cache_dtype=cache_dtype, mesh=mesh,
-      row_offset=jnp.asarray(row_offset, jnp.int32))
+      row_offset=jnp.asarray(row_offset, jnp.int32), budget_B=budget_B)
+
+
+def row_budgets(max_new_tokens_B, B: int, max_new_tokens: int):
+  """int32 [B] per-row token budgets (None stays None); ValueError unless each lies in
+  [1, max_new_tokens] (checked where concrete)."""
+  if max_new_tokens_B is None:
+    return None
+  if _is_concrete(max_new_tokens_B):
+    b = np.asarray(max_new_tokens_B)
+    if b.shape != (B,) or not np.issubdtype(b.dtype, np.integer) or (
+        b.size and (b.min() < 1 or b.max() > max_new_tokens)):
+      raise ValueError(f"max_new_tokens_B: expected ints in [1, max_new_tokens="
+                       f"{max_new_tokens}] of shape ({B},), got {b.dtype} {b.shape} "
+                       f"{b.tolist()[:8]}")
+  return jnp.asarray(max_new_tokens_B, jnp.int32)
 
 
 def _shard_cache(cache, mesh):
@@ -286,7 +305,7 @@ def _shard_cache(cache, mesh):
                                              "kv_cache_dtype", "mesh"))
 def _generate(config, params, prompt_BP, prompt_mask_BP, rng, temperature, top_p, *,
               max_new_tokens, top_k, use_top_p, greedy, eos_ids, pad_id, group_size=1,
-              kv_cache_dtype=None, mesh=None, row_offset=0):
+              kv_cache_dtype=None, mesh=None, row_offset=0, budget_B=None):
   model = Transformer(config)
   variables = {"params": params}
   B, P = prompt_BP.shape
@@ -330,6 +349,8 @@ def _generate(config, params, prompt_BP, prompt_mask_BP, rng, temperature, top_p
         logprobs_BN, jnp.where(live_B, logprob_B, 0.0)[:, None], (0, step))
     lengths_B = lengths_B + live_B.astype(jnp.int32)
     done_B = done_B | is_stop(token_B)
+    if budget_B is not None:
+      done_B = done_B | (lengths_B >= budget_B)
     return tokens_BN, logprobs_BN, done_B, lengths_B
 
   # Sampling noise: row b's bits for token t are Threefry-2x32 of (t, j) under the key
