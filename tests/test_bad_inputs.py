@@ -255,6 +255,8 @@ for trainer, args, expect in [
     ("grpo", ["rollout.top_p=0.0"], "config.rollout.top_p"),
     ("grpo", ["rollout.top_k=-1"], "config.rollout.top_k"),
     ("grpo", ["rollout.logprob_micro_batch=0"], "config.rollout.logprob_micro_batch"),
+    ("grpo", ["rollout.sampler=paged"], ["config.rollout.sampler='paged'", "continuous"]),
+    ("grpo", ["rollout.decode_slots=-1"], "config.rollout.decode_slots"),
     ("grpo", ["grpo.minibatches=0"], "config.grpo.minibatches"),
     ("grpo", ["grpo.epochs=0"], "config.grpo.epochs"),
     ("grpo", ["grpo.advantage=zscore"], "config.grpo.advantage='zscore'"),
