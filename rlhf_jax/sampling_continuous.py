@@ -20,16 +20,22 @@ rng the tokens, masks and lengths equal `generate`'s and the log-probs agree to 
 rounding (the matmuls run on other batch sizes), whatever `num_slots`; the outputs are in
 the original row order.
 
-Design (slot-based KV cache): the cache is [L, num_slots, P + N - 1, K, Dh], one
-`generate`-sized row per slot, the whole run one jitted function (one compile per shape
-and static knobs, as `generate`; refills happen inside a `lax.while_loop` and never
-recompile). The decode step `jax.vmap`s the model's cached call over the slots, each with
-its own cache index, position and key mask (the cache write becomes a scatter). Refill
-prefills one row at a time ([1, P]) into the freed slot: cheap when refills are spread
-over the run (the usual case: lengths differ), at worst B - S single-row prefills in
-place of B / S batched ones -- the price of never waiting. A paged cache would share
-memory between slots of different lengths; slots are simpler and, with one cache row of
-P + N - 1 per slot, use exactly the memory of a `generate` micro-batch of S rows.
+Design (slot-based KV cache): the cache is [L, num_slots, P + N, K, Dh], one
+`generate`-sized cache row per slot plus one scratch column, the whole run one jitted
+function (one compile per shape and static knobs, as `generate`; refills happen inside a
+`lax.while_loop` and never recompile). A decode step is one batched cached model call
+with the scratch column as its cache index (the model takes one index for all rows): each
+slot's key mask admits its prompt and its first t - 1 completion tokens, and the new
+K/V, written to the scratch column, then move to each slot's cache slot P + t - 1 (a
+scatter of one column). The attention sums run over the same keys in the same order as
+`generate`'s. (A `jax.vmap` of the cached call over slots, each with its own cache index,
+cost 2x a static step on XLA:CPU.) Refill prefills one row at a time ([1, P]) into the
+freed slot: cheap when refills are spread over the run (the usual case: lengths differ),
+at worst B - S single-row prefills in place of B / S batched ones -- the price of never
+waiting. A paged cache would share memory between slots of different lengths; slots are
+simpler and use the memory of a `generate` micro-batch of S rows (+ 1 column).
+Decode attention runs over the whole slot row (the `chunked` backend cannot skip the
+unfilled blocks as it does for `generate`, whose rows share one fill level).
 
 Not replicated from `generate`: the shared prefill of a group's equal prompts
 (`group_size`; every row is prefilled on its own here -- the samples are the same) and
@@ -117,7 +123,8 @@ def _continuous(config, params, prompt_BP, prompt_mask_BP, rng, temperature, top
   prompt_BP = jnp.where(prompt_mask_BP > 0, prompt_BP, pad_id)
   n_B = jnp.sum(prompt_mask_BP, axis=1).astype(jnp.int32)
   positions_BP = jnp.maximum(jnp.cumsum(prompt_mask_BP, axis=1) - 1, 0).astype(jnp.int32)
-  kv_mask_BS = jnp.concatenate([prompt_mask_BP, jnp.ones((B, S - P), jnp.int32)], axis=1)
+  # + one scratch column (index S) where every decode step writes its new K/V first
+  kv_mask_BS = jnp.concatenate([prompt_mask_BP, jnp.ones((B, S + 1 - P), jnp.int32)], axis=1)
   keys_B2 = None if greedy else row_keys(rng, row_offset + jnp.arange(B, dtype=jnp.int32))
 
   def sample(logits_XV, rows_X, steps_X):
@@ -141,20 +148,26 @@ def _continuous(config, params, prompt_BP, prompt_mask_BP, rng, temperature, top
 
   def prefill(rows_X):
     """Cache rows [L, X, S, K, Dh] and last-position logits [X, V] of prompts rows_X."""
-    cache = init_cache(config, rows_X.shape[0], S, kv_cache_dtype)
+    cache = init_cache(config, rows_X.shape[0], S + 1, kv_cache_dtype)
     h_XPD, cache = model.apply(variables, prompt_BP[rows_X], positions_BT=positions_BP[rows_X],
                                cache=cache, cache_index=0, kv_mask_BS=kv_mask_BS[rows_X],
                                output="hidden")
     logits_XV = model.apply(variables, h_XPD[:, -1:], method=Transformer.unembed)[:, 0]
     return cache, logits_XV
 
-  def decode_one(prev, pos, index, kv_mask_S, k_LSKd, v_LSKd):
-    logits_11V, (k, v) = model.apply(
-        variables, prev[None, None], positions_BT=pos[None, None],
-        cache=(k_LSKd[:, None], v_LSKd[:, None]), cache_index=index,
-        kv_mask_BS=kv_mask_S[None])
-    return logits_11V[0, 0], (k[:, 0], v[:, 0])
-  decode = jax.vmap(decode_one, in_axes=(0, 0, 0, 0, 1, 1), out_axes=(0, 1))
+  def decode(prev_R, pos_R, t_R, slot_row, cache):
+    """One step of every slot, slot r at its own step t_R[r]: the model's cached call
+    with the scratch column S as the (shared) cache index and a per-slot key mask that
+    admits the slot's prompt and its first t - 1 completion tokens; then each slot's new
+    K/V moves from the scratch column to its cache slot P + t - 1."""
+    done_RN = jnp.arange(S + 1 - P)[None, :] < (t_R - 1)[:, None]
+    kv_mask_RS = jnp.concatenate([prompt_mask_BP[slot_row], done_RN.astype(jnp.int32)], 1)
+    kv_mask_RS = kv_mask_RS.at[:, S].set(1)
+    logits_R1V, cache = model.apply(variables, prev_R[:, None], positions_BT=pos_R[:, None],
+                                    cache=cache, cache_index=S, kv_mask_BS=kv_mask_RS)
+    r = jnp.arange(R)
+    cache = tuple(c.at[:, r, P + t_R - 1].set(c[:, :, S]) for c in cache)
+    return logits_R1V[:, 0], cache
 
   # Fill: rows 0..R-1 into the R slots, token 0 of each.
   slot_row = jnp.arange(R, dtype=jnp.int32)
@@ -192,8 +205,7 @@ def _continuous(config, params, prompt_BP, prompt_mask_BP, rng, temperature, top
     # Feed token t-1 of each slot's row into cache slot P+t-1 at position n+t-1; sample
     # token t. Idle slots decode too (static shapes); their results are dropped.
     t_R = jnp.clip(step_R, 1, N - 1)
-    logits_RV, cache = decode(prev_R, n_B[slot_row] + t_R - 1, P + t_R - 1,
-                              kv_mask_BS[slot_row], *cache)
+    logits_RV, cache = decode(prev_R, n_B[slot_row] + t_R - 1, t_R, slot_row, cache)
     cache = shard(cache)
     token_R, logprob_R = sample(logits_RV, slot_row, step_R)
     out = record(out, slot_row, step_R, token_R, logprob_R, live_R)
