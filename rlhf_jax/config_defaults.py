@@ -212,6 +212,10 @@ def rollout_config() -> ConfigDict:
       top_k=0,                 # 0 = off
       top_p=1.0,               # 1 = off
       generate_micro_batch=128,  # rows per sampler call (divides prompts_per_step*group_size)
+      sampler="static",          # static: `sampling.generate` per micro-batch (decodes until
+                                 # its longest row stops); continuous: decode slots refilled
+                                 # as rows stop (`sampling_continuous`; same samples)
+      decode_slots=0,            # continuous: rows decoded at once (0 = generate_micro_batch)
       logprob_micro_batch=128,   # rows per old/ref log-prob forward pass
       train_micro_batch=0,       # rows per gradient micro-batch in an update (0 = the whole
                                  # minibatch); gradients are accumulated exactly

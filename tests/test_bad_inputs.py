@@ -261,6 +261,8 @@ for trainer, args, expect in [
     ("grpo", ["rollout.is_cap=1.0", "--config.rollout.is_correction=tis"],
      ["config.rollout.is_cap", "> 1.0"]),
     ("ppo", ["rollout.is_level=word"], ["config.rollout.is_level='word'", "sequence"]),
+    ("grpo", ["rollout.sampler=paged"], ["config.rollout.sampler='paged'", "continuous"]),
+    ("grpo", ["rollout.decode_slots=-1"], "config.rollout.decode_slots"),
     ("grpo", ["grpo.minibatches=0"], "config.grpo.minibatches"),
     ("grpo", ["grpo.epochs=0"], "config.grpo.epochs"),
     ("grpo", ["grpo.advantage=zscore"], "config.grpo.advantage='zscore'"),

@@ -31,6 +31,10 @@ def validate_rollout(config) -> None:
     num("rollout.is_cap", 1.0, lo_open=True)
   num("rollout.top_k", 0, integer=True)
   num("rollout.top_p", 0.0, 1.0, lo_open=True)
+  if "sampler" in r:
+    check.choice("rollout.sampler", ("static", "continuous"))
+  if "decode_slots" in r:
+    num("rollout.decode_slots", 0, integer=True)
   B = r.prompts_per_step * r.group_size
   for key in ("generate_micro_batch", "logprob_micro_batch"):
     micro = r[key]
