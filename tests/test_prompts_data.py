@@ -271,3 +271,19 @@ def test_synthetic_digits_and_errors():
     synthetic.make_verifiable_example("add", rng, digits=0)
   with pytest.raises(ValueError, match="unknown verifiable task 'mul'.*'word'"):
     synthetic.make_verifiable_example("mul", rng)
+
+
+def test_build_prints_one_line_of_ours_not_tfds_download_messages(tmp_path, capfd):
+  """TFDS's "Downloading and preparing dataset Unknown size ...", "Using custom data
+  configuration" and "Variant folder ... has no dataset_info.json" read like a download on
+  an offline machine: the build says one line of ours instead (rows, where the cache is)."""
+  train = write_jsonl(tmp_path / "train.jsonl", [
+      {"question": "1+1?", "answer": "1+1=<<1+1=2>>2\n#### 2"},
+      {"question": "2+2?", "answer": "#### 4"}])
+  test = write_jsonl(tmp_path / "test.jsonl", [{"question": "3+3?", "answer": "#### 6"}])
+  data_dir = str(tmp_path / "tfds")
+  for state in ("built", "cached"):
+    b = prompts.build_gsm8k(data_dir, files={"train": train, "test": test}, config_name="c")
+    out, err = capfd.readouterr()
+    assert out + err == f"dataset gsm8k: 2 train / 1 test rows -> {b.data_dir} ({state})\n"
+  assert b.data_dir == str(tmp_path / "tfds" / "gsm8k" / "c" / "1.0.0")
