@@ -276,14 +276,18 @@ def test_synthetic_digits_and_errors():
 def test_build_prints_one_line_of_ours_not_tfds_download_messages(tmp_path, capfd):
   """TFDS's "Downloading and preparing dataset Unknown size ...", "Using custom data
   configuration" and "Variant folder ... has no dataset_info.json" read like a download on
-  an offline machine: the build says one line of ours instead (rows, where the cache is)."""
+  an offline machine: building (as the trainers do) says one line of ours instead."""
+  from rlhf_jax.data import prompt_sets
+  from rlhf_jax.launch import load_config
   train = write_jsonl(tmp_path / "train.jsonl", [
       {"question": "1+1?", "answer": "1+1=<<1+1=2>>2\n#### 2"},
       {"question": "2+2?", "answer": "#### 4"}])
   test = write_jsonl(tmp_path / "test.jsonl", [{"question": "3+3?", "answer": "#### 6"}])
-  data_dir = str(tmp_path / "tfds")
+  c = load_config("configs/grpo.py:tiny")
+  c.data.update(source="gsm8k", train_path=train, eval_path=test)
+  data_dir = tmp_path / "wd" / "tfds" / "gsm8k"
   for state in ("built", "cached"):
-    b = prompts.build_gsm8k(data_dir, files={"train": train, "test": test}, config_name="c")
+    prompt_sets.load(c, str(tmp_path / "wd"))
     out, err = capfd.readouterr()
-    assert out + err == f"dataset gsm8k: 2 train / 1 test rows -> {b.data_dir} ({state})\n"
-  assert b.data_dir == str(tmp_path / "tfds" / "gsm8k" / "c" / "1.0.0")
+    (built,) = data_dir.glob("*/1.0.0")
+    assert out + err == f"dataset gsm8k: 2 train / 1 eval rows -> {built} ({state})\n"

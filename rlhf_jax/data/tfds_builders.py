@@ -326,13 +326,12 @@ def _summary(builder, built: bool) -> str:
 
 def _prepare(builder, files, download_config=None):
   from rlhf_jax import parallel
-  with parallel.primary_first(f"tfds:{builder.info.full_name}"):  # multi-host: 0 builds it
-    if not parallel.is_primary() and builder.is_prepared():
+  with parallel.primary_first(f"tfds:{builder.info.full_name}"), _quiet_tfds():
+    if not parallel.is_primary() and builder.is_prepared():  # multi-host: 0 builds it
       builder.info.read_from_directory(builder.data_dir)  # built meanwhile by process 0
     _check_sources(builder, files)
     built = not builder.is_prepared()
-    with _quiet_tfds():
-      builder.download_and_prepare(download_config=download_config, file_format=ARRAY_RECORD)
+    builder.download_and_prepare(download_config=download_config, file_format=ARRAY_RECORD)
   if parallel.is_primary():
     print(_summary(builder, built), flush=True)
   return builder
