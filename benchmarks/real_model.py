@@ -15,8 +15,9 @@ at 7.2 GB RSS); `--rl_new_tokens` changes the completion budget.
 `--malloc=tuned,system` runs every trainer twice: with the glibc settings `rlhf-jax`
 applies itself (rlhf_jax/allocator.py) and with RLHF_JAX_MALLOC=system (glibc's defaults).
 
-Columns: `compile+1st` = wall time to the end of step 1 (loading the GGUF, building
-the data set, compiling, step 1), `s/step` = median of steps 2..N (from metrics.jsonl's
+Columns: `compile+1st` = metrics.jsonl's elapsed_s at step 1 (from the training loop's
+start: compiling + step 1; loading the GGUF and building the data set come before it and
+count in `wall`), `s/step` = median of steps 2..N (from metrics.jsonl's
 elapsed_s, logged every step), `peak RSS` = the process's maximum resident set
 (os.wait4), `wall` / `CPU` = the whole process's wall-clock / user + system CPU seconds
 (CPU time barely moves when other jobs load the machine; wall time does).
