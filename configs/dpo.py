@@ -16,7 +16,7 @@ Sized presets need --config.init_from=SFT_RUN_OR_HF_DIR (the architecture then c
 from the checkpoint) and --config.data.train_path=HH_RLHF_DIR.
 
   smollm2_laptop  SmolLM2-135M on a laptop CPU in a few minutes (rlhf_jax/presets.py:laptop:
-                float32, no remat, no evals, 5 steps): 4 HH-RLHF pairs per step, prompts 128
+                float32, remat, no evals, 5 steps): 4 HH-RLHF pairs per step, prompts 128
                 + replies 64 tokens, reference log-probs computed per step
                 (dpo.precompute_reference=False: no pass over all 2,312 pairs first).
                 README "Run a real model on your laptop" has the command.

@@ -22,7 +22,7 @@ Start every non-tiny preset from an SFT run or an instruct model:
   --config.init_from=runs/sft_gsm8k (or an HF dir / .gguf; the architecture then comes
   from the checkpoint) and --config.data.train_path=gsm8k_train.jsonl.
   smollm2_laptop  SmolLM2-135M on a laptop CPU in a few minutes (rlhf_jax/presets.py:laptop:
-                float32, no remat, no evals, 5 steps): 2 GSM8K prompts x 4 samples per step,
+                float32, remat, no evals, 5 steps): 2 GSM8K prompts x 4 samples per step,
                 one update per rollout (ppo.epochs = minibatches = 1), prompts 128 + completions 128 tokens
                 (where TRL's GRPO peaks at 7.2 GB RSS, issue #22).
                 README "Run a real model on your laptop" has the command.

@@ -15,7 +15,7 @@ per-device memory estimate (rlhf_jax/memory.py, docs/memory.md) fits 80% of its 
 Sized presets need --config.init_from=SFT_RUN_OR_HF_DIR (backbone; the architecture then
 comes from the checkpoint) and --config.data.train_path=HH_RLHF_DIR.
   smollm2_laptop  SmolLM2-135M on a laptop CPU in a few minutes (rlhf_jax/presets.py:laptop:
-                float32, no remat, no evals, 5 steps): 4 HH-RLHF pairs per step, prompts 128
+                float32, remat, no evals, 5 steps): 4 HH-RLHF pairs per step, prompts 128
                 + replies 64 tokens. README "Run a real model on your laptop" has the command
                 (--config.init_from=SmolLM2.gguf --config.data.train_path=hh_rlhf....jsonl.gz).
 """

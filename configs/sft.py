@@ -18,7 +18,7 @@ Every sized preset packs examples (data.packing) and needs real weights and data
   checkpoint; dtype and remat from the config) and --config.data.train_path=your.jsonl.
 On other hardware override --config.mesh.shape (and the batch, see docs/memory.md).
   smollm2_laptop  SmolLM2-135M on a laptop CPU in a few minutes (rlhf_jax/presets.py:laptop:
-                float32, no remat, no evals, 5 steps): batch 4 x 256 tokens, longer rows
+                float32, remat, no evals, 5 steps): batch 4 x 256 tokens, longer rows
                 dropped. README "Run a real model on your laptop" has the command
                 (--config.init_from=SmolLM2.gguf --config.data.train_path=gsm8k_sft.jsonl).
 """

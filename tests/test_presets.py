@@ -71,7 +71,7 @@ def test_preset_loads_and_validates(name, preset):
     assert c.distributed.enabled == (memory_plan.HARDWARE[hw].hosts > 1)
   if preset == "smollm2_laptop":  # README "Run a real model on your laptop"
     assert tuple(c.mesh.shape) == (-1, 1, 1) and c.mesh.planned_for == ""
-    assert m.dtype == "float32" and m.resolved_remat_policy == "none"
+    assert m.dtype == "float32" and m.resolved_remat_policy == "full"
     assert m.d_model == 576 and m.n_layers == 30 and c.eval_every == 0 and c.num_steps <= 10
 
 
