@@ -15,6 +15,12 @@ no gradient accumulation: a step holds 2 x batch_size rows of logits at once.
 Sized presets need --config.init_from=SFT_RUN_OR_HF_DIR (the architecture then comes
 from the checkpoint) and --config.data.train_path=HH_RLHF_DIR.
 
+  smollm2_laptop  SmolLM2-135M on a laptop CPU in a few minutes (rlhf_jax/presets.py:laptop:
+                float32, remat, no evals, 5 steps): 4 HH-RLHF pairs per step, prompts 128
+                + replies 64 tokens, reference log-probs computed per step
+                (dpo.precompute_reference=False: no pass over all 2,312 pairs first).
+                README "Run a real model on your laptop" has the command.
+
 Start from an SFT run with --config.init_from=runs/sft (its params become both the
 policy's start and the frozen reference).
 """
@@ -56,6 +62,13 @@ def get_config(preset: str = "tiny") -> ConfigDict:
   c.sample.every = 100
   if preset == "tiny":
     return c
+  if preset == "smollm2_laptop":
+    presets.laptop(c)
+    c.data.update(source="hh_rlhf", max_prompt_len=128, max_completion_len=64)
+    c.batch_size = 4
+    c.dpo.precompute_reference = False  # reference log-probs per step: no pass over all pairs first
+    c.optimizer.lr = 1e-6
+    return c
   if preset == "1b":
     use_llama_1b(c)
     c.batch_size = 64
@@ -64,7 +77,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.batch_size = SIZES[preset]["batch_size"]
   else:
     raise ValueError(f"unknown dpo preset {preset!r}; expected one of tiny, 1b, "
-                     f"{', '.join(SIZES)}")
+                     f"{', '.join(SIZES)}, smollm2_laptop")
   c.data.update(source="hh_rlhf", max_prompt_len=768, max_completion_len=256)
   c.num_steps = 2000
   c.optimizer.update(lr=5e-7, warmup_steps=150, weight_decay=0.0)

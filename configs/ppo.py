@@ -21,6 +21,11 @@ activations) in the same step; the estimate counts it.
 Start every non-tiny preset from an SFT run or an instruct model:
   --config.init_from=runs/sft_gsm8k (or an HF dir / .gguf; the architecture then comes
   from the checkpoint) and --config.data.train_path=gsm8k_train.jsonl.
+  smollm2_laptop  SmolLM2-135M on a laptop CPU in a few minutes (rlhf_jax/presets.py:laptop:
+                float32, remat, no evals, 5 steps): 2 GSM8K prompts x 4 samples per step,
+                one update per rollout (ppo.epochs = minibatches = 1), prompts 128 + completions 128 tokens
+                (where TRL's GRPO peaks at 7.2 GB RSS, issue #22).
+                README "Run a real model on your laptop" has the command.
 """
 from ml_collections import ConfigDict
 
@@ -66,6 +71,15 @@ def get_config(preset: str = "tiny") -> ConfigDict:
   ))
   if preset == "tiny":
     return c
+  if preset == "smollm2_laptop":
+    presets.laptop(c)
+    # GSM8K prompts (chat-rendered: median 90 tokens) left-truncated to 128 tokens.
+    c.data.update(source="gsm8k", max_prompt_len=128)
+    c.rollout.update(prompts_per_step=2, group_size=4, max_new_tokens=128,
+                     generate_micro_batch=8, logprob_micro_batch=8)
+    c.ppo.update(epochs=1, minibatches=1)  # one update per rollout
+    c.optimizer.lr = 1e-6
+    return c
   if preset in ("gsm8k", "1b"):
     use_llama_1b(c)
   elif preset in SIZES:
@@ -82,4 +96,4 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.eval_prompts = 512
     return c
   raise ValueError(f"unknown ppo preset {preset!r}; expected one of tiny, gsm8k, 1b, "
-                   f"{', '.join(SIZES)}")
+                   f"{', '.join(SIZES)}, smollm2_laptop")

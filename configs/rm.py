@@ -14,6 +14,10 @@ per-device memory estimate (rlhf_jax/memory.py, docs/memory.md) fits 80% of its 
   llama3_8b     Llama-3.1-8B, v5p-32 (16 chips, 4 hosts), mesh (1, 16, 1) FSDP.
 Sized presets need --config.init_from=SFT_RUN_OR_HF_DIR (backbone; the architecture then
 comes from the checkpoint) and --config.data.train_path=HH_RLHF_DIR.
+  smollm2_laptop  SmolLM2-135M on a laptop CPU in a few minutes (rlhf_jax/presets.py:laptop:
+                float32, remat, no evals, 5 steps): 4 HH-RLHF pairs per step, prompts 128
+                + replies 64 tokens. README "Run a real model on your laptop" has the command
+                (--config.init_from=SmolLM2.gguf --config.data.train_path=hh_rlhf....jsonl.gz).
 """
 from ml_collections import ConfigDict
 
@@ -44,6 +48,12 @@ def get_config(preset: str = "tiny") -> ConfigDict:
   c.eval_every = 100
   if preset == "tiny":
     return c
+  if preset == "smollm2_laptop":
+    presets.laptop(c)
+    c.data.update(source="hh_rlhf", max_prompt_len=128, max_completion_len=64)
+    c.batch_size = 4
+    c.optimizer.lr = 1e-5
+    return c
   if preset == "1b":
     use_llama_1b(c)
     lr = SIZES["llama3_2_1b"]["lr"]
@@ -52,7 +62,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     lr = SIZES[preset]["lr"]
   else:
     raise ValueError(f"unknown rm preset {preset!r}; expected one of tiny, 1b, "
-                     f"{', '.join(SIZES)}")
+                     f"{', '.join(SIZES)}, smollm2_laptop")
   c.data.update(source="hh_rlhf", max_prompt_len=768, max_completion_len=256)
   c.batch_size = 64
   c.num_steps = 2000

@@ -17,6 +17,10 @@ Every sized preset packs examples (data.packing) and needs real weights and data
   --config.init_from=/path/to/hf_dir_or.gguf  (the architecture then comes from the
   checkpoint; dtype and remat from the config) and --config.data.train_path=your.jsonl.
 On other hardware override --config.mesh.shape (and the batch, see docs/memory.md).
+  smollm2_laptop  SmolLM2-135M on a laptop CPU in a few minutes (rlhf_jax/presets.py:laptop:
+                float32, remat, no evals, 5 steps): batch 4 x 256 tokens, longer rows
+                dropped. README "Run a real model on your laptop" has the command
+                (--config.init_from=SmolLM2.gguf --config.data.train_path=gsm8k_sft.jsonl).
 """
 from ml_collections import ConfigDict
 
@@ -39,6 +43,12 @@ def get_config(preset: str = "tiny") -> ConfigDict:
   c = base_config("sft")
   if preset == "tiny":
     return c  # base_config's defaults are the tiny CPU run
+  if preset == "smollm2_laptop":
+    presets.laptop(c)
+    c.data.update(max_seq_len=256, overlength="drop")  # GSM8K rows: median 180 tokens
+    c.batch_size = 4
+    c.optimizer.lr = 1e-5
+    return c
   if preset == "1b":
     use_llama_1b(c)
     size = SIZES["llama3_2_1b"]
@@ -47,7 +57,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     presets.apply(c, preset, size["hardware"])
   else:
     raise ValueError(f"unknown sft preset {preset!r}; expected one of tiny, 1b, "
-                     f"{', '.join(SIZES)}")
+                     f"{', '.join(SIZES)}, smollm2_laptop")
   c.data.max_seq_len = 2048
   c.data.packing = True
   c.batch_size = 64

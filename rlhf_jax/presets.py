@@ -35,7 +35,7 @@ from ml_collections import ConfigDict
 
 from rlhf_jax.hardware import HARDWARE, Hardware
 
-__all__ = ["SIZES", "HARDWARE", "Size", "apply", "mesh_for", "Hardware"]
+__all__ = ["SIZES", "HARDWARE", "Size", "apply", "laptop", "mesh_for", "Hardware"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +132,26 @@ def apply(c: ConfigDict, size: str, hardware: str | None = None) -> ConfigDict:
   c.log_every = 10
   c.eval_every = 200
   c.checkpoint.every = 500
+  return c
+
+
+def laptop(c: ConfigDict, size: str = "smollm2_135m") -> ConfigDict:
+  """A real model size for a few-minute CPU run (the `smollm2_laptop` presets of
+  configs/*.py; README "Run a real model on your laptop"): `size`'s architecture in
+  float32 (XLA:CPU has no fast bfloat16 matmul) with full remat (SmolLM2's laptop
+  presets: 3.2-7.9 GB estimated by rlhf_jax/memory_plan.py, 4.9-16.7 GB without, PPO
+  the largest), data parallelism over whatever devices exist, 5 steps logged every step,
+  no warmup, no evals or samples, one checkpoint at the end. The trainer's config then
+  sets its data and lengths; returns `c`."""
+  apply(c, size, hardware=None)
+  c.model.update(dtype="float32", remat=True)
+  c.num_steps = 5
+  c.optimizer.update(warmup_steps=0, weight_decay=0.0)
+  c.log_every = 1
+  c.eval_every = 0  # no evals at all (a real model's eval takes minutes on a CPU)
+  c.checkpoint.update(every=1000, keep=1)  # one checkpoint, at the end
+  if "sample" in c:
+    c.sample.every = 0
   return c
 
 

@@ -66,7 +66,8 @@ def all_presets():
   out = []
   for name in CONFIGS:
     extra = ("gsm8k",) if name in ("grpo", "ppo") else ()
-    out += [(name, p) for p in ("tiny", "1b", *extra, *config_module(name).SIZES)]
+    out += [(name, p) for p in ("tiny", "1b", *extra, *config_module(name).SIZES,
+                                "smollm2_laptop")]
   return out
 
 
@@ -85,6 +86,10 @@ def test_preset_loads_and_validates(name, preset):
     assert tuple(c.mesh.shape) == presets.mesh_for(preset, hw)
     assert m.dtype == "bfloat16" and m.resolved_remat_policy == "full"
     assert c.distributed.enabled == (memory_plan.HARDWARE[hw].hosts > 1)
+  if preset == "smollm2_laptop":  # README "Run a real model on your laptop"
+    assert tuple(c.mesh.shape) == (-1, 1, 1) and c.mesh.planned_for == ""
+    assert m.dtype == "float32" and m.resolved_remat_policy == "full"
+    assert m.d_model == 576 and m.n_layers == 30 and c.eval_every == 0 and c.num_steps <= 10
 
 
 @pytest.mark.parametrize("size", list(HF))

@@ -271,3 +271,23 @@ def test_synthetic_digits_and_errors():
     synthetic.make_verifiable_example("add", rng, digits=0)
   with pytest.raises(ValueError, match="unknown verifiable task 'mul'.*'word'"):
     synthetic.make_verifiable_example("mul", rng)
+
+
+def test_build_prints_one_line_of_ours_not_tfds_download_messages(tmp_path, capfd):
+  """TFDS's "Downloading and preparing dataset Unknown size ...", "Using custom data
+  configuration" and "Variant folder ... has no dataset_info.json" read like a download on
+  an offline machine: building (as the trainers do) says one line of ours instead."""
+  from rlhf_jax.data import prompt_sets
+  from rlhf_jax.launch import load_config
+  train = write_jsonl(tmp_path / "train.jsonl", [
+      {"question": "1+1?", "answer": "1+1=<<1+1=2>>2\n#### 2"},
+      {"question": "2+2?", "answer": "#### 4"}])
+  test = write_jsonl(tmp_path / "test.jsonl", [{"question": "3+3?", "answer": "#### 6"}])
+  c = load_config("configs/grpo.py:tiny")
+  c.data.update(source="gsm8k", train_path=train, eval_path=test)
+  data_dir = tmp_path / "wd" / "tfds" / "gsm8k"
+  for state in ("built", "cached"):
+    prompt_sets.load(c, str(tmp_path / "wd"))
+    out, err = capfd.readouterr()
+    (built,) = data_dir.glob("*/1.0.0")
+    assert out + err == f"dataset gsm8k: 2 train / 1 eval rows -> {built} ({state})\n"

@@ -21,12 +21,20 @@ Re-building into a data_dir that already holds the dataset reuses it (TFDS's
 rule) -- after checking that it was built from the same source files (sha256
 recorded in metadata.json); a different source raises DataError instead of
 silently reading stale data.
+
+TFDS's own build messages ("Downloading and preparing dataset Unknown size ...", "Using
+custom data configuration", "Variant folder ... has no dataset_info.json") read like a
+download on an offline machine; they are silenced (`_quiet_tfds`) and each build or reuse
+prints one line of ours instead (`_summary`):
+  dataset gsm8k: 7,473 train / 1,319 eval rows -> <data_dir>/gsm8k/<config>/1.0.0 (built)
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
+import logging
 import os
 import numpy as np
 import tensorflow_datasets as tfds
@@ -105,7 +113,16 @@ class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     self._files = _normalize_files(files)
     self._skip_malformed = bool(skip_malformed)
     kwargs.setdefault("file_format", ARRAY_RECORD)
-    super().__init__(**kwargs)
+    with _quiet_tfds():  # "Using custom data configuration", "Variant folder ... has no ..."
+      super().__init__(**kwargs)
+
+  # TFDS prints these two itself ("Downloading and preparing dataset Unknown size ...",
+  # "... downloaded and prepared to ..."): `_prepare` prints our one line instead.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -288,13 +305,35 @@ def _check_sources(builder, files: dict[str, list[str]] | None):
                       f"that directory")
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+  """TFDS's (absl) INFO / WARNING messages off for the block; errors still show."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _summary(builder, built: bool) -> str:
+  """`dataset gsm8k: 7,473 train / 1,319 eval rows -> DIR (built|cached)`."""
+  splits = " / ".join(f"{info.num_examples:,} {name}" for name, info in builder.info.splits.items())
+  return (f"dataset {builder.name}: {splits} rows -> {builder.data_dir} "
+          f"({'built' if built else 'cached'})")
+
+
 def _prepare(builder, files, download_config=None):
   from rlhf_jax import parallel
-  with parallel.primary_first(f"tfds:{builder.info.full_name}"):  # multi-host: 0 builds it
-    if not parallel.is_primary() and builder.is_prepared():
+  with parallel.primary_first(f"tfds:{builder.info.full_name}"), _quiet_tfds():
+    if not parallel.is_primary() and builder.is_prepared():  # multi-host: 0 builds it
       builder.info.read_from_directory(builder.data_dir)  # built meanwhile by process 0
     _check_sources(builder, files)
+    built = not builder.is_prepared()
     builder.download_and_prepare(download_config=download_config, file_format=ARRAY_RECORD)
+  if parallel.is_primary():
+    print(_summary(builder, built), flush=True)
   return builder
 
 
