@@ -154,6 +154,7 @@ for trainer, key, value, want in [
     ("sft", "eval_at_start", "maybe", "bool"), ("dpo", "eval_at_end", "2", "bool"),
     ("grpo", "rollout.stop_at_eos", "maybe", "bool"),
     ("grpo", "rollout.is_cap", "big", "float"),
+    ("grpo", "rollout.max_staleness", "1.5", "int"),
 ]:
   add("config", "wrong type", f"{trainer}:{key}={value}",
       train(trainer, f"--config.{key}={value}"), [f"config.{key}", f"expected {want}"], 2)
@@ -260,6 +261,9 @@ for trainer, args, expect in [
     ("grpo", ["rollout.is_cap=1.0", "--config.rollout.is_correction=tis"],
      ["config.rollout.is_cap", "> 1.0"]),
     ("ppo", ["rollout.is_level=word"], ["config.rollout.is_level='word'", "sequence"]),
+    ("grpo", ["rollout.max_staleness=-1"], ["config.rollout.max_staleness", ">= 0"]),
+    ("ppo", ["rollout.devices=1"], ["config.rollout.devices=1", "at least one"]),
+    ("grpo", ["rollout.devices=-2"], ["config.rollout.devices", ">= 0"]),
     ("grpo", ["grpo.minibatches=0"], "config.grpo.minibatches"),
     ("grpo", ["grpo.epochs=0"], "config.grpo.epochs"),
     ("grpo", ["grpo.advantage=zscore"], "config.grpo.advantage='zscore'"),
