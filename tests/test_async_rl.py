@@ -72,3 +72,48 @@ def test_disaggregated_equals_colocated_and_every_algorithm_runs_async(tmp_path)
   for name in ("ppo", "rloo", "reinforce_pp"):
     assert np.isfinite(r[name]["loss"]) and "is/logp_abs_diff" in r[name]["is"], r[name]
   assert "is/clipped_frac" in r["reinforce_pp"]["is"]  # tis on
+
+
+def _fake_rollout(version: int, t: int):
+  """A 2-row Rollout whose arrays carry the parameter version that sampled it."""
+  from rlhf_jax.rollout import Rollout
+  z = np.full((2, 3), version, np.int32)
+  f = np.full((2, 3), version + 0.5, np.float32)
+  return Rollout(z, z, z, f, f, None, np.full(2, t, np.float32), {"math": np.ones(2, np.float32)},
+                 np.full(2, 3, np.int32), np.array([True, False]), 1, [f"v{version}", "b"],
+                 {"generate": 0.1})
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_pipeline_samples_step_t_with_the_parameters_of_step_t_minus_k(tmp_path, k):
+  """Scheduling without a model: `params` is the step number; the job of step t must see
+  max(0, t - k). A checkpoint at step 4 writes the k pending rollouts; a pipeline resumed
+  there reads them back (not re-sampled) and goes on exactly as the uninterrupted one."""
+  seen = {}
+
+  def job(params, t, batch):
+    seen[t] = params
+    return rollout_pipeline.Sampled(_fake_rollout(params, t), {"version": float(params)},
+                                    {"samples/completions": 2})
+
+  def drive(start, stop, num_steps=8):
+    p = rollout_pipeline.Pipeline(job, k=k, start=start, num_steps=num_steps,
+                                  get_batch=lambda t: t, to_sampler=lambda x: x,
+                                  workdir=str(tmp_path))
+    got = [p.rollout(t, t) for t in range(start, stop)]
+    return p, got
+
+  p, got = drive(0, 4)
+  assert [(s.stats["version"], lag) for s, lag in got] == [
+      (max(0, t - k), min(t, k)) for t in range(4)]
+  p.save(4, kept_steps=[])
+  p.close()
+  assert os.listdir(tmp_path / rollout_pipeline.QUEUE_DIR) == ["step_4.npz"]
+  seen.clear()
+  p, got = drive(4, 8)
+  p.close()
+  assert [s.stats["version"] for s, _ in got] == [t - k for t in range(4, 8)]
+  assert sorted(seen) == list(range(4 + k, 8))  # steps 4 .. 4+k-1 came from the file
+  s = got[0][0]
+  assert s.ro.texts == [f"v{4 - k}", "b"] and s.ro.sequences_BS.dtype == np.int32
+  assert s.counts == {"samples/completions": 2} and s.ro.ref_logps_BC is None
