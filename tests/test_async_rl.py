@@ -117,3 +117,15 @@ def test_pipeline_samples_step_t_with_the_parameters_of_step_t_minus_k(tmp_path,
   s = got[0][0]
   assert s.ro.texts == [f"v{4 - k}", "b"] and s.ro.sequences_BS.dtype == np.int32
   assert s.counts == {"samples/completions": 2} and s.ro.ref_logps_BC is None
+
+
+def test_pipeline_without_a_queue_file_samples_with_the_checkpoint_and_says_so(tmp_path, capsys):
+  def job(params, t, batch):
+    return rollout_pipeline.Sampled(_fake_rollout(params, t), {}, {})
+
+  p = rollout_pipeline.Pipeline(job, k=2, start=4, num_steps=8, get_batch=lambda t: t,
+                                to_sampler=lambda x: x, workdir=str(tmp_path))
+  versions = [int(p.rollout(t, t)[0].ro.sequences_BS[0, 0]) for t in (4, 5, 6, 7)]
+  p.close()
+  assert versions == [4, 4, 4, 5]  # 4, 5: refilled with theta_4; 6 = 4 + k, 7 = 5 + k
+  assert "step_4.npz: missing; the rollouts of steps [4, 5]" in capsys.readouterr().out
