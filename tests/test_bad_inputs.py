@@ -1180,6 +1180,9 @@ def test_no_pickle_and_no_deletion_of_user_files():
       # export --overwrite: a stale shard index in the output directory it was told to replace
       ("rlhf_jax/models/pretrained.py",
        '(path / "model.safetensors.index.json").unlink(missing_ok=True)'),
+      # Pipeline.save: WORKDIR/rollout_queue/step_<n>.npz of a step no checkpoint keeps (only
+      # names matching step_<n>.npz in the queue directory the trainer writes)
+      ("rlhf_jax/rollout_pipeline.py", "os.remove(os.path.join(self.dir, name))"),
       # _remove_own_lora_files: WORKDIR/lora/{base,config.json} of an earlier launch that
       # never checkpointed (a lora/ dir with anything else is refused)
       ("rlhf_jax/trainers/state.py", "shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)"),
