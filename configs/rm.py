@@ -27,6 +27,8 @@ SIZES = {
     "llama3_2_1b": dict(hardware="v5e-8", lr=9e-6),
     "qwen2_5_1_5b": dict(hardware="v5e-8", lr=9e-6),
     "llama3_8b": dict(hardware="v5p-32", lr=5e-6),
+    "gemma3_1b": dict(hardware="v5e-8", lr=9e-6),
+    "gemma2_2b": dict(hardware="v5e-8", lr=5e-6),
 }
 
 

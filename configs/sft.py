@@ -30,6 +30,8 @@ SIZES = {
     "llama3_2_1b": dict(hardware="v5e-8", grad_accum_steps=4, lr=2e-5),
     "qwen2_5_1_5b": dict(hardware="8xH100", grad_accum_steps=2, lr=1e-5),
     "llama3_8b": dict(hardware="v5p-32", grad_accum_steps=1, lr=1e-5),
+    "gemma3_1b": dict(hardware="v5e-8", grad_accum_steps=4, lr=2e-5),
+    "gemma2_2b": dict(hardware="v5e-8", grad_accum_steps=8, lr=1e-5),
 }
 
 

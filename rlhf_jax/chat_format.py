@@ -7,10 +7,13 @@ Chat templates are explicit styles, not Jinja (`CHAT_STYLES`):
             adds one, is kept in `default_system` and prepended likewise
     llama3  <|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>
             ... <|start_header_id|>assistant<|end_header_id|>\\n\\n
+    gemma   <start_of_turn>{user|model}\\n{content}<end_of_turn>\\n ... <start_of_turn>model\\n
+            (Gemma 2 / 3; a system message goes in front of the first user turn,
+            followed by a blank line, as Gemma 3's template does; <bos> comes from add_bos)
     plain   {Role}: {content}\\n ... Assistant:      (our SentencePiece models)
 
 The style is detected from a model's template text (contains <|im_start|> ->
-chatml, <|start_header_id|> -> llama3) or given explicitly; without either it
+chatml, <|start_header_id|> -> llama3, <start_of_turn> -> gemma) or given explicitly; without either it
 is "plain". For every style the prompt with add_generation_prompt=True is a
 prefix of the conversation that includes the assistant's reply.
 """
@@ -20,17 +23,19 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-CHAT_STYLES = ("chatml", "llama3", "plain")
+CHAT_STYLES = ("chatml", "llama3", "gemma", "plain")
 
 
 def detect_chat_style(template: str | None) -> str | None:
-  """'chatml' / 'llama3' from a model's Jinja chat template text, else None."""
+  """'chatml' / 'llama3' / 'gemma' from a model's Jinja chat template text, else None."""
   if not template:
     return None
   if "<|im_start|>" in template:
     return "chatml"
   if "<|start_header_id|>" in template:
     return "llama3"
+  if "<start_of_turn>" in template:
+    return "gemma"
   return None
 
 
@@ -70,5 +75,15 @@ def render_chat(messages: Sequence[dict], style: str, add_generation_prompt: boo
         f"<|start_header_id|>{r}<|end_header_id|>\n\n{c.strip()}<|eot_id|>" for r, c in msgs)
     return out + ("<|start_header_id|>assistant<|end_header_id|>\n\n"
                   if add_generation_prompt else "")
+  if style == "gemma":
+    if msgs and msgs[0][0] == "system":
+      system = msgs.pop(0)[1]
+      if msgs and msgs[0][0] == "user":
+        msgs[0] = ("user", f"{system}\n\n{msgs[0][1]}")
+      else:
+        msgs.insert(0, ("user", system))
+    out = "".join(f"<start_of_turn>{'model' if r == 'assistant' else r}\n{c}<end_of_turn>\n"
+                  for r, c in msgs)
+    return out + ("<start_of_turn>model\n" if add_generation_prompt else "")
   out = "".join(f"{r.capitalize()}: {c}\n" for r, c in msgs)
   return out + ("Assistant:" if add_generation_prompt else "")

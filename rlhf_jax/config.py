@@ -156,9 +156,9 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
         raise ConfigError(f"config.{key}: {e}") from None
 
   # Tokenizer (the knobs of a trained one matter only when none is given).
-  need(config.tokenizer.chat_style in ("", "plain", "chatml", "llama3"),
+  need(config.tokenizer.chat_style in ("", "plain", "chatml", "llama3", "gemma"),
        "tokenizer.chat_style",
-       f"expected plain|chatml|llama3 or '' (auto), got {config.tokenizer.chat_style!r}")
+       f"expected plain|chatml|llama3|gemma or '' (auto), got {config.tokenizer.chat_style!r}")
   if not config.tokenizer.path and not config.init_from:
     choice("tokenizer.model_type", ("bpe", "unigram", "char", "word"))
     num("tokenizer.vocab_size", 8, integer=True)
@@ -250,6 +250,8 @@ def _validate_model(config, check: Checks):
 def _validate_data(config, model, check: Checks, for_run: bool):
   need, num, choice, d = check.need, check.num, check.choice, config.data
   max_len = model.max_seq_len if model is not None else None
+  from rlhf_jax.data import lengths  # data.pad_to / buckets / pad_multiple (offline trainers)
+  lengths.validate(d, lengths.configured_len(d), check)
   if config.trainer == "sft":
     need(d.max_seq_len >= 4, "data.max_seq_len", "must be >= 4")
     need(d.overlength in ("error", "truncate", "drop"), "data.overlength",

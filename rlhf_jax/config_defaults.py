@@ -175,6 +175,13 @@ def sft_data_config() -> ConfigDict:
       packing=False,           # pack several examples per row (segment-masked attention)
       loss_on_prompt=False,    # True: loss on every token after BOS (LM pre-training on the
                                # rendered text), not only the completion
+      pad_to="max",            # max | longest | bucket: the length each batch is padded to
+                               # (rlhf_jax/data/lengths.py): max = the configured maximum (one
+                               # shape); longest = the batch's longest row (a compilation per
+                               # length); bucket = the smallest data.buckets boundary >= it
+      buckets=(),              # pad_to=bucket boundaries in tokens, increasing; () = chosen
+                               # from the training rows' lengths (about 4; the maximum added)
+      pad_multiple=8,          # longest / chosen buckets: lengths rounded up to a multiple
   ))
 
 
@@ -205,6 +212,10 @@ def rollout_config() -> ConfigDict:
       top_k=0,                 # 0 = off
       top_p=1.0,               # 1 = off
       generate_micro_batch=128,  # rows per sampler call (divides prompts_per_step*group_size)
+      sampler="static",          # static: `sampling.generate` per micro-batch (decodes until
+                                 # its longest row stops); continuous: decode slots refilled
+                                 # as rows stop (`sampling_continuous`; same samples)
+      decode_slots=0,            # continuous: rows decoded at once (0 = generate_micro_batch)
       logprob_micro_batch=128,   # rows per old/ref log-prob forward pass
       train_micro_batch=0,       # rows per gradient micro-batch in an update (0 = the whole
                                  # minibatch); gradients are accumulated exactly
@@ -239,6 +250,13 @@ def preference_data_config() -> ConfigDict:
       max_prompt_len=24,       # prompts are LEFT-truncated to this many tokens
       max_completion_len=12,   # completions are RIGHT-truncated (EOS dropped when cut)
       skip_malformed=False,    # False: a bad row stops with file:line; True: skip and count
+      pad_to="max",            # max | longest | bucket: the length each batch is padded to
+                               # (rlhf_jax/data/lengths.py): max = the configured maximum (one
+                               # shape); longest = the batch's longest row (a compilation per
+                               # length); bucket = the smallest data.buckets boundary >= it
+      buckets=(),              # pad_to=bucket boundaries in tokens, increasing; () = chosen
+                               # from the training rows' lengths (about 4; the maximum added)
+      pad_multiple=8,          # longest / chosen buckets: lengths rounded up to a multiple
   ))
 
 
@@ -255,4 +273,11 @@ def prm_data_config() -> ConfigDict:
       corrupt=True,            # gsm8k: add a corrupted copy of every solution (the negatives)
       max_prompt_len=32,       # prompts LEFT-truncated to this many tokens
       max_len=128,             # tokens per row (prompt + steps); steps ending beyond are dropped
+      pad_to="max",            # max | longest | bucket: the length each batch is padded to
+                               # (rlhf_jax/data/lengths.py): max = the configured maximum (one
+                               # shape); longest = the batch's longest row (a compilation per
+                               # length); bucket = the smallest data.buckets boundary >= it
+      buckets=(),              # pad_to=bucket boundaries in tokens, increasing; () = chosen
+                               # from the training rows' lengths (about 4; the maximum added)
+      pad_multiple=8,          # longest / chosen buckets: lengths rounded up to a multiple
   ))

@@ -24,8 +24,11 @@ softmax, activations, the optimizer and the input embedding gather are not count
 
 FLOPs use padded shapes (what the hardware runs: the rows and lengths of the arrays
 passed to the jitted functions; pad tokens and the masked pairs of packed segments are
-counted, the masked upper triangle of a dense T x T attention is not). tokens/* count
-real (unpadded) tokens; samples/completions the sequences learned from (SAMPLE_KEYS). Without the attention term and with U counted once per token,
+counted, the masked upper triangle of a dense T x T attention is not; with the offline
+trainers' `data.pad_to` = longest / bucket, T is each step's own padded length, so the
+counters follow the shapes actually run). tokens/* count real (unpadded) tokens;
+samples/completions the sequences learned from (SAMPLE_KEYS). Without the attention
+term and with U counted once per token,
 3F = 6 N T, the approximation of Kaplan et al. 2020 ("Scaling Laws for Neural Language
 Models", C = 6 N per token, N = non-embedding parameters); the attention term is
 that of Hoffmann et al. 2022 (Chinchilla, appendix F), there 2 x 2 T D_attn per token

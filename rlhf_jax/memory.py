@@ -84,7 +84,8 @@ def layer_params(m: ModelConfig) -> int:
   D, F, H, K, Dh, _, _ = _dims(m)
   bias = (H + 2 * K) * Dh if m.attn_bias else 0
   qk_norm = 2 * Dh if m.qk_norm else 0
-  return D * Dh * (H + 2 * K) + H * Dh * D + 3 * D * F + 2 * D + bias + qk_norm
+  post_norms = 2 * D if m.post_norms else 0  # Gemma 2 / 3 sandwich norms
+  return D * Dh * (H + 2 * K) + H * Dh * D + 3 * D * F + 2 * D + bias + qk_norm + post_norms
 
 
 def num_params(m: ModelConfig) -> int:
@@ -100,7 +101,8 @@ def attention_backend(m: ModelConfig, kind: str = "causal", kv_len: int | None =
   per platform; an explicit backend counts as itself even where it cannot run."""
   if m.attention != "auto":
     return m.attention
-  return attention_lib.resolve("auto", kind, platform, kv_len)
+  return attention_lib.resolve("auto", kind, platform, kv_len,
+                               features=attention_lib.model_features(m))
 
 
 def memory_efficient(backend: str) -> bool:

@@ -12,6 +12,8 @@ architecture then comes from the checkpoint, and these shapes are what it will b
     llama3_2_1b     meta-llama/Llama-3.2-1B     1.24B    16     2048     32/8    128256
     qwen2_5_1_5b    Qwen/Qwen2.5-1.5B           1.54B    28     1536     12/2    151936
     llama3_8b       meta-llama/Llama-3.1-8B     8.03B    32     4096     32/8    128256
+    gemma3_1b       google/gemma-3-1b-pt        1.00B    26     1152      4/1    262144
+    gemma2_2b       google/gemma-2-2b           2.61B    26     2304      8/4    256000
 
 Meshes (`rlhf_jax.hardware.HARDWARE`): FSDP over every device of v5e-8 (8 chips),
 v5p-32 (16 chips) and 8xH100 (8 GPUs); models whose replicated AdamW state is
@@ -48,6 +50,7 @@ class Size:
 # max_seq_len (the sampler's bound and the capability eval's row length) is our choice:
 # RoPE is computed on the fly, any length works; the HF max_position_embeddings are 8192
 # (SmolLM2) and 131072 (the others). Raise it with --config.model.max_seq_len.
+_GEMMA = dict(norm_offset=1.0, embed_scale=True, activation="gelu_tanh", post_norms=True)
 SIZES: dict[str, Size] = {
     "smollm2_135m": Size(
         "HuggingFaceTB/SmolLM2-135M", 135e6,
@@ -73,11 +76,32 @@ SIZES: dict[str, Size] = {
              head_dim=128, d_ff=14336, rope_theta=500000.0, rope_scaling=(8.0, 1.0, 4.0, 8192),
              norm_eps=1e-5, tie_embeddings=False, attn_bias=False, max_seq_len=2048),
         chat_style="llama3"),
+    # Gemma (issue #20): sandwich norms, sliding-window layers, Gemma 3 local RoPE base,
+    # Gemma 2 soft-caps; query_pre_attn_scalar 256 = head_dim (the default scale).
+    "gemma3_1b": Size(
+        "google/gemma-3-1b-pt", 1.0e9,
+        dict(vocab_size=262144, d_model=1152, n_layers=26, n_heads=4, n_kv_heads=1,
+             head_dim=256, d_ff=6912, rope_theta=1000000.0, rope_scaling=(), norm_eps=1e-6,
+             tie_embeddings=True, attn_bias=False, max_seq_len=2048, **_GEMMA,
+             qk_norm=True, sliding_window=512, window_pattern="LLLLLG",
+             rope_local_theta=10000.0),
+        chat_style="gemma"),
+    "gemma2_2b": Size(
+        "google/gemma-2-2b", 2.61e9,
+        dict(vocab_size=256000, d_model=2304, n_layers=26, n_heads=8, n_kv_heads=4,
+             head_dim=256, d_ff=9216, rope_theta=10000.0, rope_scaling=(), norm_eps=1e-6,
+             tie_embeddings=True, attn_bias=False, max_seq_len=2048, **_GEMMA,
+             sliding_window=4096, window_pattern="LG", attn_softcap=50.0,
+             final_softcap=30.0),
+        chat_style="gemma"),
 }
 
 # Fields every size sets to the plain Llama values unless it says otherwise.
 _LLAMA_DEFAULTS = dict(norm_offset=0.0, embed_scale=False, mlp_bias=False, qk_norm=False,
-                       activation="silu")
+                       activation="silu", sliding_window=0, window_pattern="",
+                       rope_local_theta=0.0, rope_linear_factor=1.0,
+                       query_pre_attn_scalar=0.0, attn_softcap=0.0, final_softcap=0.0,
+                       post_norms=False)
 
 
 def mesh_for(size: str, hardware: str | None) -> tuple[int, int, int]:

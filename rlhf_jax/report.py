@@ -161,7 +161,7 @@ def final_table(sel: dict, confidence: float) -> dict:
   for m in (m for m in metrics if m in sel["keys"]):
     for g, rs in sel["groups"].items():
       s = final_stats(rs, m, confidence, paired=m != "elapsed_s")
-      if s is not None:
+      if s is not None and s["n"] > 0:  # a metric never finite in this group: no row
         lo, hi = sel["range"](m)
         s["ci_low"], s["ci_high"] = (float(np.clip(s[k], lo, hi)) for k in ("ci_low", "ci_high"))
         rob = robust.robust_stats(s["values"], confidence, sel["reps"], sel["seed"], (lo, hi))

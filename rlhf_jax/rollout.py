@@ -16,7 +16,10 @@ and log-prob passes (`rollout.logprob_micro_batch`); every micro-batch has a
 fixed shape, so each function compiles once. When the generation micro-batch
 holds whole groups (a multiple of G, or >= B), the sampler prefills each prompt
 once per group (`sampling.generate(group_size=G)`) instead of once per row; the
-samples are the same either way (`generate_group_size`).
+samples are the same either way (`generate_group_size`). rollout.sampler="continuous"
+decodes all B rows in one call of `sampling_continuous.generate_continuous` with
+rollout.decode_slots slots (0: generate_micro_batch), each refilled as soon as its row
+stops; the samples equal the static sampler's (row noise is a function of (rng, row, step)).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import numpy as np
 
 from rlhf_jax import flops as flops_lib
 from rlhf_jax import metrics as metrics_lib
-from rlhf_jax import parallel, sampling
+from rlhf_jax import parallel, sampling, sampling_continuous
 from rlhf_jax.models import Transformer
 from rlhf_jax.models.api import window_logprobs
 
@@ -81,6 +84,12 @@ def generate_group_size(group_size: int, micro: int, rows: int) -> int:
   return group_size if min(micro, rows) % group_size == 0 else 1
 
 
+def decode_slots(rollout_cfg, rows: int) -> int:
+  """rollout.sampler="continuous": the decode slots, rollout.decode_slots or (0) the
+  generation micro-batch, at most `rows`."""
+  return min(getattr(rollout_cfg, "decode_slots", 0) or rollout_cfg.generate_micro_batch, rows)
+
+
 def micro_batched(fn: Callable, micro: int, *arrays):
   """Apply fn(*chunks) over leading-axis chunks of size `micro` (>= B: one chunk);
   concatenate on host."""
@@ -117,20 +126,24 @@ def generate_rollout(*, model_config, params, ref_params, prompt_tokens_NP, prom
   timings = {}
 
   t0 = time.perf_counter()
-  chunks = []
+  kw = dict(max_new_tokens=r.max_new_tokens, greedy=greedy,
+            temperature=1.0 if greedy else r.temperature, top_k=r.top_k, top_p=r.top_p,
+            eos_id=eos_id, pad_id=tokenizer.pad_id)
   micro = r.generate_micro_batch
-  calls = -(-B // micro)
-  bar = metrics_lib.Progress(0, calls, desc=progress, unit="batch", leave=False,
-                             enabled=bool(progress) and calls > 1 and parallel.is_primary())
-  for i in range(0, B, micro):
-    out = sampling.generate(
-        model_config, params, tokens[i:i + micro], pmask[i:i + micro],
-        jax.random.fold_in(rng, i), max_new_tokens=r.max_new_tokens, greedy=greedy,
-        temperature=1.0 if greedy else r.temperature, top_k=r.top_k, top_p=r.top_p,
-        eos_id=eos_id, pad_id=tokenizer.pad_id, group_size=generate_group_size(G, micro, B))
-    chunks.append(out)
-    bar.update(1)
-  bar.close()
+  if getattr(r, "sampler", "static") == "continuous":  # one call, slots refilled as rows stop
+    chunks = [sampling_continuous.generate_continuous(
+        model_config, params, tokens, pmask, rng, num_slots=decode_slots(r, B), **kw)]
+  else:
+    chunks = []
+    calls = -(-B // micro)
+    bar = metrics_lib.Progress(0, calls, desc=progress, unit="batch", leave=False,
+                               enabled=bool(progress) and calls > 1 and parallel.is_primary())
+    for i in range(0, B, micro):   # row_offset: the rows' noise as in one call on all B
+      chunks.append(sampling.generate(
+          model_config, params, tokens[i:i + micro], pmask[i:i + micro], rng, row_offset=i,
+          group_size=generate_group_size(G, micro, B), **kw))
+      bar.update(1)
+    bar.close()
   host = parallel.to_host  # multi-host: the sampler's outputs may be sharded over processes
   comp = np.concatenate([host(o.tokens_BN) for o in chunks])
   cmask = np.concatenate([host(o.mask_BN) for o in chunks]).astype(np.int32)
@@ -287,8 +300,12 @@ def compute_counts(mcfg, prompt_len: int, rollout_cfg, group_size: int, logprob_
   `logprob_group` > 1) and the real sampled tokens."""
   B = len(ro.lengths_B)
   micro = rollout_cfg.generate_micro_batch
-  gen = flops_lib.rollout_generate_flops(
-      mcfg, ro.lengths_B, prompt_len, micro, generate_group_size(group_size, micro, B))
+  if getattr(rollout_cfg, "sampler", "static") == "continuous":
+    gen = sampling_continuous.continuous_generate_flops(
+        mcfg, ro.lengths_B, prompt_len, decode_slots(rollout_cfg, B), rollout_cfg.max_new_tokens)
+  else:
+    gen = flops_lib.rollout_generate_flops(
+        mcfg, ro.lengths_B, prompt_len, micro, generate_group_size(group_size, micro, B))
   lp = passes * flops_lib.window_flops(mcfg, B, prompt_len, rollout_cfg.max_new_tokens,
                                        logprob_group)
   return {"flops/generate": gen, "flops/logprob_passes": lp,

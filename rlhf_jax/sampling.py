@@ -43,6 +43,15 @@ run alone without padding. Cache slots: prompt in 0..P-1, completion token t in
 slot P+t; pad slots are never attended to. Every prompt must hold at least
 one real token (e.g. BOS).
 
+Sampling noise is per row: token t of row b is chosen by the Gumbel-max trick on
+uniform bits `sampling_choice.row_bits(key_b, t)`, Threefry-2x32 of the counter (t, j)
+under key_b = 2 random words of fold_in(rng, row_offset + b). It depends on
+(rng, row id, step) only, not on the batch size or the other rows, so a row samples the
+same tokens whether it is decoded alone, in any micro-batch (`row_offset`), or in a
+slot of the continuous-batching sampler (`sampling_continuous`). (Until 2026-12 the
+noise came from one XLA RngBitGenerator stream per batch, which tied a row's samples to
+its batch; the same rng now gives other samples than before that change.)
+
 Reported log-probabilities (float32) follow one convention:
 
     logprob_t = log softmax(logits_t / temperature)[x_t]      over the full vocab
@@ -55,9 +64,9 @@ ignores temperature/top-k/top-p and reports log softmax(logits)[x_t]
 (temperature 1).
 
 Stopping: a row stops after it emits a stop id (`eos_id`, int or several
-ids); the stop token itself is part of the completion (mask 1), later slots
-hold `pad_id` with mask 0 and logprob 0. The loop ends when every row has
-stopped or after `max_new_tokens`.
+ids) or, given `max_new_tokens_B`, after its own budget of tokens; the stop token
+itself is part of the completion (mask 1), later slots hold `pad_id` with mask 0 and
+logprob 0. The loop ends when every row has stopped or after `max_new_tokens`.
 """
 from __future__ import annotations
 
@@ -70,7 +79,7 @@ import numpy as np
 
 from rlhf_jax import parallel
 from rlhf_jax.models.transformer import ModelConfig, Transformer, init_cache
-from rlhf_jax.sampling_choice import _choose
+from rlhf_jax.sampling_choice import _choose, row_bits, row_keys
 
 Array = jax.Array
 
@@ -206,7 +215,8 @@ def generate(config: ModelConfig, params, prompt_tokens_BP, prompt_mask_BP, rng,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, greedy: bool = False,
              eos_id: int | Sequence[int] | None, pad_id: int, group_size: int = 1,
-             kv_cache_dtype: str = "auto", mesh="auto") -> SampleOutput:
+             kv_cache_dtype: str = "auto", mesh="auto", row_offset=0,
+             max_new_tokens_B=None) -> SampleOutput:
   """Sample up to `max_new_tokens` tokens after each left-padded prompt.
 
   Args:
@@ -214,8 +224,9 @@ def generate(config: ModelConfig, params, prompt_tokens_BP, prompt_mask_BP, rng,
     params: LM parameters (plain pytree, as from `init_params`).
     prompt_tokens_BP: int [B, P] left-padded prompts.
     prompt_mask_BP: [B, P] 1 on real prompt tokens (0...0 1...1 per row).
-    rng: PRNG key; it seeds the per-step sampling noise (XLA RngBitGenerator), so the
-      same key gives the same samples (on one backend).
+    rng: PRNG key; row b's noise at step t is a function of (rng, row_offset + b, t)
+      only (module docstring), so the same key gives the same samples whatever the
+      batch (micro-batch size, continuous batching) a row is decoded in.
     max_new_tokens: N, completion length budget (static).
     temperature: > 0; logits are divided by it before sampling and logprobs.
     top_k: keep the k most likely tokens (0 = off; static).
@@ -230,6 +241,11 @@ def generate(config: ModelConfig, params, prompt_tokens_BP, prompt_mask_BP, rng,
     mesh: "auto" (the mesh of `params`, if any), a `jax.sharding.Mesh` to shard the KV
       cache over (`parallel.kv_cache_sharding`), or None (no constraint). Pass the mesh
       explicitly when calling `generate` inside another jit (tracers carry no mesh).
+    row_offset: int (may be traced: no recompile): row b's noise id is row_offset + b,
+      so micro-batches of one batch, each passed the same rng and its first row's index,
+      sample what one call on the whole batch would.
+    max_new_tokens_B: optional int [B] per-row budgets in [1, max_new_tokens]: row b stops
+      after max_new_tokens_B[b] tokens (or at a stop id before); None: max_new_tokens.
 
   Returns:
     SampleOutput (see its docstring and the module docstring for the logprob
@@ -241,6 +257,7 @@ def generate(config: ModelConfig, params, prompt_tokens_BP, prompt_mask_BP, rng,
   eos_ids = _validate(config, prompt_tokens_BP, prompt_mask_BP, max_new_tokens, temperature,
                       top_k, top_p, greedy, eos_id, pad_id)
   _validate_groups(prompt_tokens_BP, prompt_mask_BP, group_size)
+  budget_B = row_budgets(max_new_tokens_B, prompt_tokens_BP.shape[0], max_new_tokens)
   cache_dtype = resolve_kv_cache_dtype(config, kv_cache_dtype)
   if isinstance(mesh, str):
     if mesh != "auto":
@@ -256,7 +273,23 @@ def generate(config: ModelConfig, params, prompt_tokens_BP, prompt_mask_BP, rng,
       jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p),
       max_new_tokens=int(max_new_tokens), top_k=0 if greedy else int(top_k),
       use_top_p=(not greedy) and top_p < 1.0, greedy=bool(greedy), eos_ids=eos_ids,
-      pad_id=int(pad_id), group_size=int(group_size), kv_cache_dtype=cache_dtype, mesh=mesh)
+      pad_id=int(pad_id), group_size=int(group_size), kv_cache_dtype=cache_dtype, mesh=mesh,
+      row_offset=jnp.asarray(row_offset, jnp.int32), budget_B=budget_B)
+
+
+def row_budgets(max_new_tokens_B, B: int, max_new_tokens: int):
+  """int32 [B] per-row token budgets (None stays None); ValueError unless each lies in
+  [1, max_new_tokens] (checked where concrete)."""
+  if max_new_tokens_B is None:
+    return None
+  if _is_concrete(max_new_tokens_B):
+    b = np.asarray(max_new_tokens_B)
+    if b.shape != (B,) or not np.issubdtype(b.dtype, np.integer) or (
+        b.size and (b.min() < 1 or b.max() > max_new_tokens)):
+      raise ValueError(f"max_new_tokens_B: expected ints in [1, max_new_tokens="
+                       f"{max_new_tokens}] of shape ({B},), got {b.dtype} {b.shape} "
+                       f"{b.tolist()[:8]}")
+  return jnp.asarray(max_new_tokens_B, jnp.int32)
 
 
 def _shard_cache(cache, mesh):
@@ -272,7 +305,7 @@ def _shard_cache(cache, mesh):
                                              "kv_cache_dtype", "mesh"))
 def _generate(config, params, prompt_BP, prompt_mask_BP, rng, temperature, top_p, *,
               max_new_tokens, top_k, use_top_p, greedy, eos_ids, pad_id, group_size=1,
-              kv_cache_dtype=None, mesh=None):
+              kv_cache_dtype=None, mesh=None, row_offset=0, budget_B=None):
   model = Transformer(config)
   variables = {"params": params}
   B, P = prompt_BP.shape
@@ -316,41 +349,43 @@ def _generate(config, params, prompt_BP, prompt_mask_BP, rng, temperature, top_p
         logprobs_BN, jnp.where(live_B, logprob_B, 0.0)[:, None], (0, step))
     lengths_B = lengths_B + live_B.astype(jnp.int32)
     done_B = done_B | is_stop(token_B)
+    if budget_B is not None:
+      done_B = done_B | (lengths_B >= budget_B)
     return tokens_BN, logprobs_BN, done_B, lengths_B
 
-  # Sampling noise: XLA's counter-based RngBitGenerator, its state seeded once from `rng`
-  # and carried through the loop (threefry, jax.random's default, lowers to a rolled
-  # loop on CPU; one inside every decode step cost more than the step's sampling work).
-  def noise(rbg_state):
-    if greedy:  # no noise needed: no random-bit generator in the loop
-      return rbg_state, None
-    return jax.lax.rng_bit_generator(rbg_state, (B, config.vocab_size), jnp.uint32)
-  rbg_state, bits_BV = noise(jax.random.bits(rng, (4,), jnp.uint32))
-  token_B, logprob_B = choose(logits_BV, bits_BV)
+  # Sampling noise: row b's bits for token t are Threefry-2x32 of (t, j) under the key
+  # fold_in(rng, row_offset + b) (`sampling_choice.row_bits`): a function of the rng, the
+  # row id and the step only, not of the batch the row is decoded in.
+  keys_B2 = None if greedy else row_keys(rng, row_offset + jnp.arange(B, dtype=jnp.int32))
+
+  def noise(step):
+    if greedy:  # no noise needed: no random bits in the loop
+      return None
+    return row_bits(keys_B2, jnp.full((B,), step, jnp.int32), config.vocab_size)
+  token_B, logprob_B = choose(logits_BV, noise(0))
   state = record(0, token_B, logprob_B, jnp.full((B, N), pad_id, jnp.int32),
                  jnp.zeros((B, N), jnp.float32), jnp.zeros((B,), bool),
                  jnp.zeros((B,), jnp.int32))
-  state = (jnp.int32(1), cache, token_B, rbg_state) + state
+  state = (jnp.int32(1), cache, token_B) + state
 
   def cond(state):
-    step, done_B = state[0], state[6]
+    step, done_B = state[0], state[5]
     return (step < N) & ~jnp.all(done_B)
 
   def body(state):
-    step, cache, prev_B, rbg_state, tokens_BN, logprobs_BN, done_B, lengths_B = state
+    step, cache, prev_B, tokens_BN, logprobs_BN, done_B, lengths_B = state
     # Feed token step-1 into slot P+step-1 at position n_b+step-1; sample token `step`.
     logits_B1V, cache = model.apply(
         variables, prev_B[:, None], positions_BT=(n_B + step - 1)[:, None], cache=cache,
         cache_index=P + step - 1, kv_mask_BS=kv_mask_BS)
     cache = shard(cache)
-    rbg_state, bits_BV = noise(rbg_state)
-    token_B, logprob_B = choose(logits_B1V[:, 0], bits_BV)
+    token_B, logprob_B = choose(logits_B1V[:, 0], noise(step))
     rec = record(step, token_B, logprob_B, tokens_BN, logprobs_BN, done_B, lengths_B)
-    return (step + 1, cache, token_B, rbg_state) + rec
+    return (step + 1, cache, token_B) + rec
 
   if N > 1:
     state = jax.lax.while_loop(cond, body, state)
-  _, _, _, _, tokens_BN, logprobs_BN, _, lengths_B = state
+  _, _, _, tokens_BN, logprobs_BN, _, lengths_B = state
   mask_BN = (jnp.arange(N)[None, :] < lengths_B[:, None]).astype(jnp.int32)
   return SampleOutput(
       tokens_BN=tokens_BN, logprobs_BN=logprobs_BN, mask_BN=mask_BN, lengths_B=lengths_B,

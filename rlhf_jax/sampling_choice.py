@@ -63,3 +63,46 @@ def _choose(logits_BV, bits_BV, temperature, top_p, *, greedy, top_k, use_top_p)
     token_B = jnp.argmax(filtered_BV + gumbel_from_bits(bits_BV), axis=-1).astype(jnp.int32)
   logprob_B = jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
   return token_B, logprob_B
+
+
+# ----------------------------------------------------------------------------
+# Per-row sampling noise: a function of (rng, row id, step) only
+# ----------------------------------------------------------------------------
+
+def _rotl(x, r: int):
+  return (x << jnp.uint32(r)) | (x >> jnp.uint32(32 - r))
+
+
+def threefry2x32(k0, k1, x0, x1):
+  """The Threefry-2x32 block cipher, 20 rounds (Salmon et al. 2011; bit-equal to JAX's
+  `threefry_2x32`), elementwise on broadcastable uint32 arrays, unrolled: XLA fuses it
+  into one elementwise loop (JAX's own CPU lowering rolls the rounds into a loop, which
+  inside every decode step cost more than the step's sampling work)."""
+  ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
+  rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
+  x0, x1 = x0 + ks[0], x1 + ks[1]
+  for i in range(5):
+    for r in rotations[i % 2]:
+      x0 = x0 + x1
+      x1 = _rotl(x1, r) ^ x0
+    x0 = x0 + ks[(i + 1) % 3]
+    x1 = x1 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+  return x0, x1
+
+
+def row_keys(rng, row_ids_B: Array) -> Array:
+  """uint32 [B, 2]: row b's noise key, 2 random words of fold_in(rng, row_ids_B[b])."""
+  return jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(rng, i), (2,), jnp.uint32))(
+      row_ids_B)
+
+
+def row_bits(keys_B2: Array, step_B: Array, vocab_size: int) -> Array:
+  """uint32 [B, V] uniform bits for sampling token `step_B[b]` of row b: Threefry-2x32 of
+  the counter (step, j) under the row's key, j < ceil(V / 2), both output words used
+  (word 0 for tokens j, word 1 for tokens ceil(V / 2) + j). A function of (key, step)
+  alone: the same for a row whatever the batch it is decoded in (`sampling` module doc)."""
+  B, H = keys_B2.shape[0], (vocab_size + 1) // 2
+  j_BH = jnp.broadcast_to(jnp.arange(H, dtype=jnp.uint32)[None], (B, H))
+  t_BH = jnp.broadcast_to(step_B.astype(jnp.uint32)[:, None], (B, H))
+  y0, y1 = threefry2x32(keys_B2[:, :1], keys_B2[:, 1:], t_BH, j_BH)
+  return jnp.concatenate([y0, y1], axis=1)[:, :vocab_size]

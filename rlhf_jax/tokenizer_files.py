@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rlhf_jax.chat_format import detect_chat_style
 from rlhf_jax.tokenizer_base import TOKENIZER_CONFIG, Tokenizer
 
 
@@ -87,9 +88,13 @@ def _load_dir(path: Path, chat_style, tokenizer_json: Path | None = None) -> Tok
     if i is None:
       i = _first_id(model_cfg.get(f"{k}_token_id", gen_cfg.get(f"{k}_token_id")))
     ids[k] = i
+  template = _template_text(cfg.get("chat_template"))
+  if ((chat_style or cfg.get("chat_style") or detect_chat_style(template)) == "gemma"
+      and tok.token_to_id("<end_of_turn>") is not None):
+    ids["eos"] = tok.token_to_id("<end_of_turn>")  # a Gemma chat reply ends there
   add_bos = cfg.get("add_bos_token", False)  # Llama-3 templates write <|begin_of_text|>
   return Tokenizer(tok, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],
                    unk_id=ids["unk"], chat_style=chat_style or cfg.get("chat_style"),
                    default_system=cfg.get("default_system"),
                    add_bos=add_bos and ids["bos"] is not None,
-                   chat_template=_template_text(cfg.get("chat_template")), source=path)
+                   chat_template=template, source=path)

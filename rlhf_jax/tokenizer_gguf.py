@@ -1,6 +1,14 @@
-"""GGUF (llama.cpp) tokenizers: the gpt2-style byte-level BPE vocabulary of a .gguf file
-rebuilt as a Hugging Face `tokenizers.Tokenizer` (pre-tokenizer split patterns of
-llama.cpp's BPE pre-types). Reached through `rlhf_jax.tokenizer.load_tokenizer`.
+"""GGUF (llama.cpp) tokenizers rebuilt as a Hugging Face `tokenizers.Tokenizer`.
+
+* tokenizer.ggml.model "gpt2": byte-level BPE (pre-tokenizer split patterns of
+  llama.cpp's BPE pre-types);
+* tokenizer.ggml.model "llama": a SentencePiece BPE vocabulary with scores (Gemma,
+  Llama 2): merges ranked by the merged piece's score (as Hugging Face's
+  SentencePiece converter does), spaces as "▁", byte fallback to <0xXX> tokens.
+  With Gemma's turn tokens the chat style is "gemma" and eos is <end_of_turn> (what a
+  chat reply ends with; Gemma's generation config stops there too).
+
+Reached through `rlhf_jax.tokenizer.load_tokenizer`.
 """
 
 from __future__ import annotations
@@ -46,9 +54,11 @@ def _load_gguf(path: Path, chat_style) -> Tokenizer:
   kind = field("tokenizer.ggml.model", None)
   if kind is None:
     raise ValueError(f"{where}: GGUF file carries no tokenizer (no tokenizer.ggml.model)")
+  if kind == "llama":
+    return _load_gguf_spm(reader, path, field, chat_style)
   if kind != "gpt2":
     raise ValueError(f"{where}: tokenizer.ggml.model={kind!r} is not supported; expected 'gpt2' "
-                     f"(byte-level BPE)")
+                     f"(byte-level BPE) or 'llama' (SentencePiece BPE)")
   tokens = field("tokenizer.ggml.tokens")
   merges = field("tokenizer.ggml.merges")
   types = field("tokenizer.ggml.token_type", [1] * len(tokens))
@@ -76,3 +86,46 @@ def _load_gguf(path: Path, chat_style) -> Tokenizer:
                    unk_id=opt("tokenizer.ggml.unknown_token_id"), chat_style=chat_style,
                    chat_template=field("tokenizer.chat_template", None),
                    add_bos=bool(field("tokenizer.ggml.add_bos_token", False)), source=path)
+
+
+def _load_gguf_spm(reader, path: Path, field, chat_style) -> Tokenizer:
+  """SentencePiece-BPE vocabulary (tokens, scores, types) as a `tokenizers` BPE model."""
+  import tokenizers
+  from tokenizers import AddedToken, decoders, models, normalizers
+  tokens = field("tokenizer.ggml.tokens")
+  scores = field("tokenizer.ggml.scores")
+  types = field("tokenizer.ggml.token_type", [1] * len(tokens))
+  vocab = {t: i for i, t in enumerate(tokens)}
+  merges = []  # (left, right, score of left+right): every split of a normal piece
+  for piece, score, ty in zip(tokens, scores, types):
+    if ty != 1:
+      continue
+    local = [(piece[:k], piece[k:]) for k in range(1, len(piece))
+             if piece[:k] in vocab and piece[k:] in vocab]
+    local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges += [(a, b, score) for a, b in local]
+  merges.sort(key=lambda m: -m[2])  # stable: ties keep the order above
+  unk = None if (u := field("tokenizer.ggml.unknown_token_id", None)) is None else int(u)
+  tok = tokenizers.Tokenizer(models.BPE(
+      vocab=vocab, merges=[(a, b) for a, b, _ in merges], fuse_unk=True, byte_fallback=True,
+      unk_token=None if unk is None else tokens[unk]))
+  prefix = bool(field("tokenizer.ggml.add_space_prefix", True))
+  tok.normalizer = normalizers.Sequence(
+      ([normalizers.Prepend("▁")] if prefix else []) + [normalizers.Replace(" ", "▁")])
+  tok.decoder = decoders.Sequence(
+      [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+      + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+  tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                          for t, ty in zip(tokens, types) if ty == 3])
+  tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                  for t, ty in zip(tokens, types) if ty == 4])
+  opt = lambda key: None if (v := field(key, None)) is None else int(v)
+  eos = opt("tokenizer.ggml.eos_token_id")
+  template = field("tokenizer.chat_template", None)
+  gemma = "<start_of_turn>" in vocab and "<end_of_turn>" in vocab
+  if gemma and (chat_style or "gemma") == "gemma":
+    chat_style, eos = "gemma", vocab["<end_of_turn>"]
+  return Tokenizer(tok, bos_id=opt("tokenizer.ggml.bos_token_id"), eos_id=eos,
+                   pad_id=opt("tokenizer.ggml.padding_token_id"), unk_id=unk,
+                   chat_style=chat_style, chat_template=template,
+                   add_bos=bool(field("tokenizer.ggml.add_bos_token", True)), source=path)

@@ -155,6 +155,7 @@ for trainer, key, value, want in [
     ("grpo", "rollout.stop_at_eos", "maybe", "bool"),
     ("grpo", "rollout.is_cap", "big", "float"),
     ("grpo", "rollout.max_staleness", "1.5", "int"),
+    ("dpo", "data.pad_multiple", "eight", "int"),
 ]:
   add("config", "wrong type", f"{trainer}:{key}={value}",
       train(trainer, f"--config.{key}={value}"), [f"config.{key}", f"expected {want}"], 2)
@@ -264,6 +265,8 @@ for trainer, args, expect in [
     ("grpo", ["rollout.max_staleness=-1"], ["config.rollout.max_staleness", ">= 0"]),
     ("ppo", ["rollout.devices=1"], ["config.rollout.devices=1", "at least one"]),
     ("grpo", ["rollout.devices=-2"], ["config.rollout.devices", ">= 0"]),
+    ("grpo", ["rollout.sampler=paged"], ["config.rollout.sampler='paged'", "continuous"]),
+    ("grpo", ["rollout.decode_slots=-1"], "config.rollout.decode_slots"),
     ("grpo", ["grpo.minibatches=0"], "config.grpo.minibatches"),
     ("grpo", ["grpo.epochs=0"], "config.grpo.epochs"),
     ("grpo", ["grpo.advantage=zscore"], "config.grpo.advantage='zscore'"),
@@ -301,6 +304,14 @@ for trainer, args, expect in [
     ("ppo", ["ppo.adaptive_kl=True", "--config.ppo.kl_target=0.0"], "config.ppo.kl_target"),
     ("prm", ["data.source=csv"], "config.data.source='csv'"),
     ("prm", ["data.max_len=1"], "config.data.max_len: must be >= 2"),
+    ("sft", ["data.pad_to=shortest"], ["config.data.pad_to='shortest'", "max|longest|bucket"]),
+    ("dpo", ["data.pad_multiple=0"], "config.data.pad_multiple: must be >= 1"),
+    ("rm", ["data.buckets=(32,16)", "--config.data.pad_to=bucket"],
+     "config.data.buckets: boundaries must be strictly increasing"),
+    ("prm", ["data.buckets=(0,64)", "--config.data.pad_to=bucket"],
+     "config.data.buckets: every boundary must be >= 1"),
+    ("sft", ["data.buckets=abc", "--config.data.pad_to=bucket"],
+     "config.data.buckets: expected a tuple of token counts"),
 ]:
   args = [f"--config.{a}" for a in args[:1]] + list(args[1:])
   add("config", "out of range", f"{trainer}:{' '.join(a[9:] for a in args)}",
@@ -312,6 +323,9 @@ for trainer, args, expect in [
 for trainer, args, expect in [
     ("sft", ["grad_accum_steps=3"], ["config.grad_accum_steps", "not divisible"]),
     ("sft", ["data.max_seq_len=128"], ["config.data.max_seq_len=128", "model.max_seq_len=64"]),
+    ("dpo", ["data.buckets=(16,64)", "--config.data.pad_to=bucket"],
+     ["config.data.buckets", "boundary 64 exceeds the rows' length 36"]),
+    ("sft", ["data.buckets=(16,)"], ["config.data.buckets", "data.pad_to='max'"]),
     ("grpo", ["rollout.group_size=1"],
      ["config.rollout.group_size=1", "grpo.advantage='group_std'", ">= 2"]),
     ("grpo", ["rollout.group_size=1", "--config.grpo.variant=dapo"],

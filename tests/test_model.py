@@ -26,6 +26,20 @@ CONFIGS = {
                                        rope_scaling=(8.0, 1.0, 4.0, 32)),
     "gemma": ModelConfig(**TINY, norm_offset=1.0, embed_scale=True, activation="gelu_tanh"),
 }
+# Issue #20: sliding windows shorter than the 24-token test sequences, soft-capping (caps
+# near the scores' scale, so tanh bends them), sandwich norms, query scaling, two RoPE bases.
+GEMMA = dict(norm_offset=1.0, embed_scale=True, activation="gelu_tanh", post_norms=True)
+FAMILIES = {
+    "gemma2_like": ModelConfig(**{**TINY, "n_layers": 3}, **GEMMA, sliding_window=5,
+                               window_pattern="LG", attn_softcap=2.0, final_softcap=4.0,
+                               query_pre_attn_scalar=12.0),
+    "gemma3_like": ModelConfig(**{**TINY, "n_layers": 3}, **GEMMA, sliding_window=4,
+                               window_pattern="LLG", qk_norm=True, rope_theta=1e5,
+                               rope_local_theta=100.0, rope_linear_factor=8.0,
+                               query_pre_attn_scalar=8.0),
+    "mistral_like": ModelConfig(**TINY, sliding_window=6, tie_embeddings=False),
+}
+CONFIGS.update(FAMILIES)
 
 
 def random_params(config, seed):
@@ -99,7 +113,8 @@ def np_act(name, x):
 
 
 def np_forward(c: ModelConfig, params, tokens_T):
-  """float64 logits [T, V] of one sequence at positions 0..T-1."""
+  """float64 logits [T, V] of one sequence at positions 0..T-1 (Gemma 2 / 3, Mistral:
+  sliding windows on the pattern's "L" layers, soft-caps, sandwich norms, two RoPE bases)."""
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   T, H, K, Dh = len(tokens_T), c.n_heads, c.n_kv_heads, c.head_dim
   G = H // K
@@ -109,10 +124,16 @@ def np_forward(c: ModelConfig, params, tokens_T):
   E = p["embed"]["embedding"]
   x = E[tokens_T] * (math.sqrt(c.d_model) if c.embed_scale else 1.0)
   pos = np.arange(T, dtype=np.float64)
-  inv = np_inv_freq(Dh, c.rope_theta, c.rope_scaling)
+  inv_global = np_inv_freq(Dh, c.rope_theta, c.rope_scaling) / c.rope_linear_factor
   causal = np.tril(np.ones((T, T), bool))
+  pattern = c.window_pattern or "L"
+  i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+  cap = lambda x, m: m * np.tanh(x / m) if m else x
   Lp = p["layers"]
   for l in range(c.n_layers):
+    local = c.sliding_window > 0 and pattern[l % len(pattern)] == "L"
+    visible = causal & (i - j < c.sliding_window) if local else causal
+    inv = np_inv_freq(Dh, c.rope_local_theta, None) if local and c.rope_local_theta else inv_global
     h = norm(x, Lp["attn_norm"]["scale"][l])
     q = lin(h, Lp["q"], l, "td,dhk->thk")
     k = lin(h, Lp["k"], l, "td,dhk->thk")
@@ -123,17 +144,19 @@ def np_forward(c: ModelConfig, params, tokens_T):
     q, k = np_rope(q, pos, inv), np_rope(k, pos, inv)
     out = np.zeros_like(q)
     for head in range(H):          # query head h reads kv head h // G
-      s = q[:, head] @ k[:, head // G].T / math.sqrt(Dh)
-      s = np.where(causal, s, -np.inf)
+      s = q[:, head] @ k[:, head // G].T / math.sqrt(c.query_pre_attn_scalar or Dh)
+      s = np.where(visible, cap(s, c.attn_softcap), -np.inf)
       w = np.exp(s - s.max(-1, keepdims=True))
       w /= w.sum(-1, keepdims=True)
       out[:, head] = w @ v[:, head // G]
-    x = x + np.einsum("thk,hkd->td", out, Lp["o"]["kernel"][l])
+    a = np.einsum("thk,hkd->td", out, Lp["o"]["kernel"][l])
+    x = x + (norm(a, Lp["post_attn_norm"]["scale"][l]) if c.post_norms else a)
     h = norm(x, Lp["mlp_norm"]["scale"][l])
     g = np_act(c.activation, lin(h, Lp["gate"], l, "td,df->tf")) * lin(h, Lp["up"], l, "td,df->tf")
-    x = x + lin(g, Lp["down"], l, "tf,fd->td")
+    m = lin(g, Lp["down"], l, "tf,fd->td")
+    x = x + (norm(m, Lp["post_mlp_norm"]["scale"][l]) if c.post_norms else m)
   h = norm(x, p["final_norm"]["scale"])
-  return h @ (E.T if c.tie_embeddings else p["lm_head"])
+  return cap(h @ (E.T if c.tie_embeddings else p["lm_head"]), c.final_softcap)
 
 
 # ----------------------------------------------------------------------------

@@ -34,6 +34,23 @@ HF = {
                       head_dim=128, d_ff=14336, rope_theta=5e5,
                       rope_scaling=(8.0, 1.0, 4.0, 8192), norm_eps=1e-5,
                       tie_embeddings=False, attn_bias=False, params=8.03e9),
+    # Issue #20: google/gemma-3-1b-pt and google/gemma-2-2b (config.json, model cards).
+    "gemma3_1b": dict(vocab_size=262144, d_model=1152, n_layers=26, n_heads=4, n_kv_heads=1,
+                      head_dim=256, d_ff=6912, rope_theta=1e6, rope_scaling=None,
+                      norm_eps=1e-6, tie_embeddings=True, attn_bias=False, qk_norm=True,
+                      post_norms=True, norm_offset=1.0, embed_scale=True,
+                      activation="gelu_tanh", sliding_window=512,
+                      local_layers=(True,) * 5 + (False,) + (True,) * 5 + (False,)
+                      + (True,) * 5 + (False,) + (True,) * 5 + (False,) + (True,) * 2,
+                      rope_local_theta=1e4, attn_softcap=0.0, final_softcap=0.0,
+                      params=1.0e9),
+    "gemma2_2b": dict(vocab_size=256000, d_model=2304, n_layers=26, n_heads=8, n_kv_heads=4,
+                      head_dim=256, d_ff=9216, rope_theta=1e4, rope_scaling=None,
+                      norm_eps=1e-6, tie_embeddings=True, attn_bias=False, qk_norm=False,
+                      post_norms=True, norm_offset=1.0, embed_scale=True,
+                      activation="gelu_tanh", sliding_window=4096,
+                      local_layers=(True, False) * 13, attn_softcap=50.0,
+                      final_softcap=30.0, params=2.61e9),
 }
 DEVICES = {"v5e-8": 8, "v5p-32": 16, "8xH100": 8}  # jax.device_count() of each
 

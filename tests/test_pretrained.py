@@ -21,9 +21,23 @@ CONFIGS = {
                                        max_seq_len=128),
     "llama_all_biases": ModelConfig(**BASE, attn_bias=True, mlp_bias=True),
     "gemma": ModelConfig(**BASE, norm_offset=1.0, embed_scale=True, activation="gelu_tanh"),
+    # Issue #20: the sliding-window families (windows shorter than TOKENS).
+    "gemma2": ModelConfig(**{**BASE, "n_layers": 3}, norm_offset=1.0, embed_scale=True,
+                          activation="gelu_tanh", post_norms=True, sliding_window=4,
+                          window_pattern="LG", attn_softcap=3.0, final_softcap=5.0,
+                          query_pre_attn_scalar=12.0),
+    "gemma3_text": ModelConfig(**{**BASE, "n_layers": 3}, norm_offset=1.0, embed_scale=True,
+                               activation="gelu_tanh", post_norms=True, qk_norm=True,
+                               sliding_window=4, window_pattern="LLG", rope_theta=1e6,
+                               rope_local_theta=1e4, rope_linear_factor=8.0),
+    "mistral_window": ModelConfig(**BASE, sliding_window=3, tie_embeddings=False),
+    "qwen2_window": ModelConfig(**{**BASE, "n_layers": 3}, attn_bias=True, sliding_window=5,
+                                window_pattern="GLL"),
 }
 MODEL_TYPES = {"llama_tied": "llama", "qwen2_bias_untied": "qwen2", "qwen3_qk_norm": "qwen3",
-               "llama3_rope_scaling": "llama", "llama_all_biases": "llama", "gemma": "gemma"}
+               "llama3_rope_scaling": "llama", "llama_all_biases": "llama", "gemma": "gemma",
+               "gemma2": "gemma2", "gemma3_text": "gemma3_text", "mistral_window": "mistral",
+               "qwen2_window": "qwen2"}
 TOKENS = np.array([[1, 5, 9, 33, 2, 63, 17, 8, 0, 41]], np.int32)
 
 
@@ -442,3 +456,49 @@ def test_import_checkpoint_from_hf_copies_tokenizer_files(tmp_path):
   config2, params2 = load_pretrained(out)
   assert config2 == config
   assert_trees_equal(params, params2)
+
+
+def test_hf_window_configs_read_as_each_family_defines_them():
+  """Issue #20: sliding windows are modelled (no warning): layer_types when given, else
+  each family's default layers."""
+  import warnings
+  from rlhf_jax.models.hf_checkpoint import _config_from_hf
+  base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=6,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+  g2 = dict(base, model_type="gemma2", architectures=["Gemma2ForCausalLM"], sliding_window=4,
+            query_pre_attn_scalar=8, attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh")
+  g3 = dict(base, model_type="gemma3_text", architectures=["Gemma3ForCausalLM"],
+            sliding_window=512, sliding_window_pattern=3, rope_theta=1e6,
+            rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0},
+            query_pre_attn_scalar=16, hidden_activation="gelu_pytorch_tanh")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    c2 = _config_from_hf(g2, "g2")
+    c3 = _config_from_hf(g3, "g3")
+    mistral = _config_from_hf(dict(base, model_type="mistral", sliding_window=7), "m")
+    qwen = _config_from_hf(dict(base, model_type="qwen2", sliding_window=7,
+                                use_sliding_window=True, max_window_layers=2), "q")
+    off = _config_from_hf(dict(base, model_type="qwen2", sliding_window=7), "q")
+    types = _config_from_hf(dict(g3, layer_types=["sliding_attention", "full_attention"] * 3),
+                            "g3")
+  assert (c2.sliding_window, c2.window_pattern, c2.local_layers[:2]) == (4, "LG", (True, False))
+  assert (c2.attn_softcap, c2.final_softcap, c2.query_pre_attn_scalar) == (50.0, 30.0, 0.0)
+  assert c2.post_norms and not c2.qk_norm and c2.norm_offset == 1.0
+  assert (c3.window_pattern, c3.rope_local_theta, c3.rope_linear_factor) == ("LLG", 1e4, 8.0)
+  assert c3.qk_norm and c3.post_norms and c3.query_pre_attn_scalar == 16.0
+  assert (mistral.sliding_window, mistral.window_pattern) == (7, "")
+  assert (qwen.sliding_window, qwen.window_pattern) == (7, "GGLLLL")
+  assert (off.sliding_window, off.window_pattern) == (0, "")
+  assert types.window_pattern == "LG"
+
+
+def test_save_refuses_features_the_model_type_cannot_hold(tmp_path):
+  for config, match in (
+      (ModelConfig(**BASE, attn_softcap=5.0), "llama cannot hold attn_softcap"),
+      (ModelConfig(**{**BASE, "n_layers": 3}, sliding_window=4, window_pattern="LG"),
+       "mistral cannot hold window_pattern"),
+      (ModelConfig(**{**BASE, "n_layers": 3}, attn_bias=True, sliding_window=4,
+                   window_pattern="LG"), "qwen2 cannot hold window_pattern")):
+    with pytest.raises(ValueError, match=match):
+      save_pretrained(config, random_params(config), tmp_path / "x")

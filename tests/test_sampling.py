@@ -94,7 +94,9 @@ def test_logprobs_equal_full_forward_recompute(params, prompts, nucleus_out, kw)
   out = nucleus_out if kw == dict(temperature=0.7, top_p=0.6) else _sample(params, prompts, **kw)
   want = token_logprobs(jnp.asarray(_full_logits(params, out)), out.tokens_BN,
                         temperature=kw["temperature"])
-  np.testing.assert_allclose(out.logprobs_BN, want, atol=1e-4)
+  # float32 cache vs full forward with the x20 weights: up to ~3e-4 apart on some
+  # sampled sequences (seeds 0-7 measured, 2026-12), 2e-6 on most
+  np.testing.assert_allclose(out.logprobs_BN, want, atol=5e-4)
   assert np.all(np.asarray(out.logprobs_BN) <= 0)
 
 

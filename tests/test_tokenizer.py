@@ -218,7 +218,17 @@ def test_plain_exact(sp_tok):
   assert sp_tok.apply_chat_template(CONV, style="chatml").startswith("<|im_start|>user\n")
 
 
-@pytest.mark.parametrize("style", ["chatml", "llama3", "plain"])
+def test_gemma_exact():
+  assert render_chat(CONV, "gemma") == (
+      "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+      "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n")
+  system = [{"role": "system", "content": "Be brief."}] + CONV[:1]
+  assert render_chat(system, "gemma", add_generation_prompt=False) == (
+      "<start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n")
+  assert detect_chat_style("{{ '<start_of_turn>' + role + '\n' }}") == "gemma"
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3", "gemma", "plain"])
 def test_generation_prompt_is_prefix_of_full_conversation(style):
   prompt = render_chat(CONV[:1], style, add_generation_prompt=True)
   full = render_chat(CONV[:2], style, add_generation_prompt=False)

@@ -11,7 +11,8 @@ Every example becomes
 so the loss falls on completion tokens (and EOS) only. Batches are fixed-shape
 [batch, max_seq_len] (no recompilation): right-padded rows, or with
 `packing=True` several examples per row, told apart by `segment_ids`
-(attention never crosses a segment; positions restart per segment).
+(attention never crosses a segment; positions restart per segment). The trainer may
+cut a batch of right-padded rows shorter (`data.pad_to`, `rlhf_jax.data.lengths`).
 
 Batch order is a pure function of (seed, step) — grain's random-access
 `MapDataset` shuffles every epoch anew — so a resumed run sees exactly the

@@ -20,6 +20,15 @@ attention_mask.py):
   among themselves, new_segment_BT marks the real ones). The cache is read, never
   copied (the caller writes the new K/V once after the layers).
 
+Two per-model features on top (Mistral / Qwen2 / Gemma 2 / 3; `model_features`):
+
+* "window": sliding-window layers, visible(t, s) also needs q_idx[t] - kv_idx[s] < window
+  (`AttentionMask.window`, a traced per-layer scalar);
+* "softcap": scores -> softcap * tanh(scores / softcap) before masking (Gemma 2).
+
+dense and chunked support both; cudnn and splash support neither and are refused for
+such a model (`resolve`), "auto" then picks dense / chunked.
+
 A query that sees no key gets the uniform average of the values (dense: softmax of
 equal -1e30 logits; chunked reproduces it), never NaN.
 
@@ -63,6 +72,9 @@ Array = jax.Array
 # Which mask kinds each backend expresses (the dense reference: all of them).
 SUPPORTS = {"dense": set(MASK_KINDS), "chunked": set(MASK_KINDS),
             "cudnn": set(MASK_KINDS), "splash": {"causal", "cached"}}
+FEATURES = ("window", "softcap")
+SUPPORTS_FEATURES = {"dense": set(FEATURES), "chunked": set(FEATURES), "cudnn": set(),
+                     "splash": set()}
 # Above this many keys "auto" leaves the dense path on CPU (its [T, S] scores dominate
 # memory); below it the dense einsums are the fastest on XLA:CPU (the spec workloads).
 AUTO_DENSE_MAX_KEYS = 2048
@@ -79,6 +91,12 @@ def supports(backend: str, kind: str) -> bool:
   return backend == "auto" or kind in SUPPORTS[backend]
 
 
+def model_features(config) -> frozenset:
+  """The FEATURES a ModelConfig's attention needs (empty for Llama-family models)."""
+  return frozenset(({"window"} if config.per_layer_attention and config.sliding_window else set())
+                   | ({"softcap"} if config.attn_softcap else set()))
+
+
 def available(backend: str, platform: str | None = None) -> bool:
   """Whether `backend` runs on `platform` (default: jax.default_backend())."""
   platform = platform or jax.default_backend()
@@ -87,7 +105,7 @@ def available(backend: str, platform: str | None = None) -> bool:
 
 
 def resolve(backend: str, kind: str, platform: str | None = None,
-            kv_len: int | None = None, dtype=None) -> str:
+            kv_len: int | None = None, dtype=None, features=frozenset()) -> str:
   """The concrete backend that runs attention of `kind` with `kv_len` keys.
 
   auto: TPU -> splash where it expresses the kind; GPU -> cudnn for bfloat16 / float16
@@ -97,12 +115,15 @@ def resolve(backend: str, kind: str, platform: str | None = None,
   for shared-prefix / cached masks) dense up to AUTO_DENSE_MAX_KEYS keys (the fastest
   on XLA:CPU at short lengths; results bitwise as before), chunked above. An explicit backend that cannot
   express `kind` or run on `platform` raises ValueError (validated before any run by
-  `check_config`)."""
+  `check_config`). `features` (`model_features`): a backend that lacks one is refused
+  (explicit) or passed over (auto)."""
   platform = platform or jax.default_backend()
+  features = frozenset(features)
   if backend == "auto":
-    if platform == "tpu" and supports("splash", kind):
+    if platform == "tpu" and supports("splash", kind) and features <= SUPPORTS_FEATURES["splash"]:
       return "splash"
-    if platform == "gpu" and kind != "cached" and _half(dtype):
+    if (platform == "gpu" and kind != "cached" and _half(dtype)
+        and features <= SUPPORTS_FEATURES["cudnn"]):
       return "cudnn"
     if kind == "cached" and platform in ("gpu", "tpu"):
       return "chunked"  # reads the cache in place and skips its unfilled blocks
@@ -113,6 +134,11 @@ def resolve(backend: str, kind: str, platform: str | None = None,
     raise ValueError(f"model.attention={backend!r} cannot express the {kind!r} attention "
                      f"mask (it supports {sorted(SUPPORTS[backend])}); use 'auto', "
                      f"'chunked' or 'dense'")
+  if features - SUPPORTS_FEATURES[backend]:
+    raise ValueError(f"model.attention={backend!r} does not support "
+                     f"{' and '.join(sorted(features - SUPPORTS_FEATURES[backend]))} attention "
+                     f"(sliding window: model.sliding_window; soft-capping: "
+                     f"model.attn_softcap); use 'auto', 'chunked' or 'dense'")
   if not available(backend, platform):
     raise ValueError(f"model.attention={backend!r} does not run on {platform!r} "
                      f"(cudnn: GPU only, splash: TPU only); use 'auto' or 'chunked'")
@@ -127,11 +153,13 @@ def _half(dtype) -> bool:
   return dtype is None or jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def check_config(backend: str, kinds, platform: str | None = None) -> None:
+def check_config(backend: str, kinds, platform: str | None = None,
+                 features=frozenset()) -> None:
   """Raise ValueError naming model.attention when `backend` cannot run every mask kind a
-  run needs (`kinds`: e.g. {"causal", "cached"} for a trainer that samples)."""
+  run needs (`kinds`: e.g. {"causal", "cached"} for a trainer that samples) with the
+  model's `features` (`model_features`)."""
   for kind in sorted(kinds):
-    resolve(backend, kind, platform)
+    resolve(backend, kind, platform, features=features)
 
 
 # ----------------------------------------------------------------------------
@@ -141,7 +169,8 @@ def check_config(backend: str, kinds, platform: str | None = None) -> None:
 def attend(q_BTHd: Array, k_BSKd: Array, v_BSKd: Array, mask: AttentionMask, *,
            backend: str = "auto", scale: float | None = None,
            new_k_BTKd: Array | None = None, new_v_BTKd: Array | None = None,
-           block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K) -> Array:
+           block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K,
+           softcap: float = 0.0) -> Array:
   """Grouped-query attention of T queries over S keys under `mask`: out [B, T, H, Dh].
 
   q_BTHd: queries (H heads), k_BSKd / v_BSKd: keys and values (K kv heads, H % K == 0),
@@ -149,17 +178,21 @@ def attend(q_BTHd: Array, k_BSKd: Array, v_BSKd: Array, mask: AttentionMask, *,
   cast to the compute dtype for the value product. For mask.kind "cached", k/v are
   the cache (read only) and new_k_BTKd / new_v_BTKd the T new tokens' keys and values.
   scale defaults to 1 / sqrt(Dh). block_q / block_k: tile sizes of `chunked`.
+  softcap > 0: scores -> softcap * tanh(scores / softcap) (after scale, before masking).
   """
   Dh = q_BTHd.shape[-1]
   scale = 1.0 / math.sqrt(Dh) if scale is None else scale
   if (mask.kind == "cached") != (new_k_BTKd is not None):
     raise ValueError("attend: new_k_BTKd / new_v_BTKd go with (and only with) a cached mask")
-  name = resolve(backend, mask.kind, kv_len=k_BSKd.shape[1], dtype=v_BSKd.dtype)
+  features = ({"window"} if mask.window is not None else set()) | (
+      {"softcap"} if softcap else set())
+  name = resolve(backend, mask.kind, kv_len=k_BSKd.shape[1], dtype=v_BSKd.dtype,
+                 features=features)
   if name == "dense":
-    return _dense(q_BTHd, k_BSKd, v_BSKd, mask, scale, new_k_BTKd, new_v_BTKd)
+    return _dense(q_BTHd, k_BSKd, v_BSKd, mask, scale, new_k_BTKd, new_v_BTKd, softcap)
   if name == "chunked":
     return _chunked(q_BTHd, k_BSKd, v_BSKd, mask, scale, new_k_BTKd, new_v_BTKd,
-                    block_q, block_k)
+                    block_q, block_k, softcap)
   if name == "cudnn":
     return _cudnn(q_BTHd, k_BSKd, v_BSKd, mask, scale, new_k_BTKd, new_v_BTKd)
   if mask.kind == "cached":  # splash has no decode kernel (module docstring)
@@ -168,24 +201,25 @@ def attend(q_BTHd: Array, k_BSKd: Array, v_BSKd: Array, mask: AttentionMask, *,
   return _splash(q_BTHd, k_BSKd, v_BSKd, mask, scale)
 
 
-def _dense(q_BTHd, k_BSKd, v_BSKd, mask, scale, new_k_BTKd, new_v_BTKd):
+def _dense(q_BTHd, k_BSKd, v_BSKd, mask, scale, new_k_BTKd, new_v_BTKd, softcap=0.0):
   """The reference: every score [B, K, G, T, S] in float32."""
   B, T, H, Dh = q_BTHd.shape
   K = k_BSKd.shape[2]
   dt = v_BSKd.dtype
   q_BTKGd = q_BTHd.reshape(B, T, K, H // K, Dh)
+  cap = (lambda s: softcap * jnp.tanh(s / softcap)) if softcap else (lambda s: s)
   if mask.kind != "cached":
-    logits = jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, k_BSKd,
-                        preferred_element_type=jnp.float32) * scale
+    logits = cap(jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, k_BSKd,
+                            preferred_element_type=jnp.float32) * scale)
     logits = jnp.where(mask.dense_matrix()[:, None, None], logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKd)
   else:
     old_mask_BTS, new_mask_BTT = mask.dense_matrix()
-    lo = jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, k_BSKd,
-                    preferred_element_type=jnp.float32) * scale
-    ln = jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, new_k_BTKd,
-                    preferred_element_type=jnp.float32) * scale
+    lo = cap(jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, k_BSKd,
+                        preferred_element_type=jnp.float32) * scale)
+    ln = cap(jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, new_k_BTKd,
+                        preferred_element_type=jnp.float32) * scale)
     lo = jnp.where(old_mask_BTS[:, None, None], lo, NEG_INF)
     ln = jnp.where(new_mask_BTT[:, None, None], ln, NEG_INF)
     probs = jax.nn.softmax(jnp.concatenate([lo, ln], axis=-1), axis=-1).astype(dt)

@@ -42,16 +42,19 @@ def _block_live(q_seg_nBq, q_idx_nBq, kv_seg_mBk, kv_idx_mBk):
   return kv_min[None, :] <= q_max[:, None]
 
 
-def _scores(mask, q_i, k_j, seg_q, idx_q, seg_k, idx_k, inrange_k, scale):
+def _scores(mask, q_i, k_j, seg_q, idx_q, seg_k, idx_k, inrange_k, scale, softcap=0.0):
   """float32 masked scores [B, K, G, bq, bk] of one (query, key) block pair and the
-  visibility [B, 1, 1, bq, bk]: NEG_INF where masked, -inf on padding past S."""
+  visibility [B, 1, 1, bq, bk]: NEG_INF where masked, -inf on padding past S. softcap > 0:
+  scores softcap * tanh(scores / softcap) before masking."""
   s = jnp.einsum("bqkgd,bskd->bkgqs", q_i, k_j, preferred_element_type=jnp.float32) * scale
+  if softcap:
+    s = softcap * jnp.tanh(s / softcap)
   vis = mask.visible(seg_q, idx_q, seg_k, idx_k)[:, None, None]
   s = jnp.where(vis, s, NEG_INF)
   return jnp.where(inrange_k[None, None, None, None, :], s, -jnp.inf), vis
 
 
-def _flash_forward(mask, q_nBqKGd, qseg_nBq, qidx_nBq, keysets, scale):
+def _flash_forward(mask, q_nBqKGd, qseg_nBq, qidx_nBq, keysets, scale, softcap=0.0):
   """Online-softmax forward over query blocks (lax.map) x key blocks (lax.scan), with
   several key sets in turn (the cache, then the new tokens). Returns the output
   [n, B, bq, K, G, Dh] in float32 and each row's softmax statistics (max m, 1 / sum l),
@@ -74,7 +77,8 @@ def _flash_forward(mask, q_nBqKGd, qseg_nBq, qidx_nBq, keysets, scale):
 
         def compute(carry):
           m, l, acc = carry
-          s, _ = _scores(mask, q_i, k_j, seg_q, idx_q, seg_kj, idx_kj, inr_kj, scale)
+          s, _ = _scores(mask, q_i, k_j, seg_q, idx_q, seg_kj, idx_kj, inr_kj, scale,
+                         softcap)
           m_new = jnp.maximum(m, jnp.max(s, axis=-1))
           corr = jnp.exp(m - m_new)
           p = jnp.exp(s - m_new[..., None])
@@ -108,7 +112,8 @@ def _keyset(mask, k_BSKd, v_BSKd, seg_BS, idx_BS, qseg_nBq, qidx_nBq, block_k):
   return (_blocks(k_BSKd, m, bk), _blocks(v_BSKd, m, bk), seg, idx, inr, live)
 
 
-def _chunked(q_BTHd, k_BSKd, v_BSKd, mask, scale, new_k_BTKd, new_v_BTKd, block_q, block_k):
+def _chunked(q_BTHd, k_BSKd, v_BSKd, mask, scale, new_k_BTKd, new_v_BTKd, block_q, block_k,
+             softcap=0.0):
   B, T, H, Dh = q_BTHd.shape
   K = k_BSKd.shape[2]
   dt = v_BSKd.dtype
@@ -121,22 +126,22 @@ def _chunked(q_BTHd, k_BSKd, v_BSKd, mask, scale, new_k_BTKd, new_v_BTKd, block_
                        qidx, block_k),
                _keyset(mask, new_k_BTKd, new_v_BTKd, mask.new_segment_BT, mask.q_index_BT,
                        qseg, qidx, block_k)]
-    out, _ = _flash_forward(mask, q, qseg, qidx, keysets, scale)
+    out, _ = _flash_forward(mask, q, qseg, qidx, keysets, scale, softcap)
     return jnp.moveaxis(out, 0, 1).reshape(B, n * bq, H, Dh)[:, :T].astype(dt)
   return _flash(q_BTHd, k_BSKd, v_BSKd, mask.q_segment_BT, mask.q_index_BT,
-                mask.kv_segment_BS, mask.kv_index_BS, kind=mask.kind, scale=scale,
-                block_q=block_q, block_k=block_k)
+                mask.kv_segment_BS, mask.kv_index_BS, mask.window, kind=mask.kind,
+                scale=scale, block_q=block_q, block_k=block_k, softcap=softcap)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _flash(q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, kind, scale,
-           block_q, block_k):
-  return _flash_fwd(q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, kind,
-                    scale, block_q, block_k)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12))
+def _flash(q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, window, kind, scale,
+           block_q, block_k, softcap):
+  return _flash_fwd(q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, window, kind,
+                    scale, block_q, block_k, softcap)[0]
 
 
-def _prepare(q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, kind, block_q,
-             block_k):
+def _prepare(q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, window, kind,
+             block_q, block_k):
   # An identity that XLA may not look through: without it, inside the model's layer scan
   # the mask-only work of every block pair (visibility, liveness) is hoisted out of the
   # loops and stacked over all block pairs -- O(T S) memory again (docs/memory.md).
@@ -144,7 +149,7 @@ def _prepare(q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, kind,
       (q_BTHd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS))
   B, T, H, Dh = q_BTHd.shape
   K = k_BSKd.shape[2]
-  mask = AttentionMask(qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, kind=kind)
+  mask = AttentionMask(qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, window=window, kind=kind)
   bq = min(block_q, T)
   n = -(-T // bq)
   q = _blocks(q_BTHd.reshape(B, T, K, H // K, Dh), n, bq)
@@ -153,26 +158,29 @@ def _prepare(q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, kind,
   return mask, q, qseg, qidx, ks, n, bq
 
 
-def _flash_fwd(q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, kind, scale,
-               block_q, block_k):
+def _flash_fwd(q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, window, kind,
+               scale, block_q, block_k, softcap):
   B, T, H, Dh = q_BTHd.shape
   mask, q, qseg, qidx, ks, n, bq = _prepare(q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT,
-                                            kvseg_BS, kvidx_BS, kind, block_q, block_k)
-  out32, stats = _flash_forward(mask, q, qseg, qidx, [ks], scale)
+                                            kvseg_BS, kvidx_BS, window, kind, block_q,
+                                            block_k)
+  out32, stats = _flash_forward(mask, q, qseg, qidx, [ks], scale, softcap)
   out = jnp.moveaxis(out32, 0, 1).reshape(B, n * bq, H, Dh)[:, :T].astype(v_BSKd.dtype)
-  res = (q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, out, stats)
+  res = (q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, window, out, stats)
   return out, res
 
 
-def _flash_bwd(kind, scale, block_q, block_k, res, dout_BTHd):
+def _flash_bwd(kind, scale, block_q, block_k, softcap, res, dout_BTHd):
   """FlashAttention-2 backward (Dao 2023): per block pair, P = exp(S - m) / l,
   dV += P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO * O)), dQ += dS K, dK += dS^T Q."""
-  q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, out_BTHd, (m, inv_l) = res
+  (q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT, kvseg_BS, kvidx_BS, window, out_BTHd,
+   (m, inv_l)) = res
   B, T, H, Dh = q_BTHd.shape
   K = k_BSKd.shape[2]
   G = H // K
   mask, q, qseg, qidx, ks, n, bq = _prepare(q_BTHd, k_BSKd, v_BSKd, qseg_BT, qidx_BT,
-                                            kvseg_BS, kvidx_BS, kind, block_q, block_k)
+                                            kvseg_BS, kvidx_BS, window, kind, block_q,
+                                            block_k)
   k_m, v_m, seg_k, idx_k, inr_k, live = ks
   do = _blocks(dout_BTHd.reshape(B, T, K, G, Dh), n, bq)               # [n, B, bq, K, G, Dh]
   o = _blocks(out_BTHd.reshape(B, T, K, G, Dh), n, bq)
@@ -189,12 +197,15 @@ def _flash_bwd(kind, scale, block_q, block_k, res, dout_BTHd):
 
       def compute(carry):
         dq, dk, dv = carry
-        s, vis = _scores(mask, q_i, k_j, seg_q, idx_q, seg_kj, idx_kj, inr_kj, scale)
+        s, vis = _scores(mask, q_i, k_j, seg_q, idx_q, seg_kj, idx_kj, inr_kj, scale,
+                         softcap)
         p = jnp.exp(s - m_i[..., None]) * inv_l_i[..., None]         # [B, K, G, bq, bk]
         dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(do_i.dtype), do_i,
                              preferred_element_type=jnp.float32)
         dp = jnp.einsum("bqkgd,bskd->bkgqs", do_i, v_j, preferred_element_type=jnp.float32)
         ds = jnp.where(vis, p * (dp - d_i[..., None]), 0.0) * scale
+        if softcap:  # d(c tanh(x / c)) / dx = 1 - tanh^2 = 1 - (s / c)^2 where visible
+          ds = ds * jnp.where(vis, 1.0 - jnp.square(s / softcap), 0.0)
         dq_i = jnp.einsum("bkgqs,bskd->bqkgd", ds, k_j.astype(jnp.float32))
         dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, q_i.astype(jnp.float32))
         return dq.at[i].add(dq_i), dk, dv
@@ -213,7 +224,7 @@ def _flash_bwd(kind, scale, block_q, block_k, res, dout_BTHd):
   dq = unblock(dq, T).reshape(B, T, H, Dh).astype(q_BTHd.dtype)
   dk = unblock(dk, S).astype(k_BSKd.dtype)
   dv = unblock(dv, S).astype(v_BSKd.dtype)
-  return dq, dk, dv, None, None, None, None
+  return dq, dk, dv, None, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -2,6 +2,7 @@
 
     visible(t, s) = kv_seg[s] > 0  and  kv_idx[s] <= q_idx[t]
                     and (kv_seg[s] == q_seg[t]  or  (shared_prefix and kv_seg[s] == 1))
+                    [and q_idx[t] - kv_idx[s] < window   (sliding-window layers)]
 
 `AttentionMask` and its constructors for the three kinds (`causal_mask`,
 `shared_prefix_mask`, `cached_mask`); every backend of `rlhf_jax.models.attention.attend`
@@ -33,6 +34,8 @@ class AttentionMask:
   only): which of the T new tokens are real (1) -- they are keys too, at q_index_BT.
   dense: the boolean [B, T, S] matrix (for "cached": (old_BTS, new_BTT)) when the
   caller built it once for the dense backend (`with_dense`); None otherwise.
+  window: an int32 scalar (traced: it differs per layer) when a query sees only the keys
+  less than `window` indices back (sliding-window attention); None = no window.
   """
   q_segment_BT: Array
   q_index_BT: Array
@@ -40,6 +43,7 @@ class AttentionMask:
   kv_index_BS: Array
   new_segment_BT: Optional[Array] = None
   dense: Optional[object] = None
+  window: Optional[Array] = None
   kind: str = flax.struct.field(pytree_node=False, default="causal")
 
   def visible(self, q_seg, q_idx, kv_seg, kv_idx):
@@ -49,7 +53,10 @@ class AttentionMask:
     same = kv_seg == q_seg
     if self.kind == "shared_prefix":
       same = same | (kv_seg == 1)
-    return (kv_idx <= q_idx) & same & (kv_seg > 0)
+    vis = (kv_idx <= q_idx) & same & (kv_seg > 0)
+    if self.window is not None:
+      vis = vis & (q_idx - kv_idx < self.window)
+    return vis
 
   def dense_matrix(self):
     """The boolean [B, T, S] matrix (kind "cached": (old_BTS, new_BTT))."""

@@ -1,8 +1,13 @@
 """GGUF (llama.cpp) weights: tensor names, Q/K un-permutation, RoPE scaling, ModelConfig.
 
-`_load_gguf(path)` reads a `.gguf` file of architecture llama, qwen2 or qwen3, any
-quantisation `gguf.quants.dequantize` knows, into our param tree (via the HF names of
-`weight_layout`).
+`_load_gguf(path)` reads a `.gguf` file of architecture llama, qwen2, qwen3, gemma,
+gemma2 or gemma3, any quantisation `gguf.quants.dequantize` knows, into our param tree
+(via the HF names of `weight_layout`).
+
+Gemma in llama.cpp: the converter stores every RMSNorm weight as 1 + w (llama.cpp's
+norm has no offset), so 1 is subtracted back (exact for stored weights >= 0.5); the
+local/global layer pattern, the local RoPE base (1e4) and the query scale follow
+llama.cpp's gemma2 / gemma3 graphs (llama-model.cpp), which the metadata does not carry.
 """
 
 from __future__ import annotations
@@ -16,7 +21,12 @@ from rlhf_jax import gguf_file
 from rlhf_jax.models.transformer import ModelConfig
 from rlhf_jax.models.weight_layout import _Source, _params_from_hf
 
-GGUF_SUPPORTED = ("llama", "qwen2", "qwen3")
+GGUF_SUPPORTED = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+_GEMMA_BLOCK = {"ffn_norm.weight": "pre_feedforward_layernorm.weight",  # gemma2 / gemma3
+                "post_attention_norm.weight": "post_attention_layernorm.weight",
+                "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
+# llama.cpp's model sizes whose query scale is (d_model / n_heads)^-0.5: the 27Bs
+_GEMMA_QUERY_BY_WIDTH = {"gemma2": 46, "gemma3": 62}  # by block count
 _GGUF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 _GGUF_BLOCK = {"attn_norm.weight": "input_layernorm.weight",
@@ -57,8 +67,10 @@ class _GGUFSource(_Source):
     self._tensors = {t.name: t for t in reader.tensors if t.name not in skip}
     self._index = {}
     self._unknown = []
+    self._norm_shift = arch.startswith("gemma")  # stored 1 + w (module docstring)
+    block = {**_GGUF_BLOCK, **_GEMMA_BLOCK} if arch in ("gemma2", "gemma3") else _GGUF_BLOCK
     for name in self._tensors:
-      hf = self._hf_name(name)
+      hf = self._hf_name(name, block)
       if hf is None:
         self._unknown.append(name)
       else:
@@ -72,12 +84,12 @@ class _GGUFSource(_Source):
           self._heads[hf] = n_kv_heads
 
   @staticmethod
-  def _hf_name(name):
+  def _hf_name(name, block):
     if name in _GGUF_GLOBAL:
       return _GGUF_GLOBAL[name]
     parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_BLOCK:
-      return f"model.layers.{parts[1]}.{_GGUF_BLOCK[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in block:
+      return f"model.layers.{parts[1]}.{block[parts[2]]}"
     return None
 
   def names(self):
@@ -96,6 +108,8 @@ class _GGUFSource(_Source):
       raise ValueError(f"{self._where}: tensor {t.name!r}: {e}") from None
     if name in self._heads:
       w = unpermute_llama_qk(w, self._heads[name])
+    if self._norm_shift and t.name.endswith("norm.weight"):
+      w = w - np.float32(1.0)
     return w
 
 
@@ -127,7 +141,10 @@ def _load_gguf(path: Path):
   V = int(meta("vocab_size", int(tensors["token_embd.weight"].shape[-1])))
   theta = _short_float(meta("rope.freq_base", 10000.0))
   scaling_type = meta("rope.scaling.type", "none")
-  if scaling_type not in ("none", "", None):
+  linear = 1.0
+  if scaling_type == "linear":
+    linear = _short_float(meta("rope.scaling.factor", 1.0))
+  elif scaling_type not in ("none", "", None):
     raise ValueError(f"{where}: {arch}.rope.scaling.type={scaling_type!r} is not supported")
   rope_scaling = None
   if "rope_freqs.weight" in tensors:
@@ -135,15 +152,29 @@ def _load_gguf(path: Path):
     t = tensors.pop("rope_freqs.weight")
     rope_scaling = _llama3_scaling_from_rope_freqs(
         np.asarray(dequantize(t.data, t.tensor_type), np.float64).reshape(-1), Dh, theta, where)
+  L = int(meta("block_count"))
+  gemma = {}
+  if arch.startswith("gemma"):
+    gemma = dict(norm_offset=1.0, embed_scale=True, activation="gelu_tanh")
+  if arch in ("gemma2", "gemma3"):
+    window = int(meta("attention.sliding_window", 0) or 0)
+    period = int(meta("attention.sliding_window_pattern", 2 if arch == "gemma2" else 6))
+    gemma.update(post_norms=True, sliding_window=window,
+                 window_pattern=("L" * (period - 1) + "G") if window else "",
+                 attn_softcap=_short_float(meta("attn_logit_softcapping", 0.0) or 0.0),
+                 final_softcap=_short_float(meta("final_logit_softcapping", 0.0) or 0.0),
+                 rope_local_theta=10000.0 if arch == "gemma3" else 0.0,
+                 query_pre_attn_scalar=float(D // H) if L == _GEMMA_QUERY_BY_WIDTH[arch]
+                 else 0.0)
   config = ModelConfig(
-      vocab_size=V, d_model=D, n_layers=int(meta("block_count")), n_heads=H, n_kv_heads=int(K),
+      vocab_size=V, d_model=D, n_layers=L, n_heads=H, n_kv_heads=int(K),
       head_dim=Dh, d_ff=int(meta("feed_forward_length")), rope_theta=theta,
-      rope_scaling=rope_scaling,
+      rope_scaling=rope_scaling, rope_linear_factor=linear,
       norm_eps=_short_float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
       tie_embeddings="output.weight" not in tensors,
       attn_bias="blk.0.attn_q.bias" in tensors, mlp_bias="blk.0.ffn_up.bias" in tensors,
       qk_norm="blk.0.attn_q_norm.weight" in tensors,
-      max_seq_len=int(meta("context_length", 2048)))
+      max_seq_len=int(meta("context_length", 2048)), **gemma)
   src = _GGUFSource(reader, where, arch, H, int(K), skip=("rope_freqs.weight",))
   return config, _params_from_hf(config, src, where, f"{arch} (GGUF)")
 

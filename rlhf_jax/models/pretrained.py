@@ -8,10 +8,12 @@
 
 * a Hugging Face model directory: `config.json` plus `model.safetensors`, or a
   sharded `model.safetensors.index.json` with its shards. model_type llama,
-  mistral, qwen2 (q/k/v biases), qwen3 (QK-norm) and gemma (norm offset 1,
-  scaled embeddings, GeLU-tanh); tied or untied (`lm_head.weight`) output;
-  Llama-3 `rope_scaling`. Tensors may be float32, bfloat16 or float16.
-* a `.gguf` file (llama.cpp), architecture llama, qwen2 or qwen3, any
+  mistral, qwen2 (q/k/v biases), qwen3 (QK-norm), gemma (norm offset 1,
+  scaled embeddings, GeLU-tanh), gemma2 and gemma3_text (sandwich norms, sliding
+  windows, soft-caps, query_pre_attn_scalar; Gemma 3: QK-norm, local RoPE base);
+  tied or untied (`lm_head.weight`) output; Llama-3 or linear `rope_scaling`.
+  Tensors may be float32, bfloat16 or float16.
+* a `.gguf` file (llama.cpp), architecture llama, qwen2, qwen3, gemma2 or gemma3, any
   quantisation `gguf.quants.dequantize` knows. llama.cpp stores the rows of
   the llama Q and K projections permuted for its interleaved RoPE; they are
   permuted back to the Hugging Face "rotate half" layout our model uses.
@@ -35,8 +37,9 @@ The conversion is transposes and reshapes only, so HF export and import are
 bit-exact. Runtime-only config fields (dtype, remat, max_seq_len) are not
 part of a checkpoint; set them with `load_pretrained(path, dtype="bfloat16")`.
 
-Mistral / Qwen2 sliding-window attention is not modelled: the imported model
-is exact for sequences no longer than the window (a warning says so).
+Sliding windows are modelled: Mistral (every layer), Qwen2 / Qwen3
+(use_sliding_window: the layers from max_window_layers on), Gemma 2 (even layers),
+Gemma 3 (five local : one global), or a config's `layer_types` list.
 """
 
 from __future__ import annotations
@@ -110,8 +113,10 @@ def load_pretrained(path, **overrides) -> tuple[ModelConfig, dict]:
 def save_pretrained(config: ModelConfig, params, path, *, overwrite: bool = False) -> Path:
   """Write a Hugging Face model directory: config.json + model.safetensors (float32).
 
-  model_type is llama, or qwen2 (q/k/v biases), qwen3 (QK-norm) or gemma
-  (norm offset 1 + embed scale + GeLU-tanh) when the config needs it; a
+  model_type is llama, or mistral (sliding window), qwen2 (q/k/v biases), qwen3
+  (QK-norm) or gemma (norm offset 1 + embed scale + GeLU-tanh; gemma2 with
+  sandwich norms, gemma3_text with sandwich norms + QK-norm) when the config
+  needs it; a feature the model_type has no key for is refused. A
   Llama/Qwen3 with attention biases gets an all-zero o_proj.bias. Refuses a
   non-empty existing directory unless `overwrite=True`. Returns the path.
   """

@@ -1,12 +1,18 @@
 """Llama-family decoder LM as a Flax Linen module.
 
-One architecture, driven by `ModelConfig`, covers Llama 2/3, Mistral, Qwen2
-(q/k/v biases), Qwen3 (QK-norm), SmolLM2 and Gemma-style models (norm offset,
-scaled embeddings, GeLU-tanh MLP):
+One architecture, driven by `ModelConfig` (model_config.py), covers Llama 2/3,
+Mistral and Qwen2 (sliding windows; q/k/v biases), Qwen3 (QK-norm), SmolLM2 and the
+Gemma family (norm offset, scaled embeddings, GeLU-tanh MLP; Gemma 2 / 3: sliding-window
+layers, soft-capping, sandwich norms, query scaling, Gemma 3's two RoPE bases):
 
     h_0   = embed(tokens) [* sqrt(D) if embed_scale]
-    h_l+1 = h_l + Attn(RMSNorm(h_l)) ;  h_l+1 += MLP(RMSNorm(h_l+1))
-    logits = RMSNorm(h_L) @ W_out            (W_out = embed^T when tied)
+    h_l+1 = h_l + [N](Attn(RMSNorm(h_l))) ;  h_l+1 += [N](MLP(RMSNorm(h_l+1)))
+    logits = [cap](RMSNorm(h_L) @ W_out)     (W_out = embed^T when tied)
+
+([N]: the post_norms RMSNorms; [cap]: final_softcap.) Sliding-window layers attend to
+the last `sliding_window` keys only (training, scoring and cached decoding alike; the
+cache keeps every slot); which layers are local is a per-layer flag scanned with the
+layer parameters.
 
 Attention is grouped-query (H query heads share K kv heads), rotary position
 embeddings use the "rotate half" convention of Hugging Face checkpoints
@@ -32,7 +38,6 @@ optionally reading and writing a KV cache for `rlhf_jax.sampling`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -42,119 +47,13 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from rlhf_jax.models import attention, attention_mask
+# ModelConfig and the remat policies live in model_config.py; re-exported here.
+from rlhf_jax.models.model_config import (REMAT_POLICIES, ModelConfig,  # noqa: F401
+                                          remat_policy_fn)
 from rlhf_jax.models.segments import positions_from_segments
 
 Array = jax.Array
 NEG_INF = attention_mask.NEG_INF
-
-# What each block keeps for the backward pass (`ModelConfig.remat_policy`). Per layer
-# and token, with D model width, F MLP width, H/K query/kv heads of size Dh, S keys:
-#   none           everything the backward needs (no recompute); includes the float32
-#                  attention scores and probabilities, H*S values per token
-#   full           only the block input (D values); the whole block is recomputed
-#   dots           every matmul output, incl. the attention scores (H*S per token)
-#                  (jax.checkpoint_policies.dots_saveable); norms, RoPE, softmax and
-#                  activations recomputed
-#   dots_no_batch  the projection outputs q, k, v, o, gate, up, down ((H+2K)*Dh + 2D + 2F)
-#                  but not the attention einsums (dots_with_no_batch_dims_saveable);
-#                  recomputes attention and the elementwise ops
-#   qkv_proj       the block input and the RoPE'd q, k and v ((H+2K)*Dh); recomputes
-#                  attention and the MLP (MaxText's "save_qkv_proj")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
-_QKV_NAMES = ("query_proj", "key_proj", "value_proj")
-
-
-def remat_policy_fn(name: str):
-  """The `jax.checkpoint` policy of a remat policy name (None = save nothing)."""
-  policies = jax.checkpoint_policies
-  return {"full": None,
-          "dots": policies.dots_saveable,
-          "dots_no_batch": policies.dots_with_no_batch_dims_saveable,
-          "qkv_proj": policies.save_only_these_names(*_QKV_NAMES)}[name]
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Architecture hyper-parameters. Frozen, so it can be a static jit argument."""
-
-  vocab_size: int = 256
-  d_model: int = 64
-  n_layers: int = 2
-  n_heads: int = 4
-  n_kv_heads: int = 2
-  head_dim: int = 16
-  d_ff: int = 128
-  rope_theta: float = 10000.0
-  # Llama-3 style RoPE scaling; None or a tuple
-  # (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings).
-  rope_scaling: tuple[float, float, float, int] | None = None
-  norm_eps: float = 1e-5
-  norm_offset: float = 0.0      # Gemma stores w and scales by (1 + w): offset 1.0
-  embed_scale: bool = False     # Gemma multiplies embeddings by sqrt(d_model)
-  tie_embeddings: bool = True
-  attn_bias: bool = False       # q/k/v projection biases (Qwen2)
-  mlp_bias: bool = False
-  qk_norm: bool = False         # RMSNorm on q and k per head (Qwen3)
-  activation: str = "silu"      # "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
-  max_seq_len: int = 2048
-  dtype: str = "float32"        # compute dtype: "float32" or "bfloat16"
-  remat: bool = False           # legacy switch: True = remat_policy "full"
-  remat_policy: str = ""        # "" = from `remat`; else one of REMAT_POLICIES (wins over remat)
-  # Attention backend (rlhf_jax/models/attention.py: BACKENDS): "auto" | "dense" |
-  # "chunked" | "cudnn" | "splash". Every backend computes the same function.
-  attention: str = "auto"
-  # Tokens per chunk of the unembed -> log-softmax -> target gather in log-prob passes
-  # (rlhf_jax/losses/logprobs.py: chunked_token_logprobs); 0 = whole [B, T, V] at once.
-  logits_chunk: int = 0
-
-  def __post_init__(self):
-    if self.n_heads % self.n_kv_heads:
-      raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of "
-                       f"model.n_kv_heads={self.n_kv_heads}")
-    if self.head_dim % 2:
-      raise ValueError(f"model.head_dim={self.head_dim} must be even (RoPE)")
-    if self.activation not in ("silu", "gelu_tanh"):
-      raise ValueError(f"model.activation={self.activation!r}: expected 'silu' or 'gelu_tanh'")
-    if self.dtype not in ("float32", "bfloat16", "float16"):
-      raise ValueError(f"model.dtype={self.dtype!r}: expected float32, bfloat16 or float16")
-    if self.remat_policy not in ("",) + REMAT_POLICIES:
-      raise ValueError(f"model.remat_policy={self.remat_policy!r}: expected one of "
-                       f"{', '.join(REMAT_POLICIES)} (or '' = from model.remat)")
-    if self.attention not in attention.BACKENDS:
-      raise ValueError(f"model.attention={self.attention!r}: expected one of "
-                       f"{', '.join(attention.BACKENDS)}")
-    if not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
-      raise ValueError(f"model.logits_chunk={self.logits_chunk!r}: expected an int >= 0 "
-                       f"(tokens per chunk; 0 = off)")
-    if self.rope_scaling is not None:
-      object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
-
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
-  def resolved_remat_policy(self) -> str:
-    """remat_policy, or "full"/"none" from the legacy `remat` flag when it is ""."""
-    return self.remat_policy or ("full" if self.remat else "none")
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-      raise ValueError(f"unknown model config keys {sorted(unknown)}; valid: {sorted(names)}")
-    return cls(**d)
-
-  def num_params(self) -> int:
-    D, F, H, K, Dh, V, L = (self.d_model, self.d_ff, self.n_heads, self.n_kv_heads,
-                            self.head_dim, self.vocab_size, self.n_layers)
-    per_layer = D * Dh * (H + 2 * K) + H * Dh * D + 3 * D * F + 2 * D
-    return L * per_layer + V * D * (1 if self.tie_embeddings else 2) + D
-
 
 # ----------------------------------------------------------------------------
 # RoPE
@@ -219,7 +118,9 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, layer_cache, positions_BT, mask, cache_index):
+  def __call__(self, x_BTD, layer_cache, is_local, positions_BT, mask, cache_index):
+    """is_local: this layer's bool flag (scanned) when `config.per_layer_attention`, else
+    None: a local layer attends within the sliding window and uses the local RoPE base."""
     c = self.config
     dt = c.compute_dtype
     H, K, Dh, D = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
@@ -243,24 +144,38 @@ class Block(nn.Module):
       q_BTHd = RMSNorm(c.norm_eps, c.norm_offset, dt, "head_dim", name="q_norm")(q_BTHd)
       k_BTKd = RMSNorm(c.norm_eps, c.norm_offset, dt, "head_dim", name="k_norm")(k_BTKd)
     inv_freq = rope_inv_freq(Dh, c.rope_theta, c.rope_scaling)
+    if c.rope_linear_factor != 1.0:
+      inv_freq = inv_freq / c.rope_linear_factor
+    if is_local is not None:
+      if c.rope_local_theta:
+        inv_freq = jnp.where(is_local, rope_inv_freq(Dh, c.rope_local_theta), inv_freq)
+      big = jnp.iinfo(jnp.int32).max // 2  # a global layer: no key is out of the window
+      mask = mask.replace(window=jnp.where(is_local, c.sliding_window, big).astype(jnp.int32))
     q_BTHd = checkpoint_name(apply_rope(q_BTHd, positions_BT, inv_freq), "query_proj")
     k_BTKd = checkpoint_name(apply_rope(k_BTKd, positions_BT, inv_freq), "key_proj")
     v_BTKd = checkpoint_name(v_BTKd, "value_proj")  # names: identity ops for remat policies
 
+    extra = {}  # Gemma's query scaling and score soft-capping (only when set)
+    if c.query_pre_attn_scalar:
+      extra["scale"] = c.query_pre_attn_scalar ** -0.5
+    if c.attn_softcap:
+      extra["softcap"] = c.attn_softcap
     if layer_cache is None:
       new_cache = None
-      attn_BTHd = attention.attend(q_BTHd, k_BTKd, v_BTKd, mask, backend=c.attention)
+      attn_BTHd = attention.attend(q_BTHd, k_BTKd, v_BTKd, mask, backend=c.attention, **extra)
     else:
       # Cached: attend to the cache (read only) and to the T new keys; the caller
       # writes the returned new K/V into the cache (no per-layer copy of the cache).
       k_BSKd, v_BSKd = (x.astype(dt) for x in layer_cache)
       new_cache = (k_BTKd.astype(layer_cache[0].dtype), v_BTKd.astype(layer_cache[1].dtype))
       attn_BTHd = attention.attend(q_BTHd, k_BSKd, v_BSKd, mask, backend=c.attention,
-                                   new_k_BTKd=k_BTKd, new_v_BTKd=v_BTKd)
+                                   new_k_BTKd=k_BTKd, new_v_BTKd=v_BTKd, **extra)
     attn_NHd = attn_BTHd.reshape(B * T, H, Dh)
     out_ND = nn.DenseGeneral(D, axis=(-2, -1), use_bias=False, dtype=dt,
                              param_dtype=jnp.float32, name="o",
                              kernel_init=_init(std, ("heads", "head_dim", "embed")))(attn_NHd)
+    if c.post_norms:  # sandwich norm (Gemma 2 / 3)
+      out_ND = RMSNorm(c.norm_eps, c.norm_offset, dt, name="post_attn_norm")(out_ND)
     x_BTD = x_BTD + out_ND.reshape(B, T, D)
 
     h = RMSNorm(c.norm_eps, c.norm_offset, dt, name="mlp_norm")(x_BTD).reshape(B * T, D)
@@ -272,7 +187,10 @@ class Block(nn.Module):
 
     act = nn.silu if c.activation == "silu" else (lambda z: nn.gelu(z, approximate=True))
     g = act(dense("gate", c.d_ff, ("embed", "mlp"))(h)) * dense("up", c.d_ff, ("embed", "mlp"))(h)
-    x_BTD = x_BTD + dense("down", D, ("mlp", "embed"))(g).reshape(B, T, D)
+    y_ND = dense("down", D, ("mlp", "embed"))(g)
+    if c.post_norms:
+      y_ND = RMSNorm(c.norm_eps, c.norm_offset, dt, name="post_mlp_norm")(y_ND)
+    x_BTD = x_BTD + y_ND.reshape(B, T, D)
     return x_BTD.astype(dt), new_cache
 
 
@@ -307,7 +225,7 @@ class Transformer(nn.Module):
              nn.remat(Block, prevent_cse=False, policy=remat_policy_fn(policy)))
     self.layers = nn.scan(
         block, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers,
+        in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"})(c)
     self.final_norm = RMSNorm(c.norm_eps, c.norm_offset, c.compute_dtype)
     if not c.tie_embeddings:
@@ -335,12 +253,19 @@ class Transformer(nn.Module):
         raise ValueError("cached call needs positions_BT, kv_mask_BS and cache_index")
       mask = attention_mask.cached_mask(kv_mask_BS, cache_index, T)
     S = mask.kv_segment_BS.shape[1]
-    if attention.resolve(c.attention, mask.kind, kv_len=S, dtype=c.compute_dtype) == "dense":
+    is_local_L = None
+    if c.per_layer_attention:
+      is_local_L = jnp.asarray(c.local_layers)
+      if shared_prefix:  # windows count positions: the packed row's indices are not
+        mask = mask.replace(q_index_BT=positions_BT, kv_index_BS=positions_BT)
+    features = attention.model_features(c)
+    if attention.resolve(c.attention, mask.kind, kv_len=S, dtype=c.compute_dtype,
+                         features=features) == "dense" and is_local_L is None:
       mask = mask.with_dense()  # the [B, T, S] matrix once, not once per layer
     x = self.embed(tokens_BT).astype(c.compute_dtype)
     if c.embed_scale:
       x = x * jnp.asarray(math.sqrt(c.d_model), c.compute_dtype)
-    x, new_kv = self.layers(x, cache, positions_BT, mask, cache_index)
+    x, new_kv = self.layers(x, cache, is_local_L, positions_BT, mask, cache_index)
     new_cache = None
     if cache is not None:  # the layers return the new tokens' K/V; write them once here
       new_cache = tuple(jax.lax.dynamic_update_slice(c_, n_, (0, 0, cache_index, 0, 0))
@@ -364,6 +289,8 @@ class Transformer(nn.Module):
     else:
       logits_NV = jnp.einsum("nd,dv->nv", h_ND, self.lm_head.astype(c.compute_dtype),
                              preferred_element_type=jnp.float32)
+    if c.final_softcap:  # Gemma 2
+      logits_NV = c.final_softcap * jnp.tanh(logits_NV / c.final_softcap)
     return logits_NV.reshape(B, T, -1)
 
 

@@ -26,7 +26,8 @@ def _layer_table(c: ModelConfig):
        ("k", "kernel", "self_attn.k_proj.weight", (K * Dh, D), (D, K, Dh)),
        ("v", "kernel", "self_attn.v_proj.weight", (K * Dh, D), (D, K, Dh)),
        ("o", "kernel", "self_attn.o_proj.weight", (D, H * Dh), (H, Dh, D)),
-       ("mlp_norm", "scale", "post_attention_layernorm.weight", (D,), (D,)),
+       ("mlp_norm", "scale", ("pre_feedforward_layernorm.weight" if c.post_norms
+                              else "post_attention_layernorm.weight"), (D,), (D,)),
        ("gate", "kernel", "mlp.gate_proj.weight", (F, D), (D, F)),
        ("up", "kernel", "mlp.up_proj.weight", (F, D), (D, F)),
        ("down", "kernel", "mlp.down_proj.weight", (D, F), (F, D))]
@@ -37,6 +38,10 @@ def _layer_table(c: ModelConfig):
   if c.qk_norm:
     t += [("q_norm", "scale", "self_attn.q_norm.weight", (Dh,), (Dh,)),
           ("k_norm", "scale", "self_attn.k_norm.weight", (Dh,), (Dh,))]
+  if c.post_norms:  # Gemma 2 / 3 sandwich norms (HF calls the attention output's norm
+    # post_attention_layernorm; the MLP's input norm is then pre_feedforward_layernorm)
+    t += [("post_attn_norm", "scale", "post_attention_layernorm.weight", (D,), (D,)),
+          ("post_mlp_norm", "scale", "post_feedforward_layernorm.weight", (D,), (D,))]
   if c.mlp_bias:
     t += [("gate", "bias", "mlp.gate_proj.bias", (F,), (F,)),
           ("up", "bias", "mlp.up_proj.bias", (F,), (F,)),

@@ -31,6 +31,7 @@ from rlhf_jax import evaluation
 from rlhf_jax import flops as flops_lib
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import parallel
+from rlhf_jax.data import lengths
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.losses.dpo import kto_reference_point, preference_loss, variant
 from rlhf_jax.losses.logprobs import (sequence_logprobs, sequence_logprobs_from_token_logps,
@@ -161,10 +162,12 @@ def make_train_step(model, tx, d, frozen=None, window: int = 0, grad_accum_steps
 
 
 def reference_logps(model, names, ref_params, arrays, batch_size, mesh, cache_path, fingerprint,
-                    window: int = 0, split: str = "train"):
+                    window: int = 0, split: str = "train", pad=None):
   """{ref_<side>_logps: [N]} for every row, cached in `cache_path` under `fingerprint`.
   The pass over the rows shows a progress bar with ETA and ends with one summary line
-  (primary process; also when the cache is reused)."""
+  (primary process; also when the cache is reused). `pad` (`data.lengths.Padding`) cuts
+  each batch to its data.pad_to length."""
+  pad = pad or (lambda b, what=None: b)
   primary = parallel.is_primary()
   n = len(arrays["margin"])
   if os.path.exists(cache_path):
@@ -182,7 +185,7 @@ def reference_logps(model, names, ref_params, arrays, batch_size, mesh, cache_pa
                              enabled=primary, unit="batch")
   for i in range(0, n, batch_size):
     idx = np.arange(i, i + batch_size) % n  # last batch wraps around (fixed shapes)
-    b = parallel.shard_batch({k: arrays[k][idx] for k in keys}, mesh)
+    b = parallel.shard_batch(pad({k: arrays[k][idx] for k in keys}, "reference"), mesh)
     logps, _ = f(ref_params, b)
     for name, lp in zip(names, logps):
       out[name][idx[:min(batch_size, n - i)]] = np.asarray(lp)[:min(batch_size, n - i)]
@@ -216,6 +219,9 @@ def run(config, workdir: str) -> dict:
     train_arrays.update(pairs.mismatched_rows(train_arrays, tokenizer.pad_id))
     if eval_arrays is not None:
       eval_arrays.update(pairs.mismatched_rows(eval_arrays, tokenizer.pad_id))
+  # data.pad_to: each batch (train, eval, reference pass) cut to its length (`data.lengths`).
+  pad = lengths.from_config(config.data, lengths.row_lengths(train_arrays), B,
+                            train_arrays["chosen_tokens"].shape[1], verbose=parallel.is_primary())
 
   # Policy (and reference = the initial policy).
   rng_init, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -245,15 +251,18 @@ def run(config, workdir: str) -> dict:
     if d.precompute_reference:
       fp = hashlib.sha256(f"{config.init_from}|{config.seed}|{mcfg}".encode()
                           + b"".join(np.ascontiguousarray(v).tobytes()
-                                     for v in train_arrays.values())).hexdigest()
+                                     for v in train_arrays.values())
+                          + (b"" if pad.pad_to == "max" else  # the padded shapes round alike
+                             f"|{pad.pad_to}|{pad.boundaries}|{pad.multiple}".encode())
+                          ).hexdigest()
       names = sides(d)
       train_arrays.update(reference_logps(model, names, ref_params, train_arrays, B, mesh,
                                           os.path.join(workdir, "reference_logps_train.npz"), fp,
-                                          window))
+                                          window, pad=pad))
       if eval_arrays is not None:
         eval_arrays.update(reference_logps(model, names, ref_params, eval_arrays, B, mesh,
                                            os.path.join(workdir, "reference_logps_eval.npz"),
-                                           fp, window, split="eval"))
+                                           fp, window, split="eval", pad=pad))
       ref_params = None  # no longer needed: free the memory
   train_ds = sft_data.batched(train_arrays, B, config.seed)
 
@@ -285,7 +294,8 @@ def run(config, workdir: str) -> dict:
     sums = {}
     for i in range(0, n - n % eb, eb):
       _, m = eval_fn(params, ref_params,
-                     parallel.shard_batch({k: v[i:i + eb] for k, v in eval_arrays.items()}, mesh))
+                     parallel.shard_batch(pad({k: v[i:i + eb] for k, v in eval_arrays.items()},
+                                              "eval"), mesh))
       for k, v in m.items():
         sums[k] = sums.get(k, 0.0) + float(v)
     out.update({f"eval_{k}": v / max(n // eb, 1) for k, v in sums.items()})
@@ -301,7 +311,7 @@ def run(config, workdir: str) -> dict:
   return loop.train_loop(
       config, workdir, state=state, start=start,
       train_step=lambda s, b: step_fn(s, ref_params, b),
-      get_batch=lambda i: train_ds[i],
+      get_batch=lambda i: pad(train_ds[i]),
       mesh=mesh, checkpointer=checkpointer, schedule=schedule,
       evaluate=evaluate if eval_arrays is not None or policy_eval is not None else None,
       desc=f"dpo[{d.loss_type}]",
@@ -314,7 +324,8 @@ def run(config, workdir: str) -> dict:
 def compute_counts(mcfg, d, batch) -> dict:
   """One step's FLOPs and tokens (`rlhf_jax.flops`): forward + backward of the policy
   over the padded rows of every side ([sides x B, T], every position unembedded: the
-  unpacked layout, an upper bound when dpo.share_prompt packs pairs), plus, for losses
+  unpacked layout, an upper bound when dpo.share_prompt packs pairs; T is this step's
+  padded length under data.pad_to), plus, for losses
   with a reference, one reference forward of the same rows (flops/logprob_passes; with
   dpo.precompute_reference the cached pass is counted for the batch that uses it, so
   runs compare whatever the caching); tokens/trained = the real tokens of every side."""

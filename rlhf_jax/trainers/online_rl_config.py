@@ -51,6 +51,10 @@ def validate_rollout(config, num_devices: int | None = None) -> None:
   trainer_devices(config, num_devices)
   num("rollout.top_k", 0, integer=True)
   num("rollout.top_p", 0.0, 1.0, lo_open=True)
+  if "sampler" in r:
+    check.choice("rollout.sampler", ("static", "continuous"))
+  if "decode_slots" in r:
+    num("rollout.decode_slots", 0, integer=True)
   B = r.prompts_per_step * r.group_size
   for key in ("generate_micro_batch", "logprob_micro_batch"):
     micro = r[key]

@@ -36,6 +36,7 @@ import numpy as np
 from rlhf_jax import config as config_lib
 from rlhf_jax import flops as flops_lib
 from rlhf_jax import parallel
+from rlhf_jax.data import lengths
 from rlhf_jax.data import prm as prm_data
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.data.sft import DataError
@@ -168,6 +169,9 @@ def run(config, workdir: str) -> dict:
   eval_arrays = None
   if eval_rows:
     eval_arrays = prm_data.tokenize_prm_rows(eval_rows, tokenizer, d.max_prompt_len, d.max_len)
+  # data.pad_to: each batch cut to its length (`data.lengths`).
+  pad = lengths.from_config(d, lengths.row_lengths(train_arrays), config.batch_size, d.max_len,
+                            verbose=parallel.is_primary())
 
   rng_init = jax.random.PRNGKey(config.seed)
   init_params = None
@@ -201,18 +205,21 @@ def run(config, workdir: str) -> dict:
     full = frozen.full(params)
     n = len(eval_arrays["tokens"])
     bs = min(config.batch_size, n)
-    pad = (-n) % bs  # fixed shapes: the last batch padded with copies, dropped after
-    padded = {k: np.concatenate([eval_arrays[k], eval_arrays[k][:pad]]) for k in
+    extra = (-n) % bs  # fixed shapes: the last batch padded with copies, dropped after
+    padded = {k: np.concatenate([eval_arrays[k], eval_arrays[k][:extra]]) for k in
               ("tokens", "segment_ids")}
-    logits = [np.asarray(logits_fn(full, parallel.shard_batch(
-        {k: v[i:i + bs] for k, v in padded.items()}, mesh))) for i in range(0, n + pad, bs)]
+    logits = []
+    for i in range(0, n + extra, bs):
+      out = np.asarray(logits_fn(full, parallel.shard_batch(
+          pad({k: v[i:i + bs] for k, v in padded.items()}, "eval"), mesh)))
+      logits.append(np.pad(out, ((0, 0), (0, d.max_len - out.shape[1]))))  # padding: masked
     return step_metrics(np.concatenate(logits)[:n], eval_arrays)
 
   static_metrics = {f"data_{k}": v for k, v in {**data_stats, **tok_stats}.items()
                     if isinstance(v, (int, float))}
   return loop.train_loop(
       config, workdir, state=state, start=start,
-      train_step=train_step, get_batch=lambda i: train_ds[i],
+      train_step=train_step, get_batch=lambda i: pad(train_ds[i]),
       mesh=mesh, checkpointer=checkpointer, schedule=schedule,
       evaluate=evaluate if eval_arrays is not None else None, desc="prm",
       progress_keys=("loss", "step_accuracy", "eval_balanced_accuracy"),
@@ -223,7 +230,8 @@ def run(config, workdir: str) -> dict:
 def compute_counts(mcfg, batch) -> dict:
   """One step's FLOPs and tokens (`rlhf_jax.flops`): forward + backward over the
   padded [B, T] rows with the scalar head (2 D per position) in place of the
-  unembedding; tokens/trained = the real tokens."""
+  unembedding (T: this step's padded length under data.pad_to); tokens/trained = the
+  real tokens."""
   B, T = batch["tokens"].shape
   update, remat = flops_lib.train_flops(mcfg, B, T, head_flops=2 * mcfg.d_model)
   return {"flops/update": update, "flops/remat": remat,

@@ -27,6 +27,7 @@ from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import config as config_lib
 from rlhf_jax import flops as flops_lib
 from rlhf_jax import parallel
+from rlhf_jax.data import lengths
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.losses.reward import bradley_terry_loss
 from rlhf_jax.models.heads import ScalarModel, backbone_params_from_lm, last_token_score
@@ -70,14 +71,16 @@ def make_eval_step(model):
   return eval_step
 
 
-def pair_accuracy(eval_step, params, arrays, batch_size, mesh):
+def pair_accuracy(eval_step, params, arrays, batch_size, mesh, pad=None):
   """(accuracy (ties count 1/2), mean margin, score mean, score std) over every pair in
-  `arrays` (the score statistics over both replies of every pair)."""
+  `arrays` (the score statistics over both replies of every pair); `pad`
+  (`data.lengths.Padding`) cuts each batch to its data.pad_to length."""
+  pad = pad or (lambda b, what=None: b)
   n = len(arrays["margin"])
   correct = margin = s1 = s2 = 0.0
   for i in range(0, n - n % batch_size, batch_size):
     b = {k: v[i:i + batch_size] for k, v in arrays.items()}
-    c, m, a, a2 = eval_step(params, parallel.shard_batch(b, mesh))
+    c, m, a, a2 = eval_step(params, parallel.shard_batch(pad(b, "eval"), mesh))
     correct, margin, s1, s2 = correct + float(c), margin + float(m), s1 + float(a), s2 + float(a2)
   used = max(n - n % batch_size, 1)
   mean = s1 / (2 * used)
@@ -152,6 +155,9 @@ def run(config, workdir: str) -> dict:
   train_ds = sft_data.batched(train_arrays, config.batch_size, config.seed)
   eval_arrays = pairs.tokenize(config, tokenizer, eval_src)[0] if eval_src is not None else None
   eval_batch = min(config.batch_size, len(eval_arrays["margin"])) if eval_arrays else 0
+  # data.pad_to: each batch cut to its length (`data.lengths`).
+  pad = lengths.from_config(config.data, lengths.row_lengths(train_arrays), config.batch_size,
+                            train_arrays["chosen_tokens"].shape[1], verbose=parallel.is_primary())
 
   # Model: backbone from init_from (an LM, an SFT run, or a reward model), fresh head.
   rng_init = jax.random.PRNGKey(config.seed)
@@ -184,14 +190,14 @@ def run(config, workdir: str) -> dict:
 
   def evaluate(params, step):
     acc, margin, mean, std = pair_accuracy(eval_step, frozen.full(params), eval_arrays,
-                                           eval_batch, mesh)
+                                           eval_batch, mesh, pad)
     return {"eval_accuracy": acc, "eval_margin": margin, "eval_score_mean": mean,
             "eval_score_std": std}
 
   static_metrics = {f"data_{k}": v for k, v in {**data_stats, **tok_stats}.items()}
 
   def get_batch(i):
-    return train_ds[i]
+    return pad(train_ds[i])
 
   result = loop.train_loop(
       config, workdir, state=state, start=start,
@@ -207,7 +213,8 @@ def run(config, workdir: str) -> dict:
 def compute_counts(mcfg, batch) -> dict:
   """One step's FLOPs and tokens (`rlhf_jax.flops`): forward + backward over the
   padded [2B, T] chosen + rejected rows with the scalar head (2 D per position) in place
-  of the unembedding; tokens/trained = their real tokens."""
+  of the unembedding (T: this step's padded length under data.pad_to); tokens/trained =
+  their real tokens."""
   B, T = batch["chosen_tokens"].shape
   update, remat = flops_lib.train_flops(mcfg, 2 * B, T, head_flops=2 * mcfg.d_model)
   seg = (batch["chosen_segment_ids"] > 0).sum() + (batch["rejected_segment_ids"] > 0).sum()

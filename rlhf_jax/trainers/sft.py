@@ -25,6 +25,7 @@ from rlhf_jax import config as config_lib
 from rlhf_jax import evaluation
 from rlhf_jax import flops as flops_lib
 from rlhf_jax import parallel
+from rlhf_jax.data import lengths
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.data import synthetic
 from rlhf_jax.losses.logprobs import shift_for_next_token
@@ -148,6 +149,10 @@ def run(config, workdir: str) -> dict:
         T, tokenizer.pad_id)
     eval_ds = sft_data.batched(eval_arrays, min(B, len(eval_arrays["tokens"])), 0, shuffle=False)
     n_eval_batches = min(config.eval_batches, len(eval_arrays["tokens"]) // eval_ds[0]["tokens"].shape[0])
+  # data.pad_to: each batch cut to its length (`data.lengths`; packed rows stay T long).
+  pad = lengths.from_config(config.data, [len(t) for t, _ in train_ex], B, T,
+                            verbose=parallel.is_primary())
+  pad_train = (lambda b: b) if config.data.packing else pad
 
   # Model.
   mcfg, params = setup.policy_init(config, tokenizer)
@@ -179,7 +184,7 @@ def run(config, workdir: str) -> dict:
   def eval_loss(params):
     nll = n = 0.0
     for i in range(n_eval_batches):
-      s, c = eval_step(params, parallel.shard_batch(eval_ds[i], mesh))
+      s, c = eval_step(params, parallel.shard_batch(pad(eval_ds[i], "eval"), mesh))
       nll, n = nll + float(s), n + float(c)
     return nll / max(n, 1.0)
 
@@ -202,7 +207,7 @@ def run(config, workdir: str) -> dict:
   return loop.train_loop(
       config, workdir, state=state, start=start,
       train_step=train_step,
-      get_batch=lambda i: train_ds[i], mesh=mesh, checkpointer=checkpointer,
+      get_batch=lambda i: pad_train(train_ds[i]), mesh=mesh, checkpointer=checkpointer,
       schedule=schedule,
       evaluate=evaluate if eval_ds is not None or policy_eval is not None else None, desc="sft",
       progress_keys=("loss", "eval_loss"),
@@ -213,6 +218,7 @@ def run(config, workdir: str) -> dict:
 def compute_counts(mcfg, batch) -> dict:
   """One step's FLOPs and tokens (`rlhf_jax.flops`): forward + backward over the
   padded [B, T] batch, every position unembedded (T - 1 with model.logits_chunk);
+  T is this step's padded length (data.pad_to: the batch as the step ran it);
   tokens/trained = the real (segment_ids > 0) tokens."""
   B, T = batch["tokens"].shape
   update, remat = flops_lib.train_flops(mcfg, B, T, T - 1 if mcfg.logits_chunk else T)
