@@ -34,7 +34,8 @@ def max_diffs(a_dir, b_dir, rows_a, rows_b):
   keys = sorted({k for r in rows_a for k in r if not kr.is_timing_key(k)})
   metric = max(abs(float(ra[k]) - float(rb[k])) for ra, rb in zip(rows_a, rows_b) for k in keys
                if k in ra and k in rb)
-  missing = [k for k in keys if any(k not in r for r in rows_b)]
+  missing = sorted({k for ra, rb in zip(rows_a, rows_b) for k in set(ra) ^ set(rb)
+                    if not kr.is_timing_key(k)})  # keys one run logs at a step, the other not
   (_, a), (_, b) = kr.final_checkpoint(a_dir), kr.final_checkpoint(b_dir)
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   state = max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
