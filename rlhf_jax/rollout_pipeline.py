@@ -46,6 +46,7 @@ import contextlib
 import json
 import os
 import re
+import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -110,7 +111,6 @@ def finish(ro: rollout_lib.Rollout, logps_fn, params, ref_params, micro: int, *,
   """The trainer's part of a rollout: old-policy log-probs under the *current* `params`
   (need_old; else the sampler's stay) and reference log-probs (need_ref), as
   `rollout.generate_rollout` computes them (micro-batched, masked, float32)."""
-  import time
   t0 = time.perf_counter()
   mask_f = ro.completion_mask_BC.astype(np.float32)
 
