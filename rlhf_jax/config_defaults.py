@@ -225,6 +225,11 @@ def rollout_config() -> ConfigDict:
                                  # else 0), rho = pi_old / pi_sampler
       is_cap=2.0,                # C > 1 (Yao et al. 2025 use 2)
       is_level="token",          # token | sequence (rho of the whole completion, every token)
+      max_staleness=0,           # k: the rollout of step t is sampled by the policy of step
+                                 # max(0, t - k), in a background thread while the update runs
+                                 # (rlhf_jax/rollout_pipeline.py); 0 = synchronous
+      devices=0,                 # devices that only sample (the last ones; the others train,
+                                 # config.mesh.shape on them); 0 = all devices do both
   ))
 
 

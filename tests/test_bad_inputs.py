@@ -154,6 +154,7 @@ for trainer, key, value, want in [
     ("sft", "eval_at_start", "maybe", "bool"), ("dpo", "eval_at_end", "2", "bool"),
     ("grpo", "rollout.stop_at_eos", "maybe", "bool"),
     ("grpo", "rollout.is_cap", "big", "float"),
+    ("grpo", "rollout.max_staleness", "1.5", "int"),
     ("dpo", "data.pad_multiple", "eight", "int"),
 ]:
   add("config", "wrong type", f"{trainer}:{key}={value}",
@@ -261,6 +262,9 @@ for trainer, args, expect in [
     ("grpo", ["rollout.is_cap=1.0", "--config.rollout.is_correction=tis"],
      ["config.rollout.is_cap", "> 1.0"]),
     ("ppo", ["rollout.is_level=word"], ["config.rollout.is_level='word'", "sequence"]),
+    ("grpo", ["rollout.max_staleness=-1"], ["config.rollout.max_staleness", ">= 0"]),
+    ("ppo", ["rollout.devices=1"], ["config.rollout.devices=1", "at least one"]),
+    ("grpo", ["rollout.devices=-2"], ["config.rollout.devices", ">= 0"]),
     ("grpo", ["rollout.sampler=paged"], ["config.rollout.sampler='paged'", "continuous"]),
     ("grpo", ["rollout.decode_slots=-1"], "config.rollout.decode_slots"),
     ("grpo", ["grpo.minibatches=0"], "config.grpo.minibatches"),
@@ -1190,6 +1194,9 @@ def test_no_pickle_and_no_deletion_of_user_files():
       # export --overwrite: a stale shard index in the output directory it was told to replace
       ("rlhf_jax/models/pretrained.py",
        '(path / "model.safetensors.index.json").unlink(missing_ok=True)'),
+      # Pipeline.save: WORKDIR/rollout_queue/step_<n>.npz of a step no checkpoint keeps (only
+      # names matching step_<n>.npz in the queue directory the trainer writes)
+      ("rlhf_jax/rollout_pipeline.py", "os.remove(os.path.join(self.dir, name))"),
       # _remove_own_lora_files: WORKDIR/lora/{base,config.json} of an earlier launch that
       # never checkpointed (a lora/ dir with anything else is refused)
       ("rlhf_jax/trainers/state.py", "shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)"),

@@ -39,6 +39,7 @@ import numpy as np
 from rlhf_jax import config as config_lib
 from rlhf_jax import flops as flops_lib
 from rlhf_jax import parallel, rollout
+from rlhf_jax import rollout_pipeline as pipe_lib
 from rlhf_jax.losses import advantages as adv_lib
 from rlhf_jax.losses import is_correction as is_lib
 from rlhf_jax.losses import kl as kl_lib
@@ -136,7 +137,7 @@ def run(config, workdir: str) -> dict:
   algo = resolve(config.grpo)
   rollout_cfg = config.rollout
   G, N = rollout_cfg.group_size, rollout_cfg.prompts_per_step
-  mesh = parallel.make_mesh(config.mesh.shape)
+  mesh, sampler_mesh = pipe_lib.meshes(config)  # rollout.devices: a separate sampler sub-mesh
 
   # Data, tokenizer, reward.
   train_src, eval_src, data_stats = prompt_sets.load(config, workdir)
@@ -182,8 +183,10 @@ def run(config, workdir: str) -> dict:
   # forward pass (rollouts then carry the sampler's log-probs as old_logps, for stats and
   # KL-in-reward). grpo.old_logps="recompute" always runs the pass.
   on_policy = updates_per_step == 1 and config.grpo.old_logps == "auto"
-  # rollout.is_correction: weights pi_old / pi_sampler need the recomputed pi_old (`is_lib`).
-  is_fn = is_lib.weights_fn(rollout_cfg)
+  # rollout.is_correction: weights pi_old / pi_sampler need the recomputed pi_old (`is_lib`);
+  # stale rollouts (rollout.max_staleness > 0) always recompute it and log the is/* metrics.
+  k = pipe_lib.staleness(config)
+  is_fn = pipe_lib.mismatch_fn(rollout_cfg) if k else is_lib.weights_fn(rollout_cfg)
   need_old = not on_policy or is_fn is not None
   update = make_update(model, tx, algo, P, temperature, rollout_cfg.max_new_tokens,
                        micro_batches_of(mb_rows, rollout_cfg.train_micro_batch), frozen,
@@ -191,34 +194,53 @@ def run(config, workdir: str) -> dict:
                        group_size=share if micro_rows % share == 0 else 1)
   # This step's FLOPs and tokens (`rlhf_jax.flops`), read by train_loop's `compute`.
   counts = {}
+  passes = int(need_old) + int(need_ref)
   rollout_counts = functools.partial(
-      rollout.compute_counts, mcfg, P, rollout_cfg, G, share if lp_rows % share == 0 else 1,
-      passes=int(need_old) + int(need_ref))
+      rollout.compute_counts, mcfg, P, rollout_cfg, G, share if lp_rows % share == 0 else 1)
+  # rollout.max_staleness / rollout.devices: the sampler's part of a step (`collect`) runs
+  # in `rlhf_jax.rollout_pipeline` (lagged parameters, a background thread, the sampler's
+  # devices); the old / reference log-prob passes then run here with the current ones.
+  sync = not pipe_lib.enabled(config)
 
-  def sample(params, batch, key):
-    ro = _sample(params, batch, key)
-    for k, v in rollout_counts(ro).items():
-      counts[k] = counts.get(k, 0) + v
-    return ro
-
-  def _sample(params, batch, key):
-    return rollout.generate_rollout(
+  def sample(params, batch, key, into):
+    ro = rollout.generate_rollout(
         model_config=mcfg, params=params, ref_params=ref_params,
         prompt_tokens_NP=batch["tokens"], prompt_mask_NP=batch["mask"], group_size=G, rng=key,
         rollout_cfg=rollout_cfg, tokenizer=tokenizer, reward_fn=reward_fn.score,
-        metadata=train_meta(batch["index"]), logps_fn=logps_fn, need_ref=need_ref,
-        need_old=need_old)
+        metadata=train_meta(batch["index"]), logps_fn=logps_fn, need_ref=need_ref and sync,
+        need_old=need_old and sync)
+    for name, v in rollout_counts(ro, passes=passes if sync else 0).items():
+      into[name] = into.get(name, 0) + v
+    return ro
+
+  def collect(params, batch, step, into):
+    """The sampler's part of step `step`: sample (+ DAPO refills), counted into `into`."""
+    key = jax.random.fold_in(rng_rollout, step)
+    ro = sample(params, batch, key, into)
+    stats = rollout.rollout_stats(ro, G)  # before any refill: what the policy produced
+    if algo["dynamic_sampling"]:
+      ro, stats["refill_rounds"] = refill(params, ro, step, key, into)
+    return ro, stats
+
+  def job(params, step, batch):  # the pipeline's: the sampler's part, its own counts
+    into = {}
+    return pipe_lib.Sampled(*collect(params, batch, step, into), into)
+
+  pipe = None if sync else pipe_lib.Pipeline(
+      job, k=k, start=start, num_steps=config.num_steps, get_batch=lambda i: train_ds[i],
+      to_sampler=pipe_lib.to_sampler_fn(sampler_mesh), workdir=workdir)
 
   def rl_step(state, batch):
     step = int(state["step"])
     t_start = time.perf_counter()
     counts.clear()
-    key = jax.random.fold_in(rng_rollout, step)
     policy = frozen.full(state["params"])  # LoRA: adapters merged into the base
-    ro = sample(policy, batch, key)
-    stats = rollout.rollout_stats(ro, G)  # before any refill: what the policy produced
-    if algo["dynamic_sampling"]:
-      ro, stats["refill_rounds"] = refill(policy, ro, step, key)
+    if sync:
+      ro, stats = collect(policy, batch, step, counts)
+    else:
+      ro, stats = pipe.next(step, policy, counts, lambda ro: pipe_lib.finish(
+          ro, logps_fn, policy, ref_params, lp_rows, need_old=need_old, need_ref=need_ref),
+          passes=lambda ro: rollout_counts(ro, passes=passes)["flops/logprob_passes"])
     del policy
     advantages_BC = advantages(algo, ro, G)
     if algo["variant"] == "dapo" and algo["overlong_cache"] > 0:
@@ -232,7 +254,8 @@ def run(config, workdir: str) -> dict:
               else np.zeros_like(ro.old_logps_BC)}
     if is_fn is not None:  # rollout.is_correction: sampler-mismatch weights and metrics
       weights_BC, is_metrics = is_fn(ro.old_logps_BC, ro.sample_logps_BC, ro.completion_mask_BC)
-      arrays["is_weights_BC"] = np.asarray(weights_BC)
+      if weights_BC is not None:  # None: k > 0 without a correction (metrics only)
+        arrays["is_weights_BC"] = np.asarray(weights_BC)
       stats.update({f"is/{k}": float(v) for k, v in is_metrics.items()})
     t0 = time.perf_counter()
     perm_key = np.random.default_rng([config.seed, step])
@@ -262,7 +285,7 @@ def run(config, workdir: str) -> dict:
     state = {**state, "step": state["step"] + 1}
     return state, {**jax.device_get(m), **stats}
 
-  def refill(params, ro, step, key):
+  def refill(params, ro, step, key, into):
     """DAPO dynamic sampling: replace zero-variance groups by fresh ones (same shapes)."""
     rounds = 0
     while rounds < algo["max_refill_rounds"]:
@@ -270,7 +293,7 @@ def run(config, workdir: str) -> dict:
       if not dead.any():
         break
       extra = sample(params, refill_ds[step * algo["max_refill_rounds"] + rounds],
-                     jax.random.fold_in(key, 1000 + rounds))
+                     jax.random.fold_in(key, 1000 + rounds), into)
       ro = rollout.replace_groups(ro, extra, dead, G)
       rounds += 1
     return ro, rounds
@@ -278,15 +301,17 @@ def run(config, workdir: str) -> dict:
   def evaluate(params, step):
     return policy_eval(frozen.full(params), step)
 
-  return loop.train_loop(
-      config, workdir, state=state, start=start, train_step=rl_step,
-      get_batch=lambda i: train_ds[i], mesh=mesh, checkpointer=checkpointer,
-      schedule=lambda s: schedule(s * updates_per_step), shard_batches=False,
-      updates_per_step=updates_per_step,
-      evaluate=evaluate if policy_eval is not None else None, desc=f"grpo[{algo['variant']}]",
-      progress_keys=("reward_mean", "eval_accuracy"),
-      count_tokens=None, extra_metrics={f"data_{k}": v for k, v in data_stats.items()},
-      compute=lambda _: dict(counts))
+  with pipe_lib.closing(pipe):
+    return loop.train_loop(
+        config, workdir, state=state, start=start, train_step=rl_step,
+        get_batch=lambda i: train_ds[i], mesh=mesh,
+        checkpointer=pipe.checkpointer(checkpointer) if pipe else checkpointer,
+        schedule=lambda s: schedule(s * updates_per_step), shard_batches=False,
+        updates_per_step=updates_per_step,
+        evaluate=evaluate if policy_eval is not None else None,
+        desc=f"grpo[{algo['variant']}]", progress_keys=("reward_mean", "eval_accuracy"),
+        count_tokens=None, extra_metrics={f"data_{k}": v for k, v in data_stats.items()},
+        compute=lambda _: dict(counts))
 
 
 def validate(config, num_devices: int | None = None) -> None:
@@ -299,8 +324,8 @@ def validate(config, num_devices: int | None = None) -> None:
   from rlhf_jax.losses.kl import KL_ESTIMATORS
   from rlhf_jax.losses.ppo import AGGREGATION_MODES
   from rlhf_jax.trainers import online_rl_config
-  config_lib.validate(config, num_devices)
-  online_rl_config.validate_rollout(config)
+  config_lib.validate(config, online_rl_config.trainer_devices(config, num_devices))
+  online_rl_config.validate_rollout(config, num_devices)
   if "grpo" not in config:
     return
   check = config_lib.Checks(config)

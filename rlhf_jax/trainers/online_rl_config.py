@@ -6,9 +6,26 @@ from __future__ import annotations
 from rlhf_jax import config as config_lib
 
 
-def validate_rollout(config) -> None:
+def trainer_devices(config, num_devices: int | None) -> int | None:
+  """The devices that train: all but rollout.devices (the sampler's, `rollout_pipeline`);
+  None when num_devices is None. ConfigError for a rollout.devices that leaves none."""
+  if "rollout" not in config or "devices" not in config.rollout:
+    return num_devices
+  config_lib.Checks(config).num("rollout.devices", 0, integer=True)
+  n = config.rollout.devices
+  if num_devices is None or not n:
+    return num_devices
+  if n >= num_devices:
+    raise config_lib.ConfigError(
+        f"config.rollout.devices={n}: the sampler's devices must leave at least one of the "
+        f"{num_devices} device(s) to the trainer (0 = sampler and trainer share them all)")
+  return num_devices - n
+
+
+def validate_rollout(config, num_devices: int | None = None) -> None:
   """config.rollout: sizes and sampling knobs, micro-batches that divide the rollout batch,
-  and prompt + completion within the model's max_seq_len."""
+  prompt + completion within the model's max_seq_len, and the asynchronous pipeline's knobs
+  (max_staleness, devices: `rlhf_jax.rollout_pipeline`)."""
   check = config_lib.Checks(config)
   need, num = check.need, check.num
   r = config.rollout
@@ -29,6 +46,9 @@ def validate_rollout(config) -> None:
     check.choice("rollout.is_correction", MODES)
     check.choice("rollout.is_level", LEVELS)
     num("rollout.is_cap", 1.0, lo_open=True)
+  if "max_staleness" in r:  # asynchronous rollouts (`rlhf_jax.rollout_pipeline`)
+    num("rollout.max_staleness", 0, integer=True)
+  trainer_devices(config, num_devices)
   num("rollout.top_k", 0, integer=True)
   num("rollout.top_p", 0.0, 1.0, lo_open=True)
   if "sampler" in r:
@@ -54,7 +74,7 @@ def check_minibatches(config, algo: str, num_devices: int | None) -> None:
   minibatch, and the data-parallel devices split the minibatch evenly."""
   need = config_lib.Checks(config).need
   B = config.rollout.prompts_per_step * config.rollout.group_size
-  dp_rows = config_lib.data_parallel_rows(config, num_devices)
+  dp_rows = config_lib.data_parallel_rows(config, trainer_devices(config, num_devices))
   mb = config[algo].minibatches
   need(B % mb == 0, f"{algo}.minibatches={mb}",
        f"must divide prompts_per_step * group_size = {B}")

@@ -35,6 +35,7 @@ from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import config as config_lib
 from rlhf_jax import flops as flops_lib
 from rlhf_jax import parallel, rollout
+from rlhf_jax import rollout_pipeline as pipe_lib
 from rlhf_jax.losses import advantages as adv_lib
 from rlhf_jax.losses import is_correction as is_lib
 from rlhf_jax.losses import kl as kl_lib
@@ -119,7 +120,7 @@ def run(config, workdir: str) -> dict:
   p, rollout_cfg = config.ppo, config.rollout
   G, N = rollout_cfg.group_size, rollout_cfg.prompts_per_step
   B = N * G
-  mesh = parallel.make_mesh(config.mesh.shape)
+  mesh, sampler_mesh = pipe_lib.meshes(config)  # rollout.devices: a separate sampler sub-mesh
 
   # Data, tokenizer, reward.
   train_src, eval_src, data_stats = prompt_sets.load(config, workdir)
@@ -169,23 +170,47 @@ def run(config, workdir: str) -> dict:
       model.apply({"params": params}, s, g)[1], P))
   update = make_update(model, tx, p, P, temperature, rollout_cfg.max_new_tokens,
                        micro_batches_of(B // p.minibatches, rollout_cfg.train_micro_batch), frozen)
-  is_fn = is_lib.weights_fn(rollout_cfg)  # rollout.is_correction; None = off
+  # rollout.is_correction (None = off); stale rollouts (rollout.max_staleness > 0) log is/*.
+  k = pipe_lib.staleness(config)
+  is_fn = pipe_lib.mismatch_fn(rollout_cfg) if k else is_lib.weights_fn(rollout_cfg)
 
   counts = {}  # this step's FLOPs and tokens, read by train_loop's `compute`
+  # rollout.max_staleness / rollout.devices: sampling and reward run in
+  # `rlhf_jax.rollout_pipeline` (lagged policy, a background thread, the sampler's devices);
+  # the old-policy, reference and value passes run here with the current parameters.
+  sync = not pipe_lib.enabled(config)
+
+  def sample(policy, step, batch):
+    return rollout.generate_rollout(
+        model_config=mcfg, params=policy, ref_params=ref_params,
+        prompt_tokens_NP=batch["tokens"], prompt_mask_NP=batch["mask"], group_size=G,
+        rng=jax.random.fold_in(rng_rollout, step), rollout_cfg=rollout_cfg, tokenizer=tokenizer,
+        reward_fn=reward_fn.score, metadata=train_meta(batch["index"]), logps_fn=logps_fn,
+        need_ref=sync, need_old=sync)
+
+  def job(policy, step, batch):
+    ro = sample(policy, step, batch)
+    return pipe_lib.Sampled(ro, rollout.rollout_stats(ro, G), rollout.compute_counts(
+        mcfg, P, rollout_cfg, G, 1, ro, passes=0))
+
+  pipe = None if sync else pipe_lib.Pipeline(
+      job, k=k, start=start, num_steps=config.num_steps, get_batch=lambda i: train_ds[i],
+      to_sampler=pipe_lib.to_sampler_fn(sampler_mesh), workdir=workdir)
 
   def rl_step(state, batch):
     step = int(state["step"])
     t_start = time.perf_counter()
     params = frozen.full(state["params"])  # LoRA: adapters merged into the base
-    ro = rollout.generate_rollout(
-        model_config=mcfg, params=params["policy"], ref_params=ref_params,
-        prompt_tokens_NP=batch["tokens"], prompt_mask_NP=batch["mask"], group_size=G,
-        rng=jax.random.fold_in(rng_rollout, step), rollout_cfg=rollout_cfg, tokenizer=tokenizer,
-        reward_fn=reward_fn.score, metadata=train_meta(batch["index"]), logps_fn=logps_fn,
-        need_ref=True)
-    stats = rollout.rollout_stats(ro, G)
     counts.clear()
-    counts.update(rollout.compute_counts(mcfg, P, rollout_cfg, G, 1, ro, passes=2))
+    if sync:
+      ro = sample(params["policy"], step, batch)
+      stats = rollout.rollout_stats(ro, G)
+      counts.update(rollout.compute_counts(mcfg, P, rollout_cfg, G, 1, ro, passes=2))
+    else:
+      ro, stats = pipe.next(step, params["policy"], counts, lambda ro: pipe_lib.finish(
+          ro, logps_fn, params["policy"], ref_params, rollout_cfg.logprob_micro_batch,
+          need_old=True, need_ref=True), passes=lambda ro: rollout.compute_counts(
+              mcfg, P, rollout_cfg, G, 1, ro, passes=2)["flops/logprob_passes"])
     for k, v in compute_counts(mcfg, p, B, ro.sequences_BS.shape[1], P, ro).items():
       counts[k] = counts.get(k, 0) + v
     t0 = time.perf_counter()
@@ -212,7 +237,8 @@ def run(config, workdir: str) -> dict:
               "returns_BC": np.asarray(returns_BC, np.float32)}
     if is_fn is not None:  # rollout.is_correction: sampler-mismatch weights and metrics
       weights_BC, is_metrics = is_fn(ro.old_logps_BC, ro.sample_logps_BC, mask_BC)
-      arrays["is_weights_BC"] = np.asarray(weights_BC)
+      if weights_BC is not None:  # None: k > 0 without a correction (metrics only)
+        arrays["is_weights_BC"] = np.asarray(weights_BC)
       stats.update({f"is/{k}": float(v) for k, v in is_metrics.items()})
     t0 = time.perf_counter()
     perm_rng = np.random.default_rng([config.seed, step])
@@ -247,15 +273,17 @@ def run(config, workdir: str) -> dict:
   def evaluate(params, step):
     return policy_eval(frozen.full(params)["policy"], step)
 
-  return loop.train_loop(
-      config, workdir, state=state, start=start, train_step=rl_step,
-      get_batch=lambda i: train_ds[i], mesh=mesh, checkpointer=checkpointer,
-      schedule=lambda s: schedule(s * updates_per_step), shard_batches=False,
-      updates_per_step=updates_per_step,
-      evaluate=evaluate if policy_eval is not None else None, desc="ppo",
-      progress_keys=("reward_mean", "eval_accuracy"), count_tokens=None,
-      extra_metrics={f"data_{k}": v for k, v in data_stats.items()},
-      compute=lambda _: dict(counts))
+  with pipe_lib.closing(pipe):
+    return loop.train_loop(
+        config, workdir, state=state, start=start, train_step=rl_step,
+        get_batch=lambda i: train_ds[i], mesh=mesh,
+        checkpointer=pipe.checkpointer(checkpointer) if pipe else checkpointer,
+        schedule=lambda s: schedule(s * updates_per_step), shard_batches=False,
+        updates_per_step=updates_per_step,
+        evaluate=evaluate if policy_eval is not None else None, desc="ppo",
+        progress_keys=("reward_mean", "eval_accuracy"), count_tokens=None,
+        extra_metrics={f"data_{k}": v for k, v in data_stats.items()},
+        compute=lambda _: dict(counts))
 
 
 def policy_value_flops(mcfg, critic: str, rows: int, S: int, unembed: int) -> int:
@@ -292,8 +320,8 @@ def validate(config, num_devices: int | None = None) -> None:
   from rlhf_jax.losses.kl import KL_ESTIMATORS
   from rlhf_jax.losses.ppo import AGGREGATION_MODES
   from rlhf_jax.trainers import online_rl_config
-  config_lib.validate(config, num_devices)
-  online_rl_config.validate_rollout(config)
+  config_lib.validate(config, online_rl_config.trainer_devices(config, num_devices))
+  online_rl_config.validate_rollout(config, num_devices)
   if "ppo" not in config:
     return
   check = config_lib.Checks(config)
