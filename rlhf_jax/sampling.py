@@ -84,6 +84,18 @@ from rlhf_jax.sampling_choice import _choose, row_bits, row_keys
 Array = jax.Array
 
 
+def resolve_mesh(mesh, params):
+  """The sampler's `mesh` argument: "auto" -> the parameters' mesh (`parallel.mesh_of`),
+  a jax.sharding.Mesh as given, None; a one-device mesh is None (no constraint)."""
+  if isinstance(mesh, str):
+    if mesh != "auto":
+      raise ValueError(f"mesh={mesh!r}: expected 'auto', a jax.sharding.Mesh or None")
+    mesh = parallel.mesh_of(params)
+  elif mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+    raise ValueError(f"mesh={mesh!r}: expected 'auto', a jax.sharding.Mesh or None")
+  return None if mesh is not None and mesh.size == 1 else mesh
+
+
 class SampleOutput(NamedTuple):
   """Result of `generate` (a pytree; B batch, N = max_new_tokens, S = P + N).
 
@@ -259,14 +271,7 @@ def generate(config: ModelConfig, params, prompt_tokens_BP, prompt_mask_BP, rng,
   _validate_groups(prompt_tokens_BP, prompt_mask_BP, group_size)
   budget_B = row_budgets(max_new_tokens_B, prompt_tokens_BP.shape[0], max_new_tokens)
   cache_dtype = resolve_kv_cache_dtype(config, kv_cache_dtype)
-  if isinstance(mesh, str):
-    if mesh != "auto":
-      raise ValueError(f"mesh={mesh!r}: expected 'auto', a jax.sharding.Mesh or None")
-    mesh = parallel.mesh_of(params)
-  elif mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
-    raise ValueError(f"mesh={mesh!r}: expected 'auto', a jax.sharding.Mesh or None")
-  if mesh is not None and mesh.size == 1:
-    mesh = None
+  mesh = resolve_mesh(mesh, params)
   return _generate(
       config, params, prompt_tokens_BP.astype(jnp.int32),
       jnp.asarray(prompt_mask_BP).astype(jnp.int32), rng,

@@ -52,10 +52,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import parallel
 from rlhf_jax.models.transformer import ModelConfig, Transformer, init_cache
 from rlhf_jax.sampling import (SampleOutput, _shard_cache, _validate, resolve_kv_cache_dtype,
-                               row_budgets)
+                               resolve_mesh, row_budgets)
 from rlhf_jax.sampling_choice import _choose, row_bits, row_keys
 
 Array = jax.Array
@@ -85,14 +84,7 @@ def generate_continuous(config: ModelConfig, params, prompt_tokens_BP, prompt_ma
   budget_B = row_budgets(max_new_tokens_B, B, max_new_tokens)
   if budget_B is None:
     budget_B = jnp.full((B,), max_new_tokens, jnp.int32)
-  if isinstance(mesh, str):
-    if mesh != "auto":
-      raise ValueError(f"mesh={mesh!r}: expected 'auto', a jax.sharding.Mesh or None")
-    mesh = parallel.mesh_of(params)
-  elif mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
-    raise ValueError(f"mesh={mesh!r}: expected 'auto', a jax.sharding.Mesh or None")
-  if mesh is not None and mesh.size == 1:
-    mesh = None
+  mesh = resolve_mesh(mesh, params)
   return _continuous(
       config, params, prompt_tokens_BP.astype(jnp.int32),
       jnp.asarray(prompt_mask_BP).astype(jnp.int32), rng,
