@@ -18,11 +18,8 @@ from ml_collections import ConfigDict
 # re-exported: configs/*.py and many callers use config.base_config
 from rlhf_jax.config_defaults import base_config  # noqa: F401 (re-exported)
 from rlhf_jax.hardware import HARDWARE
+from rlhf_jax.config_error import ConfigError  # noqa: F401 (re-exported)
 from rlhf_jax.models.transformer import ModelConfig
-
-
-class ConfigError(ValueError):
-  """A config key or value that cannot work; the message names it."""
 
 
 # ----------------------------------------------------------------------------
