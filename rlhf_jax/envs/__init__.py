@@ -9,10 +9,15 @@ are the constructor arguments):
   calculator        CalculatorEnv(max_tool_calls=4, correct=1, incorrect=0, rel_tol=0)
                     `<tool>calculator: EXPR</tool>` -> the exact result (role "tool");
                     a turn without a tool call is the final answer (rewards/math.py check)
-  guess_number      GuessNumberEnv(lo=1, hi=8, max_guesses=4, turn_cost=0)
-                    the model writes a number, the env answers higher / lower / correct
+  guess_number      GuessNumberEnv(lo=1, hi=8, max_guesses=4, correct=1, turn_cost=0)
+                    the model writes a number, the env answers higher / lower (role
+                    "user"); reward correct - turn_cost * (turn - 1) on the secret
   retry_on_feedback RetryOnFeedbackEnv(max_attempts=2, retry_discount=1, correct=1,
                     incorrect=0, feedback="That is not correct. Try again.", rel_tol=0)
+                    a wrong answer gets `feedback` (role "user") and another attempt
+
+Every built-in env also has `max_turns`, the most model turns an episode can take (a
+rollout may use it to bound its loop; an env without it relies on the rollout's own limit).
 
 `make_env_factory(spec)` -> a zero-argument callable returning a fresh Env. spec is a
 name, a dict {"name": ..., **options}, or that dict as JSON text (like `reward.spec`):
