@@ -55,6 +55,32 @@ def chatml_default_system(template: str | None) -> str | None:
   return None
 
 
+_REPLY = "\x00reply\x00"  # a stand-in assistant reply no template changes
+
+
+def turn_texts(render, role: str, content: str) -> tuple[str, str]:
+  """(close, next): in a conversation rendered by `render(messages,
+  add_generation_prompt)`, `close` is the text after an assistant reply's content that
+  ends its turn (chatml "<|im_end|>\\n", llama3 "<|eot_id|>", gemma "<end_of_turn>\\n",
+  plain "\\n") and `next` the text of a following `role` message with `content` up to the
+  generation prompt of the next assistant reply, so that
+
+      render(msgs + [assistant X, role content], True)
+        == render(msgs + [assistant X], False) + next
+      render(msgs + [assistant X], False) ends with X + close
+
+  (multi-turn rollouts append close + next after a model turn: `rollout_multiturn`).
+  ValueError for a template without these prefix properties."""
+  msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _REPLY}]
+  base = render(msgs, False)
+  full = render(msgs + [{"role": role, "content": content}], True)
+  at = base.rfind(_REPLY)
+  if at < 0 or not full.startswith(base):
+    raise ValueError(f"chat template: a {role!r} message after an assistant reply is not "
+                     f"rendered as an extension of the conversation")
+  return base[at + len(_REPLY):], full[len(base):]
+
+
 def render_chat(messages: Sequence[dict], style: str, add_generation_prompt: bool = True,
                 default_system: str | None = None) -> str:
   """Render messages in one of CHAT_STYLES (see the module docstring)."""

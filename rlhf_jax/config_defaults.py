@@ -230,6 +230,21 @@ def rollout_config() -> ConfigDict:
                                  # (rlhf_jax/rollout_pipeline.py); 0 = synchronous
       devices=0,                 # devices that only sample (the last ones; the others train,
                                  # config.mesh.shape on them); 0 = all devices do both
+      # Multi-turn and tool-use episodes (rlhf_jax/rollout_multiturn.py, rlhf_jax/envs/):
+      env="",                    # an environment spec, e.g. "guess_number" or JSON like
+                                 # '{"name": "calculator", "max_tool_calls": 4}'; "" = single
+                                 # turn. Each sample is then an episode: model turn -> env
+                                 # turn -> ... in one sequence (max_new_tokens = the whole
+                                 # episode's budget, model + env tokens); the loss, KL and
+                                 # lengths cover model tokens only
+      max_turns=4,               # model turns per episode at most
+      max_tokens_per_turn=0,     # tokens per model turn at most (0 = max_new_tokens)
+      env_tokens_per_call=16,    # env tokens appended to the KV cache per sampler call (a
+                                 # longer observation takes several calls; fixed shape)
+      turn_rewards="sum",        # sum: the env's rewards summed into the episode's score (at
+                                 # its last model token); per_turn: each turn's reward at
+                                 # that turn's last model token (token-level advantages: PPO,
+                                 # grpo.variant=reinforce_pp; sequence-level ones use the sum)
   ))
 
 

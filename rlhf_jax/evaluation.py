@@ -78,13 +78,18 @@ def _padded(rows: list, micro: int) -> list:
 
 def make_prompt_eval(*, model_config, tokenizer, examples, max_prompt_len: int,
                      max_new_tokens: int, reward_fn, ref_params=None, kl: bool = True,
-                     workdir: str | None = None, num_samples: int = 0, samples: int = 1):
+                     workdir: str | None = None, num_samples: int = 0, samples: int = 1,
+                     episode=None):
   """evaluate(params, step, rng) -> metrics dict (see the module docstring).
 
   examples: [{"prompt", "answer"}]; reward_fn: a `CombinedReward` (labels name the
-  eval_reward/<label> metrics); ref_params: the reference policy (None: no eval_kl);
-  the first `num_samples` greedy completions are appended to WORKDIR/samples.jsonl;
-  `samples` completions per prompt are drawn for the sampled metrics.
+  eval_reward/<label> metrics; None with an episode: the env's rewards alone);
+  ref_params: the reference policy (None: no eval_kl); the first `num_samples` greedy
+  completions are appended to WORKDIR/samples.jsonl; `samples` completions per prompt are
+  drawn for the sampled metrics. episode: a `rollout_multiturn.EpisodeConfig`
+  (rollout.env): every eval prompt is an episode; eval_env/* are the greedy episodes'
+  metrics (`rollout_multiturn.episode_stats`), eval_accuracy their success rate when no
+  `math` reward is given, eval_length their model tokens.
   """
   n = len(examples)
   if n == 0:
@@ -96,7 +101,7 @@ def make_prompt_eval(*, model_config, tokenizer, examples, max_prompt_len: int,
   logps_fn = rollout.completion_logps_fn(model_config, P, 1.0)
   meta = {"answer": [ex.get("answer", "") for ex in padded],
           "prompt_messages": [_messages(ex["prompt"]) for ex in padded]}
-  math_labels = [label for label, fn, _ in reward_fn.components
+  math_labels = [label for label, fn, _ in (reward_fn.components if reward_fn else ())
                  if getattr(fn, "name", "") == "math"]
   do_kl = kl and ref_params is not None
 
@@ -108,9 +113,9 @@ def make_prompt_eval(*, model_config, tokenizer, examples, max_prompt_len: int,
     return rollout.generate_rollout(
         model_config=model_config, params=params, ref_params=ref_params,
         prompt_tokens_NP=tokens, prompt_mask_NP=mask, group_size=k, rng=rng, rollout_cfg=cfg,
-        tokenizer=tokenizer, reward_fn=reward_fn.score, metadata=meta, logps_fn=logps_fn,
-        need_ref=not greedy and do_kl,
-        progress=f"eval {'greedy' if greedy else 'sampled'} ({n} prompts)")
+        tokenizer=tokenizer, reward_fn=reward_fn.score if reward_fn else None, metadata=meta,
+        logps_fn=logps_fn, need_ref=not greedy and do_kl,
+        progress=f"eval {'greedy' if greedy else 'sampled'} ({n} prompts)", episode=episode)
 
   initial_length = []  # greedy eval length of the step-0 policy (for eval_length_drift)
 
@@ -139,6 +144,11 @@ def make_prompt_eval(*, model_config, tokenizer, examples, max_prompt_len: int,
     out.update({f"eval_reward/{k}": float(v[:n].mean()) for k, v in g.reward_parts.items()})
     if math_labels:
       out["eval_accuracy"] = out[f"eval_reward/{math_labels[0]}"]
+    if g.episodes is not None:  # multi-turn: the greedy episodes' metrics
+      from rlhf_jax.rollout_multiturn import episode_stats
+      out.update(episode_stats({k: v[:n] for k, v in g.episodes.items()}, episode.max_turns,
+                               prefix="eval_env/"))
+      out.setdefault("eval_accuracy", out["eval_env/success"])
     if do_kl:
       s = decode(params, jax.random.fold_in(rng, 1), greedy=False)
       real = slice(0, n * samples)  # rows of prompt i are i*samples .. (i+1)*samples - 1
@@ -223,7 +233,7 @@ def make_capability_eval(*, model_config, tokenizer, path: str, num_examples: in
 
 
 def from_config(config, *, model_config, tokenizer, ref_params, workdir, prompt_examples=None,
-                max_prompt_len=None, max_new_tokens=None, reward_spec=None):
+                max_prompt_len=None, max_new_tokens=None, reward_spec=None, episode=None):
   """The trainer-facing wrapper: evaluate(params, step) -> dict combining the prompt
   eval (when prompt examples are given or config.prompt_eval.path is set) and the
   capability eval (config.capability.path); None when neither is configured.
@@ -239,13 +249,14 @@ def from_config(config, *, model_config, tokenizer, ref_params, workdir, prompt_
     prompt_examples = read_prompt_rows(pe.path, pe.num_prompts)
     max_prompt_len, max_new_tokens = pe.max_prompt_len, pe.max_new_tokens
   if prompt_examples:
-    spec = config.get("eval_reward_spec", "") or reward_spec or "math"
+    # multi-turn (episode): the env's rewards, plus eval_reward_spec / reward.spec if set
+    spec = config.get("eval_reward_spec", "") or reward_spec or (None if episode else "math")
     parts.append(make_prompt_eval(
         model_config=model_config, tokenizer=tokenizer, examples=prompt_examples,
         max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
-        reward_fn=make_reward_fn(spec), ref_params=ref_params,
+        reward_fn=make_reward_fn(spec) if spec else None, ref_params=ref_params,
         kl=config.get("eval_kl", True), workdir=workdir, num_samples=num_samples,
-        samples=config.get("eval_samples", 1)))
+        samples=config.get("eval_samples", 1), episode=episode))
   cap = config.get("capability")
   if cap is not None and cap.path:
     c = make_capability_eval(model_config=model_config, tokenizer=tokenizer, path=cap.path,

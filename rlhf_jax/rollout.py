@@ -52,6 +52,11 @@ class Rollout(NamedTuple):
   prompt_len: int                  # P
   texts: list                      # completion texts
   timings: dict                    # seconds: generate, reward, logprobs
+  # Multi-turn rollouts (rollout.env; `rollout_multiturn`), None otherwise:
+  env_rewards_BC: np.ndarray | None = None  # float32 each env turn's reward at its turn's
+                                            # last model token
+  episodes: dict | None = None     # name -> float32 [B] per-episode counters (turns, ...)
+  generate_flops: int | None = None  # the multi-turn sampler's FLOPs (`flops` conventions)
 
 
 def completion_logps_fn(model_config, prompt_len: int, temperature: float,
@@ -104,8 +109,12 @@ def micro_batched(fn: Callable, micro: int, *arrays):
 def generate_rollout(*, model_config, params, ref_params, prompt_tokens_NP, prompt_mask_NP,
                      group_size: int, rng, rollout_cfg, tokenizer, reward_fn,
                      metadata: dict[str, list], logps_fn=None, need_ref: bool,
-                     need_old: bool = True, progress: str = "") -> Rollout:
+                     need_old: bool = True, progress: str = "", episode=None) -> Rollout:
   """Sample, score and compute log-probs for one batch of prompts (see module doc).
+
+  episode: a `rollout_multiturn.EpisodeConfig` (rollout.env): every row is an episode
+  against the environment (`generate_episodes`); reward_fn may then be None (the env's
+  rewards alone).
 
   need_old=False skips the old-policy log-prob pass: old_logps_BC are then the
   sampler's own log-probs (equal to a recomputation up to float tolerance), for
@@ -119,6 +128,12 @@ def generate_rollout(*, model_config, params, ref_params, prompt_tokens_NP, prom
   tokens = np.repeat(np.asarray(prompt_tokens_NP), G, axis=0)
   pmask = np.repeat(np.asarray(prompt_mask_NP), G, axis=0)
   meta = {k: [v for v in vals for _ in range(G)] for k, vals in metadata.items()}
+  if episode is not None:
+    return generate_episodes(
+        model_config=model_config, params=params, ref_params=ref_params, tokens=tokens,
+        pmask=pmask, meta=meta, group_size=G, rng=rng, rollout_cfg=r, tokenizer=tokenizer,
+        reward_fn=reward_fn, logps_fn=logps_fn, need_ref=need_ref, need_old=need_old,
+        progress=progress, episode=episode)
   B, P = tokens.shape
   greedy = r.temperature <= 0
   # rollout.stop_at_eos=False: no stop id, every completion runs to max_new_tokens
@@ -166,19 +181,80 @@ def generate_rollout(*, model_config, params, ref_params, prompt_tokens_NP, prom
   sequences = np.concatenate([tokens, comp], axis=1).astype(np.int32)
   seg = np.concatenate([pmask, cmask], axis=1).astype(np.int32)
   logps_fn = logps_fn or completion_logps_fn(model_config, P, 1.0 if greedy else r.temperature)
-  micro = r.logprob_micro_batch
-  old = (micro_batched(lambda s, g: logps_fn(params, s, g), micro, sequences, seg)
-         if need_old else slogp)
-  ref = (micro_batched(lambda s, g: logps_fn(ref_params, s, g), micro, sequences, seg)
-         if need_ref else None)
+  old, ref = logprob_passes(logps_fn, params, ref_params, sequences, seg, cmask,
+                            r.logprob_micro_batch, slogp if not need_old else None, need_ref)
   mask_f = cmask.astype(np.float32)
-  old = (old * mask_f).astype(np.float32)
-  ref = None if ref is None else (ref * mask_f).astype(np.float32)
   timings["logprobs"] = time.perf_counter() - t0
   return Rollout(sequences, seg, cmask, slogp * mask_f, old, ref,
                  np.asarray(total, np.float32), {k: np.asarray(v, np.float32)
                                                  for k, v in parts.items()},
                  lengths, finished, P, texts, timings)
+
+
+def logprob_passes(logps_fn, params, ref_params, sequences_BS, segment_ids_BS, mask_BC,
+                   micro: int, sample_logps_BC, need_ref: bool):
+  """(old_logps_BC, ref_logps_BC or None), float32, 0 where mask_BC is 0: the policy's
+  log-prob pass (skipped when sample_logps_BC is given: the sampler's own are used) and
+  the reference's (need_ref), `micro` rows a call."""
+  old = (micro_batched(lambda s, g: logps_fn(params, s, g), micro, sequences_BS,
+                       segment_ids_BS) if sample_logps_BC is None else sample_logps_BC)
+  ref = (micro_batched(lambda s, g: logps_fn(ref_params, s, g), micro, sequences_BS,
+                       segment_ids_BS) if need_ref else None)
+  mask_f = mask_BC.astype(np.float32)
+  old = (old * mask_f).astype(np.float32)
+  ref = None if ref is None else (ref * mask_f).astype(np.float32)
+  return old, ref
+
+
+def generate_episodes(*, model_config, params, ref_params, tokens, pmask, meta, group_size,
+                      rng, rollout_cfg, tokenizer, reward_fn, logps_fn, need_ref, need_old,
+                      progress, episode) -> Rollout:
+  """`generate_rollout` with rollout.env: B = N * G episodes (`rollout_multiturn`), scored
+  by the env's rewards (+ reward_fn on each episode's last model turn), then the log-prob
+  passes over the whole sequences (model tokens kept)."""
+  from rlhf_jax import rollout_multiturn as mt
+  r = rollout_cfg
+  B, P = tokens.shape
+  greedy = r.temperature <= 0
+  timings = {}
+  t0 = time.perf_counter()
+  ep = mt.generate_episodes(model_config=model_config, params=params, prompt_tokens_BP=tokens,
+                            prompt_mask_BP=pmask, rng=rng, rollout_cfg=r, tokenizer=tokenizer,
+                            episode=episode, metadata=meta, group_size=group_size,
+                            progress=progress)
+  timings["generate"] = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  cmask = ep["model_BC"].astype(np.int32)
+  lengths = cmask.sum(1).astype(np.int32)   # model tokens
+  parts = {"env": ep["env_return_B"]}
+  total = ep["env_return_B"].astype(np.float64)
+  if reward_fn is not None:
+    prompts = [tokenizer.decode([int(t) for t, k in zip(row, m) if k]) for row, m in
+               zip(tokens, pmask)]
+    meta = dict(meta, completion_lengths=list(lengths), finished=list(ep["finished_B"]),
+                turns=list(ep["episodes"]["turns"]))
+    spec_total, spec_parts = reward_fn(prompts, ep["final_texts"], meta)
+    total = total + np.asarray(spec_total, np.float64)
+    parts.update(spec_parts)
+  timings["reward"] = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  C = r.max_new_tokens
+  seg_c = (np.arange(C)[None] < ep["lengths_B"][:, None]).astype(np.int32)
+  sequences = np.concatenate([tokens, ep["tokens_BC"]], axis=1).astype(np.int32)
+  seg = np.concatenate([pmask, seg_c], axis=1).astype(np.int32)
+  logps_fn = logps_fn or completion_logps_fn(model_config, P, 1.0 if greedy else r.temperature)
+  slogp = ep["logprobs_BC"]
+  old, ref = logprob_passes(logps_fn, params, ref_params, sequences, seg, cmask,
+                            r.logprob_micro_batch, slogp if not need_old else None, need_ref)
+  timings["logprobs"] = time.perf_counter() - t0
+  return Rollout(sequences, seg, cmask, slogp * cmask, old, ref,
+                 total.astype(np.float32), {k: np.asarray(v, np.float32)
+                                            for k, v in parts.items()},
+                 lengths, ep["finished_B"], P, ep["texts"], timings,
+                 env_rewards_BC=ep["env_rewards_BC"], episodes=ep["episodes"],
+                 generate_flops=mt.generate_flops(model_config, P, r, ep, B))
 
 
 def group_view(x_B: np.ndarray, group_size: int) -> np.ndarray:
@@ -212,6 +288,11 @@ def replace_groups(ro: Rollout, extra: Rollout, dead_P: np.ndarray, group_size: 
   texts = list(ro.texts)
   for d, s_ in zip(dst, src):
     texts[d] = extra.texts[s_]
+  if ro.episodes is not None:  # multi-turn: the per-episode arrays follow their rows
+    ro = ro._replace(env_rewards_BC=put(ro.env_rewards_BC, extra.env_rewards_BC),
+                     episodes={k: put(v, extra.episodes.get(k, np.zeros_like(v)))
+                               for k, v in ro.episodes.items()},
+                     generate_flops=ro.generate_flops + extra.generate_flops)
   return ro._replace(
       sequences_BS=put(ro.sequences_BS, extra.sequences_BS),
       segment_ids_BS=put(ro.segment_ids_BS, extra.segment_ids_BS),
@@ -274,9 +355,11 @@ def hacking_monitors(ro: Rollout, group_size: int, prefix: str = "") -> dict[str
   return out
 
 
-def rollout_stats(ro: Rollout, group_size: int) -> dict[str, Any]:
+def rollout_stats(ro: Rollout, group_size: int, max_turns: int = 1) -> dict[str, Any]:
   """Per-step rollout metrics: rewards (total and per component), lengths, EOS rate,
-  the reward-hacking monitors (`hacking_monitors`)..."""
+  the reward-hacking monitors (`hacking_monitors`)... and for multi-turn rollouts the
+  episode metrics env/* (`rollout_multiturn.episode_stats`, success_by_turn_k for
+  k <= max_turns). response_length counts model tokens only."""
   out = {"reward_mean": float(ro.rewards_B.mean()), "reward_std": float(ro.rewards_B.std()),
          "response_length": float(ro.lengths_B.mean()),
          "finished_frac": float(ro.finished_B.mean()),
@@ -284,6 +367,9 @@ def rollout_stats(ro: Rollout, group_size: int) -> dict[str, Any]:
   for k, v in ro.reward_parts.items():
     out[f"reward/{k}"] = float(np.mean(v))
   out.update(hacking_monitors(ro, group_size))
+  if ro.episodes is not None:
+    from rlhf_jax.rollout_multiturn import episode_stats
+    out.update(episode_stats(ro.episodes, max_turns))
   if ro.ref_logps_BC is not None:
     m = ro.completion_mask_BC.astype(np.float32)
     out["kl_ref_k1"] = float(((ro.old_logps_BC - ro.ref_logps_BC) * m).sum() /
@@ -300,7 +386,9 @@ def compute_counts(mcfg, prompt_len: int, rollout_cfg, group_size: int, logprob_
   `logprob_group` > 1) and the real sampled tokens."""
   B = len(ro.lengths_B)
   micro = rollout_cfg.generate_micro_batch
-  if getattr(rollout_cfg, "sampler", "static") == "continuous":
+  if ro.generate_flops is not None:  # multi-turn (`rollout_multiturn.generate_flops`)
+    gen = ro.generate_flops
+  elif getattr(rollout_cfg, "sampler", "static") == "continuous":
     gen = sampling_continuous.continuous_generate_flops(
         mcfg, ro.lengths_B, prompt_len, decode_slots(rollout_cfg, B), rollout_cfg.max_new_tokens)
   else:

@@ -56,8 +56,12 @@ from rlhf_jax.trainers import state as state_lib
 from rlhf_jax.trainers import step as step_lib
 
 
-def advantages(algo, ro: rollout.Rollout, group_size: int) -> np.ndarray:
-  """Per-token advantages [B, C] (constant along a sequence except for REINFORCE++)."""
+def advantages(algo, ro: rollout.Rollout, group_size: int, per_turn: bool = False) -> np.ndarray:
+  """Per-token advantages [B, C] (constant along a sequence except for REINFORCE++).
+  Multi-turn rollouts: mask_BC covers model tokens only; per_turn (rollout.turn_rewards)
+  pays a token-level estimator each env turn's reward at that turn's last model token
+  (the rest of the score at the episode's last model token); sequence-level estimators
+  use the episode's summed reward either way."""
   mask_BC = ro.completion_mask_BC
   scores_B = ro.rewards_B
   est = adv_lib.ESTIMATORS[algo["advantage"]]
@@ -65,8 +69,13 @@ def advantages(algo, ro: rollout.Rollout, group_size: int) -> np.ndarray:
     kl_BC = np.asarray(kl_lib.kl_estimate(ro.old_logps_BC, ro.ref_logps_BC, algo["kl_estimator"]))
     scores_B = scores_B - algo["kl_coef"] * (kl_BC * mask_BC).sum(1)
   if est.token_level:
+    per_turn = per_turn and ro.env_rewards_BC is not None
+    if per_turn:  # the env's part paid turn by turn
+      scores_B = scores_B - ro.reward_parts["env"]
     rewards_BC = kl_lib.kl_penalty_rewards(ro.old_logps_BC, ro.ref_logps_BC, mask_BC,
                                            algo["kl_coef"], algo["kl_estimator"], scores_B=scores_B)
+    if per_turn:
+      rewards_BC = rewards_BC + ro.env_rewards_BC
     return np.asarray(est.fn(rewards_BC, mask_BC), np.float32)
   adv_B = est.fn(scores_B, group_size, algo["std_eps"])
   return (np.asarray(adv_B, np.float32)[:, None] * mask_BC).astype(np.float32)
@@ -121,6 +130,16 @@ def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: i
       count_step=False, frozen=frozen))
 
 
+def accuracy(ro: rollout.Rollout) -> float:
+  """The rollout's accuracy: the mean `math` reward component, else (multi-turn) the
+  episodes' success rate, else NaN."""
+  if "math" in ro.reward_parts:
+    return float(np.mean(ro.reward_parts["math"]))
+  if ro.episodes is not None:
+    return float(np.mean(ro.episodes["correct"]))
+  return float("nan")
+
+
 def micro_batches_of(rows: int, micro: int) -> int:
   """Number of training micro-batches of `micro` rows in a minibatch (0 = one)."""
   if micro <= 0 or micro >= rows:
@@ -144,7 +163,8 @@ def run(config, workdir: str) -> dict:
   tokenizer = setup.build_tokenizer(config, workdir, lambda: prompt_sets.corpus(train_src))
   train_ds, train_meta = prompt_sets.batches(config, tokenizer, train_src, N, config.seed)
   refill_ds, _ = prompt_sets.batches(config, tokenizer, train_src, N, config.seed + 1)
-  reward_fn = setup.reward_fn_from_config(config)
+  reward_fn = setup.reward_fn_from_config(config)  # None: rollout.env's rewards alone
+  episode = setup.episode_config(config)  # rollout.env: multi-turn episodes
 
   # Policy, reference (= the initial policy), optimizer state.
   rng_init, rng_rollout = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -206,9 +226,10 @@ def run(config, workdir: str) -> dict:
     ro = rollout.generate_rollout(
         model_config=mcfg, params=params, ref_params=ref_params,
         prompt_tokens_NP=batch["tokens"], prompt_mask_NP=batch["mask"], group_size=G, rng=key,
-        rollout_cfg=rollout_cfg, tokenizer=tokenizer, reward_fn=reward_fn.score,
-        metadata=train_meta(batch["index"]), logps_fn=logps_fn, need_ref=need_ref and sync,
-        need_old=need_old and sync)
+        rollout_cfg=rollout_cfg, tokenizer=tokenizer,
+        reward_fn=reward_fn.score if reward_fn else None, metadata=train_meta(batch["index"]),
+        logps_fn=logps_fn, need_ref=need_ref and sync, need_old=need_old and sync,
+        episode=episode)
     for name, v in rollout_counts(ro, passes=passes if sync else 0).items():
       into[name] = into.get(name, 0) + v
     return ro
@@ -217,7 +238,8 @@ def run(config, workdir: str) -> dict:
     """The sampler's part of step `step`: sample (+ DAPO refills), counted into `into`."""
     key = jax.random.fold_in(rng_rollout, step)
     ro = sample(params, batch, key, into)
-    stats = rollout.rollout_stats(ro, G)  # before any refill: what the policy produced
+    # before any refill: what the policy produced
+    stats = rollout.rollout_stats(ro, G, episode.max_turns if episode else 1)
     if algo["dynamic_sampling"]:
       ro, stats["refill_rounds"] = refill(params, ro, step, key, into)
     return ro, stats
@@ -242,7 +264,7 @@ def run(config, workdir: str) -> dict:
           ro, logps_fn, policy, ref_params, lp_rows, need_old=need_old, need_ref=need_ref),
           passes=lambda ro: rollout_counts(ro, passes=passes)["flops/logprob_passes"])
     del policy
-    advantages_BC = advantages(algo, ro, G)
+    advantages_BC = advantages(algo, ro, G, per_turn=rollout_cfg.get("turn_rewards") == "per_turn")
     if algo["variant"] == "dapo" and algo["overlong_cache"] > 0:
       overlong_from = rollout_cfg.max_new_tokens - algo["overlong_cache"]
       stats["overlong_frac"] = float((ro.lengths_B > overlong_from).mean())
@@ -280,8 +302,7 @@ def run(config, workdir: str) -> dict:
     stats.update({"time/update": t_update, "time/step": total,
                   "rollout_tokens_per_second": rollout_tokens / max(ro.timings["generate"], 1e-9),
                   "train_tokens_per_second": int(ro.segment_ids_BS.sum()) * algo["epochs"]
-                  / max(t_update, 1e-9), "accuracy": float(np.mean(
-                      ro.reward_parts.get("math", np.full(B, np.nan))))})
+                  / max(t_update, 1e-9), "accuracy": accuracy(ro)})
     state = {**state, "step": state["step"] + 1}
     return state, {**jax.device_get(m), **stats}
 

@@ -55,6 +55,7 @@ def validate_rollout(config, num_devices: int | None = None) -> None:
     check.choice("rollout.sampler", ("static", "continuous"))
   if "decode_slots" in r:
     num("rollout.decode_slots", 0, integer=True)
+  validate_episodes(config)
   B = r.prompts_per_step * r.group_size
   for key in ("generate_micro_batch", "logprob_micro_batch"):
     micro = r[key]
@@ -86,3 +87,37 @@ def check_minibatches(config, algo: str, num_devices: int | None) -> None:
   need(rows % dp_rows == 0, f"{algo}.minibatches",
        f"a minibatch of {rows} rows (prompts_per_step * group_size / {algo}.minibatches) is "
        f"not divisible by the data-parallel size {dp_rows} (mesh.shape data * fsdp)")
+
+
+def validate_episodes(config) -> None:
+  """The multi-turn knobs (rollout.env and friends, `rlhf_jax.rollout_multiturn`): the env
+  spec (built once), turn and token limits, and the features multi-turn rollouts do not
+  combine with (continuous sampler, asynchronous rollouts, stop_at_eos=False). Without
+  rollout.env, reward.spec must name a reward."""
+  check = config_lib.Checks(config)
+  need, num = check.need, check.num
+  r = config.rollout
+  env = r.get("env", "")
+  spec = config.reward.spec if check.has("reward.spec") else "math"
+  if not env:
+    need(spec, "reward.spec", "empty: name a reward function (an empty spec is allowed only "
+         "with rollout.env, whose environment gives the rewards)")
+    return
+  from rlhf_jax import envs
+  envs.check_env_spec(env)  # ConfigError naming rollout.env
+  num("rollout.max_turns", 1, integer=True)
+  num("rollout.max_tokens_per_turn", 0, integer=True)
+  need(r.max_tokens_per_turn <= r.max_new_tokens, "rollout.max_tokens_per_turn",
+       f"{r.max_tokens_per_turn} exceeds rollout.max_new_tokens={r.max_new_tokens}, the "
+       f"whole episode's budget")
+  num("rollout.env_tokens_per_call", 1, integer=True)
+  check.choice("rollout.turn_rewards", ("sum", "per_turn"))
+  what = "multi-turn rollouts (rollout.env)"
+  need(r.get("sampler", "static") == "static", "rollout.sampler",
+       f"{what} run their own turn-by-turn sampler; set rollout.sampler=static")
+  need(not r.get("max_staleness", 0), "rollout.max_staleness",
+       f"{what} are synchronous; set rollout.max_staleness=0")
+  need(not r.get("devices", 0), "rollout.devices",
+       f"{what} sample on the training devices; set rollout.devices=0")
+  need(r.get("stop_at_eos", True), "rollout.stop_at_eos",
+       f"{what} end a model turn at EOS; set rollout.stop_at_eos=True")

@@ -50,6 +50,7 @@ from rlhf_jax.trainers import optim
 from rlhf_jax.trainers import setup
 from rlhf_jax.trainers import state as state_lib
 from rlhf_jax.trainers import step as step_lib
+from rlhf_jax.trainers.grpo import accuracy as grpo_accuracy
 from rlhf_jax.trainers.grpo import micro_batches_of
 
 
@@ -126,7 +127,8 @@ def run(config, workdir: str) -> dict:
   train_src, eval_src, data_stats = prompt_sets.load(config, workdir)
   tokenizer = setup.build_tokenizer(config, workdir, lambda: prompt_sets.corpus(train_src))
   train_ds, train_meta = prompt_sets.batches(config, tokenizer, train_src, N, config.seed)
-  reward_fn = setup.reward_fn_from_config(config)
+  reward_fn = setup.reward_fn_from_config(config)  # None: rollout.env's rewards alone
+  episode = setup.episode_config(config)  # rollout.env: multi-turn episodes
 
   # Policy + critic; the reference is the initial policy.
   rng_init, rng_rollout = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -185,8 +187,8 @@ def run(config, workdir: str) -> dict:
         model_config=mcfg, params=policy, ref_params=ref_params,
         prompt_tokens_NP=batch["tokens"], prompt_mask_NP=batch["mask"], group_size=G,
         rng=jax.random.fold_in(rng_rollout, step), rollout_cfg=rollout_cfg, tokenizer=tokenizer,
-        reward_fn=reward_fn.score, metadata=train_meta(batch["index"]), logps_fn=logps_fn,
-        need_ref=sync, need_old=sync)
+        reward_fn=reward_fn.score if reward_fn else None, metadata=train_meta(batch["index"]),
+        logps_fn=logps_fn, need_ref=sync, need_old=sync, episode=episode)
 
   def job(policy, step, batch):
     ro = sample(policy, step, batch)
@@ -204,7 +206,7 @@ def run(config, workdir: str) -> dict:
     counts.clear()
     if sync:
       ro = sample(params["policy"], step, batch)
-      stats = rollout.rollout_stats(ro, G)
+      stats = rollout.rollout_stats(ro, G, episode.max_turns if episode else 1)
       counts.update(rollout.compute_counts(mcfg, P, rollout_cfg, G, 1, ro, passes=2))
     else:
       ro, stats = pipe.next(step, params["policy"], counts, lambda ro: pipe_lib.finish(
@@ -222,8 +224,15 @@ def run(config, workdir: str) -> dict:
     if p.whiten_rewards:
       scores_B = np.asarray(adv_lib.whiten(scores_B, np.ones_like(scores_B), shift_mean=False))
     beta = float(state["kl_ctl"]["beta"])
+    per_turn = rollout_cfg.get("turn_rewards") == "per_turn" and ro.env_rewards_BC is not None
+    if per_turn:  # multi-turn: each env turn's reward at its last model token (rest at the end)
+      scores_B = scores_B - ro.reward_parts["env"]
     rewards_BC = kl_lib.kl_penalty_rewards(ro.old_logps_BC, ro.ref_logps_BC, mask_BC, beta,
                                            p.kl_estimator, scores_B=scores_B)
+    if per_turn:
+      rewards_BC = rewards_BC + ro.env_rewards_BC
+    # Multi-turn: mask_BC is 0 on env tokens, which GAE passes through (the next model
+    # token's value bootstraps across the gap, `adv_lib.gae`).
     advantages_BC, returns_BC = adv_lib.gae(rewards_BC, old_values_BC, mask_BC, p.gamma, p.lam)
     if p.whiten_advantages:
       advantages_BC = adv_lib.whiten(advantages_BC, mask_BC)
@@ -266,8 +275,8 @@ def run(config, workdir: str) -> dict:
                   / max(ro.timings["generate"], 1e-9),
                   "train_tokens_per_second": float(ro.segment_ids_BS.sum()) * p.epochs
                   / max(t_update, 1e-9)})
-    if "math" in ro.reward_parts:
-      stats["accuracy"] = float(np.mean(ro.reward_parts["math"]))
+    if "math" in ro.reward_parts or ro.episodes is not None:
+      stats["accuracy"] = grpo_accuracy(ro)
     return state, {**jax.device_get(m), **stats}
 
   def evaluate(params, step):
@@ -345,6 +354,10 @@ def validate(config, num_devices: int | None = None) -> None:
   num("ppo.kl_coef", 0.0)
   check.choice("ppo.aggregation", tuple(AGGREGATION_MODES))
   check.choice("ppo.kl_estimator", tuple(KL_ESTIMATORS))
+  need(not (p.whiten_rewards and config.rollout.get("env") and
+             config.rollout.get("turn_rewards") == "per_turn"), "ppo.whiten_rewards",
+       "whitens the episode scores, which rollout.turn_rewards=per_turn spreads over the "
+       "turns; set one of them off (ppo.whiten_rewards=False or rollout.turn_rewards=sum)")
   if p.adaptive_kl:
     num("ppo.kl_target", 0.0, lo_open=True)
     num("ppo.kl_horizon", 0, lo_open=True)

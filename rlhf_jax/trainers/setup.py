@@ -101,7 +101,10 @@ def policy_init(config, tokenizer, families=("language model",)):
 
 
 def reward_fn_from_config(config):
-  """The CombinedReward of config.reward.spec (a name, or a JSON list/dict of entries)."""
+  """The CombinedReward of config.reward.spec (a name, or a JSON list/dict of entries); None
+  for an empty spec (allowed with rollout.env: the environment's rewards alone)."""
+  if not config.reward.spec:
+    return None
   return rewards_lib.make_reward_fn(config.reward.spec)
 
 
@@ -116,4 +119,11 @@ def policy_eval(config, model_config, tokenizer, source, workdir, ref_params):
   return evaluation.from_config(
       config, model_config=model_config, tokenizer=tokenizer, ref_params=ref_params,
       workdir=workdir, prompt_examples=examples, max_prompt_len=config.data.max_prompt_len,
-      max_new_tokens=config.rollout.max_new_tokens, reward_spec=config.reward.spec)
+      max_new_tokens=config.rollout.max_new_tokens, reward_spec=config.reward.spec,
+      episode=episode_config(config))
+
+
+def episode_config(config):
+  """The run's `rollout_multiturn.EpisodeConfig` (rollout.env), None for single-turn runs."""
+  from rlhf_jax import rollout_multiturn
+  return rollout_multiturn.episode_config(config.rollout) if "rollout" in config else None
