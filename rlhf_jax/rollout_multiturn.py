@@ -97,13 +97,15 @@ def env_seeds(rng, num_prompts: int, group_size: int) -> np.ndarray:
 
 def stop_sequences(tokenizer, strings) -> list[list[int]]:
   """Token ids of each stop string as the tokenizer writes it alone (the sampler's in-loop
-  check); strings it cannot write without an unknown token are left to the host's text
-  check (`cut_at_stop`)."""
+  check); strings it cannot write without an unknown token, or in more than
+  `sampling_multiturn.MAX_STOP_TOKENS` tokens, are left to the host's text check
+  (`cut_at_stop`)."""
   out = []
   for s in strings:
     ids = tokenizer.encode(s)
     unk = getattr(tokenizer, "unk_id", None)
-    if ids and (unk is None or unk not in ids) and tokenizer.decode(ids) == s:
+    if (ids and len(ids) <= smt.MAX_STOP_TOKENS and (unk is None or unk not in ids)
+        and tokenizer.decode(ids) == s):
       out.append(ids)
   return out
 
@@ -152,13 +154,15 @@ def run_episodes(*, model_config, params, prompt_tokens_BP, prompt_mask_BP, rng,
   B, P = np.shape(prompt_tokens_BP)
   C = max_new_tokens
   eos = tokenizer.eos_id
+  stops = stop_sequences(tokenizer, episode.stop_strings)
   spec = smt.make_spec(
-      model_config, prompt_len=P, max_new_tokens=C, env_chunk=episode.env_chunk,
-      max_tokens_per_turn=episode.max_tokens_per_turn, eos_id=eos,
-      stop_seqs=stop_sequences(tokenizer, episode.stop_strings), pad_id=tokenizer.pad_id,
-      top_k=top_k, top_p=top_p, greedy=greedy, mesh=None)
-  sampler = smt.MultiTurnSampler(spec, params, prompt_tokens_BP, prompt_mask_BP, rng,
-                                 temperature=temperature, top_p=top_p, row_offset=row_offset)
+      model_config, prompt_len=P, max_new_tokens=C, env_chunk=episode.env_chunk, eos_id=eos,
+      num_stops=len(stops), pad_id=tokenizer.pad_id, top_k=top_k, top_p=top_p, greedy=greedy,
+      mesh=None)
+  sampler = smt.MultiTurnSampler(
+      spec, params, prompt_tokens_BP, prompt_mask_BP, rng,
+      max_tokens_per_turn=episode.max_tokens_per_turn, stop_seqs=stops,
+      temperature=temperature, top_p=top_p, row_offset=row_offset)
   render = Renderer(tokenizer)
   model_BC = np.zeros((B, C), bool)
   turns = [[] for _ in range(B)]

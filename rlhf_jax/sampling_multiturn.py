@@ -62,22 +62,24 @@ class MultiTurnSpec(NamedTuple):
   """The static part of a multi-turn sampler (hashable; one compilation per value).
 
   P prompt columns, C completion budget (rollout.max_new_tokens: model + env tokens),
-  X tokens fed per extend call, turn_tokens the longest model turn
-  (rollout.max_tokens_per_turn), stop_seqs token-id sequences that end a turn (besides
-  the stop ids eos_ids)."""
+  X tokens fed per extend call, num_stops the number of stop sequences (token ids that
+  end a turn besides the stop ids eos_ids; their ids are an argument, padded to
+  MAX_STOP_TOKENS)."""
   config: ModelConfig
   P: int
   C: int
   X: int
-  turn_tokens: int
   eos_ids: tuple
-  stop_seqs: tuple
+  num_stops: int
   pad_id: int
   top_k: int
   use_top_p: bool
   greedy: bool
   kv_cache_dtype: str
   mesh: object
+
+
+MAX_STOP_TOKENS = 16  # longer stop sequences are left to the host's text check
 
 
 class TurnState(NamedTuple):
@@ -100,15 +102,14 @@ class TurnState(NamedTuple):
 
 
 def make_spec(config: ModelConfig, *, prompt_len: int, max_new_tokens: int, env_chunk: int,
-              max_tokens_per_turn: int, eos_id, stop_seqs=(), pad_id: int, top_k: int = 0,
-              top_p: float = 1.0, greedy: bool = False, kv_cache_dtype: str = "auto",
-              mesh=None) -> MultiTurnSpec:
+              eos_id, num_stops: int = 0, pad_id: int, top_k: int = 0, top_p: float = 1.0,
+              greedy: bool = False, kv_cache_dtype: str = "auto", mesh=None) -> MultiTurnSpec:
   """A `MultiTurnSpec`, checked: ValueError naming the argument."""
   if config.per_layer_attention:
     raise ValueError("multi-turn sampling does not support sliding-window layers (the "
                      "window is counted in cache slots; `sampling_multiturn` docstring)")
   for name, v, lo in (("prompt_len", prompt_len, 1), ("max_new_tokens", max_new_tokens, 1),
-                      ("env_chunk", env_chunk, 1), ("max_tokens_per_turn", max_tokens_per_turn, 1)):
+                      ("env_chunk", env_chunk, 1)):
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
       raise ValueError(f"{name}={v!r}: expected an int >= {lo}")
   if prompt_len + max_new_tokens > config.max_seq_len:
@@ -116,15 +117,13 @@ def make_spec(config: ModelConfig, *, prompt_len: int, max_new_tokens: int, env_
                      f"model.max_seq_len={config.max_seq_len}")
   V = config.vocab_size
   eos_ids = () if eos_id is None else tuple(int(e) for e in np.atleast_1d(np.asarray(eos_id)))
-  seqs = tuple(tuple(int(t) for t in s) for s in stop_seqs if len(s))
-  for e in eos_ids + tuple(t for s in seqs for t in s) + (pad_id,):
+  for e in eos_ids + (pad_id,):
     if not 0 <= e < V:
-      raise ValueError(f"token id {e} (stop id, stop sequence or pad) is outside "
-                       f"[0, vocab_size={V})")
+      raise ValueError(f"token id {e} (stop id or pad) is outside [0, vocab_size={V})")
   if not greedy and top_k < 0:
     raise ValueError(f"top_k={top_k!r}: expected an int >= 0")
   return MultiTurnSpec(config, int(prompt_len), int(max_new_tokens), int(env_chunk),
-                       int(max_tokens_per_turn), eos_ids, seqs, int(pad_id),
+                       eos_ids, int(num_stops), int(pad_id),
                        0 if greedy else int(top_k), (not greedy) and top_p < 1.0, bool(greedy),
                        resolve_kv_cache_dtype(config, kv_cache_dtype), mesh)
 
@@ -163,30 +162,31 @@ def _move_scratch(spec, cache, filled_B, count_B, width: int):
   return tuple(c.at[:, r_B1, slots_BW].set(c[:, :, S0:S0 + width], mode="drop") for c in cache)
 
 
-def _is_stop(spec, tokens_BC, index_B, turn_start_B):
+def _is_stop(spec, tokens_BC, index_B, turn_start_B, stops):
   """bool [B]: token index_B[b] of row b ends its turn (a stop id, or the end of a stop
-  sequence lying inside the current turn)."""
+  sequence lying inside the current turn). stops = (ids [K, MAX_STOP_TOKENS], lengths [K])."""
   B = tokens_BC.shape[0]
   tok_B = jnp.take_along_axis(tokens_BC, index_B[:, None], axis=1)[:, 0]
   stop_B = jnp.zeros((B,), bool)
   for e in spec.eos_ids:
     stop_B = stop_B | (tok_B == e)
-  for seq in spec.stop_seqs:
-    k = len(seq)
-    first_B = index_B - (k - 1)
-    idx_BK = jnp.clip(first_B[:, None] + jnp.arange(k)[None, :], 0, spec.C - 1)
-    got_BK = jnp.take_along_axis(tokens_BC, idx_BK, axis=1)
-    match_B = jnp.all(got_BK == jnp.asarray(seq, jnp.int32)[None, :], axis=1)
+  ids_KM, len_K = stops
+  j_M = jnp.arange(MAX_STOP_TOKENS)
+  for k in range(spec.num_stops):
+    first_B = index_B - (len_K[k] - 1)
+    idx_BM = jnp.clip(first_B[:, None] + j_M[None, :], 0, spec.C - 1)
+    got_BM = jnp.take_along_axis(tokens_BC, idx_BM, axis=1)
+    match_B = jnp.all((got_BM == ids_KM[k][None, :]) | (j_M[None, :] >= len_K[k]), axis=1)
     stop_B = stop_B | (match_B & (first_B >= turn_start_B))
   return stop_B
 
 
-def _continues(spec, state: TurnState, live_B):
+def _continues(spec, state: TurnState, live_B, turn_tokens, stops):
   """bool [B]: live rows whose pending token does not end their turn (no stop, the turn
-  and the completion budget not yet full)."""
+  (turn_tokens) and the completion budget not yet full)."""
   f = state.filled_B
-  return (live_B & ~_is_stop(spec, state.tokens_BC, f, state.turn_start_B)
-          & (f - state.turn_start_B + 1 < spec.turn_tokens) & (f + 1 < spec.C))
+  return (live_B & ~_is_stop(spec, state.tokens_BC, f, state.turn_start_B, stops)
+          & (f - state.turn_start_B + 1 < turn_tokens) & (f + 1 < spec.C))
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
@@ -212,7 +212,7 @@ def _start(spec, params, prompt_BP, prompt_mask_BP, keys_B2, temperature, top_p)
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnums=(1,))
 def _decode_turn(spec, state: TurnState, params, live_B, prompt_mask_BP, keys_B2, temperature,
-                 top_p):
+                 top_p, turn_tokens, stops):
   model = Transformer(spec.config)
   P, C = spec.P, spec.C
   B = live_B.shape[0]
@@ -242,12 +242,12 @@ def _decode_turn(spec, state: TurnState, params, live_B, prompt_mask_BP, keys_B2
     logprobs_BC = state.logprobs_BC.at[r_B, idx_B].set(logprob_B, mode="drop")
     state = state._replace(cache=cache, tokens_BC=tokens_BC, logprobs_BC=logprobs_BC,
                            filled_B=f_B, model_count_B=state.model_count_B + a)
-    return state, _continues(spec, state, active_B), steps + 1
+    return state, _continues(spec, state, active_B, turn_tokens, stops), steps + 1
 
   def cond(carry):
     return jnp.any(carry[1])
 
-  carry = (state, _continues(spec, state, live_B), jnp.int32(0))
+  carry = (state, _continues(spec, state, live_B, turn_tokens, stops), jnp.int32(0))
   state, _, steps = jax.lax.while_loop(cond, body, carry)
   return state, steps
 
@@ -293,13 +293,23 @@ class MultiTurnSampler:
   docstring). Rows keep their noise ids row_offset + b."""
 
   def __init__(self, spec: MultiTurnSpec, params, prompt_tokens_BP, prompt_mask_BP, rng, *,
-               temperature: float = 1.0, top_p: float = 1.0, row_offset: int = 0):
+               max_tokens_per_turn: int, stop_seqs=(), temperature: float = 1.0,
+               top_p: float = 1.0, row_offset: int = 0):
     B, P = np.shape(prompt_tokens_BP)
     if P != spec.P:
       raise ValueError(f"prompts have {P} columns, the spec {spec.P}")
     m = np.asarray(prompt_mask_BP).astype(bool)
     if not m[:, -1].all() or (m[:, :-1] & ~m[:, 1:]).any():
       raise ValueError("prompts must be left-padded with at least one real token per row")
+    if len(stop_seqs) != spec.num_stops or any(
+        not 0 < len(s) <= MAX_STOP_TOKENS for s in stop_seqs):
+      raise ValueError(f"stop_seqs: expected {spec.num_stops} sequences of 1 to "
+                       f"{MAX_STOP_TOKENS} token ids, got {stop_seqs!r}")
+    ids = np.full((max(spec.num_stops, 1), MAX_STOP_TOKENS), -1, np.int32)
+    for k, seq in enumerate(stop_seqs):
+      ids[k, :len(seq)] = seq
+    self.stops = (jnp.asarray(ids), jnp.asarray([len(x) for x in stop_seqs] or [1], jnp.int32))
+    self.turn_tokens = jnp.int32(max_tokens_per_turn)
     self.spec = spec
     self.params = params
     self.prompt_mask_BP = jnp.asarray(prompt_mask_BP, jnp.int32)
@@ -322,7 +332,8 @@ class MultiTurnSampler:
     """Decode the rows with live_B until each ends its turn (module docstring)."""
     self.state, steps = _decode_turn(self.spec, self.state, self.params,
                                      jnp.asarray(live_B, bool), self.prompt_mask_BP,
-                                     self.keys_B2, self.temperature, self.top_p)
+                                     self.keys_B2, self.temperature, self.top_p,
+                                     self.turn_tokens, self.stops)
     self.decode_steps += int(steps)
 
   def push(self, **arrays) -> None:
