@@ -253,6 +253,8 @@ def _validate_data(config, model, check: Checks, for_run: bool):
     need(d.max_seq_len >= 4, "data.max_seq_len", "must be >= 4")
     need(d.overlength in ("error", "truncate", "drop"), "data.overlength",
          f"expected error|truncate|drop, got {d.overlength!r}")
+    if "assistant_turns" in d:
+      choice("data.assistant_turns", ("last", "all"))
     if max_len is not None:
       need(d.max_seq_len <= max_len, f"data.max_seq_len={d.max_seq_len}",
            f"exceeds model.max_seq_len={max_len}")

@@ -175,6 +175,9 @@ def sft_data_config() -> ConfigDict:
       packing=False,           # pack several examples per row (segment-masked attention)
       loss_on_prompt=False,    # True: loss on every token after BOS (LM pre-training on the
                                # rendered text), not only the completion
+      assistant_turns="last",  # {"messages"} rows: last = learn the last assistant turn; all
+                               # = learn every assistant turn, the conversation written turn
+                               # by turn as multi-turn rollouts write it (rlhf_jax/turns.py)
       pad_to="max",            # max | longest | bucket: the length each batch is padded to
                                # (rlhf_jax/data/lengths.py): max = the configured maximum (one
                                # shape); longest = the batch's longest row (a compilation per

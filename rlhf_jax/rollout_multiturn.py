@@ -11,7 +11,7 @@ with the chat template:
 A model turn ends at EOS, at the tool-call end `</tool>` (`envs.tools.TOOL_CALL_END`: the
 text the env receives ends there), or after `rollout.max_tokens_per_turn` tokens. The
 env's observation is tokenized as the text between that turn and the next assistant
-reply (`chat_format.turn_texts`: chatml "\\n<|im_start|>user\\nhigher<|im_end|>\\n
+reply (`turns.Renderer`, `chat_format.turn_texts`: chatml "\\n<|im_start|>user\\nhigher<|im_end|>\\n
 <|im_start|>assistant\\n" after the EOS <|im_end|>; the turn's closing text in full when
 the turn did not end with EOS) and appended to the KV cache without recomputing the
 prefix (`sampling_multiturn`). An episode ends when the env says done, after max_turns,
@@ -51,7 +51,7 @@ import numpy as np
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import parallel
 from rlhf_jax import sampling_multiturn as smt
-from rlhf_jax.chat_format import turn_texts
+from rlhf_jax.turns import Renderer
 
 ENV_SEED_SALT = 0x5EED
 # Per-row episode arrays of `Rollout.episodes` besides the env's own info counters.
@@ -125,22 +125,6 @@ def cut_at_stop(tokenizer, ids: list[int], strings) -> tuple[int, str]:
     if len(t) >= end and s in t:
       return k, t[:t.find(s) + len(s)]
   return len(ids), text[:end]
-
-
-class Renderer:
-  """Observation text -> tokens between a model turn and the next (`chat_format.turn_texts`;
-  the closing text's EOS part is left out when the turn ended with EOS)."""
-
-  def __init__(self, tokenizer):
-    self.tokenizer = tokenizer
-    self.render = lambda m, gen: tokenizer.apply_chat_template(m, add_generation_prompt=gen)
-    self.eos_text = tokenizer.decode([tokenizer.eos_id])
-
-  def tokens(self, role: str, content: str, after_eos: bool) -> list[int]:
-    close, nxt = turn_texts(self.render, role, content)
-    if after_eos and self.eos_text and close.startswith(self.eos_text):
-      close = close[len(self.eos_text):]
-    return self.tokenizer.encode(close + nxt)
 
 
 def run_episodes(*, model_config, params, prompt_tokens_BP, prompt_mask_BP, rng, row_offset: int,

@@ -3,7 +3,10 @@
 File format, one JSON object per line, either
     {"prompt": "...", "completion": "..."}
 or  {"messages": [{"role": "user", "content": "..."}, ..., {"role": "assistant", ...}]}
-where the last message is the assistant turn to learn.
+where the last message is the assistant turn to learn (`assistant_turns="last"`), or with
+`assistant_turns="all"` (data.assistant_turns) every assistant turn of the messages, the
+conversation written turn by turn as multi-turn rollouts write episodes
+(`rlhf_jax.turns.episode_tokens`: e.g. tool-call transcripts or guess-number games).
 
 Every example becomes
     tokens    = [BOS] + chat_template(prompt) + completion + [EOS]
@@ -150,22 +153,33 @@ def encode_prompt(tokenizer, messages) -> list[int]:
   return ids
 
 
+ASSISTANT_TURNS = ("last", "all")
+
+
 def tokenize_sft_file(path: str, tokenizer, max_seq_len: int, overlength: str = "error",
-                      loss_on_prompt: bool = False):
+                      loss_on_prompt: bool = False, assistant_turns: str = "last"):
   """List of (tokens int32[n], loss_mask int32[n]) for every row of `path`.
 
   loss_on_prompt=True puts the loss on every token after BOS (language-model
-  pre-training on the rendered text) instead of the completion only."""
+  pre-training on the rendered text) instead of the completion only.
+  assistant_turns="all": a {"messages"} row learns every assistant turn, written turn by
+  turn (`rlhf_jax.turns.episode_tokens`; module docstring)."""
   if overlength not in OVERLENGTH:
     raise ValueError(f"data.overlength={overlength!r}: expected one of {OVERLENGTH}")
+  if assistant_turns not in ASSISTANT_TURNS:
+    raise ValueError(f"data.assistant_turns={assistant_turns!r}: expected one of "
+                     f"{ASSISTANT_TURNS}")
   examples = []
   for lineno, row in read_jsonl_rows(path):
     prompt_msgs, completion = row_to_messages(path, lineno, row)
     nonempty_text(f"{path}:{lineno}", "completion", completion)  # nothing to learn but EOS
-    prompt_ids = encode_prompt(tokenizer, prompt_msgs)
-    completion_ids = tokenizer.encode(completion) + [tokenizer.eos_id]
-    tokens = np.asarray(prompt_ids + completion_ids, np.int32)
-    mask = np.asarray([0] * len(prompt_ids) + [1] * len(completion_ids), np.int32)
+    if assistant_turns == "all" and "messages" in row:
+      tokens, mask = _episode_example(tokenizer, row["messages"])
+    else:
+      prompt_ids = encode_prompt(tokenizer, prompt_msgs)
+      completion_ids = tokenizer.encode(completion) + [tokenizer.eos_id]
+      tokens = np.asarray(prompt_ids + completion_ids, np.int32)
+      mask = np.asarray([0] * len(prompt_ids) + [1] * len(completion_ids), np.int32)
     if loss_on_prompt:
       mask[1 if tokens[0] == tokenizer.bos_id else 0:] = 1
     if len(tokens) > max_seq_len:
@@ -182,6 +196,19 @@ def tokenize_sft_file(path: str, tokenizer, max_seq_len: int, overlength: str = 
   if not examples:
     raise DataError(f"{path}: no usable examples (all longer than max_seq_len={max_seq_len}?)")
   return examples
+
+
+def _episode_example(tokenizer, messages):
+  """(tokens, loss_mask) of a conversation with every assistant turn learned, written as
+  multi-turn rollouts write it (`rlhf_jax.turns.episode_tokens`; a reply ending with the
+  tool-call end "</tool>" gets no EOS: the rollout's turn stops there)."""
+  from rlhf_jax.envs.tools import TOOL_CALL_END
+  from rlhf_jax.turns import episode_tokens
+  first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+  ids, mask = episode_tokens(tokenizer, messages[first:],
+                             encode_prompt(tokenizer, messages[:first]),
+                             stop_strings=(TOOL_CALL_END,))
+  return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
 
 def pad_examples(examples, max_seq_len: int, pad_id: int) -> dict[str, np.ndarray]:

@@ -134,8 +134,9 @@ def run(config, workdir: str) -> dict:
   # Data.
   train_path, eval_path = resolve_data(config, workdir)
   tokenizer = setup.build_tokenizer(config, workdir, lambda: corpus_lines(train_path))
+  turns = config.data.get("assistant_turns", "last")
   train_ex = sft_data.tokenize_sft_file(train_path, tokenizer, T, config.data.overlength,
-                                        config.data.loss_on_prompt)
+                                        config.data.loss_on_prompt, turns)
   if config.data.packing:
     train_arrays = sft_data.pack_examples(train_ex, T, tokenizer.pad_id, config.seed)
   else:
@@ -145,7 +146,7 @@ def run(config, workdir: str) -> dict:
   if eval_path:
     eval_arrays = sft_data.pad_examples(
         sft_data.tokenize_sft_file(eval_path, tokenizer, T, config.data.overlength,
-                                   config.data.loss_on_prompt),
+                                   config.data.loss_on_prompt, turns),
         T, tokenizer.pad_id)
     eval_ds = sft_data.batched(eval_arrays, min(B, len(eval_arrays["tokens"])), 0, shuffle=False)
     n_eval_batches = min(config.eval_batches, len(eval_arrays["tokens"]) // eval_ds[0]["tokens"].shape[0])
