@@ -13,7 +13,9 @@ chat template (`rlhf_jax.chat_format`) and cut at the assistant contents:
 
     between_k = render(messages[:a_k], generation prompt)[end of content_{k-1}:]
 
-Each piece is encoded on its own (token boundaries at the cuts are exact), the way a
+Whitespace the template puts between the generation prompt and a reply (plain: "Assistant:"
+then " {content}") belongs to neither piece, as in single-turn SFT. Each piece is encoded
+on its own (token boundaries at the cuts are exact), the way a
 multi-turn rollout builds its context: the sampled ids of a turn, then the encoded
 `between_text` of the observation. A conversation with one assistant message at the end
 gives exactly the single-turn SFT example (`rlhf_jax.data.sft`: encode_prompt(prompt) +
@@ -57,9 +59,10 @@ def content_span(tokenizer, messages: Sequence[dict]) -> tuple[int, int]:
     raise ValueError("the chat template's generation prompt is not a prefix of the rendered "
                      "reply; cannot cut the conversation into turns")
   rest = full[len(prefix):]
-  for shown in (content, content.strip(), content.lstrip(), content.rstrip()):
-    if rest.startswith(shown):
-      return len(prefix), len(prefix) + len(shown)
+  for skip in dict.fromkeys((0, len(rest) - len(rest.lstrip()))):  # plain: "Assistant: {c}"
+    for shown in (content, content.strip(), content.lstrip(), content.rstrip()):
+      if rest[skip:].startswith(shown):
+        return len(prefix) + skip, len(prefix) + skip + len(shown)
   raise ValueError(f"the chat template rewrites the assistant reply {content[:40]!r}; cannot "
                    f"cut the conversation into turns")
 

@@ -47,7 +47,8 @@ def write_task(path: str, task: str, num_examples: int, seed: int, **kwargs) -> 
 # Verifiable prompt tasks (online RL): a prompt and a reference final answer
 # ----------------------------------------------------------------------------
 
-VERIFIABLE_TASKS = ("add", "arithmetic", "word", "guess_number", "calc_chain")
+VERIFIABLE_TASKS = ("add", "arithmetic", "word")
+ENV_TASKS = ("guess_number", "calc_chain")  # prompts for the multi-turn envs (rlhf_jax/envs)
 _NAMES = ("Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana")
 _ITEMS = ("apples", "books", "coins", "pens", "shells", "stamps")
 
@@ -65,7 +66,8 @@ def make_verifiable_example(task: str, rng: np.random.Generator, digits: int = 2
                 -> "62"; also gives away (-) and boxes of k (*); the solution is
                 GSM8K-style: "47 + 15 = 62\\n#### 62".
 
-  Multi-turn tasks (environments in rlhf_jax/envs; answer = what the env checks against):
+  Multi-turn tasks (`ENV_TASKS`, for the environments in rlhf_jax/envs; answer = what the
+  env checks against):
 
     guess_number  "guess 1-8" -> "5": the secret of env `guess_number`, uniform in
                   [1, 2**(digits+2)] (digits=1: 1-8, 2: 1-16); set the env's hi to match.
@@ -114,7 +116,8 @@ def make_verifiable_example(task: str, rng: np.random.Generator, digits: int = 2
     else:
       value = _apply(_apply(a, op1, b), op2, c)
     return {"prompt": f"calc: {a}{op1}{b}{op2}{c}", "answer": str(value), "solution": str(value)}
-  raise ValueError(f"unknown verifiable task {task!r}; expected one of {VERIFIABLE_TASKS}")
+  raise ValueError(f"unknown verifiable task {task!r}; expected one of "
+                   f"{VERIFIABLE_TASKS + ENV_TASKS}")
 
 
 def guess_number_hi(digits: int) -> int:

@@ -38,12 +38,12 @@ import numpy as np
 from rlhf_jax.data.prm import ANNOTATION, check_annotation
 from rlhf_jax.data.rows import parse_gsm8k_row
 from rlhf_jax.data.sft import DataError, iter_jsonl, write_jsonl_rows
-from rlhf_jax.data.synthetic import guess_number_hi, make_verifiable_example
+from rlhf_jax.data.synthetic import ENV_TASKS, guess_number_hi, make_verifiable_example
 from rlhf_jax.envs.calculator import TOOL_NAME, CalcError, CalculatorEnv, evaluate
 from rlhf_jax.envs.guess_number import GuessNumberEnv
 from rlhf_jax.envs.tools import format_tool_call
 
-TASKS = ("guess_number", "calc_chain")
+TASKS = ENV_TASKS  # the SFT transcripts of the RL prompt tasks for the envs
 
 
 def play(env, row: dict, seed: int, turns: Iterable[str]):
@@ -151,7 +151,8 @@ def _guess_turns(row: dict, rng: np.random.Generator, max_guesses: int) -> list[
 
 
 def make_transcript(task: str, rng: np.random.Generator, digits: int = 1) -> dict:
-  """One multi-turn SFT row {"messages": [...]} of `task` (see the module docstring)."""
+  """One multi-turn SFT row {"messages": [...], "answer"} of `task` (see the module
+  docstring); "answer" is the row's reference (the secret, the result), not read by SFT."""
   if task not in TASKS:
     raise ValueError(f"unknown multi-turn task {task!r}; expected one of {TASKS}")
   row = make_verifiable_example(task, rng, digits)
@@ -163,7 +164,7 @@ def make_transcript(task: str, rng: np.random.Generator, digits: int = 1) -> dic
     expr = row["prompt"].partition(":")[2].strip()
     turns = [format_tool_call(TOOL_NAME, expr), row["answer"]]
   messages, _, _ = play(env, row, 0, turns)
-  return {"messages": messages}
+  return {"messages": messages, "answer": row["answer"]}
 
 
 def write_task(path: str, task: str, num_examples: int, seed: int, digits: int = 1) -> str:
