@@ -534,3 +534,24 @@ def test_sft_rows_with_weights_train_every_assistant_turn(tmp_path):
   path.write_text(json.dumps({"messages": CONV[:5] + [dict(CONV[5], weight=0)]}) + "\n")
   with pytest.raises(sft_data.DataError, match="last message has weight 0"):
     sft_data.tokenize_sft_file(str(path), tok, 400)
+
+
+def test_readme_example_env_registers_and_plays():
+  """The "Adding an environment" example of README.md, run as written."""
+  import os
+  with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")) as f:
+    text = f.read()
+  section = text[text.index("<!-- BEGIN envs"):text.index("<!-- END envs -->")]
+  code = re.search(r"```python\n(from rlhf_jax.envs import .*?)```", section, re.S).group(1)
+  try:
+    exec(compile(code, "README.md", "exec"), {})
+    env = envs.make_env_factory("countdown")()
+    steps = _run(env, {"answer": "3"}, 0, ["3", "2", "1"])
+    assert [(s.observation, s.reward, s.done) for s in steps] == [
+        ("go on", 0.0, False), ("go on", 0.0, False), (None, 1.0, True)]
+    assert steps[-1].info == {"correct": True}
+    wrong = _run(env, {"answer": "3"}, 0, ["3", "1"])
+    assert wrong[-1].done and wrong[-1].reward == 0.0 and wrong[-1].info == {"correct": False}
+  finally:
+    envs.ENVS.pop("countdown", None)
+    envs.ENV_NAMES[:] = sorted(envs.ENVS)
