@@ -3,6 +3,7 @@ syntax, each built-in env on scripted model turns, the registry, the SFT transcr
 (GSM8K annotations -> tool calls, synthetic tasks) and their tokenization with a loss on
 assistant tokens only. Pure Python (no jax compile)."""
 import collections
+import os
 import inspect
 import json
 import math
@@ -538,7 +539,6 @@ def test_sft_rows_with_weights_train_every_assistant_turn(tmp_path):
 
 def test_readme_example_env_registers_and_plays():
   """The "Adding an environment" example of README.md, run as written."""
-  import os
   with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")) as f:
     text = f.read()
   section = text[text.index("<!-- BEGIN envs"):text.index("<!-- END envs -->")]
@@ -555,3 +555,31 @@ def test_readme_example_env_registers_and_plays():
   finally:
     envs.ENVS.pop("countdown", None)
     envs.ENV_NAMES[:] = sorted(envs.ENVS)
+
+
+def test_sft_config_sources_for_multi_turn_data(tmp_path):
+  from rlhf_jax import config as config_lib
+  from rlhf_jax.launch import load_config
+  from rlhf_jax.trainers import sft as sft_trainer
+  c = load_config("configs/sft.py:tiny")
+  c.data.synthetic_task, c.data.synthetic_digits = "guess_number", 1
+  c.data.synthetic_train_examples, c.data.synthetic_eval_examples = 5, 3
+  config_lib.validate(c)
+  train, evals = sft_trainer.resolve_data(c, str(tmp_path / "a"))
+  rows = [json.loads(line) for line in open(train)]
+  assert len(rows) == 5 and rows[0]["messages"][0]["content"] == "guess 1-8"
+  assert train.endswith("guess_number_d1_train.jsonl") and len(open(evals).readlines()) == 3
+  src = tmp_path / "gsm8k.jsonl"
+  src.write_text(json.dumps({"question": "Add.", "answer": "1+2=<<1+2=3>>3\n#### 3"}) + "\n")
+  c.data.source, c.data.train_path = "gsm8k_tools", str(src)
+  config_lib.validate(c)
+  train, evals = sft_trainer.resolve_data(c, str(tmp_path / "b"))
+  assert evals == "" and os.path.basename(train).startswith("gsm8k_tools_")
+  assert json.loads(open(train).read())["messages"][2] == {"role": "tool", "content": "3"}
+  c.data.source = "gsm8k"
+  with pytest.raises(ConfigError, match="data.source"):
+    config_lib.validate(c)
+  c.data.source, c.data.train_path = "gsm8k_tools", ""
+  config_lib.validate(c)  # a config alone may leave the path to the command line
+  with pytest.raises(ConfigError, match="data.train_path"):
+    config_lib.validate(c, num_devices=1)  # a run needs it
