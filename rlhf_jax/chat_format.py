@@ -12,6 +12,12 @@ Chat templates are explicit styles, not Jinja (`CHAT_STYLES`):
             followed by a blank line, as Gemma 3's template does; <bos> comes from add_bos)
     plain   {Role}: {content}\\n ... Assistant:      (our SentencePiece models)
 
+Tool results (role "tool", the observations of tool-use environments, rlhf_jax/envs):
+chatml and plain render the role as written ("<|im_start|>tool\\n...", "Tool: ..."); llama3
+uses the "ipython" header, the role Llama 3.1+ templates give tool output; gemma has no
+tool role (user / model only), so a tool message is a user turn whose content starts with
+"Tool result: " (`TOOL_PREFIX_GEMMA`).
+
 The style is detected from a model's template text (contains <|im_start|> ->
 chatml, <|start_header_id|> -> llama3, <start_of_turn> -> gemma) or given explicitly; without either it
 is "plain". For every style the prompt with add_generation_prompt=True is a
@@ -24,6 +30,7 @@ import re
 from typing import Sequence
 
 CHAT_STYLES = ("chatml", "llama3", "gemma", "plain")
+TOOL_PREFIX_GEMMA = "Tool result: "
 
 
 def detect_chat_style(template: str | None) -> str | None:
@@ -55,32 +62,6 @@ def chatml_default_system(template: str | None) -> str | None:
   return None
 
 
-_REPLY = "\x00reply\x00"  # a stand-in assistant reply no template changes
-
-
-def turn_texts(render, role: str, content: str) -> tuple[str, str]:
-  """(close, next): in a conversation rendered by `render(messages,
-  add_generation_prompt)`, `close` is the text after an assistant reply's content that
-  ends its turn (chatml "<|im_end|>\\n", llama3 "<|eot_id|>", gemma "<end_of_turn>\\n",
-  plain "\\n") and `next` the text of a following `role` message with `content` up to the
-  generation prompt of the next assistant reply, so that
-
-      render(msgs + [assistant X, role content], True)
-        == render(msgs + [assistant X], False) + next
-      render(msgs + [assistant X], False) ends with X + close
-
-  (multi-turn rollouts append close + next after a model turn: `rollout_multiturn`).
-  ValueError for a template without these prefix properties."""
-  msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _REPLY}]
-  base = render(msgs, False)
-  full = render(msgs + [{"role": role, "content": content}], True)
-  at = base.rfind(_REPLY)
-  if at < 0 or not full.startswith(base):
-    raise ValueError(f"chat template: a {role!r} message after an assistant reply is not "
-                     f"rendered as an extension of the conversation")
-  return base[at + len(_REPLY):], full[len(base):]
-
-
 def render_chat(messages: Sequence[dict], style: str, add_generation_prompt: bool = True,
                 default_system: str | None = None) -> str:
   """Render messages in one of CHAT_STYLES (see the module docstring)."""
@@ -97,11 +78,13 @@ def render_chat(messages: Sequence[dict], style: str, add_generation_prompt: boo
     out = "".join(f"<|im_start|>{r}\n{c}<|im_end|>\n" for r, c in msgs)
     return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
   if style == "llama3":
+    msgs = [("ipython" if r == "tool" else r, c) for r, c in msgs]
     out = "<|begin_of_text|>" + "".join(
         f"<|start_header_id|>{r}<|end_header_id|>\n\n{c.strip()}<|eot_id|>" for r, c in msgs)
     return out + ("<|start_header_id|>assistant<|end_header_id|>\n\n"
                   if add_generation_prompt else "")
   if style == "gemma":
+    msgs = [("user", TOOL_PREFIX_GEMMA + c) if r == "tool" else (r, c) for r, c in msgs]
     if msgs and msgs[0][0] == "system":
       system = msgs.pop(0)[1]
       if msgs and msgs[0][0] == "user":

@@ -11,10 +11,11 @@ with the chat template:
 A model turn ends at EOS, at the tool-call end `</tool>` (`envs.tools.TOOL_CALL_END`: the
 text the env receives ends there), or after `rollout.max_tokens_per_turn` tokens. The
 env's observation is tokenized as the text between that turn and the next assistant
-reply (`turns.Renderer`, `chat_format.turn_texts`: chatml "\\n<|im_start|>user\\nhigher<|im_end|>\\n
-<|im_start|>assistant\\n" after the EOS <|im_end|>; the turn's closing text in full when
-the turn did not end with EOS) and appended to the KV cache without recomputing the
-prefix (`sampling_multiturn`). An episode ends when the env says done, after max_turns,
+reply (`Renderer`, `data.conversation.between_text`: chatml "\\n<|im_start|>user\\nhigher
+<|im_end|>\\n<|im_start|>assistant\\n" after the EOS <|im_end|>; the turn's closing text in
+full when the turn did not end with EOS), exactly as multi-turn SFT rows write it
+(`data.conversation.tokenize_conversation`), and appended to the KV cache without
+recomputing the prefix (`sampling_multiturn`). An episode ends when the env says done, after max_turns,
 or when the next observation and one more model token would not fit in the budget
 (truncated: finished = False).
 
@@ -51,7 +52,7 @@ import numpy as np
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax import parallel
 from rlhf_jax import sampling_multiturn as smt
-from rlhf_jax.turns import Renderer
+from rlhf_jax.data import conversation
 
 ENV_SEED_SALT = 0x5EED
 # Per-row episode arrays of `Rollout.episodes` besides the env's own info counters.
@@ -125,6 +126,26 @@ def cut_at_stop(tokenizer, ids: list[int], strings) -> tuple[int, str]:
     if len(t) >= end and s in t:
       return k, t[:t.find(s) + len(s)]
   return len(ids), text[:end]
+
+
+_REPLY = "\x00reply\x00"  # a stand-in model turn no template changes
+
+
+class Renderer:
+  """Observation text -> the tokens a rollout appends after a model turn: the text between
+  that turn and the next assistant reply (`data.conversation.between_text`, as multi-turn
+  SFT rows write it), without the EOS token's own text when the turn ended with EOS
+  (`conversation.after_eos`)."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+    self.turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _REPLY}]
+
+  def tokens(self, role: str, content: str, after_eos: bool) -> list[int]:
+    text = conversation.between_text(self.tokenizer, self.turn,
+                                     [{"role": role, "content": content}])
+    return self.tokenizer.encode(conversation.after_eos(self.tokenizer, text) if after_eos
+                                 else text)
 
 
 def run_episodes(*, model_config, params, prompt_tokens_BP, prompt_mask_BP, rng, row_offset: int,

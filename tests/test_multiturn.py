@@ -469,35 +469,22 @@ def test_config_accepts_env_with_empty_reward_spec():
 # SFT on episodes: written as the rollouts write them
 # ----------------------------------------------------------------------------
 
-def test_turn_texts_of_every_chat_style():
-  """The text between an assistant reply and the next one, per style: rendering the
-  longer conversation == the shorter one + that text."""
-  from rlhf_jax.chat_format import CHAT_STYLES, render_chat, turn_texts
-  want = {"chatml": ("<|im_end|>\n", "<|im_start|>tool\n7<|im_end|>\n<|im_start|>assistant\n"),
-          "llama3": ("<|eot_id|>", "<|start_header_id|>tool<|end_header_id|>\n\n7<|eot_id|>"
-                     "<|start_header_id|>assistant<|end_header_id|>\n\n"),
-          "gemma": ("<end_of_turn>\n", "<start_of_turn>tool\n7<end_of_turn>\n<start_of_turn>model\n"),
-          "plain": ("\n", "Tool: 7\nAssistant:")}
-  for style in CHAT_STYLES:
-    render = lambda m, gen, s=style: render_chat(m, s, gen)
-    assert turn_texts(render, "tool", "7") == want[style], style
-
-
 def test_sft_episode_rows_are_written_like_rollouts(tmp_path):
-  """data.assistant_turns=all: every assistant turn learned (EOS after each, none after a
-  tool call's "</tool>"), the turns in between tokenized as the rollout tokenizes env
-  observations (`turns.Renderer`); "last" keeps today's single-completion rows."""
+  """Multi-turn SFT rows (messages with weights) are tokenized as the rollout writes an
+  episode: every assistant turn learned and ended with EOS (none after a tool call's
+  "</tool>": the rollout's turn stops there), the turns in between tokenized as the
+  rollout tokenizes env observations (`rollout_multiturn.Renderer`)."""
   import json
   from rlhf_jax.data.sft import encode_prompt, tokenize_sft_file
-  from rlhf_jax.turns import Renderer
   msgs = [{"role": "user", "content": "guess 1-8"}, {"role": "assistant", "content": "4"},
           {"role": "user", "content": "higher"},
           {"role": "assistant", "content": "<tool>calculator: 4+2</tool>"},
           {"role": "tool", "content": "6"}, {"role": "assistant", "content": "6"}]
   path = tmp_path / "ep.jsonl"
-  path.write_text(json.dumps({"messages": msgs}) + "\n")
-  (tokens, mask), = tokenize_sft_file(str(path), TOK, 200, assistant_turns="all")
-  r = Renderer(TOK)
+  path.write_text(json.dumps({"messages": [dict(m, weight=1) if m["role"] == "assistant"
+                                           else m for m in msgs]}) + "\n")
+  (tokens, mask), = tokenize_sft_file(str(path), TOK, 200)
+  r = mt.Renderer(TOK)
   p = encode_prompt(TOK, msgs[:1])
   parts = [(p, 0), (TOK.encode("4") + [TOK.eos_id], 1), (r.tokens("user", "higher", True), 0),
            (TOK.encode("<tool>calculator: 4+2</tool>"), 1), (r.tokens("tool", "6", False), 0),
@@ -506,5 +493,22 @@ def test_sft_episode_rows_are_written_like_rollouts(tmp_path):
   np.testing.assert_array_equal(mask, [m for ids, m in parts for _ in ids])
   assert TOK.decode(tokens[len(p):]) == ("4\nuser: higher\nassistant: <tool>calculator: 4+2</tool>"
                                          "\ntool: 6\nassistant: 6")
-  (last, last_mask), = tokenize_sft_file(str(path), TOK, 200)
-  assert last_mask.sum() == 2 and TOK.decode(last[last_mask > 0]) == "6"
+
+
+def test_renderer_drops_the_eos_text_after_eos():
+  """chatml with <|im_end|> as EOS: after a turn ended by EOS the observation tokens start
+  with "\n" (EOS wrote <|im_end|>); after a turn cut without EOS they close it first."""
+  from rlhf_jax.chat_format import render_chat
+
+  class ChatmlTok(AsciiTokenizer):
+    def decode(self, ids):
+      return "".join("<|im_end|>" if i == self.eos_id else super(ChatmlTok, self).decode([i])
+                     for i in ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+      return render_chat(messages, "chatml", add_generation_prompt)
+  tok = ChatmlTok()
+  r = mt.Renderer(tok)
+  after = "\n<|im_start|>user\nhigher<|im_end|>\n<|im_start|>assistant\n"
+  assert tok.decode(r.tokens("user", "higher", True)) == after
+  assert tok.decode(r.tokens("user", "higher", False)) == "<|im_end|>" + after

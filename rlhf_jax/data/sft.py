@@ -3,10 +3,10 @@
 File format, one JSON object per line, either
     {"prompt": "...", "completion": "..."}
 or  {"messages": [{"role": "user", "content": "..."}, ..., {"role": "assistant", ...}]}
-where the last message is the assistant turn to learn (`assistant_turns="last"`), or with
-`assistant_turns="all"` (data.assistant_turns) every assistant turn of the messages, the
-conversation written turn by turn as multi-turn rollouts write episodes
-(`rlhf_jax.turns.episode_tokens`: e.g. tool-call transcripts or guess-number games).
+where the last message is the assistant turn to learn. Multi-turn rows (tool use,
+feedback): when any message has "weight" (0 or 1, assistant messages only; OpenAI's
+fine-tuning format), every assistant message whose weight is not 0 is learned, and the
+tool / user messages between them are context (`rlhf_jax.data.conversation`).
 
 Every example becomes
     tokens    = [BOS] + chat_template(prompt) + completion + [EOS]
@@ -30,6 +30,9 @@ from typing import Iterator, Sequence
 
 import grain
 import numpy as np
+
+from rlhf_jax.data.conversation import (  # noqa: F401 (encode_prompt re-exported)
+    encode_prompt, tokenize_conversation)
 
 OVERLENGTH = ("error", "truncate", "drop")
 
@@ -140,41 +143,48 @@ def row_to_messages(path: str, lineno: int, row: dict) -> tuple[list[dict], str]
   return [{"role": "user", "content": row["prompt"]}], row["completion"]
 
 
-def encode_prompt(tokenizer, messages) -> list[int]:
-  """Token ids of the chat-rendered prompt, ending where the assistant reply starts.
-
-  BOS is prepended when the tokenizer's model expects one (`add_bos`) and the
-  template did not already put it there (llama3's <|begin_of_text|>).
-  """
-  ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-  if getattr(tokenizer, "add_bos", True) and tokenizer.bos_id is not None and (
-      not ids or ids[0] != tokenizer.bos_id):
-    ids = [tokenizer.bos_id] + ids
-  return ids
-
-
-ASSISTANT_TURNS = ("last", "all")
+def message_weights(where: str, row: dict) -> list[bool] | None:
+  """Which messages of a multi-turn row are trained, or None for the single-turn rule
+  (the last message only). A row where any message has "weight" (OpenAI's fine-tuning
+  format) trains every assistant message whose weight is not 0; "weight" must be 0 or 1
+  and only assistant messages may have it."""
+  msgs = row.get("messages")
+  if not isinstance(msgs, list) or not any(isinstance(m, dict) and "weight" in m for m in msgs):
+    return None
+  out = []
+  for i, m in enumerate(msgs):
+    w = m.get("weight", 1)
+    if "weight" in m and m["role"] != "assistant":
+      raise DataError(f"{where}: messages[{i}] has role {m['role']!r} and a 'weight'; only "
+                      f"assistant messages are trained (tool / user messages never are)")
+    if isinstance(w, bool) or w not in (0, 1):
+      raise DataError(f"{where}: messages[{i}]['weight']={w!r}: expected 0 or 1")
+    out.append(m["role"] == "assistant" and w == 1)
+  if not out[-1]:
+    raise DataError(f"{where}: the last message has weight 0; nothing after it is trained, "
+                    f"drop it instead")
+  return out
 
 
 def tokenize_sft_file(path: str, tokenizer, max_seq_len: int, overlength: str = "error",
-                      loss_on_prompt: bool = False, assistant_turns: str = "last"):
+                      loss_on_prompt: bool = False):
   """List of (tokens int32[n], loss_mask int32[n]) for every row of `path`.
 
   loss_on_prompt=True puts the loss on every token after BOS (language-model
-  pre-training on the rendered text) instead of the completion only.
-  assistant_turns="all": a {"messages"} row learns every assistant turn, written turn by
-  turn (`rlhf_jax.turns.episode_tokens`; module docstring)."""
+  pre-training on the rendered text) instead of the completion only."""
   if overlength not in OVERLENGTH:
     raise ValueError(f"data.overlength={overlength!r}: expected one of {OVERLENGTH}")
-  if assistant_turns not in ASSISTANT_TURNS:
-    raise ValueError(f"data.assistant_turns={assistant_turns!r}: expected one of "
-                     f"{ASSISTANT_TURNS}")
   examples = []
   for lineno, row in read_jsonl_rows(path):
     prompt_msgs, completion = row_to_messages(path, lineno, row)
     nonempty_text(f"{path}:{lineno}", "completion", completion)  # nothing to learn but EOS
-    if assistant_turns == "all" and "messages" in row:
-      tokens, mask = _episode_example(tokenizer, row["messages"])
+    weights = message_weights(f"{path}:{lineno}", row)
+    if weights is not None:  # multi-turn: every assistant turn of weight 1 is trained
+      try:
+        ids, loss = tokenize_conversation(tokenizer, row["messages"], weights)
+      except ValueError as e:
+        raise DataError(f"{path}:{lineno}: {e}") from None
+      tokens, mask = np.asarray(ids, np.int32), np.asarray(loss, np.int32)
     else:
       prompt_ids = encode_prompt(tokenizer, prompt_msgs)
       completion_ids = tokenizer.encode(completion) + [tokenizer.eos_id]
@@ -196,19 +206,6 @@ def tokenize_sft_file(path: str, tokenizer, max_seq_len: int, overlength: str = 
   if not examples:
     raise DataError(f"{path}: no usable examples (all longer than max_seq_len={max_seq_len}?)")
   return examples
-
-
-def _episode_example(tokenizer, messages):
-  """(tokens, loss_mask) of a conversation with every assistant turn learned, written as
-  multi-turn rollouts write it (`rlhf_jax.turns.episode_tokens`; a reply ending with the
-  tool-call end "</tool>" gets no EOS: the rollout's turn stops there)."""
-  from rlhf_jax.envs.tools import TOOL_CALL_END
-  from rlhf_jax.turns import episode_tokens
-  first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-  ids, mask = episode_tokens(tokenizer, messages[first:],
-                             encode_prompt(tokenizer, messages[:first]),
-                             stop_strings=(TOOL_CALL_END,))
-  return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
 
 def pad_examples(examples, max_seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
