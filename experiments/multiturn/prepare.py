@@ -1,0 +1,69 @@
+"""Data of the calculator arm of experiments/multiturn: write into OUT
+
+  calc_sft.jsonl         SFT rows for "calc: 47*15+38" (two operations on 2-digit operands,
+                         `data.synthetic.make_verifiable_example("calc_chain")`): a share
+                         `--tool_frac` are tool-use transcripts played through the
+                         calculator env (`envs.transcripts.make_transcript`: call the
+                         calculator, then answer its result), the others answer directly
+                         (the right number, which the tiny model cannot compute: it
+                         learns the format, not the arithmetic). The SFT policy then calls
+                         the tool about tool_frac of the time, the start GRPO improves on.
+  calc_prompts_train.jsonl / calc_prompts_eval.jsonl
+                         {"prompt", "answer"} RL prompts of the same task; no eval prompt
+                         is among the SFT or RL training prompts.
+
+    python experiments/multiturn/prepare.py --out DIR [--seed 0] [--tool_frac 0.3]
+"""
+import argparse
+import os
+
+import numpy as np
+
+from rlhf_jax.data.sft import write_jsonl_rows
+from rlhf_jax.data.synthetic import make_verifiable_example
+from rlhf_jax.envs.transcripts import make_transcript
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--digits", type=int, default=2)
+  ap.add_argument("--tool_frac", type=float, default=0.3)
+  ap.add_argument("--sft_rows", type=int, default=4000)
+  ap.add_argument("--train_prompts", type=int, default=4000)
+  ap.add_argument("--eval_prompts", type=int, default=128)
+  args = ap.parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  rng = np.random.default_rng(args.seed)
+  held, evals = set(), []
+  while len(evals) < args.eval_prompts:
+    ex = make_verifiable_example("calc_chain", rng, args.digits)
+    if ex["prompt"] not in held:
+      held.add(ex["prompt"])
+      evals.append({"prompt": ex["prompt"], "answer": ex["answer"]})
+  sft, tools = [], 0
+  while len(sft) < args.sft_rows:
+    row = make_transcript("calc_chain", rng, args.digits)
+    prompt = row["messages"][0]
+    if prompt["content"] in held:
+      continue
+    if rng.random() < args.tool_frac:
+      tools += 1
+      sft.append({"messages": row["messages"]})
+    else:  # a direct answer: the single-turn rule (the last message learned)
+      sft.append({"messages": [prompt, {"role": "assistant", "content": row["answer"]}]})
+  train = []
+  while len(train) < args.train_prompts:
+    ex = make_verifiable_example("calc_chain", rng, args.digits)
+    if ex["prompt"] not in held:
+      train.append({"prompt": ex["prompt"], "answer": ex["answer"]})
+  write_jsonl_rows(os.path.join(args.out, "calc_sft.jsonl"), sft)
+  write_jsonl_rows(os.path.join(args.out, "calc_prompts_train.jsonl"), train)
+  write_jsonl_rows(os.path.join(args.out, "calc_prompts_eval.jsonl"), evals)
+  print(f"calc_sft.jsonl: {len(sft)} rows ({tools} tool-use transcripts); "
+        f"{len(train)} train / {len(evals)} eval prompts")
+
+
+if __name__ == "__main__":
+  main()
