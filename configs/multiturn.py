@@ -1,10 +1,12 @@
 """Multi-turn and tool-use RL on the tiny CPU model (experiments/multiturn).
 
 Presets (`--config=configs/multiturn.py:PRESET`), each one stage of the experiment:
-  guess_sft   SFT on guess_number games (`data.synthetic_task=guess_number`: a player that
-              guesses uniformly in the range still possible, rlhf_jax/envs/transcripts.py)
-  guess       GRPO with rollout.env=guess_number (secret in 1-8, 4 guesses, 0.1 per extra
-              guess) from a guess_sft run (--config.init_from=...)
+  guess_sft   SFT on guess_number games in 1-16 (`data.synthetic_task=guess_number`: a
+              player that guesses uniformly in the range still possible, at most 4 guesses,
+              rlhf_jax/envs/transcripts.py)
+  guess       GRPO with rollout.env=guess_number (secret in 1-16, 5 guesses, 0.1 per extra
+              guess) from a guess_sft run (--config.init_from=...; data.train_path /
+              eval_path: experiments/multiturn/prepare.py's guess prompts)
   calc_sft    SFT on "calc: 4+7*1" rows, part of them calculator transcripts
               (--config.data.train_path=experiments/multiturn/prepare.py's calc_sft.jsonl)
   calc        GRPO with rollout.env=calculator from a calc_sft run (--config.init_from,
@@ -19,7 +21,7 @@ from ml_collections import ConfigDict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-GUESS_ENV = {"name": "guess_number", "hi": 8, "max_guesses": 4, "turn_cost": 0.1}
+GUESS_ENV = {"name": "guess_number", "hi": 16, "max_guesses": 5, "turn_cost": 0.1}
 CALC_ENV = {"name": "calculator", "max_tool_calls": 2}
 
 
@@ -32,7 +34,8 @@ def _sft(c: ConfigDict) -> ConfigDict:
 def _grpo(c: ConfigDict, env: dict) -> ConfigDict:
   c.rollout.update(env=json.dumps(env), prompts_per_step=8, group_size=8)
   c.reward.spec = ""          # the env's rewards alone
-  c.update(num_steps=40, eval_every=20, eval_prompts=64, eval_samples=2)
+  c.data.update(source="jsonl", max_prompt_len=16)
+  c.update(num_steps=40, eval_every=20)
   c.checkpoint.every = 20
   return c
 
@@ -41,7 +44,7 @@ def get_config(preset: str = "guess") -> ConfigDict:
   from rlhf_jax.config import base_config
   if preset == "guess_sft":
     c = base_config("sft")
-    c.data.update(synthetic_task="guess_number", synthetic_digits=1, max_seq_len=64)
+    c.data.update(synthetic_task="guess_number", synthetic_digits=2, max_seq_len=64)
     c.tokenizer.vocab_size = 64
     c.num_steps = 200
     return _sft(c)
@@ -54,13 +57,13 @@ def get_config(preset: str = "guess") -> ConfigDict:
     return _sft(c)
   from rlhf_jax.config_keys import load_config
   c = load_config(os.path.join(HERE, "grpo.py:tiny"))  # the GRPO section and its defaults
-  if preset == "guess":
-    c.data.update(synthetic_task="guess_number", synthetic_digits=1)
-    c.rollout.update(max_new_tokens=40, max_tokens_per_turn=4, max_turns=4)
+  if preset == "guess":  # 16 eval prompts: one per secret (greedy: one episode each)
+    c.rollout.update(max_new_tokens=48, max_tokens_per_turn=4, max_turns=5)
+    c.update(eval_prompts=16, eval_samples=8)
     return _grpo(c, GUESS_ENV)
   if preset == "calc":
-    c.data.update(source="jsonl", max_prompt_len=16)
     c.rollout.update(max_new_tokens=32, max_tokens_per_turn=16, max_turns=3)
+    c.update(eval_prompts=64, eval_samples=2)
     return _grpo(c, CALC_ENV)
   raise ValueError(f"unknown multiturn preset {preset!r}; expected guess_sft, guess, calc_sft, "
                    f"calc")

@@ -88,8 +88,9 @@ def make_prompt_eval(*, model_config, tokenizer, examples, max_prompt_len: int,
   completions are appended to WORKDIR/samples.jsonl; `samples` completions per prompt are
   drawn for the sampled metrics. episode: a `rollout_multiturn.EpisodeConfig`
   (rollout.env): every eval prompt is an episode; eval_env/* are the greedy episodes'
-  metrics (`rollout_multiturn.episode_stats`), eval_accuracy their success rate when no
-  `math` reward is given, eval_length their model tokens.
+  metrics (`rollout_multiturn.episode_stats`), eval_sampled_env/* the sampled ones',
+  eval_accuracy the greedy success rate when no `math` reward is given, eval_length
+  the model tokens.
   """
   n = len(examples)
   if n == 0:
@@ -155,6 +156,10 @@ def make_prompt_eval(*, model_config, tokenizer, examples, max_prompt_len: int,
       out["eval_kl"] = float((s.old_logps_BC - s.ref_logps_BC)[real].sum(1).mean())
       out.update({f"eval_sampled_reward/{k}": float(v[real].mean())
                   for k, v in s.reward_parts.items()})
+      if s.episodes is not None:  # multi-turn: the sampled episodes' metrics
+        from rlhf_jax.rollout_multiturn import episode_stats
+        out.update(episode_stats({k: v[real] for k, v in s.episodes.items()},
+                                 episode.max_turns, prefix="eval_sampled_env/"))
       real_ro = s._replace(sequences_BS=s.sequences_BS[real],
                            completion_mask_BC=s.completion_mask_BC[real],
                            reward_parts={k: v[real] for k, v in s.reward_parts.items()})

@@ -1,4 +1,4 @@
-"""Data of the calculator arm of experiments/multiturn: write into OUT
+"""Data of experiments/multiturn: write into OUT
 
   calc_sft.jsonl         SFT rows for "calc: 47*15+38" (two operations on 2-digit operands,
                          `data.synthetic.make_verifiable_example("calc_chain")`): a share
@@ -11,6 +11,10 @@
   calc_prompts_train.jsonl / calc_prompts_eval.jsonl
                          {"prompt", "answer"} RL prompts of the same task; no eval prompt
                          is among the SFT or RL training prompts.
+  guess_prompts_train.jsonl  "guess 1-16" with secrets drawn uniformly (the RL prompts of
+                         the guess arm; `--guess_digits` 2: 1-16)
+  guess_prompts_eval.jsonl   every secret once: greedy episodes are deterministic, so the
+                         greedy success rate is the share of secrets the policy finds
 
     python experiments/multiturn/prepare.py --out DIR [--seed 0] [--tool_frac 0.3]
 """
@@ -20,7 +24,7 @@ import os
 import numpy as np
 
 from rlhf_jax.data.sft import write_jsonl_rows
-from rlhf_jax.data.synthetic import make_verifiable_example
+from rlhf_jax.data.synthetic import guess_number_hi, make_verifiable_example
 from rlhf_jax.envs.transcripts import make_transcript
 
 
@@ -33,6 +37,7 @@ def main():
   ap.add_argument("--sft_rows", type=int, default=4000)
   ap.add_argument("--train_prompts", type=int, default=4000)
   ap.add_argument("--eval_prompts", type=int, default=128)
+  ap.add_argument("--guess_digits", type=int, default=2)
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   rng = np.random.default_rng(args.seed)
@@ -61,6 +66,13 @@ def main():
   write_jsonl_rows(os.path.join(args.out, "calc_sft.jsonl"), sft)
   write_jsonl_rows(os.path.join(args.out, "calc_prompts_train.jsonl"), train)
   write_jsonl_rows(os.path.join(args.out, "calc_prompts_eval.jsonl"), evals)
+  guess = [make_verifiable_example("guess_number", rng, args.guess_digits)
+           for _ in range(args.train_prompts)]
+  write_jsonl_rows(os.path.join(args.out, "guess_prompts_train.jsonl"),
+                   [{"prompt": g["prompt"], "answer": g["answer"]} for g in guess])
+  hi = guess_number_hi(args.guess_digits)
+  write_jsonl_rows(os.path.join(args.out, "guess_prompts_eval.jsonl"),
+                   [{"prompt": f"guess 1-{hi}", "answer": str(s)} for s in range(1, hi + 1)])
   print(f"calc_sft.jsonl: {len(sft)} rows ({tools} tool-use transcripts); "
         f"{len(train)} train / {len(evals)} eval prompts")
 

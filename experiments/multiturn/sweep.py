@@ -5,19 +5,20 @@
 Two arms, each from its own short SFT policy (the start, the reference, and the step-0
 row of every eval), presets of configs/multiturn.py:
 
-  guess  GRPO with env `guess_number` (a secret in 1-8, 4 guesses, "higher" / "lower" as
-         user turns, reward 1 - 0.1 per extra guess). SFT start: games of a player that
-         guesses uniformly in the range still possible (83% solved; binary search solves
-         all, in 2.6 guesses on average when the first guess is 4 or 5).
+  guess  GRPO with env `guess_number` (a secret in 1-16, 5 guesses, "higher" / "lower" as
+         user turns, reward 1 - 0.1 per extra guess). SFT start: games (at most 4 guesses)
+         of a player that guesses uniformly in the range still possible; binary search
+         solves every secret within 5 guesses.
   calc   GRPO with env `calculator` on "calc: 4+7*1" (two operations, 1-digit operands).
          SFT start: 40% calculator transcripts (<tool>calculator: 4+7*1</tool>, the result,
          the answer), 60% direct answers it cannot compute: it calls the tool on part of
          the prompts.
 
-Every eval (steps 0, 20, 40; 64 held-out prompts, greedy) plays whole episodes:
-eval_env/success, eval_env/turns, eval_env/tool_call_rate, ... (rlhf_jax/rollout_multiturn.py);
-the report gives each arm's final values with bootstrap and Student-t CIs and the change
-from step 0 (the SFT start).
+Every eval (steps 0, 20, 40) plays whole episodes, greedy (eval_env/*: guess: the 16
+secrets once each; calc: 64 held-out prompts) and sampled at T = 1 (eval_sampled_env/*:
+8 resp. 2 episodes per prompt): success, turns, tool-call rate, ...
+(rlhf_jax/rollout_multiturn.py). The report gives each arm's final values with bootstrap
+and Student-t CIs and the change from step 0 (the SFT start, the same for every seed).
 """
 import os
 
@@ -39,7 +40,10 @@ def get_sweep(preset="tiny"):
           dict(name="guess_sft", seeds=[0], config=f"{CFG}:guess_sft", overrides={}),
           dict(name="calc_sft", seeds=[0], config=f"{CFG}:calc_sft",
                overrides={"data.train_path": f"{data}/calc_sft.jsonl"}),
-          dict(name="guess", config=f"{CFG}:guess", overrides={"init_from": "{cell:guess_sft}"}),
+          dict(name="guess", config=f"{CFG}:guess", overrides={
+              "init_from": "{cell:guess_sft}",
+              "data.train_path": f"{data}/guess_prompts_train.jsonl",
+              "data.eval_path": f"{data}/guess_prompts_eval.jsonl"}),
           dict(name="calc", config=f"{CFG}:calc", overrides={
               "init_from": "{cell:calc_sft}",
               "data.train_path": f"{data}/calc_prompts_train.jsonl",
@@ -48,6 +52,8 @@ def get_sweep(preset="tiny"):
       report=dict(title="Multi-turn and tool-use GRPO on the tiny model (3 seeds per arm)",
                   exclude=["data", "guess_sft", "calc_sft"],
                   metrics=["eval_env/success", "eval_env/turns", "eval_env/tool_call_rate",
-                           "eval_env/tool_errors", "eval_env/malformed_tool_calls",
-                           "eval_env/model_tokens", "eval_env/env_tokens", "eval_kl"]),
+                           "eval_sampled_env/success", "eval_sampled_env/turns",
+                           "eval_sampled_env/tool_call_rate", "eval_sampled_env/tool_errors",
+                           "eval_sampled_env/malformed_tool_calls",
+                           "eval_sampled_env/model_tokens", "eval_kl"]),
   )
