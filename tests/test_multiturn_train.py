@@ -67,3 +67,8 @@ def test_multiturn_grpo_is_deterministic_and_resumes_bitwise(tmp_path):
   # real episodes: several turns, env tokens between them, model tokens only in the length
   assert max(r["env/turns"] for r in rows) > 1 and min(r["env/env_tokens"] for r in rows) > 0
   assert all(r["response_length"] == r["env/model_tokens"] for r in rows)
+  # the report reads multi-turn runs as it reads any (runs = the three workdirs)
+  from rlhf_jax import report
+  md = open(report.write_report([str(tmp_path)], str(tmp_path / "report"),
+                                metrics=["env/success", "env/turns", "env/env_tokens"])).read()
+  assert "3 runs" in md and "`env/turns`" in md and "`env/env_tokens`" in md
