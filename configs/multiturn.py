@@ -1,12 +1,12 @@
 """Multi-turn and tool-use RL on the tiny CPU model (experiments/multiturn).
 
 Presets (`--config=configs/multiturn.py:PRESET`), each one stage of the experiment:
-  guess_sft   SFT on guess_number games in 1-16 (`data.synthetic_task=guess_number`: a
-              player that guesses uniformly in the range still possible, at most 4 guesses,
-              rlhf_jax/envs/transcripts.py)
-  guess       GRPO with rollout.env=guess_number (secret in 1-16, 5 guesses, 0.1 per extra
+  guess_sft   SFT on guess_number games in 1-8 (--config.data.train_path=
+              experiments/multiturn/prepare.py's guess_sft.jsonl: half played by a player
+              that ignores the feedback, half by one that guesses in the range still possible)
+  guess       GRPO with rollout.env=guess_number (secret in 1-8, 4 guesses, 0.1 per extra
               guess) from a guess_sft run (--config.init_from=...; data.train_path /
-              eval_path: experiments/multiturn/prepare.py's guess prompts)
+              eval_path: prepare.py's guess prompts)
   calc_sft    SFT on "calc: 4+7*1" rows, part of them calculator transcripts
               (--config.data.train_path=experiments/multiturn/prepare.py's calc_sft.jsonl)
   calc        GRPO with rollout.env=calculator from a calc_sft run (--config.init_from,
@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-GUESS_ENV = {"name": "guess_number", "hi": 16, "max_guesses": 5, "turn_cost": 0.1}
+GUESS_ENV = {"name": "guess_number", "hi": 8, "max_guesses": 4, "turn_cost": 0.1}
 CALC_ENV = {"name": "calculator", "max_tool_calls": 2}
 
 
@@ -44,7 +44,7 @@ def get_config(preset: str = "guess") -> ConfigDict:
   from rlhf_jax.config import base_config
   if preset == "guess_sft":
     c = base_config("sft")
-    c.data.update(synthetic_task="guess_number", synthetic_digits=2, max_seq_len=64)
+    c.data.update(max_seq_len=64, eval_path="")
     c.tokenizer.vocab_size = 64
     c.num_steps = 200
     return _sft(c)
@@ -57,10 +57,11 @@ def get_config(preset: str = "guess") -> ConfigDict:
     return _sft(c)
   from rlhf_jax.config_keys import load_config
   c = load_config(os.path.join(HERE, "grpo.py:tiny"))  # the GRPO section and its defaults
-  if preset == "guess":  # 16 eval prompts: one per secret (greedy: one episode each)
-    c.rollout.update(max_new_tokens=48, max_tokens_per_turn=4, max_turns=5)
-    c.update(eval_prompts=16, eval_samples=8)
-    return _grpo(c, GUESS_ENV)
+  if preset == "guess":  # 8 eval prompts: one per secret (greedy: one episode each)
+    c.rollout.update(max_new_tokens=40, max_tokens_per_turn=4, max_turns=4)
+    c = _grpo(c, GUESS_ENV)
+    c.update(eval_prompts=8, eval_samples=16, num_steps=60)
+    return c
   if preset == "calc":
     c.rollout.update(max_new_tokens=32, max_tokens_per_turn=16, max_turns=3)
     c.update(eval_prompts=64, eval_samples=2)

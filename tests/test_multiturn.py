@@ -187,7 +187,8 @@ def test_generate_rollout_with_an_env(params, prompts):
       prompt_mask_NP=mask, group_size=G, rng=jax.random.PRNGKey(3), rollout_cfg=r,
       tokenizer=TOK, reward_fn=None, metadata={"answer": ["1", "2"],
                                                 "prompt_messages": [[], []]},
-      need_ref=True, episode=_episode(factory=Env))
+      need_ref=True, episode=_episode(factory=Env),
+      logps_fn=rollout_lib.completion_logps_fn(CFG, P, 0.8, group_size=G))  # packed groups
   B = 4
   assert [s[0] for s in seeds] == ["1", "1", "2", "2"]
   assert seeds[0][1] == seeds[1][1] != seeds[2][1] == seeds[3][1]
@@ -512,3 +513,34 @@ def test_renderer_drops_the_eos_text_after_eos():
   after = "\n<|im_start|>user\nhigher<|im_end|>\n<|im_start|>assistant\n"
   assert tok.decode(r.tokens("user", "higher", True)) == after
   assert tok.decode(r.tokens("user", "higher", False)) == "<|im_end|>" + after
+
+
+def test_packed_group_update_equals_unpacked_on_episodes(params, prompts):
+  """grpo.share_prompt on multi-turn rows: the update with a group's G episodes packed
+  behind one prompt equals the unpacked update (env tokens are context in both)."""
+  import types
+  import optax
+  from rlhf_jax.models import Transformer
+  from rlhf_jax.trainers import grpo
+  G = 2
+  r = types.SimpleNamespace(temperature=0.8, top_k=0, top_p=1.0, max_new_tokens=C,
+                            generate_micro_batch=4, logprob_micro_batch=4)
+  ro = rollout_lib.generate_rollout(
+      model_config=CFG, params=params, ref_params=params, prompt_tokens_NP=prompts[0][:2],
+      prompt_mask_NP=prompts[1][:2], group_size=G, rng=jax.random.PRNGKey(5), rollout_cfg=r,
+      tokenizer=TOK, reward_fn=None, metadata={"answer": ["1", "2"], "prompt_messages": [[], []]},
+      need_ref=True, episode=_episode())
+  adv = np.array([1.0, -1.0, 0.5, -0.5], np.float32)[:, None] * ro.completion_mask_BC
+  mb = {"sequences_BS": ro.sequences_BS, "segment_ids_BS": ro.segment_ids_BS,
+        "mask_BC": ro.completion_mask_BC, "old_logps_BC": ro.old_logps_BC,
+        "advantages_BC": adv.astype(np.float32), "ref_logps_BC": ro.ref_logps_BC}
+  p32 = jax.tree.map(lambda x: x / 8.0 if x.ndim > 1 else x, params)  # unscaled: no overflow
+  state = {"step": jnp.zeros((), jnp.int32), "params": p32,
+           "opt_state": optax.sgd(1.0).init(p32)}
+  algo = dict(VARIANTS["grpo"])
+  new = [grpo.make_update(Transformer(CFG), optax.sgd(1.0), algo, P, 0.8, C, group_size=g)(
+      state, mb)[0]["params"] for g in (1, G)]
+  grads = [jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), p32, n) for n in new]
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-6)
+  assert max(float(np.abs(x).max()) for x in jax.tree.leaves(grads[0])) > 1e-4

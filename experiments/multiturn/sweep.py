@@ -5,18 +5,20 @@
 Two arms, each from its own short SFT policy (the start, the reference, and the step-0
 row of every eval), presets of configs/multiturn.py:
 
-  guess  GRPO with env `guess_number` (a secret in 1-16, 5 guesses, "higher" / "lower" as
-         user turns, reward 1 - 0.1 per extra guess). SFT start: games (at most 4 guesses)
-         of a player that guesses uniformly in the range still possible; binary search
-         solves every secret within 5 guesses.
-  calc   GRPO with env `calculator` on "calc: 4+7*1" (two operations, 1-digit operands).
+  guess  GRPO with env `guess_number` (a secret in 1-8, 4 guesses, "higher" / "lower" as
+         user turns, reward 1 - 0.1 per extra guess), 60 steps. SFT start: games of two
+         players, half by one that repeats its first guess whatever the env says (solves
+         1/8), half by one that guesses in the range still possible (83%); binary search
+         solves all. What GRPO can learn: to follow the feedback.
+  calc   GRPO with env `calculator` on "calc: 4+7*1" (two operations, 1-digit operands),
+         40 steps.
          SFT start: 40% calculator transcripts (<tool>calculator: 4+7*1</tool>, the result,
          the answer), 60% direct answers it cannot compute: it calls the tool on part of
          the prompts.
 
-Every eval (steps 0, 20, 40) plays whole episodes, greedy (eval_env/*: guess: the 16
+Every eval (every 20 steps) plays whole episodes, greedy (eval_env/*: guess: the 8
 secrets once each; calc: 64 held-out prompts) and sampled at T = 1 (eval_sampled_env/*:
-8 resp. 2 episodes per prompt): success, turns, tool-call rate, ...
+16 resp. 2 episodes per prompt): success, turns, tool-call rate, ...
 (rlhf_jax/rollout_multiturn.py). The report gives each arm's final values with bootstrap
 and Student-t CIs and the change from step 0 (the SFT start, the same for every seed).
 """
@@ -37,7 +39,8 @@ def get_sweep(preset="tiny"):
           dict(name="data", seeds=[0], command=[
               "{python}", f"{HERE}/prepare.py", "--out={workdir}", "--digits=1",
               "--tool_frac=0.4"]),
-          dict(name="guess_sft", seeds=[0], config=f"{CFG}:guess_sft", overrides={}),
+          dict(name="guess_sft", seeds=[0], config=f"{CFG}:guess_sft",
+               overrides={"data.train_path": f"{data}/guess_sft.jsonl"}),
           dict(name="calc_sft", seeds=[0], config=f"{CFG}:calc_sft",
                overrides={"data.train_path": f"{data}/calc_sft.jsonl"}),
           dict(name="guess", config=f"{CFG}:guess", overrides={
