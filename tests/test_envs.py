@@ -6,7 +6,6 @@ import collections
 import os
 import inspect
 import json
-import math
 import re
 import time
 from fractions import Fraction
@@ -506,6 +505,20 @@ def test_conversation_tokens_with_real_tokenizers(tmp_path):
   for tok in (sp, hf, load_tokenizer(tmp_path / "hf", chat_style="llama3"),
               load_tokenizer(tmp_path / "hf", chat_style="gemma")):
     _check_conversation_tokens(tok, [False, True, False, True, False, True])
+
+
+@pytest.mark.slow
+def test_conversation_tokens_with_the_smollm2_tokenizer():
+  """The real chatml tokenizer (SmolLM2's GGUF, ~5 s to load): the end-of-turn and role
+  markers between the replies are its special tokens, EOS is <|im_end|>."""
+  from test_smollm2 import smollm2_path
+  from rlhf_jax.tokenizer import load_tokenizer
+  tok = load_tokenizer(smollm2_path())
+  ids, mask = _check_conversation_tokens(tok, [False, True, False, True, False, True])
+  assert tok.decode([int(i) for i in ids]).startswith("<|im_start|>system\nYou are")
+  im_end, im_start = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|im_start|>")
+  assert ids[-1] == tok.eos_id == im_end
+  assert list(ids).count(im_start) == 7 and not mask[ids == im_start].any()
 
 
 def test_sft_rows_with_weights_train_every_assistant_turn(tmp_path):
