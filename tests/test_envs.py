@@ -20,7 +20,7 @@ from rlhf_jax.config import ConfigError
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.data.conversation import between_text, tokenize_conversation
 from rlhf_jax.envs import calculator, transcripts
-from rlhf_jax.envs.base import EnvError, EnvStep
+from rlhf_jax.envs.base import EnvError, EnvStep, episode_info
 from rlhf_jax.envs.calculator import CalcError, calculate, evaluate
 from rlhf_jax.envs.tools import (TOOL_CALL_END, MalformedCall, ToolCall, format_tool_call,
                                  parse_tool_calls)
@@ -175,6 +175,7 @@ def test_calculator_env_transcript():
                                                            "malformed_tool_calls")})
   assert total == {"tool_calls": 2, "tool_errors": 1, "malformed_tool_calls": 1}
   assert steps[-1].info["correct"] is True and steps[-1].info["turn"] == 4
+  assert episode_info([s.info for s in steps]) == {"turn": 4, "correct": True, **total}
   with pytest.raises(EnvError, match="after the episode ended"):
     env.step("more")
   # Wrong final answer; budget exceeded; an unclosed tag is malformed, not an answer.
