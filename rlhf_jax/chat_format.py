@@ -12,6 +12,12 @@ Chat templates are explicit styles, not Jinja (`CHAT_STYLES`):
             followed by a blank line, as Gemma 3's template does; <bos> comes from add_bos)
     plain   {Role}: {content}\\n ... Assistant:      (our SentencePiece models)
 
+Tool results (role "tool", the observations of tool-use environments, rlhf_jax/envs):
+chatml and plain render the role as written ("<|im_start|>tool\\n...", "Tool: ..."); llama3
+uses the "ipython" header, the role Llama 3.1+ templates give tool output; gemma has no
+tool role (user / model only), so a tool message is a user turn whose content starts with
+"Tool result: " (`TOOL_PREFIX_GEMMA`).
+
 The style is detected from a model's template text (contains <|im_start|> ->
 chatml, <|start_header_id|> -> llama3, <start_of_turn> -> gemma) or given explicitly; without either it
 is "plain". For every style the prompt with add_generation_prompt=True is a
@@ -24,6 +30,7 @@ import re
 from typing import Sequence
 
 CHAT_STYLES = ("chatml", "llama3", "gemma", "plain")
+TOOL_PREFIX_GEMMA = "Tool result: "
 
 
 def detect_chat_style(template: str | None) -> str | None:
@@ -71,11 +78,13 @@ def render_chat(messages: Sequence[dict], style: str, add_generation_prompt: boo
     out = "".join(f"<|im_start|>{r}\n{c}<|im_end|>\n" for r, c in msgs)
     return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
   if style == "llama3":
+    msgs = [("ipython" if r == "tool" else r, c) for r, c in msgs]
     out = "<|begin_of_text|>" + "".join(
         f"<|start_header_id|>{r}<|end_header_id|>\n\n{c.strip()}<|eot_id|>" for r, c in msgs)
     return out + ("<|start_header_id|>assistant<|end_header_id|>\n\n"
                   if add_generation_prompt else "")
   if style == "gemma":
+    msgs = [("user", TOOL_PREFIX_GEMMA + c) if r == "tool" else (r, c) for r, c in msgs]
     if msgs and msgs[0][0] == "system":
       system = msgs.pop(0)[1]
       if msgs and msgs[0][0] == "user":

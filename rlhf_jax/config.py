@@ -18,11 +18,8 @@ from ml_collections import ConfigDict
 # re-exported: configs/*.py and many callers use config.base_config
 from rlhf_jax.config_defaults import base_config  # noqa: F401 (re-exported)
 from rlhf_jax.hardware import HARDWARE
+from rlhf_jax.config_error import ConfigError  # noqa: F401 (re-exported)
 from rlhf_jax.models.transformer import ModelConfig
-
-
-class ConfigError(ValueError):
-  """A config key or value that cannot work; the message names it."""
 
 
 # ----------------------------------------------------------------------------
@@ -259,10 +256,16 @@ def _validate_data(config, model, check: Checks, for_run: bool):
     if max_len is not None:
       need(d.max_seq_len <= max_len, f"data.max_seq_len={d.max_seq_len}",
            f"exceeds model.max_seq_len={max_len}")
+    choice("data.source", ("jsonl", "gsm8k_tools"))
+    if d.source == "gsm8k_tools" and for_run:
+      need(d.train_path, "data.train_path", "required when data.source='gsm8k_tools' (the "
+           "official GSM8K train JSONL)")
     if not d.train_path:
       from rlhf_jax.data.synthetic import TASKS
-      choice("data.synthetic_task", TASKS)
+      from rlhf_jax.envs.transcripts import TASKS as MULTI_TURN_TASKS
+      choice("data.synthetic_task", TASKS + MULTI_TURN_TASKS)
       num("data.synthetic_max_len", 1, integer=True)
+      num("data.synthetic_digits", 1, integer=True)
       num("data.synthetic_train_examples", 1, integer=True)
     return
   sources = {"reward_model": ("synthetic", "jsonl", "hh_rlhf"),
@@ -294,8 +297,8 @@ def _validate_data(config, model, check: Checks, for_run: bool):
            f"data.max_prompt_len + data.max_completion_len = "
            f"{d.max_prompt_len + d.max_completion_len} exceeds model.max_seq_len={max_len}")
   elif d.source == "synthetic":  # RL prompts
-    from rlhf_jax.data.synthetic import VERIFIABLE_TASKS
-    choice("data.synthetic_task", VERIFIABLE_TASKS)
+    from rlhf_jax.data.synthetic import ENV_TASKS, VERIFIABLE_TASKS
+    choice("data.synthetic_task", VERIFIABLE_TASKS + ENV_TASKS)
     num("data.synthetic_digits", 1, integer=True)
 
 

@@ -164,10 +164,16 @@ def base_config(trainer: str) -> ConfigDict:
 
 def sft_data_config() -> ConfigDict:
   return ConfigDict(dict(
+      source="jsonl",          # jsonl: the rows below | gsm8k_tools: train/eval_path are official
+                               # GSM8K files, turned into calculator tool-use transcripts
+                               # (rlhf_jax/envs/transcripts.py)
       train_path="",           # JSONL {"prompt","completion"} or {"messages"}; "" = synthetic
       eval_path="",            # JSONL in the same format; "" = synthetic (or none)
-      synthetic_task="reverse",  # reverse | sort | add (see rlhf_jax/data/synthetic.py)
+      synthetic_task="reverse",  # reverse | sort | add (rlhf_jax/data/synthetic.py) |
+                               # guess_number | calc_chain (multi-turn transcripts played
+                               # through rlhf_jax/envs; rlhf_jax/envs/transcripts.py)
       synthetic_max_len=8,     # reverse/sort: string length 3..max_len; add: max_len/2 digits
+      synthetic_digits=1,      # guess_number / calc_chain difficulty (as in RL prompt sets)
       synthetic_train_examples=4000,
       synthetic_eval_examples=256,
       max_seq_len=32,          # tokens per row (prompt + completion + BOS/EOS)

@@ -2,7 +2,8 @@
 
 `config.data.source`:
   synthetic  WORKDIR/data/prompts_<task>_{train,eval}.jsonl generated from the seed
-             (`rlhf_jax.data.synthetic.make_verifiable_example`: add / arithmetic / word)
+             (`rlhf_jax.data.synthetic.make_verifiable_example`: add / arithmetic / word;
+             guess_number / calc_chain for the multi-turn envs of rlhf_jax/envs)
   jsonl      data.train_path / data.eval_path: {"prompt", "answer"?} rows
   gsm8k      data.train_path / data.eval_path: the official GSM8K JSONL files
 All are built into TFDS array_record datasets (`data.data_dir`, default WORKDIR/tfds).

@@ -3,7 +3,10 @@
 File format, one JSON object per line, either
     {"prompt": "...", "completion": "..."}
 or  {"messages": [{"role": "user", "content": "..."}, ..., {"role": "assistant", ...}]}
-where the last message is the assistant turn to learn.
+where the last message is the assistant turn to learn. Multi-turn rows (tool use,
+feedback): when any message has "weight" (0 or 1, assistant messages only; OpenAI's
+fine-tuning format), every assistant message whose weight is not 0 is learned, and the
+tool / user messages between them are context (`rlhf_jax.data.conversation`).
 
 Every example becomes
     tokens    = [BOS] + chat_template(prompt) + completion + [EOS]
@@ -27,6 +30,9 @@ from typing import Iterator, Sequence
 
 import grain
 import numpy as np
+
+from rlhf_jax.data.conversation import (  # noqa: F401 (encode_prompt re-exported)
+    encode_prompt, tokenize_conversation)
 
 OVERLENGTH = ("error", "truncate", "drop")
 
@@ -137,17 +143,27 @@ def row_to_messages(path: str, lineno: int, row: dict) -> tuple[list[dict], str]
   return [{"role": "user", "content": row["prompt"]}], row["completion"]
 
 
-def encode_prompt(tokenizer, messages) -> list[int]:
-  """Token ids of the chat-rendered prompt, ending where the assistant reply starts.
-
-  BOS is prepended when the tokenizer's model expects one (`add_bos`) and the
-  template did not already put it there (llama3's <|begin_of_text|>).
-  """
-  ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-  if getattr(tokenizer, "add_bos", True) and tokenizer.bos_id is not None and (
-      not ids or ids[0] != tokenizer.bos_id):
-    ids = [tokenizer.bos_id] + ids
-  return ids
+def message_weights(where: str, row: dict) -> list[bool] | None:
+  """Which messages of a multi-turn row are trained, or None for the single-turn rule
+  (the last message only). A row where any message has "weight" (OpenAI's fine-tuning
+  format) trains every assistant message whose weight is not 0; "weight" must be 0 or 1
+  and only assistant messages may have it."""
+  msgs = row.get("messages")
+  if not isinstance(msgs, list) or not any(isinstance(m, dict) and "weight" in m for m in msgs):
+    return None
+  out = []
+  for i, m in enumerate(msgs):
+    w = m.get("weight", 1)
+    if "weight" in m and m["role"] != "assistant":
+      raise DataError(f"{where}: messages[{i}] has role {m['role']!r} and a 'weight'; only "
+                      f"assistant messages are trained (tool / user messages never are)")
+    if isinstance(w, bool) or w not in (0, 1):
+      raise DataError(f"{where}: messages[{i}]['weight']={w!r}: expected 0 or 1")
+    out.append(m["role"] == "assistant" and w == 1)
+  if not out[-1]:
+    raise DataError(f"{where}: the last message has weight 0; nothing after it is trained, "
+                    f"drop it instead")
+  return out
 
 
 def tokenize_sft_file(path: str, tokenizer, max_seq_len: int, overlength: str = "error",
@@ -162,10 +178,18 @@ def tokenize_sft_file(path: str, tokenizer, max_seq_len: int, overlength: str = 
   for lineno, row in read_jsonl_rows(path):
     prompt_msgs, completion = row_to_messages(path, lineno, row)
     nonempty_text(f"{path}:{lineno}", "completion", completion)  # nothing to learn but EOS
-    prompt_ids = encode_prompt(tokenizer, prompt_msgs)
-    completion_ids = tokenizer.encode(completion) + [tokenizer.eos_id]
-    tokens = np.asarray(prompt_ids + completion_ids, np.int32)
-    mask = np.asarray([0] * len(prompt_ids) + [1] * len(completion_ids), np.int32)
+    weights = message_weights(f"{path}:{lineno}", row)
+    if weights is not None:  # multi-turn: every assistant turn of weight 1 is trained
+      try:
+        ids, loss = tokenize_conversation(tokenizer, row["messages"], weights)
+      except ValueError as e:
+        raise DataError(f"{path}:{lineno}: {e}") from None
+      tokens, mask = np.asarray(ids, np.int32), np.asarray(loss, np.int32)
+    else:
+      prompt_ids = encode_prompt(tokenizer, prompt_msgs)
+      completion_ids = tokenizer.encode(completion) + [tokenizer.eos_id]
+      tokens = np.asarray(prompt_ids + completion_ids, np.int32)
+      mask = np.asarray([0] * len(prompt_ids) + [1] * len(completion_ids), np.int32)
     if loss_on_prompt:
       mask[1 if tokens[0] == tokenizer.bos_id else 0:] = 1
     if len(tokens) > max_seq_len:

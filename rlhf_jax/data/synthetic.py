@@ -48,6 +48,7 @@ def write_task(path: str, task: str, num_examples: int, seed: int, **kwargs) -> 
 # ----------------------------------------------------------------------------
 
 VERIFIABLE_TASKS = ("add", "arithmetic", "word")
+ENV_TASKS = ("guess_number", "calc_chain")  # prompts for the multi-turn envs (rlhf_jax/envs)
 _NAMES = ("Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana")
 _ITEMS = ("apples", "books", "coins", "pens", "shells", "stamps")
 
@@ -65,7 +66,16 @@ def make_verifiable_example(task: str, rng: np.random.Generator, digits: int = 2
                 -> "62"; also gives away (-) and boxes of k (*); the solution is
                 GSM8K-style: "47 + 15 = 62\\n#### 62".
 
-  solution: the reference completion (add / arithmetic: the answer itself).
+  Multi-turn tasks (`ENV_TASKS`, for the environments in rlhf_jax/envs; answer = what the
+  env checks against):
+
+    guess_number  "guess 1-8" -> "5": the secret of env `guess_number`, uniform in
+                  [1, 2**(digits+2)] (digits=1: 1-8, 2: 1-16); set the env's hi to match.
+    calc_chain    "calc: 47*15+382" -> "1087": two operations (+ - *, usual precedence) on
+                  operands in [0, 10**digits), for env `calculator`: too long to do in one's
+                  head at 3+ digits, a copy job with the tool.
+
+  solution: the reference completion (add / arithmetic / multi-turn: the answer itself).
   """
   if digits < 1:
     raise ValueError(f"digits={digits}: must be >= 1")
@@ -94,4 +104,26 @@ def make_verifiable_example(task: str, rng: np.random.Generator, digits: int = 2
       text = f"{name} buys {a} boxes with {b} {item} in each box. How many {item} is that?"
       expr, value = f"{a} * {b}", a * b
     return {"prompt": text, "answer": str(value), "solution": f"{expr} = {value}\n#### {value}"}
-  raise ValueError(f"unknown verifiable task {task!r}; expected one of {VERIFIABLE_TASKS}")
+  if task == "guess_number":
+    hi = guess_number_hi(digits)
+    secret = str(int(rng.integers(1, hi + 1)))
+    return {"prompt": f"guess 1-{hi}", "answer": secret, "solution": secret}
+  if task == "calc_chain":
+    a, b, c = (int(x) for x in rng.integers(0, 10 ** digits, size=3))
+    op1, op2 = ("+-*"[int(i)] for i in rng.integers(3, size=2))
+    if op2 == "*" and op1 != "*":
+      value = _apply(a, op1, b * c)
+    else:
+      value = _apply(_apply(a, op1, b), op2, c)
+    return {"prompt": f"calc: {a}{op1}{b}{op2}{c}", "answer": str(value), "solution": str(value)}
+  raise ValueError(f"unknown verifiable task {task!r}; expected one of "
+                   f"{VERIFIABLE_TASKS + ENV_TASKS}")
+
+
+def guess_number_hi(digits: int) -> int:
+  """The top of the guess_number range for a difficulty: 2**(digits + 2)."""
+  return 2 ** (digits + 2)
+
+
+def _apply(x: int, op: str, y: int) -> int:
+  return x + y if op == "+" else x - y if op == "-" else x * y

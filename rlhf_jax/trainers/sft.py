@@ -28,6 +28,8 @@ from rlhf_jax import parallel
 from rlhf_jax.data import lengths
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.data import synthetic
+from rlhf_jax.data.rows import file_digest
+from rlhf_jax.envs import transcripts
 from rlhf_jax.losses.logprobs import shift_for_next_token
 from rlhf_jax.losses.sft import sft_loss_sums, sft_loss_sums_from_logps
 from rlhf_jax.models import Transformer
@@ -98,20 +100,40 @@ def make_eval_step(model):
 # ----------------------------------------------------------------------------
 
 def resolve_data(config, workdir):
-  """Paths of the train / eval JSONL; generates the synthetic task when unset."""
+  """Paths of the train / eval JSONL; generates the synthetic task when unset, converts
+  GSM8K into tool-use transcripts with data.source=gsm8k_tools."""
   d = config.data
   train, evals = d.train_path, d.eval_path
+  if d.get("source", "jsonl") == "gsm8k_tools":
+    return tuple(_gsm8k_tools(p, workdir) if p else p for p in (train, evals))
   if not train:
-    train = os.path.join(workdir, "data", f"{d.synthetic_task}{d.synthetic_max_len}_train.jsonl")
-    if not os.path.exists(train):
-      synthetic.write_task(train, d.synthetic_task, d.synthetic_train_examples, config.seed,
-                           max_len=d.synthetic_max_len)
+    train = _synthetic(d, os.path.join(workdir, "data"), "train", d.synthetic_train_examples,
+                       config.seed)
     if not evals:
-      evals = os.path.join(workdir, "data", f"{d.synthetic_task}{d.synthetic_max_len}_eval.jsonl")
-      if not os.path.exists(evals):
-        synthetic.write_task(evals, d.synthetic_task, d.synthetic_eval_examples,
-                             config.seed + 10_000, max_len=d.synthetic_max_len)
+      evals = _synthetic(d, os.path.join(workdir, "data"), "eval", d.synthetic_eval_examples,
+                         config.seed + 10_000)
   return train, evals
+
+
+def _synthetic(d, data_dir: str, split: str, n: int, seed: int) -> str:
+  if d.synthetic_task in transcripts.TASKS:  # multi-turn transcripts, played through the env
+    path = os.path.join(data_dir, f"{d.synthetic_task}_d{d.synthetic_digits}_{split}.jsonl")
+    if not os.path.exists(path):
+      transcripts.write_task(path, d.synthetic_task, n, seed, digits=d.synthetic_digits)
+    return path
+  path = os.path.join(data_dir, f"{d.synthetic_task}{d.synthetic_max_len}_{split}.jsonl")
+  if not os.path.exists(path):
+    synthetic.write_task(path, d.synthetic_task, n, seed, max_len=d.synthetic_max_len)
+  return path
+
+
+def _gsm8k_tools(path: str, workdir: str) -> str:
+  """WORKDIR/data/gsm8k_tools_<sha256[:12] of path>.jsonl: GSM8K as tool-use transcripts."""
+  out = os.path.join(workdir, "data", f"gsm8k_tools_{file_digest(path)[:12]}.jsonl")
+  if not os.path.exists(out):
+    stats = transcripts.write_gsm8k_tool_sft(path, out)
+    print(f"gsm8k_tools: {path} -> {out} ({stats})", flush=True)
+  return out
 
 
 def corpus_lines(path):
