@@ -12,13 +12,16 @@ that ignored them would disagree with the other.
 import json
 import math
 import os
+import re
 
 import gguf
 import jax
 import numpy as np
 import pytest
 
-from conftest import override, read_metrics
+from conftest import REPO, override, read_metrics
+from rlhf_jax import launch
+from rlhf_jax import trainers
 from rlhf_jax.launch import load_config
 from rlhf_jax.models import ModelConfig, lm_logits, load_pretrained
 from rlhf_jax.tokenizer import load_tokenizer
@@ -214,3 +217,34 @@ def test_dpo_lora_one_step_from_a_gemma2_gguf(tmp_path_factory, tfds_data_dir, t
   assert np.isfinite(row["grad_norm"]) and row["grad_norm"] > 0
   built = json.load(open(os.path.join(wd, "model_config.json")))
   assert (built["attn_softcap"], built["final_softcap"]) == (50.0, 30.0)
+
+
+def readme_gemma_commands() -> list[list[str]]:
+  """The `rlhf-jax train` commands of README "Using Gemma" (its ```bash block), as argv."""
+  text = (REPO / "README.md").read_text()
+  assert "* Using Gemma" in text, "README.md has no 'Using Gemma' paragraph"
+  part = text.split("* Using Gemma", 1)[1]
+  block = re.search(r"```bash\n(.*?)```", part, re.S).group(1)
+  joined = re.sub(r"\\\n\s*", "", block)
+  return [line.split()[2:] for line in joined.splitlines()
+          if line.strip().startswith("rlhf-jax train")]
+
+
+def test_readme_gemma_commands_parse_and_validate(tmp_path_factory, monkeypatch):
+  """README "Using Gemma"'s three commands, their overrides parsed as `rlhf-jax train`
+  parses them (with the tiny Gemma 3 GGUF for $GEMMA) and validated by their trainer, so
+  that the paragraph cannot drift from the configs (the runs themselves are minutes and
+  GBs of the real model: the README gives the measurement)."""
+  path, _, _ = gemma_gguf("gemma3", tmp_path_factory)
+  commands = readme_gemma_commands()
+  seen = {}
+  monkeypatch.setattr(launch, "_train", lambda cfg, workdir: seen.setdefault(cfg.trainer, cfg))
+  for argv in commands:
+    launch.train_command([a.replace("$GEMMA", path) for a in argv])
+  assert sorted(seen) == ["dpo", "grpo", "sft"], commands
+  for cfg in seen.values():
+    assert cfg.init_from == path and cfg.num_steps == 3 and cfg.eval_every == 0
+    trainers.validate(cfg, 1)
+  assert seen["sft"].optimizer.lr == 1e-5 and seen["dpo"].optimizer.lr == 1e-6
+  assert seen["dpo"].dpo.precompute_reference is False
+  assert (seen["grpo"].rollout.prompts_per_step, seen["grpo"].rollout.group_size) == (4, 4)
