@@ -146,8 +146,10 @@ def gemma_gguf(arch, tmp_path_factory):
 @pytest.mark.parametrize("arch", sorted(FAMILIES))
 def test_tiny_gemma_gguf_loads_with_its_tokenizer(arch, tmp_path_factory):
   """The file the trainer tests start from is what it should be: the loader's config and
-  parameters are what was written, the logits those of our model, the tokenizer the
-  `gemma` chat style with <end_of_turn> as eos."""
+  parameters are exactly what was written (norms 1 + w back to w, [out, in] matrices back
+  to our layout), the tokenizer is the `gemma` chat style with <end_of_turn> as eos and
+  splits the chat prompt as SentencePiece BPE does, the logits are finite (and within
+  Gemma 2's final soft-cap)."""
   path, config, params = gemma_gguf(arch, tmp_path_factory)
   got_config, got_params = load_pretrained(path)
   assert got_config == config
