@@ -9,6 +9,7 @@ the `gemma` chat style and eos = <end_of_turn>, then one step of each trainer.
 The windows (3 tokens) are shorter than every prompt, so a sampler or a log-prob pass
 that ignored them would disagree with the other.
 """
+import dataclasses
 import json
 import math
 import os
@@ -52,7 +53,7 @@ FAMILIES = {  # what the GGUF loader must build from each file
 }
 
 
-def write_gemma_gguf(path, arch, config, params):
+def write_gemma_gguf(path, arch, config, params, pattern_per_layer=False):
   """`params` (our tree) as llama.cpp's convert_hf_to_gguf.py writes a gemma2 / gemma3
   model: [out, in] matrices, every RMSNorm weight stored as 1 + w, the tokenizer as
   SentencePiece tokens / scores / types (llama.cpp "llama" tokenizer model)."""
@@ -69,7 +70,10 @@ def write_gemma_gguf(path, arch, config, params):
   w.add_rope_freq_base(c.rope_theta)
   w.add_layer_norm_rms_eps(c.norm_eps)
   w.add_sliding_window(c.sliding_window)
-  w.add_sliding_window_pattern(len(c.window_pattern))  # "L" * (n - 1) + "G"
+  if pattern_per_layer:  # newer llama.cpp conversions: one bool per layer (True = local)
+    w.add_sliding_window_pattern(list(c.local_layers))
+  else:
+    w.add_sliding_window_pattern(len(c.window_pattern))  # "L" * (n - 1) + "G"
   if c.attn_softcap:
     w.add_attn_logit_softcapping(c.attn_softcap)
     w.add_final_logit_softcapping(c.final_softcap)
@@ -169,6 +173,18 @@ def test_tiny_gemma_gguf_loads_with_its_tokenizer(arch, tmp_path_factory):
   assert np.isfinite(logits).all() and logits.shape == (1, len(ids), len(TOKENS))
   if config.final_softcap:
     assert np.abs(logits).max() < config.final_softcap
+
+
+@pytest.mark.parametrize("pattern", ["LLG", "GLL"])
+def test_a_per_layer_window_pattern_loads(pattern, tmp_path):
+  """llama.cpp's other form of `sliding_window_pattern`: one bool per layer. A period could
+  not say "GLL" (global first), the per-layer list can; a list of the wrong length is one
+  error naming the key."""
+  config = dataclasses.replace(FAMILIES["gemma3"], n_layers=3, window_pattern=pattern)
+  params = stored_params(config, 1)
+  path = write_gemma_gguf(tmp_path / "p.gguf", "gemma3", config, params, pattern_per_layer=True)
+  got, _ = load_pretrained(path)
+  assert got.local_layers == tuple(x == "L" for x in pattern) and got == config
 
 
 def test_grpo_one_step_from_a_gemma3_gguf(tmp_path_factory, tfds_data_dir, tmp_path):
