@@ -27,7 +27,8 @@ use one of them. Prints a markdown table and writes it to --out.
 
 `--aot` compiles the real steps at real sizes from abstract inputs
 (`rlhf_jax.memory_aot`: nothing is allocated): the SFT, DPO and GRPO-update steps
-and the sampler of the llama3_2_1b, qwen2_5_1_5b and llama3_8b shapes at 2k / 8k / 32k
+and the sampler of the llama3_2_1b, qwen2_5_1_5b, llama3_8b, gemma3_1b and gemma2_2b
+shapes (the Gemmas with their sliding windows and soft-caps) at 2k / 8k / 32k
 tokens per device on one device, dense vs chunked attention, log-probs whole or
 chunked (model.logits_chunk), and the `configs/grpo.py:gsm8k` preset at
 rollout.max_new_tokens=4096 on 8 devices (v5e-8's mesh). Each measured row is appended
@@ -196,7 +197,7 @@ def formula_tables() -> str:
 # --aot: the real steps at real sizes, compiled from abstract inputs
 # ----------------------------------------------------------------------------
 
-AOT_SIZES = ("llama3_2_1b", "qwen2_5_1_5b", "llama3_8b")
+AOT_SIZES = ("llama3_2_1b", "qwen2_5_1_5b", "llama3_8b", "gemma3_1b", "gemma2_2b")
 AOT_TOKENS = (2048, 8192, 32768)
 PROMPT = 256          # prompt tokens of the DPO / GRPO / sampler rows
 GiB = 2 ** 30

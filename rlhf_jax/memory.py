@@ -138,13 +138,15 @@ def attention_residual_per_token(m: ModelConfig, seq_len: int, backend: str, ten
                                  dtype: str | None = None) -> float:
   """What attention itself keeps per token and layer for the backward pass (beyond q, k,
   v and its output): dense (4 + c) H S (float32 scores and softmax, compute-dtype
-  probabilities); a memory-efficient backend c H Dh + 8 H + 24 (its own output copy, the
-  float32 row max and 1 / row sum of the online softmax, the per-token mask ids)."""
+  probabilities), + 4 H S with model.attn_softcap (the uncapped float32 scores, for the
+  tanh's derivative; measured on XLA:CPU); a memory-efficient backend c H Dh + 8 H + 24
+  (its own output copy, the float32 row max and 1 / row sum of the online softmax, the
+  per-token mask ids)."""
   H, Dh = m.n_heads, m.head_dim
   c = 4 if (dtype or m.dtype) == "float32" else 2
   if memory_efficient(backend):
     return (c * H * Dh + 8 * H + 24) / tensor
-  return (4 + c) * H * seq_len / tensor
+  return (4 + c + (4 if m.attn_softcap else 0)) * H * seq_len / tensor
 
 
 def logits_bytes(m: ModelConfig, rows: float, length: float, tensor: int = 1,
@@ -189,12 +191,14 @@ def _activation_dtype(dtype: str, platform: str | None) -> str:
 def attention_scratch_bytes(m: ModelConfig, rows: float, seq_len: int, backend: str,
                             tensor: int = 1) -> float:
   """A memory-efficient backend's per-block scratch (two float32 [block_q, block_k] tiles
-  per row and head: the scores / probabilities and their gradient); 0 for dense (its
-  scores are counted per token)."""
+  per row and head: the scores / probabilities and their gradient; a third with
+  model.attn_softcap: the uncapped scores); 0 for dense (its scores are counted per
+  token)."""
   if not memory_efficient(backend):
     return 0.0
   b = min(attention_lib.DEFAULT_BLOCK_Q, seq_len) * min(attention_lib.DEFAULT_BLOCK_K, seq_len)
-  return 2 * 4 * rows * m.n_heads * b / tensor
+  tiles = 3 if m.attn_softcap else 2
+  return tiles * 4 * rows * m.n_heads * b / tensor
 
 
 def train_step_bytes(m: ModelConfig, *, rows: int, seq_len: int, mesh=(1, 1, 1),

@@ -1,7 +1,7 @@
 """experiments/accelerator/: the GPU device check's CPU dry run, and shellcheck of check.sh.
 
 The device check itself (check.sh on a lent H100 / H200) is never a test dependency. Its
---dry_run takes every section (device, parity, sft_mfu, decode) end to end on CPU with tiny
+--dry_run takes every section (device, parity, sft_mfu, decode, async_rl) end to end on CPU with tiny
 shapes, so the script cannot rot; this runs it once, the way a user would
 (`bash experiments/accelerator/check.sh --dry_run`), and reads its table and its JSON.
 """
@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "accelerator" / "check.sh"
-SECTIONS = ("device", "parity", "sft_mfu", "decode")
+SECTIONS = ("device", "parity", "sft_mfu", "decode", "async_rl")
 COLUMNS = ["section", "case", "metric", "value", "reference", "status"]
 
 
@@ -53,6 +53,9 @@ def test_every_section_has_measured_rows_with_finite_numbers(dry_run):
   assert measured("parity", "loss rel err") and measured("parity", "param grad rel L2 err")
   assert measured("sft_mfu", "tokens/s") and measured("sft_mfu", "MFU %")
   assert measured("decode", "tokens/s")
+  assert [r["case"] for r in measured("async_rl", "steps/s")] == [
+      "GRPO max_staleness=0", "GRPO max_staleness=1"]
+  assert measured("async_rl", "steps/s")[1]["status"].endswith("x k=0")
   assert all("roofline" in r["reference"] for r in measured("decode", "tokens/s"))
   # Backends that need a GPU or a TPU are rows of their own, never errors.
   assert any(r["case"].startswith("cudnn") and r["status"].startswith("n/a")

@@ -6,7 +6,6 @@ import collections
 import os
 import inspect
 import json
-import math
 import re
 import time
 from fractions import Fraction
@@ -21,7 +20,7 @@ from rlhf_jax.config import ConfigError
 from rlhf_jax.data import sft as sft_data
 from rlhf_jax.data.conversation import between_text, tokenize_conversation
 from rlhf_jax.envs import calculator, transcripts
-from rlhf_jax.envs.base import EnvError, EnvStep
+from rlhf_jax.envs.base import EnvError, EnvStep, episode_info
 from rlhf_jax.envs.calculator import CalcError, calculate, evaluate
 from rlhf_jax.envs.tools import (TOOL_CALL_END, MalformedCall, ToolCall, format_tool_call,
                                  parse_tool_calls)
@@ -176,6 +175,7 @@ def test_calculator_env_transcript():
                                                            "malformed_tool_calls")})
   assert total == {"tool_calls": 2, "tool_errors": 1, "malformed_tool_calls": 1}
   assert steps[-1].info["correct"] is True and steps[-1].info["turn"] == 4
+  assert episode_info([s.info for s in steps]) == {"turn": 4, "correct": True, **total}
   with pytest.raises(EnvError, match="after the episode ended"):
     env.step("more")
   # Wrong final answer; budget exceeded; an unclosed tag is malformed, not an answer.
@@ -506,6 +506,20 @@ def test_conversation_tokens_with_real_tokenizers(tmp_path):
   for tok in (sp, hf, load_tokenizer(tmp_path / "hf", chat_style="llama3"),
               load_tokenizer(tmp_path / "hf", chat_style="gemma")):
     _check_conversation_tokens(tok, [False, True, False, True, False, True])
+
+
+@pytest.mark.slow
+def test_conversation_tokens_with_the_smollm2_tokenizer():
+  """The real chatml tokenizer (SmolLM2's GGUF, ~5 s to load): the end-of-turn and role
+  markers between the replies are its special tokens, EOS is <|im_end|>."""
+  from test_smollm2 import smollm2_path
+  from rlhf_jax.tokenizer import load_tokenizer
+  tok = load_tokenizer(smollm2_path())
+  ids, mask = _check_conversation_tokens(tok, [False, True, False, True, False, True])
+  assert tok.decode([int(i) for i in ids]).startswith("<|im_start|>system\nYou are")
+  im_end, im_start = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|im_start|>")
+  assert ids[-1] == tok.eos_id == im_end
+  assert list(ids).count(im_start) == 7 and not mask[ids == im_start].any()
 
 
 def test_sft_rows_with_weights_train_every_assistant_turn(tmp_path):

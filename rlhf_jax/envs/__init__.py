@@ -39,7 +39,8 @@ import json
 from typing import Any, Callable, Mapping
 
 from rlhf_jax.config_error import ConfigError
-from rlhf_jax.envs.base import OBSERVATION_ROLES, Env, EnvError, EnvStep  # noqa: F401
+from rlhf_jax.envs.base import (  # noqa: F401 (re-exported)
+    OBSERVATION_ROLES, Env, EnvError, EnvStep, episode_info)
 from rlhf_jax.envs.tools import TOOL_CALL_END  # noqa: F401 (re-exported)
 
 SPEC_KEY = "rollout.env"

@@ -52,7 +52,7 @@ class MalformedCall:
 
 
 def format_tool_call(name: str, args: str) -> str:
-  """The text of a call: format_tool_call("calculator", "48/2") -> "<tool>calculator: 48/2</tool>"."""
+  """The text of a call: ("calculator", "48/2") -> "<tool>calculator: 48/2</tool>"."""
   if not _NAME.match(name):
     raise ValueError(f"tool name {name!r}: expected letters, digits and '_' (not starting "
                      f"with a digit)")

@@ -158,9 +158,18 @@ def _load_gguf(path: Path):
     gemma = dict(norm_offset=1.0, embed_scale=True, activation="gelu_tanh")
   if arch in ("gemma2", "gemma3"):
     window = int(meta("attention.sliding_window", 0) or 0)
-    period = int(meta("attention.sliding_window_pattern", 2 if arch == "gemma2" else 6))
+    # llama.cpp writes the pattern as a period n ("L" * (n - 1) + "G") or, in newer
+    # conversions, as one bool per layer (True: sliding window).
+    pattern = meta("attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+    if isinstance(pattern, list):
+      if len(pattern) != L:
+        raise ValueError(f"{where}: {arch}.attention.sliding_window_pattern has {len(pattern)} "
+                         f"entries; expected one per layer ({L})")
+      pattern = "".join("L" if bool(x) else "G" for x in pattern)
+    else:
+      pattern = "L" * (int(pattern) - 1) + "G"
     gemma.update(post_norms=True, sliding_window=window,
-                 window_pattern=("L" * (period - 1) + "G") if window else "",
+                 window_pattern=pattern if window else "",
                  attn_softcap=_short_float(meta("attn_logit_softcapping", 0.0) or 0.0),
                  final_softcap=_short_float(meta("final_logit_softcapping", 0.0) or 0.0),
                  rope_local_theta=10000.0 if arch == "gemma3" else 0.0,
