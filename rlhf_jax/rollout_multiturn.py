@@ -219,22 +219,21 @@ def run_episodes(*, model_config, params, prompt_tokens_BP, prompt_mask_BP, rng,
 
 def episode_arrays(turns: list, model_BC: np.ndarray, lengths_B: np.ndarray,
                    truncated_B: np.ndarray) -> dict[str, np.ndarray]:
-  """Per-row float arrays [B]: `EPISODE_KEYS` and every env info counter (int values summed
-  over the turns; bool facts from the last turn that gives them; "turn" left out)."""
+  """Per-row float arrays [B]: `EPISODE_KEYS` and every numeric entry of the episode's info
+  (`envs.episode_info`: int counters summed over the turns, bools such as "correct" and
+  floats as the last step says; "turn" left out: `turns` counts the rollout's turns);
+  0 for a row whose info lacks a key."""
+  from rlhf_jax.envs import episode_info
   B = len(turns)
   out = {"turns": np.array([len(t) for t in turns], np.float32),
          "model_tokens": model_BC.sum(1).astype(np.float32),
          "env_tokens": (lengths_B - model_BC.sum(1)).astype(np.float32),
          "truncated": truncated_B.astype(np.float32)}
-  keys = sorted({k for t in turns for s in t for k in s["info"]} - {"turn"})
+  infos = [episode_info([s["info"] for s in t]) for t in turns]
+  keys = sorted({k for info in infos for k, v in info.items()
+                 if isinstance(v, (int, float, np.number))} - {"turn"})
   for k in keys:
-    out[k] = np.zeros(B, np.float32)
-  for b, t in enumerate(turns):
-    for s in t:
-      for k, v in s["info"].items():
-        if k == "turn" or not isinstance(v, (int, float, np.number)):
-          continue
-        out[k][b] = float(v) if isinstance(v, (bool, np.bool_)) else out[k][b] + float(v)
+    out[k] = np.array([float(info.get(k, 0)) for info in infos], np.float32)
   out.setdefault("correct", np.zeros(B, np.float32))
   # the turn at which the episode was solved (0: not solved)
   out["solved_turn"] = np.where(out["correct"] > 0, out["turns"], 0).astype(np.float32)
