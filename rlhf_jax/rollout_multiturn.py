@@ -57,7 +57,6 @@ from rlhf_jax.data import conversation
 ENV_SEED_SALT = 0x5EED
 # Per-row episode arrays of `Rollout.episodes` besides the env's own info counters.
 EPISODE_KEYS = ("turns", "model_tokens", "env_tokens", "correct", "solved_turn", "truncated")
-TURN_REWARDS = ("sum", "per_turn")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,8 @@ model's turns and the environment's observation tokens:
     prompt | model turn 1 (EOS) | env tokens | model turn 2 (EOS) | env tokens | ... | pad
 
 The prompt is prefilled once; after that no token is ever recomputed. Three jitted
-functions, each compiled once per shape and static knobs (`MultiTurnSpec`):
+functions, each compiled once per shape and static knobs (`MultiTurnSpec`; the turn
+limit and the stop sequences' ids are arguments, so changing them does not recompile):
 
     start(prompts)                  prefill the prompts, sample each row's first token
     decode_turn(state, live_B)      decode the live rows until each ends its turn: EOS,
@@ -40,7 +41,8 @@ key_b from (rng, row_offset + b). With one turn and no stop sequence the tokens 
 (log softmax(logits / temperature) of the sampled token, over the full vocabulary).
 
 Not supported: sliding-window layers (the window is measured in cache slots, and the
-scratch slots are not at the row's position) -- `generate` refuses such a model.
+scratch slots are not at the row's position) -- `make_spec` refuses such a model; the
+shared prefill of a group's equal prompts (each row is prefilled; same samples).
 """
 from __future__ import annotations
 
