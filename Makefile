@@ -43,9 +43,10 @@ demo-sft: $(STAMP)
 	$(BIN)/rlhf-jax train --config=configs/sft.py:tiny --workdir=runs/demo-sft
 
 # Two pytest-xdist workers (one per core), whole test files per worker so that
-# module fixtures and compiled functions are shared; TEST_WORKERS=0 runs serially.
+# module fixtures and compiled functions are shared, longest files first (tests/conftest.py
+# SLOW_FILES_FIRST); TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 2
-XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra --durations=15 $(XDIST) tests
