@@ -1,8 +1,10 @@
-"""A short multi-turn GRPO run (env guess_number, the tiny model from scratch) through the
-command line: the same config twice gives the same bits, and a run killed after step 3
-resumes from its step-2 checkpoint to the uninterrupted run's parameters and metrics,
-bit for bit (the episodes of the re-done step are the same: env seeds and sampling noise
-come from the run's seed and the step only)."""
+"""Multi-turn training runs (env guess_number, the tiny model from scratch): a short GRPO
+run through the command line -- the same config twice gives the same bits, and a run
+killed after step 3 resumes from its step-2 checkpoint to the uninterrupted run's
+parameters and metrics, bit for bit (the episodes of the re-done step are the same: env
+seeds and sampling noise come from the run's seed and the step only); PPO and GRPO
+variants for 2 steps in process. (Slow: subprocesses and one compilation per trainer,
+about 45 s + 60 s.)"""
 import os
 import signal
 import subprocess
@@ -72,3 +74,37 @@ def test_multiturn_grpo_is_deterministic_and_resumes_bitwise(tmp_path):
   md = open(report.write_report([str(tmp_path)], str(tmp_path / "report"),
                                 metrics=["env/success", "env/turns", "env/env_tokens"])).read()
   assert "3 runs" in md and "`env/turns`" in md and "`env/env_tokens`" in md
+
+
+@pytest.mark.parametrize("algo,over", [
+    ("ppo", {"rollout.turn_rewards": "per_turn"}),
+    ("grpo", {"grpo.variant": "rloo"}),
+    ("grpo", {"grpo.variant": "reinforce_pp", "rollout.turn_rewards": "per_turn"}),
+    ("grpo", {"grpo.variant": "dapo"}),   # dynamic sampling: refilled groups of episodes
+])
+def test_trainers_run_episodes(tmp_path, algo, over):
+  """PPO and the GRPO variants train on episodes (2 steps, in process): finite losses,
+  the episode metrics logged, lengths = model tokens."""
+  import math
+  from conftest import override
+  from rlhf_jax.launch import load_config
+  from rlhf_jax.trainers import grpo, ppo
+  c = load_config(f"configs/{algo}.py:tiny")
+  keys = {a.split("=")[0][len("--config."):]: a.split("=", 1)[1] for a in ARGS[1:]}
+  for k in ("data.synthetic_task", "rollout.env", "reward.spec"):
+    c = override(c, **{k: keys[k]})
+  c = override(c, **{"data.synthetic_digits": 1, "data.synthetic_train_examples": 64,
+                     "data.synthetic_eval_examples": 8, "tokenizer.vocab_size": 40,
+                     "rollout.prompts_per_step": 4, "rollout.group_size": 4,
+                     "rollout.max_new_tokens": 32, "rollout.max_tokens_per_turn": 3,
+                     "rollout.env_tokens_per_call": 8, "num_steps": 2, "eval_every": 2,
+                     "eval_prompts": 4, "eval_samples": 2, "log_every": 1,
+                     "checkpoint.async_save": False, **over})
+  (ppo if algo == "ppo" else grpo).run(c, str(tmp_path))
+  rows = read_metrics(str(tmp_path))
+  last = rows[-1]
+  assert math.isfinite(last["loss"]) and last["env/turns"] >= 1
+  assert last["response_length"] == last["env/model_tokens"]
+  assert "eval_env/success" in last and "eval_sampled_env/turns" in last
+  if over.get("grpo.variant") == "dapo":
+    assert "refill_rounds" in last
