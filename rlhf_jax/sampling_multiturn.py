@@ -42,7 +42,9 @@ key_b from (rng, row_offset + b). With one turn and no stop sequence the tokens 
 
 Not supported: sliding-window layers (the window is measured in cache slots, and the
 scratch slots are not at the row's position) -- `make_spec` refuses such a model; the
-shared prefill of a group's equal prompts (each row is prefilled; same samples).
+shared prefill of a group's equal prompts (each row is prefilled; same samples). The KV
+cache is constrained to `parallel.kv_cache_sharding` when the spec is given a mesh; the
+rollout passes none yet (multi-turn sampling is tested on one device).
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.models.transformer import ModelConfig, Transformer, init_cache
-from rlhf_jax.sampling import _shard_cache, resolve_kv_cache_dtype, resolve_mesh
+from rlhf_jax.sampling import _shard_cache, resolve_kv_cache_dtype
 from rlhf_jax.sampling_choice import _choose, row_bits, row_keys
 
 Array = jax.Array

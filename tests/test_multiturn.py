@@ -10,7 +10,6 @@ import pytest
 from conftest import CharTokenizer
 from rlhf_jax import rollout as rollout_lib
 from rlhf_jax import rollout_multiturn as mt
-from rlhf_jax import sampling_multiturn as smt
 from rlhf_jax.envs.base import EnvStep
 from rlhf_jax.losses import advantages as adv_lib
 from rlhf_jax.losses import kl as kl_lib
