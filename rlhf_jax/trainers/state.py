@@ -42,9 +42,15 @@ def create_state(init_params_fn: Callable[[jax.Array], Any], tx, mesh, rng,
   return state, shardings
 
 
-def unboxed_init(model, rng, *example_inputs):
-  """Plain float32 parameters of `model` (random init, logical-axis boxes removed)."""
-  return nn.meta.unbox(jax.jit(lambda r: model.init(r, *example_inputs)["params"])(rng))
+def unboxed_init(model, rng, *example_inputs, path=()):
+  """Plain float32 parameters of `model` (random init, logical-axis boxes removed); with
+  `path` (keys) only that subtree, computed alone (jit drops the rest of the init)."""
+  def init(r):
+    p = model.init(r, *example_inputs)["params"]
+    for k in path:
+      p = p[k]
+    return p
+  return nn.meta.unbox(jax.jit(init)(rng))
 
 
 
