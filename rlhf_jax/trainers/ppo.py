@@ -169,8 +169,10 @@ def run(config, workdir: str) -> dict:
       config=config, always_trained=("head",) if p.critic == "separate" else ("value",),
       workdir=workdir)
   del init_params, lm_params  # the host copies of the weights: on the devices now
-  state["kl_ctl"] = kl_lib.kl_controller_init(p.kl_coef)
-  shardings["kl_ctl"] = jax.tree.map(lambda _: parallel.replicated(mesh), state["kl_ctl"])
+  kl_ctl = kl_lib.kl_controller_init(p.kl_coef)
+  shardings["kl_ctl"] = jax.tree.map(lambda _: parallel.replicated(mesh), kl_ctl)
+  # on the mesh from the start, as the update returns it: one compilation of the update
+  state["kl_ctl"] = jax.device_put(kl_ctl, shardings["kl_ctl"])
   ref_params = frozen.initial(state["params"], "policy")
   policy_eval = setup.policy_eval(config, mcfg, tokenizer, eval_src, workdir, ref_params)
   checkpointer, start, state = setup.open_run(config, workdir, state, shardings, mcfg,
