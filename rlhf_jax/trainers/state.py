@@ -35,10 +35,12 @@ def create_state(init_params_fn: Callable[[jax.Array], Any], tx, mesh, rng,
   if params is None:
     state = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=shardings)(rng)
   else:
-    params = jax.device_put(params, shardings["params"])
+    # A device copy of the given weights (may_alias=False: never the caller's own arrays)
+    # donated to the init, so that the state's params are that copy, not a second one.
+    params = jax.device_put(params, shardings["params"], may_alias=False)
     state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p,
                                "opt_state": tx.init(p)},
-                    out_shardings=shardings)(params)
+                    out_shardings=shardings, donate_argnums=0)(params)
   return state, shardings
 
 
