@@ -376,7 +376,7 @@ def aot_estimate(row: dict) -> float:
                                    **kw)["total"] + 12 * T
   if row["kind"] == "grpo":
     W = T - PROMPT
-    e = memory.train_step_bytes(m, rows=1, seq_len=T, logit_tokens=W, donated=False,
+    e = memory.train_step_bytes(m, rows=1, seq_len=T, logit_tokens=W, donated=True,
                                 platform="cpu")
     return e["total"] + 8 * T + 16 * W
   if row["kind"] == "sample":

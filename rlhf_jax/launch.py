@@ -139,6 +139,8 @@ def _train(cfg, workdir: str):
     _die(str(e), 2 if isinstance(e, ConfigError) else 1)
   print("done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in result.items()), flush=True)
+  from rlhf_jax import metrics as metrics_lib
+  print(metrics_lib.peak_memory_line(metrics_lib.peak_memory()), flush=True)
   if result.get("preempted"):  # stopped by SIGTERM before num_steps, checkpoint saved
     sys.exit(EXIT_PREEMPTED)
 

@@ -205,12 +205,13 @@ def dpo_step(m: ModelConfig, pairs: int, prompt_len: int, completion_len: int,
 
 def grpo_update(m: ModelConfig, rows: int, prompt_len: int, completion_len: int,
                 mesh_shape=(1, 1, 1), grpo_config=None, micro_rows: int = 0,
-                group_size: int = 1, tx=None) -> Compiled:
+                group_size: int = 1, tx=None, donate: bool = True) -> Compiled:
   """The GRPO update (`grpo.make_update`) on a minibatch of `rows` rows of
   [prompt | completion], gradients accumulated over micro-batches of `micro_rows`
-  (rollout.train_micro_batch; 0 = one). As the trainer runs it: its own jit, no
-  state donation (the new state is a second copy: `out`), on-policy (one update per
-  rollout), prompts shared within groups of `group_size` when the trainer would."""
+  (rollout.train_micro_batch; 0 = one). As the trainer runs it: its own jit, the state
+  donated (synchronous rollouts; donate=False: as with the rollout pipeline, the new
+  state a second copy: `out`), on-policy (one update per rollout), prompts shared within
+  groups of `group_size` when the trainer would."""
   from rlhf_jax.models.api import prefix_sharing_saves_flops
   from rlhf_jax.trainers import grpo
   if grpo_config is None:
@@ -231,14 +232,15 @@ def grpo_update(m: ModelConfig, rows: int, prompt_len: int, completion_len: int,
   share = G if (G > 1 and mrows % G == 0
                 and prefix_sharing_saves_flops(m, prompt_len, completion_len, G)) else 1
   update = grpo.make_update(model, tx, algo, prompt_len, 1.0, completion_len, micro,
-                            on_policy=True, group_size=share)
+                            on_policy=True, group_size=share, donate=donate)
   C = completion_len
   batch = {"sequences_BS": _spec((rows, S), jnp.int32, bs),
            "segment_ids_BS": _spec((rows, S), jnp.int32, bs),
            "mask_BC": _spec((rows, C), jnp.int32, bs),
            **{k: _spec((rows, C), jnp.float32, bs)
               for k in ("old_logps_BC", "advantages_BC", "ref_logps_BC")}}
-  return analyse(jax.jit(update, in_shardings=(shardings, bs)), state, batch, mesh_=mesh)
+  # the update's own jit (`state_lib.jit_step`: donation), laid out by the inputs' shardings
+  return analyse(update, state, batch, mesh_=mesh)
 
 
 def sampler(m: ModelConfig, rows: int, prompt_len: int, max_new_tokens: int,

@@ -4,6 +4,15 @@ The hardware presets (`HARDWARE`: devices, HBM, hosts, default mesh, platform; d
 in rlhf_jax/hardware.py, re-exported here), the planning headroom, and
 `config_estimate`: the largest phase of a trainer's step (train step; for online RL also
 the sampler and the no-grad log-prob passes) from the formulas of `rlhf_jax.memory`.
+
+On a CPU (platform="cpu") the arrays live in the process's own memory, so the estimate is
+of its peak resident set: the largest phase plus `CPU_RUNTIME_BYTES` (Python, jaxlib and
+XLA:CPU, the compiled programs, the data pipeline: what a run holds before its weights
+load) and, for a run that starts from pretrained weights (`config.init_from`), their host
+copy as loaded (4 bytes a parameter: freed once the train state is built, but the pages
+stay with the process under the malloc settings `rlhf-jax` applies, `rlhf_jax.allocator`).
+Measured on SmolLM2-135M (README "Run a real model on your laptop"): GRPO 4.9 GB estimated
+/ 4.85 GB peak RSS, PPO 8.1 / 8.0 GB.
 """
 from __future__ import annotations
 
@@ -12,7 +21,7 @@ import math
 from rlhf_jax.hardware import HARDWARE, Hardware  # noqa: F401 (re-exported)
 from rlhf_jax.memory import (_activation_dtype, attention_backend, attention_scratch_bytes,
                              forward_transient_per_token, generation_phase_bytes, logits_bytes,
-                             train_step_bytes)
+                             num_params, train_step_bytes)
 
 GiB = 1024 ** 3
 
@@ -20,6 +29,10 @@ GiB = 1024 ** 3
 # for XLA's fragmentation, collective buffers, code and the runtime. (On GPUs JAX
 # preallocates 75% by default: set XLA_PYTHON_CLIENT_MEM_FRACTION=0.9.)
 HEADROOM = 0.8
+# A CPU run's resident memory besides its arrays: Python, jaxlib / XLA:CPU, the compiled
+# programs and the data pipeline (0.51-0.53 GB RSS when SmolLM2's weights start loading,
+# every trainer; experiments/memory/trace_rss.py).
+CPU_RUNTIME_BYTES = 0.6e9
 
 
 def resolve_mesh(shape, devices: int) -> tuple[int, int, int]:
@@ -39,7 +52,9 @@ def config_estimate(config, devices: int, platform: str | None = None) -> dict[s
   prefill, sampling) and the no-grad log-prob passes; what the trainer holds throughout
   (params, AdamW state, reference copies) is counted in each phase. Keys: the train-step
   breakdown, "train_step" (its total), "kv_cache", "generate" and "logprob_pass" (those
-  phases' totals, 0 for offline trainers), "total" (the largest).
+  phases' totals, 0 for offline trainers), "total" (the largest). platform="cpu": also
+  "runtime" and "host_weights" (module docstring), added to "total" (the process's peak
+  resident set).
   """
   from rlhf_jax import config as config_lib
   from rlhf_jax.models.api import prefix_sharing_saves_flops
@@ -75,9 +90,11 @@ def config_estimate(config, devices: int, platform: str | None = None) -> dict[s
     P = config.data.max_prompt_len
     seq = P + r.max_new_tokens
     extra += 1  # the reference policy
-    # (the update step is jitted without donating the state: the new one comes beside it)
+    # The update donates its state with synchronous rollouts; with the rollout pipeline
+    # (a sampler thread may read the parameters) the new state comes beside the old one.
+    from rlhf_jax.rollout_pipeline import enabled as pipelined
     kw = dict(trained_models=2 if trainer == "ppo" and config.ppo.critic == "separate" else 1,
-              logit_tokens=rows * r.max_new_tokens, donated=False)
+              logit_tokens=rows * r.max_new_tokens, donated=not pipelined(config))
     G, W = r.group_size, r.max_new_tokens
     if (trainer == "grpo" and G > 1 and config.grpo.get("share_prompt", True)
         and r.prompts_per_step % minibatches == 0 and rows % G == 0
@@ -107,7 +124,16 @@ def config_estimate(config, devices: int, platform: str | None = None) -> dict[s
     out["generate"] = static + gen["total"]
     out["logprob_pass"] = static + logprob
     out["total"] = max(out["train_step"], out["generate"], out["logprob_pass"])
+  if (platform or _default_platform()) == "cpu":
+    out["runtime"] = CPU_RUNTIME_BYTES
+    out["host_weights"] = 4.0 * num_params(m) if config.get("init_from") else 0.0
+    out["total"] += out["runtime"] + out["host_weights"]
   return out
+
+
+def _default_platform() -> str:
+  import jax
+  return jax.devices()[0].platform
 
 
 def fits(config, hardware: str | Hardware) -> tuple[bool, float, float]:

@@ -238,3 +238,30 @@ class Throughput:
     r = self._tokens / max(now - self._t, 1e-9)
     self._t, self._tokens = now, 0.0
     return r
+
+
+def peak_memory(devices=None) -> dict[str, float]:
+  """This process's peak memory, bytes: host_rss (the largest resident set so far,
+  getrusage's ru_maxrss: KiB on Linux, bytes on macOS) and, where the backend reports it
+  (GPU, TPU; not XLA:CPU, whose arrays live in host_rss), device_peak: the largest
+  peak_bytes_in_use over `devices` (default: this process's local devices)."""
+  import resource
+  import sys
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  out = {"host_rss": float(rss if sys.platform == "darwin" else rss * 1024)}
+  if devices is None:
+    import jax
+    devices = jax.local_devices()
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
+  peaks = [p for p in peaks if p is not None]
+  if peaks:
+    out["device_peak"] = float(max(peaks))
+  return out
+
+
+def peak_memory_line(peaks: dict[str, float]) -> str:
+  """One line for a run's summary from `peak_memory()`, in GB (1e9 bytes)."""
+  line = f"peak memory: host RSS {peaks['host_rss'] / 1e9:.2f} GB"
+  if "device_peak" in peaks:
+    line += f", device {peaks['device_peak'] / 1e9:.2f} GB (largest peak_bytes_in_use)"
+  return line

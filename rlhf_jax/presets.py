@@ -139,8 +139,8 @@ def laptop(c: ConfigDict, size: str = "smollm2_135m") -> ConfigDict:
   """A real model size for a few-minute CPU run (the `smollm2_laptop` presets of
   configs/*.py; README "Run a real model on your laptop"): `size`'s architecture in
   float32 (XLA:CPU has no fast bfloat16 matmul) with full remat (SmolLM2's laptop
-  presets: 3.2-7.9 GB estimated by rlhf_jax/memory_plan.py, 4.9-16.7 GB without, PPO
-  the largest), data parallelism over whatever devices exist, 5 steps logged every step,
+  presets: 4.4-8.1 GB peak RSS estimated by rlhf_jax/memory_plan.py, 6.0-15.7 GB without,
+  PPO the largest), data parallelism over whatever devices exist, 5 steps logged every step,
   no warmup, no evals or samples, one checkpoint at the end. The trainer's config then
   sets its data and lengths; returns `c`."""
   apply(c, size, hardware=None)

@@ -60,3 +60,34 @@ def test_cli_does_not_reexec_when_opted_out(tmp_path):
   p, starts = _run(tmp_path, {"RLHF_JAX_MALLOC": "system"})
   assert starts == ["START None"], p.stdout + p.stderr
   assert p.returncode == 2
+
+
+RELEASE = """
+import numpy as np
+from rlhf_jax import allocator
+def rss():
+  return int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) * 1024
+a = [np.ones(2 ** 20, np.float32) for _ in range(64)]  # 256 MB in 1 MB blocks on the heap
+b = np.ones(2 ** 20, np.float32)  # allocated last: the heap's top is not free
+held = rss()
+del a
+kept = rss()
+released = allocator.release_free_memory()
+print(held, kept, rss(), released)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or allocator.platform.libc_ver()[0] != "glibc",
+                    reason="glibc only")
+def test_release_free_memory_gives_back_what_the_tuned_settings_keep():
+  """Under the tuned settings freed blocks stay in RSS (also below the heap's top);
+  `release_free_memory` hands them back once."""
+  from conftest import REPO
+  env = {**os.environ, **allocator.TUNED, "PYTHONPATH": str(REPO)}
+  out = subprocess.run([sys.executable, "-c", RELEASE], env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  held, kept, after, released = out.stdout.split()
+  held, kept, after = int(held), int(kept), int(after)
+  assert kept > held - 50e6                      # freed, but still resident
+  assert released == "True" and after < kept - 200e6  # given back

@@ -110,3 +110,16 @@ def test_scalar_head_float32_from_bfloat16():
   out = head.apply(params, h)
   assert out.dtype == jnp.float32 and out.shape == (2, 3)
   np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+def test_a_subtree_of_the_init_is_the_whole_inits():
+  """`state_lib.unboxed_init(path=...)`: the trainers' fresh scalar head computed alone
+  (jit drops the rest) has the bytes of the whole init's head."""
+  from rlhf_jax.trainers import state as state_lib
+  model, rng, dummy = ScalarModel(CFG), jax.random.PRNGKey(3), jnp.zeros((1, 2), jnp.int32)
+  whole = state_lib.unboxed_init(model, rng, dummy)
+  head = state_lib.unboxed_init(model, rng, dummy, path=("head",))
+  assert jax.tree.structure(head) == jax.tree.structure(whole["head"])
+  for a, b in zip(jax.tree.leaves(head), jax.tree.leaves(whole["head"])):
+    assert a.dtype == b.dtype and np.asarray(a).tobytes() == np.asarray(b).tobytes()
+  assert float(jnp.abs(head["dense"]["kernel"]).sum()) > 0  # random, not zeros

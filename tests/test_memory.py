@@ -202,3 +202,58 @@ def test_init_from_keeps_the_configs_remat_policy(tmp_path):
   save_pretrained(cfg, params, tmp_path / "hf")
   mcfg, _ = workdir_lib.load_init(str(tmp_path / "hf"), "float32", False, "dots_no_batch")
   assert mcfg.remat_policy == "dots_no_batch" and mcfg.d_model == 16
+
+
+def _laptop(trainer, **rollout):
+  from rlhf_jax.launch import load_config
+  c = load_config(os.path.join(os.path.dirname(HERE), "configs", f"{trainer}.py:smollm2_laptop"))
+  c.tokenizer.vocab_size = c.model.vocab_size
+  c.rollout.update(rollout)
+  return c
+
+
+@pytest.mark.parametrize("trainer", ["grpo", "ppo"])
+def test_cpu_estimate_is_the_process_peak_and_follows_donation(trainer):
+  """memory_plan on a CPU: the largest phase + the runtime + the loaded weights' host copy;
+  the online-RL update donates its state unless the rollout pipeline runs."""
+  from rlhf_jax import memory_plan
+  from rlhf_jax.config import model_config
+  c = _laptop(trainer)
+  n = memory.num_params(model_config(c, vocab_size=c.tokenizer.vocab_size))
+  n_trained = n * (2 if trainer == "ppo" else 1)  # PPO: a separate critic of the same shape
+  e = memory_plan.config_estimate(c, 1, platform="cpu")
+  phases = max(e["train_step"], e["generate"], e["logprob_pass"])
+  assert e["runtime"] == memory_plan.CPU_RUNTIME_BYTES and e["host_weights"] == 0.0
+  assert e["total"] == phases + memory_plan.CPU_RUNTIME_BYTES
+  assert e["state_copy"] == 0.0 and e["update"] == 12 * n_trained  # donated
+  c.init_from = "SmolLM2-135M-Instruct.Q4_1.gguf"  # pretrained: + their float32 host copy
+  e2 = memory_plan.config_estimate(c, 1, platform="cpu")
+  assert e2["host_weights"] == 4 * n and e2["total"] == e["total"] + 4 * n
+  tpu = memory_plan.config_estimate(c, 1, platform="tpu")  # an accelerator: arrays only
+  assert "runtime" not in tpu and tpu["total"] == max(tpu["train_step"], tpu["generate"],
+                                                      tpu["logprob_pass"])
+  piped = memory_plan.config_estimate(_laptop(trainer, max_staleness=1), 1, platform="cpu")
+  assert piped["state_copy"] == 12 * n_trained and piped["update"] == 0.0  # not donated
+  assert piped["train_step"] > e["train_step"]
+
+
+def test_peak_memory_reads_rss_and_the_devices_that_report_it():
+  from rlhf_jax import metrics as metrics_lib
+
+  class Dev:
+    def __init__(self, stats):
+      self.stats = stats
+
+    def memory_stats(self):
+      return self.stats
+  import resource
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin"
+                                                              else 1024)
+  host = metrics_lib.peak_memory([Dev(None)])  # XLA:CPU reports nothing
+  assert host == {"host_rss": pytest.approx(rss, rel=0.5)} and host["host_rss"] > 1e7
+  assert metrics_lib.peak_memory_line({"host_rss": 4.85e9}) == "peak memory: host RSS 4.85 GB"
+  dev = metrics_lib.peak_memory([Dev({"peak_bytes_in_use": 3e9}), Dev({"bytes_in_use": 1}),
+                                 Dev({"peak_bytes_in_use": 5e9})])
+  assert dev["device_peak"] == 5e9
+  assert metrics_lib.peak_memory_line(dev).endswith(
+      ", device 5.00 GB (largest peak_bytes_in_use)")

@@ -97,14 +97,17 @@ def test_gemma_sft_step_estimate_agrees_with_compiled(attention):
   assert _within(est, measured, tol=0.15), (est / 2**20, measured / 2**20)
 
 
-def test_grpo_update_estimate_agrees_with_compiled():
-  """The GRPO update: completions-only logits and an undonated state (a second copy)."""
+@pytest.mark.parametrize("donate", [True, False], ids=["donated", "undonated"])
+def test_grpo_update_estimate_agrees_with_compiled(donate):
+  """The GRPO update: completions-only logits; the state donated (synchronous rollouts:
+  the new state written over the old) or not (the rollout pipeline: a second copy)."""
   m = dataclasses.replace(SMALL, attention="chunked")
   P = 128
-  c = memory_aot.grpo_update(m, ROWS, P, T - P)
-  assert c.alias == 0 and c.out >= 12 * memory.num_params(m)  # the new state beside the old
+  c = memory_aot.grpo_update(m, ROWS, P, T - P, donate=donate)
+  assert c.out >= 12 * memory.num_params(m)  # the new state: over the old one, or beside it
+  assert c.alias >= 12 * memory.num_params(m) if donate else c.alias == 0
   est = memory.train_step_bytes(m, rows=ROWS, seq_len=T, logit_tokens=ROWS * (T - P),
-                                donated=False, platform="cpu")["total"]
+                                donated=donate, platform="cpu")["total"]
   est += ROWS * (8 * T + 16 * (T - P))  # the batch
   assert _within(est, c.peak), (est / 2**20, c.peak / 2**20)
 

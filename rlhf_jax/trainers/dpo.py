@@ -243,6 +243,7 @@ def run(config, workdir: str) -> dict:
   state, shardings, frozen = state_lib.create_train_state(
       lambda r: model.init(r, dummy)["params"], tx, mesh, rng_init, init_params, config=config,
       workdir=workdir)
+  del init_params  # the host copy of the weights (e.g. a dequantised GGUF): on the devices now
   eval_ref = (frozen.initial(state["params"]) if evaluation.needs_reference(config)
               else None)  # the initial policy, for eval_kl
   ref_params = None

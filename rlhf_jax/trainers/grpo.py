@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import allocator
 from rlhf_jax import config as config_lib
 from rlhf_jax import flops as flops_lib
 from rlhf_jax import parallel, rollout
@@ -83,7 +84,7 @@ def advantages(algo, ro: rollout.Rollout, group_size: int, per_turn: bool = Fals
 
 def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: int,
                 micro_batches: int = 1, frozen=None, on_policy: bool = False,
-                group_size: int = 1):
+                group_size: int = 1, donate: bool = False):
   """update(state, minibatch) -> (state, metrics): one jitted clipped-policy step
   (gradients accumulated exactly over `micro_batches` parts). With LoRA (`frozen`, see
   `state_lib.Frozen`) the frozen base state["base"] is an argument of the compiled step.
@@ -95,7 +96,9 @@ def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: i
   model.config.logits_chunk > 0: log-probs and entropies from the hidden states, that
   many completion positions unembedded at a time (`models.api.window_logprobs`).
   group_size G > 1: every G consecutive rows of a (micro-)batch are one prompt's group
-  and run as one packed row, the prompt once (`grpo.share_prompt`)."""
+  and run as one packed row, the prompt once (`grpo.share_prompt`).
+  donate: the state passed in is donated (its arrays are reused for the new one and
+  deleted; `state_lib.jit_step`): only when nothing else reads them meanwhile."""
   use_ref = algo["kl_mode"] == "loss" and algo["kl_coef"] > 0
 
   chunk = model.config.logits_chunk
@@ -127,7 +130,7 @@ def make_update(model, tx, algo, prompt_len: int, temperature: float, max_len: i
 
   return state_lib.jit_step(step_lib.make_step(
       loss_fn, tx, micro_batches, step_lib.aggregation_weight(algo["aggregation"]),
-      count_step=False, frozen=frozen))
+      count_step=False, frozen=frozen), donate=donate)
 
 
 def accuracy(ro: rollout.Rollout) -> float:
@@ -178,6 +181,7 @@ def run(config, workdir: str) -> dict:
   state, shardings, frozen = state_lib.create_train_state(
       lambda k: model.init(k, dummy)["params"], tx, mesh, rng_init, init_params, config=config,
       workdir=workdir)
+  del init_params  # the host copy of the weights (e.g. a dequantised GGUF): on the devices now
   need_ref = algo["kl_mode"] != "none" and algo["kl_coef"] > 0
   ref_params = frozen.initial(state["params"]) if need_ref else None
   eval_ref = ref_params if ref_params is not None or not config.eval_kl else frozen.initial(
@@ -208,19 +212,22 @@ def run(config, workdir: str) -> dict:
   k = pipe_lib.staleness(config)
   is_fn = pipe_lib.mismatch_fn(rollout_cfg) if k else is_lib.weights_fn(rollout_cfg)
   need_old = not on_policy or is_fn is not None
+  # rollout.max_staleness / rollout.devices: the sampler's part of a step (`collect`) runs
+  # in `rlhf_jax.rollout_pipeline` (lagged parameters, a background thread, the sampler's
+  # devices); the old / reference log-prob passes then run here with the current ones.
+  sync = not pipe_lib.enabled(config)
+  # Synchronous rollouts: nothing else holds the state's arrays while the update runs, so
+  # it is donated (the new state is written over the old one instead of beside it; the
+  # pipeline's sampler thread may still be reading the parameters, so it keeps them).
   update = make_update(model, tx, algo, P, temperature, rollout_cfg.max_new_tokens,
                        micro_batches_of(mb_rows, rollout_cfg.train_micro_batch), frozen,
                        on_policy=on_policy,
-                       group_size=share if micro_rows % share == 0 else 1)
+                       group_size=share if micro_rows % share == 0 else 1, donate=sync)
   # This step's FLOPs and tokens (`rlhf_jax.flops`), read by train_loop's `compute`.
   counts = {}
   passes = int(need_old) + int(need_ref)
   rollout_counts = functools.partial(
       rollout.compute_counts, mcfg, P, rollout_cfg, G, share if lp_rows % share == 0 else 1)
-  # rollout.max_staleness / rollout.devices: the sampler's part of a step (`collect`) runs
-  # in `rlhf_jax.rollout_pipeline` (lagged parameters, a background thread, the sampler's
-  # devices); the old / reference log-prob passes then run here with the current ones.
-  sync = not pipe_lib.enabled(config)
 
   def sample(params, batch, key, into):
     ro = rollout.generate_rollout(
@@ -279,6 +286,10 @@ def run(config, workdir: str) -> dict:
       if weights_BC is not None:  # None: k > 0 without a correction (metrics only)
         arrays["is_weights_BC"] = np.asarray(weights_BC)
       stats.update({f"is/{k}": float(v) for k, v in is_metrics.items()})
+    # The sampler's and the log-prob passes' temporaries are freed: their pages go back to
+    # the OS (`allocator.release_free_memory`), so the update's do not come on top of them
+    # in RSS (the tuned malloc keeps freed memory; re-faulting it costs < 1% of a step).
+    allocator.release_free_memory()
     t0 = time.perf_counter()
     perm_key = np.random.default_rng([config.seed, step])
     mb_size = B // algo["minibatches"]

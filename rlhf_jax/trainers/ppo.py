@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax import allocator
 from rlhf_jax import config as config_lib
 from rlhf_jax import flops as flops_lib
 from rlhf_jax import parallel, rollout
@@ -77,14 +78,16 @@ def completion_slice(x_BS, P):
   return x_BS[:, P - 1:-1]
 
 
-def make_update(model, tx, p, P, temperature, max_len, micro_batches=1, frozen=None):
+def make_update(model, tx, p, P, temperature, max_len, micro_batches=1, frozen=None,
+                donate=False):
   """update(state, minibatch) -> (state, metrics): one jitted PPO step (policy + critic);
   with LoRA (`frozen`, `state_lib.Frozen`) the frozen base state["base"] is an argument of
   the compiled step.
   model.config.logits_chunk > 0: the policy's log-probs and entropies come from its
   hidden states, that many completion positions unembedded at a time
   (`models.api.token_logprobs_from_hidden`); the value head is unchanged.
-  A minibatch with is_weights_BC (rollout.is_correction) weights the per-token surrogate."""
+  A minibatch with is_weights_BC (rollout.is_correction) weights the per-token surrogate.
+  donate: the state passed in is donated (`state_lib.jit_step`; see `grpo.make_update`)."""
   chunk = model.config.logits_chunk
   lm = Transformer(model.config)
 
@@ -112,7 +115,31 @@ def make_update(model, tx, p, P, temperature, max_len, micro_batches=1, frozen=N
 
   return state_lib.jit_step(step_lib.make_step(
       loss_fn, tx, micro_batches, step_lib.aggregation_weight(p.aggregation), count_step=False,
-      frozen=frozen))
+      frozen=frozen), donate=donate)
+
+
+def initial_params(model: PolicyValue, p, config, lm_params, rng):
+  """{"policy", "value"} to start from (None without pretrained `lm_params`): the policy
+  is `lm_params`; a separate critic's backbone is the policy's (or ppo.critic_init's
+  reward model, backbone and head), a shared critic's head and a fresh critic head are
+  PolicyValue's random init under `rng` (only that subtree is computed: jit drops the
+  rest of the init, the same numbers as the whole init's)."""
+  if lm_params is None:
+    return None
+  dummy = jnp.zeros((1, 2), jnp.int32)
+  fresh_value = lambda *path: state_lib.unboxed_init(model, rng, dummy, dummy + 1,
+                                                     path=("value", *path))
+  if p.critic != "separate":
+    return {"policy": lm_params, "value": fresh_value()}
+  if p.critic_init:  # e.g. a reward model's workdir: its backbone and head
+    try:
+      _, critic = workdir_lib.load_init(p.critic_init, config.model.dtype, config.model.remat,
+                                        families=workdir_lib.LM_OR_RM[1:])
+    except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
+      raise ckpt_lib.CheckpointError(f"config.ppo.critic_init={p.critic_init}: {e}") from None
+    return {"policy": lm_params, "value": {"backbone": critic["backbone"], "head": critic["head"]}}
+  return {"policy": lm_params, "value": {"backbone": backbone_params_from_lm(lm_params),
+                                         "head": fresh_value("head")}}
 
 
 def run(config, workdir: str) -> dict:
@@ -135,21 +162,7 @@ def run(config, workdir: str) -> dict:
   mcfg, lm_params = setup.policy_init(config, tokenizer)
   model = PolicyValue(mcfg, p.critic)
   dummy = jnp.zeros((1, 2), jnp.int32)
-  init_params = None
-  if lm_params is not None:
-    fresh = jax.tree.map(np.asarray, state_lib.unboxed_init(model, rng_init, dummy, dummy + 1))
-    value = fresh["value"]
-    if p.critic == "separate":
-      if p.critic_init:  # e.g. a reward model's workdir: its backbone and head
-        try:
-          _, critic = workdir_lib.load_init(p.critic_init, config.model.dtype, config.model.remat,
-                                       families=workdir_lib.LM_OR_RM[1:])
-        except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
-          raise ckpt_lib.CheckpointError(f"config.ppo.critic_init={p.critic_init}: {e}") from None
-        value = {"backbone": critic["backbone"], "head": critic["head"]}
-      else:
-        value = {"backbone": backbone_params_from_lm(lm_params), "head": fresh["value"]["head"]}
-    init_params = {"policy": lm_params, "value": value}
+  init_params = initial_params(model, p, config, lm_params, rng_init)
   updates_per_step = p.epochs * p.minibatches
   tx, schedule = optim.make_optimizer(config.optimizer, config.num_steps * updates_per_step)
   # With config.lora.rank > 0: LoRA adapters on the policy (and a separate critic's
@@ -158,8 +171,11 @@ def run(config, workdir: str) -> dict:
       lambda k: model.init(k, dummy, dummy + 1)["params"], tx, mesh, rng_init, init_params,
       config=config, always_trained=("head",) if p.critic == "separate" else ("value",),
       workdir=workdir)
-  state["kl_ctl"] = kl_lib.kl_controller_init(p.kl_coef)
-  shardings["kl_ctl"] = jax.tree.map(lambda _: parallel.replicated(mesh), state["kl_ctl"])
+  del init_params, lm_params  # the host copies of the weights: on the devices now
+  kl_ctl = kl_lib.kl_controller_init(p.kl_coef)
+  shardings["kl_ctl"] = jax.tree.map(lambda _: parallel.replicated(mesh), kl_ctl)
+  # on the mesh from the start, as the update returns it: one compilation of the update
+  state["kl_ctl"] = jax.device_put(kl_ctl, shardings["kl_ctl"])
   ref_params = frozen.initial(state["params"], "policy")
   policy_eval = setup.policy_eval(config, mcfg, tokenizer, eval_src, workdir, ref_params)
   checkpointer, start, state = setup.open_run(config, workdir, state, shardings, mcfg,
@@ -170,17 +186,19 @@ def run(config, workdir: str) -> dict:
   logps_fn = rollout.completion_logps_fn(mcfg, P, temperature)
   values_fn = jax.jit(lambda params, s, g: completion_slice(
       model.apply({"params": params}, s, g)[1], P))
+  # rollout.max_staleness / rollout.devices: sampling and reward run in
+  # `rlhf_jax.rollout_pipeline` (lagged policy, a background thread, the sampler's devices);
+  # the old-policy, reference and value passes run here with the current parameters.
+  sync = not pipe_lib.enabled(config)
+  # Synchronous rollouts: the update's state is donated (`grpo.run` says why only then).
   update = make_update(model, tx, p, P, temperature, rollout_cfg.max_new_tokens,
-                       micro_batches_of(B // p.minibatches, rollout_cfg.train_micro_batch), frozen)
+                       micro_batches_of(B // p.minibatches, rollout_cfg.train_micro_batch), frozen,
+                       donate=sync)
   # rollout.is_correction (None = off); stale rollouts (rollout.max_staleness > 0) log is/*.
   k = pipe_lib.staleness(config)
   is_fn = pipe_lib.mismatch_fn(rollout_cfg) if k else is_lib.weights_fn(rollout_cfg)
 
   counts = {}  # this step's FLOPs and tokens, read by train_loop's `compute`
-  # rollout.max_staleness / rollout.devices: sampling and reward run in
-  # `rlhf_jax.rollout_pipeline` (lagged policy, a background thread, the sampler's devices);
-  # the old-policy, reference and value passes run here with the current parameters.
-  sync = not pipe_lib.enabled(config)
 
   def sample(policy, step, batch):
     return rollout.generate_rollout(
@@ -249,6 +267,10 @@ def run(config, workdir: str) -> dict:
       if weights_BC is not None:  # None: k > 0 without a correction (metrics only)
         arrays["is_weights_BC"] = np.asarray(weights_BC)
       stats.update({f"is/{k}": float(v) for k, v in is_metrics.items()})
+    # The sampler's and the log-prob passes' temporaries are freed: their pages go back to
+    # the OS (`allocator.release_free_memory`), so the update's do not come on top of them
+    # in RSS (the tuned malloc keeps freed memory; re-faulting it costs < 1% of a step).
+    allocator.release_free_memory()
     t0 = time.perf_counter()
     perm_rng = np.random.default_rng([config.seed, step])
     mb = B // p.minibatches

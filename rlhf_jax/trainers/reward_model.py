@@ -166,17 +166,18 @@ def run(config, workdir: str) -> dict:
   model = ScalarModel(mcfg)
   dummy = jnp.zeros((1, 2), jnp.int32)
   if lm_params is not None:
-    fresh = jax.tree.map(np.asarray, state_lib.unboxed_init(model, rng_init, dummy))
     backbone = lm_params["backbone"] if "backbone" in lm_params else (
         backbone_params_from_lm(lm_params))
-    head = lm_params.get("head", fresh["head"])
-    init_params = {"backbone": backbone, "head": head}
+    init_params = {"backbone": backbone, "head": lm_params["head"] if "head" in lm_params
+                   else state_lib.unboxed_init(model, rng_init, dummy, path=("head",))}
+    del lm_params, backbone  # (a random head: only it is computed, `unboxed_init`)
 
   # With config.lora.rank > 0: LoRA adapters on the backbone, the scalar head trained fully.
   tx, schedule = optim.make_optimizer(config.optimizer, config.num_steps)
   state, shardings, frozen = state_lib.create_train_state(
       lambda r: model.init(r, dummy)["params"], tx, mesh, rng_init, init_params, config=config,
       always_trained=("head",), workdir=workdir)
+  del init_params  # the host copy of the weights: on the devices now
   checkpointer, start, state = setup.open_run(config, workdir, state, shardings, mcfg,
                                                tokenizer)
 

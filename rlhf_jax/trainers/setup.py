@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterable
 
+from rlhf_jax import allocator
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import config as config_lib
 from rlhf_jax import evaluation
@@ -45,6 +46,9 @@ def open_run(config, workdir: str, state, shardings, model_config, tokenizer, ex
     for name, obj in (extra or {}).items():
       workdir_lib.save_json(os.path.join(workdir, name), obj)
   parallel.sync("open_run")
+  # The host copy of pretrained weights (and start-up temporaries) is freed by now: its
+  # pages go back to the OS instead of staying in RSS under the tuned malloc settings.
+  allocator.release_free_memory()
   return checkpointer, start, state
 
 

@@ -35,16 +35,24 @@ def create_state(init_params_fn: Callable[[jax.Array], Any], tx, mesh, rng,
   if params is None:
     state = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=shardings)(rng)
   else:
-    params = jax.device_put(params, shardings["params"])
+    # A device copy of the given weights (may_alias=False: never the caller's own arrays)
+    # donated to the init, so that the state's params are that copy, not a second one.
+    params = jax.device_put(params, shardings["params"], may_alias=False)
     state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p,
                                "opt_state": tx.init(p)},
-                    out_shardings=shardings)(params)
+                    out_shardings=shardings, donate_argnums=0)(params)
   return state, shardings
 
 
-def unboxed_init(model, rng, *example_inputs):
-  """Plain float32 parameters of `model` (random init, logical-axis boxes removed)."""
-  return nn.meta.unbox(jax.jit(lambda r: model.init(r, *example_inputs)["params"])(rng))
+def unboxed_init(model, rng, *example_inputs, path=()):
+  """Plain float32 parameters of `model` (random init, logical-axis boxes removed); with
+  `path` (keys) only that subtree, computed alone (jit drops the rest of the init)."""
+  def init(r):
+    p = model.init(r, *example_inputs)["params"]
+    for k in path:
+      p = p[k]
+    return p
+  return nn.meta.unbox(jax.jit(init)(rng))
 
 
 
