@@ -95,8 +95,10 @@ def reexec_with_tuned_malloc() -> None:
 def release_free_memory() -> bool:
   """Hand the free pages of every malloc arena back to the OS (glibc's malloc_trim(0),
   which also releases whole free pages inside the heap, not only its top); True when
-  some were released. A no-op (False) off Linux / glibc. Costs milliseconds; the next
-  allocations there page-fault back in, so call it once after start-up, not per step."""
+  some were released. A no-op (False) off Linux / glibc. Costs milliseconds, and the next
+  allocations there page-fault back in: call it where a phase's temporaries were just
+  freed and a larger phase follows (once after start-up; GRPO / PPO before each update,
+  < 1% of a SmolLM2 step), not in inner loops."""
   if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
     return False
   try:
