@@ -28,12 +28,14 @@ def _quiet_wandb(monkeypatch):
 
 
 def _run_log(workdir, run_id, needles, timeout=90.0) -> bytes:
-  """The bytes of the W&B offline run log once it holds every needle (wandb-core writes
+  """The bytes of the W&B offline run logs once they hold every needle (wandb-core writes
   the log asynchronously; finish() can return before the last records are on disk)."""
   deadline = time.time() + timeout
   while True:
-    files = glob.glob(os.path.join(workdir, "wandb", f"offline-run-*-{run_id}",
-                                   f"run-{run_id}.wandb"))
+    # offline-run-<time>-<id>; a resumed run started within the same second as the
+    # previous one gets offline-run-<time>-<id>-1 (seen on CI, 2026-12-04)
+    files = glob.glob(os.path.join(workdir, "wandb", f"offline-run-*-{run_id}*",
+                                   f"run-{run_id}*.wandb"))
     log = b"".join(open(f, "rb").read() for f in files)
     if (files and all(n in log for n in needles)) or time.time() > deadline:
       return log
