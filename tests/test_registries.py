@@ -177,3 +177,21 @@ def test_validation_reads_the_reward_table():
       c.reward.spec = f'{{"name": "{name}", "workdir": ""}}'
       with pytest.raises(config_lib.ConfigError, match=f"reward '{name}': needs option 'workdir'"):
         trainers.validate(c, 1)
+
+
+def test_registry_builders_resolve_lazily_and_specs_become_plain_dicts():
+  """rlhf_jax.registry: a "module:attribute" builder names the object (imported on use),
+  a callable is itself; ConfigDicts become dicts. Both registries go through it."""
+  import ml_collections
+
+  from rlhf_jax import envs, registry, rewards
+  from rlhf_jax.envs.guess_number import GuessNumberEnv
+  from rlhf_jax.rewards.math import MathReward
+  assert registry.resolve("rlhf_jax.rewards.math:MathReward") is MathReward
+  assert registry.resolve(len) is len
+  assert rewards.REWARD_FNS["math"].factory() is MathReward
+  assert envs.ENVS["guess_number"].factory() is GuessNumberEnv
+  assert registry.plain(ml_collections.ConfigDict({"a": {"b": 1}})) == {"a": {"b": 1}}
+  assert registry.plain([1]) == [1]
+  with pytest.raises(ModuleNotFoundError):
+    registry.resolve("rlhf_jax.no_such_module:x")

@@ -33,11 +33,11 @@ adds an entry; `ENV_NAMES` is the sorted list of registered names (kept up to da
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import json
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
+from rlhf_jax import registry
 from rlhf_jax.config_error import ConfigError
 from rlhf_jax.envs.base import (  # noqa: F401 (re-exported)
     OBSERVATION_ROLES, Env, EnvError, EnvStep, episode_info)
@@ -59,11 +59,7 @@ class EnvEntry:
   paper: str = ""
 
   def factory(self) -> Callable[..., Env]:
-    f = self.builder
-    if isinstance(f, str):
-      module, attr = f.split(":")
-      f = getattr(importlib.import_module(module), attr)
-    return f
+    return registry.resolve(self.builder)
 
 
 ENVS: dict[str, EnvEntry] = {
@@ -93,18 +89,13 @@ def register_env(name: str, factory: Callable[..., Env], description: str = "",
   ENV_NAMES[:] = sorted(ENVS)
 
 
-def _plain(x: Any) -> Any:
-  """ConfigDict / FrozenConfigDict -> dict (anything with to_dict)."""
-  return x.to_dict() if hasattr(x, "to_dict") else x
-
-
 def _error(msg: str) -> ConfigError:
   return ConfigError(f"config.{SPEC_KEY}: {msg}; registered envs: {ENV_NAMES}")
 
 
 def parse_env_spec(spec) -> dict:
   """{"name": ..., **options} from a name, a dict, or JSON text of a dict (ConfigError)."""
-  spec = _plain(spec)
+  spec = registry.plain(spec)
   if isinstance(spec, str):
     text = spec.strip()
     if text.startswith("{"):
@@ -118,7 +109,7 @@ def parse_env_spec(spec) -> dict:
       raise _error("empty; expected an env name or {\"name\": ..., **options}")
   if not isinstance(spec, Mapping):
     raise _error(f"{spec!r}: expected an env name or a dict {{\"name\": ..., **options}}")
-  spec = {k: _plain(v) for k, v in spec.items()}
+  spec = {k: registry.plain(v) for k, v in spec.items()}
   if "name" not in spec:
     raise _error(f"{spec!r}: missing 'name'")
   if spec["name"] not in ENVS:

@@ -34,10 +34,10 @@ the reward's options. `register_reward_fn(name, factory, ...)` adds an entry.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
+from rlhf_jax import registry
 from rlhf_jax.rewards.base import RewardError, RewardFn  # noqa: F401
 from rlhf_jax.rewards.combine import CombinedReward, combine, reward_metrics  # noqa: F401
 
@@ -59,11 +59,7 @@ class RewardEntry:
   paper: str = ""
 
   def factory(self) -> Callable[..., RewardFn]:
-    f = self.builder
-    if isinstance(f, str):
-      module, attr = f.split(":")
-      f = getattr(importlib.import_module(module), attr)
-    return f
+    return registry.resolve(self.builder)
 
 
 REWARD_FNS: dict[str, RewardEntry] = {
@@ -107,13 +103,8 @@ def _factory(name: str) -> Callable[..., RewardFn]:
   return REWARD_FNS[name].factory()
 
 
-def _plain(x: Any) -> Any:
-  """ConfigDict / FrozenConfigDict -> dict (anything with to_dict)."""
-  return x.to_dict() if hasattr(x, "to_dict") else x
-
-
 def _entries(spec) -> list[dict]:
-  spec = _plain(spec)
+  spec = registry.plain(spec)
   if isinstance(spec, str):
     return [{"name": spec}]
   if isinstance(spec, Mapping):
@@ -121,7 +112,7 @@ def _entries(spec) -> list[dict]:
   if isinstance(spec, (list, tuple)):
     out = []
     for i, e in enumerate(spec):
-      e = _plain(e)
+      e = registry.plain(e)
       if isinstance(e, str):
         e = {"name": e}
       if not isinstance(e, Mapping):
@@ -134,13 +125,13 @@ def _entries(spec) -> list[dict]:
 
 def _checked(entry: Mapping):
   """(factory, options) of one spec entry; ValueError for an unknown name or option."""
-  entry = dict(_plain(entry))
+  entry = dict(registry.plain(entry))
   if "name" not in entry:
     raise ValueError(f"reward spec {entry!r}: missing 'name'; valid names: "
                      f"{sorted(REWARD_FNS)}")
   name = entry["name"]
   factory = _factory(name)
-  options = {k: _plain(v) for k, v in entry.items() if k not in _RESERVED}
+  options = {k: registry.plain(v) for k, v in entry.items() if k not in _RESERVED}
   try:
     sig = inspect.signature(factory)
   except (TypeError, ValueError):
